@@ -1,0 +1,502 @@
+"""Read and write GGUF files: validated, lazy (memory-mapped) and fast.
+
+Reading parses the GGUF header with our own bounds-checked parser (``gguf.GGUFReader`` takes
+seconds on a 49k-token vocabulary because it builds a numpy view per string, and it fails on
+damaged files with IndexError/ValueError/struct errors); tensor data are views into one
+read-only ``numpy.memmap`` of the file, so nothing is read until it is used. Writing goes
+through ``gguf.GGUFWriter`` into a temporary file that replaces the target atomically.
+
+Every problem with the input raises an :class:`~edgellm.errors.EdgeLLMError` subclass whose
+message names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from edgellm.errors import EdgeLLMError, ModelFormatError, ModelNotFoundError, UnsupportedModelError
+from edgellm.quant import gguf_blocks
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4
+
+# GGUF metadata value types.
+_UINT8, _INT8, _UINT16, _INT16, _UINT32, _INT32, _FLOAT32, _BOOL, _STRING, _ARRAY, _UINT64, _INT64, _FLOAT64 = range(13)
+_SCALAR_FMT = {_UINT8: "B", _INT8: "b", _UINT16: "H", _INT16: "h", _UINT32: "I", _INT32: "i",
+               _FLOAT32: "f", _BOOL: "?", _UINT64: "Q", _INT64: "q", _FLOAT64: "d"}
+_SCALAR_NP = {_UINT8: "<u1", _INT8: "<i1", _UINT16: "<u2", _INT16: "<i2", _UINT32: "<u4", _INT32: "<i4",
+              _FLOAT32: "<f4", _BOOL: "?", _UINT64: "<u8", _INT64: "<i8", _FLOAT64: "<f8"}
+_TYPE_NAMES = {_UINT8: "UINT8", _INT8: "INT8", _UINT16: "UINT16", _INT16: "INT16", _UINT32: "UINT32",
+               _INT32: "INT32", _FLOAT32: "FLOAT32", _BOOL: "BOOL", _STRING: "STRING", _ARRAY: "ARRAY",
+               _UINT64: "UINT64", _INT64: "INT64", _FLOAT64: "FLOAT64"}
+_TYPE_IDS = {v: k for k, v in _TYPE_NAMES.items()}
+
+
+def _ggml_type_table() -> dict[int, tuple[str, int, int]]:
+    """type id -> (name, block elems, block bytes), for every type the gguf package knows."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    return {int(t): (t.name, be, bb) for t, (be, bb) in GGML_QUANT_SIZES.items()
+            if isinstance(t, GGMLQuantizationType)}
+
+
+_GGML_TYPES = _ggml_type_table()
+_GGML_TYPE_IDS = {name: tid for tid, (name, _, _) in _GGML_TYPES.items()}
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor of a GGUF file; ``data`` is a read-only memmap of exactly its bytes."""
+
+    name: str
+    shape: tuple[int, ...]   # PyTorch order, e.g. (out_features, in_features)
+    ggml_type: str           # "Q4_1", "F32", ...
+    data: np.ndarray         # uint8, memory-mapped
+    offset: int = 0          # absolute byte offset of the data in the file
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def dequantize(self) -> torch.Tensor:
+        """The tensor as float32, shape ``self.shape``."""
+        if self.ggml_type not in gguf_blocks.BLOCK_ELEMS:
+            raise UnsupportedModelError(
+                f"tensor '{self.name}' has type {self.ggml_type}, which edgellm cannot decode",
+                f"use a model quantised to one of: {', '.join(gguf_blocks.DEQUANTIZE_TYPES)}")
+        return gguf_blocks.dequantize(self.data, self.ggml_type, self.shape)
+
+
+@dataclass
+class GGUFFile:
+    """A parsed GGUF file: metadata as plain Python values, tensors as lazy views."""
+
+    path: Path
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensor]
+    file_size: int = 0
+    version: int = 3
+    alignment: int = DEFAULT_ALIGNMENT
+    data_offset: int = 0
+    #: GGUF value type of each metadata key: "UINT32", "STRING", ... or ("ARRAY", "INT32").
+    metadata_types: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def config(self):
+        """The model's :class:`~edgellm.config.ModelConfig`."""
+        from edgellm.config import ModelConfig
+        try:
+            return ModelConfig.from_gguf_metadata(self.metadata, set(self.tensors))
+        except EdgeLLMError as e:
+            raise type(e)(f"{self.path}: {e.problem}", e.fix) from None
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+class _Truncated(Exception):
+    pass
+
+
+class _Parser:
+    """Bounds-checked little-endian reader over a bytes-like buffer."""
+
+    def __init__(self, buf, size: int):
+        self.buf = buf
+        self.size = size
+        self.pos = 0
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise _Truncated(what)
+
+    def scalar(self, fmt: str, what: str):
+        n = struct.calcsize("<" + fmt)
+        self.need(n, what)
+        (v,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += n
+        return v
+
+    def u32(self, what: str) -> int:
+        return self.scalar("I", what)
+
+    def u64(self, what: str) -> int:
+        return self.scalar("Q", what)
+
+    def string(self, what: str) -> str:
+        n = self.u64(what)
+        self.need(n, what)
+        s = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return _decode(s)
+
+    def value(self, vtype: int, key: str):
+        if vtype in _SCALAR_FMT:
+            return self.scalar(_SCALAR_FMT[vtype], f"value of '{key}'")
+        if vtype == _STRING:
+            return self.string(f"value of '{key}'")
+        if vtype == _ARRAY:
+            itype = self.u32(f"array type of '{key}'")
+            count = self.u64(f"array length of '{key}'")
+            if itype in _SCALAR_NP:
+                dt = np.dtype(_SCALAR_NP[itype])
+                self.need(count * dt.itemsize, f"array '{key}' ({count} items)")
+                arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
+                self.pos += count * dt.itemsize
+                return arr.tolist()
+            if itype == _STRING:
+                # Each string needs at least its 8-byte length: reject absurd counts up front.
+                self.need(count * 8, f"array '{key}' ({count} strings)")
+                out = []
+                buf, pos, size = self.buf, self.pos, self.size
+                unpack = struct.Struct("<Q").unpack_from
+                for _ in range(count):
+                    if pos + 8 > size:
+                        raise _Truncated(f"array '{key}'")
+                    (n,) = unpack(buf, pos)
+                    pos += 8
+                    if pos + n > size:
+                        raise _Truncated(f"array '{key}'")
+                    out.append(_decode(bytes(buf[pos:pos + n])))
+                    pos += n
+                self.pos = pos
+                return out
+            if itype == _ARRAY:
+                self.need(count * 12, f"array '{key}' ({count} arrays)")
+                return [self.value(_ARRAY, key) for _ in range(count)]
+            raise _BadValueType(itype, key)
+        raise _BadValueType(vtype, key)
+
+
+class _BadValueType(Exception):
+    def __init__(self, vtype: int, key: str):
+        super().__init__(vtype, key)
+        self.vtype = vtype
+        self.key = key
+
+
+def _decode(b: bytes) -> str:
+    # Tokens of byte-level vocabularies may not be valid UTF-8 on their own; keep their bytes
+    # recoverable with s.encode("utf-8", "surrogateescape") instead of failing.
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return b.decode("utf-8", "surrogateescape")
+
+
+def _value_type_name(vtype: int, parser: _Parser | None = None) -> Any:
+    return _TYPE_NAMES.get(vtype, str(vtype))
+
+
+def _fmt_err(path: Path, problem: str, fix: str | None = None) -> ModelFormatError:
+    return ModelFormatError(f"{path}: {problem}",
+                            fix or "the file is damaged or incomplete; download or export it again")
+
+
+def read_gguf(path, *, allow_unsupported: bool = False) -> GGUFFile:
+    """Parse the GGUF file at ``path`` (lazily: tensor data stay on disk until touched).
+
+    Raises ``ModelNotFoundError`` (missing path, directory), ``ModelFormatError`` (not GGUF,
+    truncated, impossible shapes, overlapping/duplicate tensors, bad metadata) or
+    ``UnsupportedModelError`` (GGUF version, big-endian file, unknown tensor type id, or — unless
+    ``allow_unsupported`` — a tensor type edgellm cannot decode).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelNotFoundError(f"model file {path} does not exist",
+                                 "check the path, or give a model name that edgellm knows")
+    if path.is_dir():
+        raise ModelNotFoundError(f"{path} is a directory, not a GGUF file",
+                                 "give the path of the .gguf file inside it")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ModelNotFoundError(f"cannot read {path}: {e.strerror or e}", "check the path and its permissions") from None
+    if size == 0:
+        raise _fmt_err(path, "the file is empty (0 bytes), not a GGUF model")
+    try:
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise ModelNotFoundError(f"cannot open {path}: {e.strerror or e}", "check the file's permissions") from None
+    try:
+        return _parse(path, mm, size, allow_unsupported)
+    except EdgeLLMError:
+        raise
+    except _Truncated as e:
+        raise _fmt_err(path, f"file truncated: it ends ({size} bytes) inside the header, while reading {e}") from None
+    except _BadValueType as e:
+        raise _fmt_err(path, f"metadata key '{e.key}' has unknown value type {e.vtype}") from None
+    except (ValueError, IndexError, KeyError, struct.error, OverflowError, MemoryError, TypeError) as e:
+        raise _fmt_err(path, f"malformed GGUF header ({type(e).__name__}: {e})") from None
+    finally:
+        mm.close()
+
+
+def _parse(path: Path, mm: mmap.mmap, size: int, allow_unsupported: bool) -> GGUFFile:
+    if size < 4 or mm[:4] != GGUF_MAGIC:
+        head = bytes(mm[:4])
+        raise _fmt_err(path, f"not a GGUF file (magic {head!r}, expected b'GGUF')",
+                       "give a .gguf model file (safetensors/PyTorch checkpoints need converting "
+                       "with llama.cpp's convert_hf_to_gguf.py)")
+    p = _Parser(mm, size)
+    p.pos = 4
+    version = p.u32("the version")
+    if version not in SUPPORTED_VERSIONS:
+        if version & 0xFFFF == 0 and (version >> 16) in (2, 3) or version in (0x02000000, 0x03000000):
+            raise UnsupportedModelError(f"{path}: big-endian GGUF files are not supported",
+                                        "convert the model again on (or for) a little-endian machine")
+        raise UnsupportedModelError(f"{path}: GGUF version {version} is not supported (edgellm reads "
+                                    f"versions {', '.join(map(str, SUPPORTED_VERSIONS))})",
+                                    "re-export the model with a current llama.cpp")
+    n_tensors = p.u64("the tensor count")
+    n_kv = p.u64("the metadata count")
+    # Every key/value takes at least 8+4+1 bytes, every tensor info at least 8+4+4+8 bytes.
+    if n_kv * 13 > size or n_tensors * 24 > size:
+        raise _fmt_err(path, f"header claims {n_tensors} tensors and {n_kv} metadata keys, more than "
+                             f"a {size}-byte file can hold")
+
+    metadata: dict[str, Any] = {}
+    types: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = p.string("a metadata key")
+        vtype = p.u32(f"the type of '{key}'")
+        start = p.pos
+        value = p.value(vtype, key)
+        if key in metadata:
+            raise _fmt_err(path, f"metadata key '{key}' appears twice")
+        metadata[key] = value
+        if vtype == _ARRAY:
+            (itype,) = struct.unpack_from("<I", mm, start)
+            types[key] = ("ARRAY", _TYPE_NAMES.get(itype, str(itype)))
+        else:
+            types[key] = _TYPE_NAMES[vtype]
+
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
+        raise _fmt_err(path, f"general.alignment is {alignment!r}; it must be a positive power of two")
+
+    infos = []
+    for i in range(n_tensors):
+        name = p.string(f"the name of tensor #{i}")
+        n_dims = p.u32(f"the dimension count of '{name}'")
+        if n_dims == 0 or n_dims > MAX_DIMS:
+            raise _fmt_err(path, f"tensor '{name}' has {n_dims} dimensions (GGUF allows 1 to {MAX_DIMS})")
+        p.need(8 * n_dims, f"the shape of '{name}'")
+        ne = list(struct.unpack_from(f"<{n_dims}q", mm, p.pos))
+        p.pos += 8 * n_dims
+        type_id = p.u32(f"the type of '{name}'")
+        offset = p.u64(f"the data offset of '{name}'")
+        infos.append((name, ne, type_id, offset))
+
+    data_offset = -(-p.pos // alignment) * alignment
+    if data_offset > size and infos:
+        raise _fmt_err(path, f"file truncated: it ends ({size} bytes) before the tensor data "
+                             f"(which start at byte {data_offset})")
+
+    whole = np.memmap(path, dtype=np.uint8, mode="r") if infos else None
+    tensors: dict[str, GGUFTensor] = {}
+    spans = []
+    for name, ne, type_id, offset in infos:
+        if name in tensors:
+            raise _fmt_err(path, f"tensor name '{name}' appears twice")
+        if type_id not in _GGML_TYPES:
+            raise UnsupportedModelError(f"{path}: tensor '{name}' has unknown tensor type id {type_id}",
+                                        "the file is damaged, or was made by a newer llama.cpp than "
+                                        "edgellm understands; use a Q4_K/Q8_0/F16 model")
+        tname, be, bb = _GGML_TYPES[type_id]
+        if tname not in gguf_blocks.BLOCK_ELEMS and not allow_unsupported:
+            raise UnsupportedModelError(
+                f"{path}: tensor '{name}' has type {tname}, which edgellm does not run",
+                f"use a model quantised to one of: {', '.join(gguf_blocks.DEQUANTIZE_TYPES)}")
+        if any(d <= 0 for d in ne):
+            raise _fmt_err(path, f"tensor '{name}' has an impossible shape {tuple(reversed(ne))} "
+                                 "(every dimension must be positive)")
+        n_el = 1
+        for d in ne:
+            n_el *= d
+        if n_el >= 1 << 62:
+            raise _fmt_err(path, f"tensor '{name}' has an impossible shape {tuple(reversed(ne))} (too large)")
+        if ne[0] % be:
+            raise _fmt_err(path, f"tensor '{name}' of type {tname} has rows of {ne[0]} elements, not a "
+                                 f"multiple of the {tname} block size {be}")
+        n_bytes = n_el // be * bb
+        if offset % alignment:
+            raise _fmt_err(path, f"tensor '{name}' data offset {offset} is not a multiple of the "
+                                 f"alignment {alignment}")
+        start = data_offset + offset
+        end = start + n_bytes
+        if end > size:
+            raise _fmt_err(path, f"file truncated: tensor '{name}' ({tname}, shape {tuple(reversed(ne))}, "
+                                 f"{n_bytes} bytes) needs bytes {start}..{end} but the file has {size}")
+        spans.append((start, end, name))
+        tensors[name] = GGUFTensor(name=name, shape=tuple(reversed(ne)), ggml_type=tname,
+                                   data=whole[start:end], offset=start)
+
+    spans.sort()
+    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise _fmt_err(path, f"tensor '{n0}' ({e0 - s0} bytes by its shape and type) overlaps "
+                                 f"tensor '{n1}': its shape does not match the bytes stored for it")
+
+    return GGUFFile(path=path, metadata=metadata, tensors=tensors, file_size=size, version=version,
+                    alignment=alignment, data_offset=data_offset, metadata_types=types)
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+
+def _infer_type(value: Any) -> Any:
+    if isinstance(value, (bool, np.bool_)):
+        return "BOOL"
+    if isinstance(value, (int, np.integer)):
+        v = int(value)
+        if 0 <= v < 1 << 32:
+            return "UINT32"
+        if -(1 << 31) <= v < 0:
+            return "INT32"
+        return "UINT64" if v >= 0 else "INT64"
+    if isinstance(value, (float, np.floating)):
+        return "FLOAT32"
+    if isinstance(value, str):
+        return "STRING"
+    if isinstance(value, (bytes, bytearray)):
+        return ("ARRAY", "UINT8")
+    if isinstance(value, (list, tuple, np.ndarray)):
+        items = list(value)
+        if not items:
+            raise ValueError("empty array")
+        if all(isinstance(x, str) for x in items):
+            return ("ARRAY", "STRING")
+        if all(isinstance(x, (bool, np.bool_)) for x in items):
+            return ("ARRAY", "BOOL")
+        if all(isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in items):
+            lo, hi = min(items), max(items)
+            return ("ARRAY", "INT32" if -(1 << 31) <= lo and hi < 1 << 31 else "INT64")
+        if all(isinstance(x, (int, float, np.integer, np.floating)) for x in items):
+            return ("ARRAY", "FLOAT32")
+        raise ValueError("array items must all be strings, all numbers or all booleans")
+    raise ValueError(f"unsupported value of type {type(value).__name__}")
+
+
+def _as_raw(data, ggml_type: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """Tensor bytes for the writer: raw uint8 bytes are checked, float data are encoded."""
+    n_el = 1
+    for s in shape:
+        n_el *= s
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = np.frombuffer(data, dtype=np.uint8)
+    if isinstance(data, torch.Tensor):
+        if data.dtype == torch.uint8:
+            data = data.detach().cpu().contiguous().numpy()
+        else:
+            data = data.detach().to("cpu", torch.float32).numpy()
+    data = np.asarray(data)
+    if data.dtype == np.uint8:
+        want = gguf_blocks.nbytes(ggml_type, n_el) if ggml_type in gguf_blocks.BLOCK_ELEMS else \
+            n_el // _GGML_TYPES[_GGML_TYPE_IDS[ggml_type]][1] * _GGML_TYPES[_GGML_TYPE_IDS[ggml_type]][2]
+        if data.size != want:
+            raise ValueError(f"tensor '{name}': {data.size} bytes given, {ggml_type} of shape {shape} "
+                             f"takes {want}")
+        return np.ascontiguousarray(data).reshape(-1)
+    if data.size != n_el:
+        raise ValueError(f"tensor '{name}': {data.size} values given for shape {shape}")
+    return gguf_blocks.quantize(np.asarray(data, dtype=np.float32).reshape(-1, shape[-1]), ggml_type)
+
+
+def write_gguf(path, metadata: dict[str, Any],
+               tensors: Iterable[tuple[str, Any, str, Sequence[int]]],
+               metadata_types: dict[str, Any] | None = None) -> None:
+    """Write a GGUF v3 file atomically (temporary file in the same folder, then ``os.replace``).
+
+    ``tensors`` are ``(name, data, ggml_type, shape)`` with ``shape`` in PyTorch order; ``data``
+    is either the raw bytes of the tensor (uint8 numpy array/tensor or ``bytes``) or float values
+    (numpy/torch), which are encoded with :func:`gguf_blocks.quantize`. Metadata values are
+    plain Python; their GGUF types are inferred (int -> UINT32/INT32/..., float -> FLOAT32,
+    list of int -> INT32 array) unless ``metadata_types`` (as in ``GGUFFile.metadata_types``)
+    names them. A failure leaves no file behind (and an existing ``path`` untouched).
+    """
+    import gguf
+    from gguf.constants import GGMLQuantizationType, GGUFValueType
+
+    path = Path(path)
+    metadata_types = dict(metadata_types or {})
+    arch = metadata.get("general.architecture")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o644)
+        writer = gguf.GGUFWriter(tmp, arch=str(arch) if arch is not None else "")
+        if arch is None:
+            writer.kv_data[0].pop("general.architecture", None)
+        alignment = metadata.get("general.alignment")
+        for key, value in metadata.items():
+            vt = metadata_types.get(key) or _infer_type(value)
+            if key == "general.alignment":
+                writer.data_alignment = int(value)
+            if isinstance(vt, (tuple, list)):
+                sub = GGUFValueType[vt[1]]
+                if isinstance(value, (bytes, bytearray)):
+                    value = list(value)
+                items = list(value)
+                if sub == GGUFValueType.FLOAT32 or sub == GGUFValueType.FLOAT64:
+                    items = [float(x) for x in items]
+                elif sub == GGUFValueType.BOOL:
+                    items = [bool(x) for x in items]
+                elif sub != GGUFValueType.STRING and sub != GGUFValueType.ARRAY:
+                    items = [int(x) for x in items]
+                if not items:
+                    raise ValueError(f"metadata '{key}' is an empty array, which GGUF cannot store")
+                writer.add_key_value(key, items, GGUFValueType.ARRAY, sub_type=sub)
+            else:
+                t = GGUFValueType[vt]
+                if t in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
+                    value = float(value)
+                elif t == GGUFValueType.BOOL:
+                    value = bool(value)
+                elif t != GGUFValueType.STRING:
+                    value = int(value)
+                writer.add_key_value(key, value, t)
+        del alignment
+        for name, data, ggml_type, shape in tensors:
+            shape = tuple(int(s) for s in shape)
+            if ggml_type not in _GGML_TYPE_IDS:
+                raise UnsupportedModelError(f"cannot write tensor '{name}' as {ggml_type!r}: unknown type")
+            raw = _as_raw(data, ggml_type, shape, name)
+            qtype = GGMLQuantizationType(_GGML_TYPE_IDS[ggml_type])
+            be, bb = _GGML_TYPES[int(qtype)][1:]
+            byte_shape = (*shape[:-1], shape[-1] // be * bb)
+            writer.add_tensor(name, raw.reshape(byte_shape), raw_shape=byte_shape, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            writer.close()  # type: ignore[possibly-undefined]
+        except Exception:
+            pass
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
