@@ -201,10 +201,6 @@ def _decode(b: bytes) -> str:
         return b.decode("utf-8", "surrogateescape")
 
 
-def _value_type_name(vtype: int, parser: _Parser | None = None) -> Any:
-    return _TYPE_NAMES.get(vtype, str(vtype))
-
-
 def _fmt_err(path: Path, problem: str, fix: str | None = None) -> ModelFormatError:
     return ModelFormatError(f"{path}: {problem}",
                             fix or "the file is damaged or incomplete; download or export it again")
@@ -260,7 +256,7 @@ def _parse(path: Path, mm: mmap.mmap, size: int, allow_unsupported: bool) -> GGU
     p.pos = 4
     version = p.u32("the version")
     if version not in SUPPORTED_VERSIONS:
-        if version & 0xFFFF == 0 and (version >> 16) in (2, 3) or version in (0x02000000, 0x03000000):
+        if version in (0x02000000, 0x03000000):   # 2 or 3 read with the wrong byte order
             raise UnsupportedModelError(f"{path}: big-endian GGUF files are not supported",
                                         "convert the model again on (or for) a little-endian machine")
         raise UnsupportedModelError(f"{path}: GGUF version {version} is not supported (edgellm reads "
@@ -442,26 +438,23 @@ def write_gguf(path, metadata: dict[str, Any],
     arch = metadata.get("general.architecture")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    writer = None
     try:
         os.chmod(tmp, 0o644)
         writer = gguf.GGUFWriter(tmp, arch=str(arch) if arch is not None else "")
-        if arch is None:
-            writer.kv_data[0].pop("general.architecture", None)
-        alignment = metadata.get("general.alignment")
+        writer.kv_data[0].pop("general.architecture", None)   # added again below, in order
         for key, value in metadata.items():
             vt = metadata_types.get(key) or _infer_type(value)
             if key == "general.alignment":
                 writer.data_alignment = int(value)
             if isinstance(vt, (tuple, list)):
                 sub = GGUFValueType[vt[1]]
-                if isinstance(value, (bytes, bytearray)):
-                    value = list(value)
                 items = list(value)
-                if sub == GGUFValueType.FLOAT32 or sub == GGUFValueType.FLOAT64:
+                if sub in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
                     items = [float(x) for x in items]
                 elif sub == GGUFValueType.BOOL:
                     items = [bool(x) for x in items]
-                elif sub != GGUFValueType.STRING and sub != GGUFValueType.ARRAY:
+                elif sub not in (GGUFValueType.STRING, GGUFValueType.ARRAY):
                     items = [int(x) for x in items]
                 if not items:
                     raise ValueError(f"metadata '{key}' is an empty array, which GGUF cannot store")
@@ -475,26 +468,31 @@ def write_gguf(path, metadata: dict[str, Any],
                 elif t != GGUFValueType.STRING:
                     value = int(value)
                 writer.add_key_value(key, value, t)
-        del alignment
         for name, data, ggml_type, shape in tensors:
             shape = tuple(int(s) for s in shape)
             if ggml_type not in _GGML_TYPE_IDS:
-                raise UnsupportedModelError(f"cannot write tensor '{name}' as {ggml_type!r}: unknown type")
-            raw = _as_raw(data, ggml_type, shape, name)
+                raise UnsupportedModelError(f"cannot write tensor '{name}' as {ggml_type!r}: unknown tensor type")
             qtype = GGMLQuantizationType(_GGML_TYPE_IDS[ggml_type])
             be, bb = _GGML_TYPES[int(qtype)][1:]
+            if not shape or any(d <= 0 for d in shape) or shape[-1] % be:
+                raise ValueError(f"tensor '{name}': shape {shape} is impossible for {ggml_type} "
+                                 f"(positive dims, last one a multiple of {be})")
+            raw = _as_raw(data, ggml_type, shape, name)
             byte_shape = (*shape[:-1], shape[-1] // be * bb)
             writer.add_tensor(name, raw.reshape(byte_shape), raw_shape=byte_shape, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            writer.close()  # type: ignore[possibly-undefined]
-        except Exception:
-            pass
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:
+                pass
         try:
             os.unlink(tmp)
         except FileNotFoundError:

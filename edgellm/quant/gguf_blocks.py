@@ -447,6 +447,11 @@ def _nearest_int(x: np.ndarray) -> np.ndarray:
 _GROUP_MAX_EPS = np.float32(1e-15)
 
 
+def _seqsum(a: np.ndarray) -> np.ndarray:
+    """Row sums accumulated left to right in float32, like llama.cpp's C loops."""
+    return np.cumsum(a, axis=1, dtype=np.float32)[:, -1]
+
+
 def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
                       nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Vectorised llama.cpp ``make_qkx2_quants`` (use_mad=false) over rows of ``x`` [n, 32].
@@ -456,8 +461,8 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
     f32 = np.float32
     mn = x.min(axis=1)
     mx = x.max(axis=1)
-    sum_w = w.sum(axis=1, dtype=f32)
-    sum_x = (w * x).sum(axis=1, dtype=f32)
+    sum_w = _seqsum(w)
+    sum_x = _seqsum(w * x)
     mn = np.minimum(mn, f32(0))
     flat = mx == mn
     rng = np.where(flat, f32(1), mx - mn).astype(f32)
@@ -465,14 +470,16 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
     scale = (f32(1) / iscale).astype(f32)
     L = np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax)
     diff = scale[:, None] * L.astype(f32) + mn[:, None] - x
-    best_error = (w * diff * diff).sum(axis=1, dtype=f32)
+    best_error = _seqsum(w * (diff * diff))
     for step in range(nstep + 1):
+        # llama.cpp updates `min` inside this loop, so the range moves with it.
+        rng = np.where(flat, f32(1), mx - mn).astype(f32)
         isc = ((f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / rng).astype(f32)
         laux = np.clip(_nearest_int(isc[:, None] * (x - mn[:, None])), 0, nmax)
         lf = laux.astype(f32)
-        sum_l = (w * lf).sum(axis=1, dtype=f32)
-        sum_l2 = (w * lf * lf).sum(axis=1, dtype=f32)
-        sum_xl = (w * lf * x).sum(axis=1, dtype=f32)
+        sum_l = _seqsum(w * lf)
+        sum_l2 = _seqsum(w * lf * lf)
+        sum_xl = _seqsum(w * lf * x)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         Ds = np.where(ok, D, f32(1))
@@ -484,8 +491,8 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
         this_scale = np.where(pos, alt, this_scale).astype(f32)
         this_min = np.where(pos, f32(0), this_min).astype(f32)
         diff = this_scale[:, None] * lf + this_min[:, None] - x
-        cur_error = (w * diff * diff).sum(axis=1, dtype=f32)
-        better = ok & (cur_error < best_error)
+        cur_error = _seqsum(w * (diff * diff))
+        better = ok & ~flat & (cur_error < best_error)
         L = np.where(better[:, None], laux, L)
         best_error = np.where(better, cur_error, best_error)
         scale = np.where(better, this_scale, scale)
@@ -500,7 +507,7 @@ def _quant_q4_k(blocks: np.ndarray) -> np.ndarray:
     f32 = np.float32
     n = blocks.shape[0]
     x = blocks.reshape(n * 8, 32)
-    av_x = np.sqrt((x * x).sum(axis=1, dtype=f32) / f32(32)).astype(f32)
+    av_x = np.sqrt(_seqsum(x * x) / f32(32)).astype(f32)
     w = (av_x[:, None] + np.abs(x)).astype(f32)
     scales, mins, L = _make_qkx2_quants(x, w, 15, -1.0, 0.1, 20)
     scales = scales.reshape(n, 8)
@@ -548,7 +555,7 @@ def _make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndar
     def attempt(iscale):
         l = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
         lf = l.astype(f32)
-        return l, (w * x * lf).sum(axis=1, dtype=f32), (w * lf * lf).sum(axis=1, dtype=f32)
+        return l, _seqsum(w * x * lf), _seqsum(w * lf * lf)
 
     iscale = (f32(-nmax) / mxs).astype(f32)
     l, sumlx, suml2 = attempt(iscale)
