@@ -1,0 +1,52 @@
+"""One call from a model spec (path or registry name) to a runnable model and its tokenizer."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgellm.config import ModelConfig
+from edgellm.loading.resolve import ResolvedModel, resolve_model
+from edgellm.models.llama import LlamaModel
+from edgellm.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    source: ResolvedModel
+    config: ModelConfig
+    model: LlamaModel
+    tokenizer: Tokenizer
+    dtype: str
+    file_bytes: int
+    load_s: float
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.model.weights.nbytes
+
+
+def load_model(spec: str | None = None, dtype: str = "auto") -> LoadedModel:
+    """Load a GGUF file, an HF folder or a registry model. ``dtype``: auto | float32 | bfloat16."""
+    from edgellm.loading.weights import _dtype, load_gguf_weights, load_hf_weights, read_hf_config
+
+    dtype = "float32" if dtype == "auto" else dtype
+    _dtype(dtype)  # refuse an unknown dtype before reading anything
+    t0 = time.perf_counter()
+    src = resolve_model(spec)
+    if src.kind == "gguf":
+        from edgellm.loading.gguf import read_gguf
+
+        gf = read_gguf(src.path)
+        cfg = gf.config()
+        tokenizer = Tokenizer.from_gguf_metadata(gf.metadata)
+        weights = load_gguf_weights(gf, cfg, dtype)
+        size = gf.file_size
+    else:
+        folder = Path(src.path)
+        cfg = read_hf_config(folder)
+        tokenizer = Tokenizer.from_file(folder / "tokenizer.json")
+        weights = load_hf_weights(folder, cfg, dtype)
+        size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return LoadedModel(src, cfg, LlamaModel(cfg, weights), tokenizer, dtype, size, time.perf_counter() - t0)

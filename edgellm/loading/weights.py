@@ -1,0 +1,186 @@
+"""Turn a GGUF file or a Hugging Face folder into the model's weights, in the chosen format.
+
+``dtype="float32"`` (the default) keeps GGUF Q4_0/Q4_1/Q8_0 matrices as their raw blocks, read
+by the native kernels, and dequantises other block types to float32; ``"bfloat16"`` holds every
+matrix as bf16. Norm weights and biases are always float32.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from edgellm.config import ModelConfig
+from edgellm.errors import ModelFormatError, UnsupportedModelError
+from edgellm.kernels import NATIVE_FORMATS, native
+from edgellm.layers.weights import DenseWeight, GGUFBlockWeight, Weight, concat_rows
+from edgellm.loading.gguf import GGUFFile
+from edgellm.models.llama import BlockWeights, ModelWeights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _rope_unpermute_rows(n_rows: int, n_heads: int) -> torch.Tensor:
+    """Row order that turns llama.cpp's q/k layout (adjacent-pair RoPE) back into HF's (rotate-half).
+
+    llama.cpp's converter reorders each head's rows from [first half; second half] to interleaved
+    pairs; reading row ``idx[r]`` of the GGUF matrix for HF row ``r`` undoes it.
+    """
+    head_dim = n_rows // n_heads
+    return torch.arange(n_rows).view(n_heads, head_dim // 2, 2).transpose(1, 2).reshape(n_rows)
+
+
+class _GGUFSource:
+    def __init__(self, gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype):
+        self.gf, self.cfg, self.dtype = gf, cfg, dtype
+        self.native = dtype == torch.float32 and native() is not None
+        self.unpermute = cfg.architecture in ("llama", "mistral")
+
+    def has(self, name: str) -> bool:
+        return name in self.gf.tensors
+
+    def _tensor(self, name: str):
+        t = self.gf.tensors.get(name)
+        if t is None:
+            raise ModelFormatError(f"{self.gf.path}: tensor '{name}' is missing",
+                                   "the file is incomplete or not a Llama-family model; re-export it")
+        return t
+
+    def vector(self, name: str) -> torch.Tensor:
+        return self._tensor(name).dequantize().float().reshape(-1)
+
+    def matrix(self, name: str, expect: tuple[int, int], rope_heads: int | None = None) -> Weight:
+        t = self._tensor(name)
+        if tuple(t.shape) != expect:
+            raise ModelFormatError(f"{self.gf.path}: tensor '{name}' has shape {tuple(t.shape)}, expected {expect}",
+                                   "the tensor shapes contradict the file's own metadata; re-export the model")
+        order = _rope_unpermute_rows(expect[0], rope_heads) if rope_heads and self.unpermute else None
+        if self.native and t.ggml_type in NATIVE_FORMATS:
+            raw = torch.from_numpy(np.array(t.data, copy=True)).view(expect[0], -1)
+            if order is not None:
+                raw = raw.index_select(0, order)
+            return GGUFBlockWeight(raw, t.ggml_type, expect[1])
+        dense = t.dequantize().reshape(expect)
+        if order is not None:
+            dense = dense.index_select(0, order)
+        return DenseWeight(dense.to(self.dtype))
+
+
+class _HFSource:
+    """Tensors of a Hugging Face folder (``*.safetensors``), renamed to GGUF's names."""
+
+    _NAMES = {
+        "token_embd.weight": "model.embed_tokens.weight",
+        "output_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
+    _BLOCK = {
+        "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+        "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+        "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+        "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+        "attn_v.bias": "self_attn.v_proj.bias",
+        "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+        "ffn_down.weight": "mlp.down_proj.weight",
+    }
+
+    def __init__(self, folder: Path, dtype: torch.dtype):
+        from safetensors import safe_open
+
+        self.dtype = dtype
+        self.files = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            handle = safe_open(str(f), framework="pt")
+            for key in handle.keys():
+                self.files[key] = handle
+        if not self.files:
+            raise ModelFormatError(f"{folder}: no *.safetensors files", "put the model's safetensors weights there")
+
+    def _hf(self, name: str) -> str:
+        if name in self._NAMES:
+            return self._NAMES[name]
+        _, i, rest = name.split(".", 2)
+        return f"model.layers.{i}.{self._BLOCK[rest]}"
+
+    def has(self, name: str) -> bool:
+        return self._hf(name) in self.files
+
+    def _get(self, name: str) -> torch.Tensor:
+        key = self._hf(name)
+        if key not in self.files:
+            raise ModelFormatError(f"tensor '{key}' is missing from the safetensors files",
+                                   "the folder's weights are incomplete")
+        return self.files[key].get_tensor(key)
+
+    def vector(self, name: str) -> torch.Tensor:
+        return self._get(name).float().reshape(-1)
+
+    def matrix(self, name: str, expect: tuple[int, int], rope_heads: int | None = None) -> Weight:
+        t = self._get(name)
+        if tuple(t.shape) != expect:
+            raise ModelFormatError(f"tensor '{self._hf(name)}' has shape {tuple(t.shape)}, expected {expect}",
+                                   "config.json does not describe these weights")
+        return DenseWeight(t.to(self.dtype))
+
+
+def _fused(parts: list[Weight]) -> Weight:
+    fused = concat_rows(parts)
+    if fused is None:  # mixed formats: fall back to dense float32 so one call still does all
+        fused = DenseWeight(torch.cat([p.dequantize() for p in parts]))
+    return fused
+
+
+def _build(src, cfg: ModelConfig, label: str) -> ModelWeights:
+    H, Q, KV, F = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.ffn_size
+    blocks = []
+    for i in tqdm(range(cfg.n_layers), desc=f"loading {label}", unit="block", delay=1.0, leave=False):
+        p = f"blk.{i}."
+        q = src.matrix(p + "attn_q.weight", (Q, H), rope_heads=cfg.n_heads)
+        k = src.matrix(p + "attn_k.weight", (KV, H), rope_heads=cfg.n_kv_heads)
+        v = src.matrix(p + "attn_v.weight", (KV, H))
+        bias = None
+        if cfg.qkv_bias:
+            bias = torch.cat([src.vector(p + "attn_q.bias"), src.vector(p + "attn_k.bias"),
+                              src.vector(p + "attn_v.bias")])
+        blocks.append(BlockWeights(
+            attn_norm=src.vector(p + "attn_norm.weight"),
+            qkv=_fused([q, k, v]),
+            qkv_bias=bias,
+            o=src.matrix(p + "attn_output.weight", (H, Q)),
+            ffn_norm=src.vector(p + "ffn_norm.weight"),
+            gate_up=_fused([src.matrix(p + "ffn_gate.weight", (F, H)), src.matrix(p + "ffn_up.weight", (F, H))]),
+            down=src.matrix(p + "ffn_down.weight", (H, F)),
+        ))
+    embed = src.matrix("token_embd.weight", (cfg.vocab_size, H))
+    lm_head = embed if cfg.tie_embeddings or not src.has("output.weight") else \
+        src.matrix("output.weight", (cfg.vocab_size, H))
+    return ModelWeights(embed=embed, blocks=blocks, final_norm=src.vector("output_norm.weight"), lm_head=lm_head)
+
+
+def load_gguf_weights(gf: GGUFFile, cfg: ModelConfig, dtype: str = "float32") -> ModelWeights:
+    return _build(_GGUFSource(gf, cfg, _dtype(dtype)), cfg, gf.path.name)
+
+
+def load_hf_weights(folder: Path, cfg: ModelConfig, dtype: str = "float32") -> ModelWeights:
+    return _build(_HFSource(folder, _dtype(dtype)), cfg, folder.name)
+
+
+def read_hf_config(folder: Path) -> ModelConfig:
+    path = folder / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelFormatError(f"{folder}: no config.json", "a Hugging Face model folder needs its config.json")
+    except json.JSONDecodeError as err:
+        raise ModelFormatError(f"{path}: not valid JSON ({err})", "restore the model's original config.json")
+    return ModelConfig.from_hf_config(data, name=folder.name)
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UnsupportedModelError(f"dtype '{name}' is not supported", f"use one of: {', '.join(DTYPES)}")
+    return DTYPES[name]

@@ -1,0 +1,85 @@
+"""The Llama-family decoder: Llama 2/3, SmolLM2, Mistral and Qwen2 (q/k/v biases).
+
+One forward pass serves prefill and decode alike: tokens of every sequence in the step are laid
+end to end ([T]), each with its position, and attention reads and writes the KV cache through
+the step's ``AttentionBatch``. Only the rows whose next token is wanted go through the final
+norm and the vocabulary projection (a 49k x 576 matrix is the largest single read per token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from edgellm.config import ModelConfig
+from edgellm.kv.cache import KVCache
+from edgellm.layers.attention import AttentionBatch, attention
+from edgellm.layers.rope import RotaryEmbedding
+from edgellm.layers.weights import Weight
+
+
+@dataclass
+class BlockWeights:
+    attn_norm: torch.Tensor
+    qkv: Weight                     # q, k and v stacked: [q_size + 2 * kv_size, hidden]
+    qkv_bias: torch.Tensor | None
+    o: Weight
+    ffn_norm: torch.Tensor
+    gate_up: Weight                 # gate and up stacked: [2 * ffn, hidden]
+    down: Weight
+
+
+@dataclass
+class ModelWeights:
+    embed: Weight                   # [vocab, hidden]
+    blocks: list[BlockWeights]
+    final_norm: torch.Tensor
+    lm_head: Weight                 # the embedding itself when tied
+
+    @property
+    def nbytes(self) -> int:
+        total = self.embed.nbytes + self.final_norm.numel() * 4
+        if self.lm_head is not self.embed:
+            total += self.lm_head.nbytes
+        for b in self.blocks:
+            total += b.qkv.nbytes + b.o.nbytes + b.gate_up.nbytes + b.down.nbytes
+            total += (b.attn_norm.numel() + b.ffn_norm.numel()) * 4
+        return total
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights):
+        self.cfg = cfg
+        self.weights = weights
+        self.rope = RotaryEmbedding(cfg)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+                cache: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
+        """tokens, positions: [T]. Returns float32 logits [len(logit_rows), vocab]."""
+        h = self.weights.embed.rows(tokens)
+        for i, block in enumerate(self.weights.blocks):
+            h = self._block(h, positions, block, batch, *cache.layer(i))
+        h = h.index_select(0, logit_rows)
+        h = F.rms_norm(h, (self.cfg.hidden_size,), self.weights.final_norm, self.cfg.rms_norm_eps)
+        return self.weights.lm_head.matmul(h)
+
+    __call__ = forward
+
+    def _block(self, h: torch.Tensor, positions: torch.Tensor, w: BlockWeights, batch: AttentionBatch,
+               k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        T = h.shape[0]
+        x = F.rms_norm(h, (cfg.hidden_size,), w.attn_norm, cfg.rms_norm_eps)
+        qkv = w.qkv.matmul(x)
+        if w.qkv_bias is not None:
+            qkv = qkv + w.qkv_bias
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = self.rope.apply(q.view(T, cfg.n_heads, cfg.head_dim), positions)
+        k = self.rope.apply(k.view(T, cfg.n_kv_heads, cfg.head_dim), positions)
+        v = v.reshape(T, cfg.n_kv_heads, cfg.head_dim)
+        h = h + w.o.matmul(attention(q, k, v, k_cache, v_cache, batch))
+        x = F.rms_norm(h, (cfg.hidden_size,), w.ffn_norm, cfg.rms_norm_eps)
+        gate, up = w.gate_up.matmul(x).split(cfg.ffn_size, dim=-1)
+        return h + w.down.matmul(F.silu(gate) * up)
