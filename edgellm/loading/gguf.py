@@ -147,7 +147,7 @@ class _Parser:
         self.pos += n
         return _decode(s)
 
-    def value(self, vtype: int, key: str):
+    def value(self, vtype: int, key: str, depth: int = 0):
         if vtype in _SCALAR_FMT:
             return self.scalar(_SCALAR_FMT[vtype], f"value of '{key}'")
         if vtype == _STRING:
@@ -179,10 +179,19 @@ class _Parser:
                 self.pos = pos
                 return out
             if itype == _ARRAY:
+                if depth >= _MAX_ARRAY_NESTING:
+                    raise _TooDeep(key)
                 self.need(count * 12, f"array '{key}' ({count} arrays)")
-                return [self.value(_ARRAY, key) for _ in range(count)]
+                return [self.value(_ARRAY, key, depth + 1) for _ in range(count)]
             raise _BadValueType(itype, key)
         raise _BadValueType(vtype, key)
+
+
+_MAX_ARRAY_NESTING = 8
+
+
+class _TooDeep(Exception):
+    pass
 
 
 class _BadValueType(Exception):
@@ -240,10 +249,16 @@ def read_gguf(path, *, allow_unsupported: bool = False) -> GGUFFile:
         raise _fmt_err(path, f"file truncated: it ends ({size} bytes) inside the header, while reading {e}") from None
     except _BadValueType as e:
         raise _fmt_err(path, f"metadata key '{e.key}' has unknown value type {e.vtype}") from None
-    except (ValueError, IndexError, KeyError, struct.error, OverflowError, MemoryError, TypeError) as e:
+    except _TooDeep as e:
+        raise _fmt_err(path, f"metadata key '{e}' nests arrays more than {_MAX_ARRAY_NESTING} deep") from None
+    except (ValueError, IndexError, KeyError, struct.error, OverflowError, MemoryError, TypeError,
+            RecursionError) as e:
         raise _fmt_err(path, f"malformed GGUF header ({type(e).__name__}: {e})") from None
     finally:
-        mm.close()
+        try:
+            mm.close()
+        except BufferError:   # a numpy view of the header still alive (only on an error path)
+            pass
 
 
 def _parse(path: Path, mm: mmap.mmap, size: int, allow_unsupported: bool) -> GGUFFile:
@@ -340,8 +355,9 @@ def _parse(path: Path, mm: mmap.mmap, size: int, allow_unsupported: bool) -> GGU
         start = data_offset + offset
         end = start + n_bytes
         if end > size:
-            raise _fmt_err(path, f"file truncated: tensor '{name}' ({tname}, shape {tuple(reversed(ne))}, "
-                                 f"{n_bytes} bytes) needs bytes {start}..{end} but the file has {size}")
+            raise _fmt_err(path, f"tensor '{name}' ({tname}, shape {tuple(reversed(ne))}, {n_bytes} bytes) "
+                                 f"runs past the end of the file (it needs bytes {start}..{end}, the file "
+                                 f"has {size}): the file is truncated or the tensor's shape is wrong")
         spans.append((start, end, name))
         tensors[name] = GGUFTensor(name=name, shape=tuple(reversed(ne)), ggml_type=tname,
                                    data=whole[start:end], offset=start)
