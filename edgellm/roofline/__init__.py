@@ -1,0 +1,7 @@
+"""Roofline analysis of Llama-family models: per-layer operations and bytes, placed under a chip's roofline.
+
+Modules: ``zoo`` (models), ``hardware`` (chips, files, this machine), ``layers`` (ops and bytes per
+layer), ``analyze`` (roofline, totals, memory planner, crossover, formatting), ``measure`` (this
+machine's micro-benchmark; measured next to predicted), ``plot`` (figures), ``cli`` (``edgellm analyze``).
+Nothing heavy is imported here, so ``edgellm --help`` stays fast.
+"""

@@ -1,0 +1,134 @@
+"""`edgellm analyze`: the roofline of a model on a chip, layer by layer; memory plan; crossover; plots."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "Predict, layer by layer, whether a model is compute- or memory-bound on a chip (roofline analysis)."
+
+EPILOG = """examples:
+  edgellm analyze --model Llama-2-7B --hardware A6000 --phase prefill --seq-len 1024
+  edgellm analyze --model Llama-2-7B --hardware local --phase decode --seq-len 1024 --weight-bits 4
+  edgellm analyze --model path/to/model.gguf --hardware RTX-4090 --plan
+  edgellm analyze --model Llama-3-8B --hardware H100-SXM --crossover
+  edgellm analyze --model Mistral-7B --hardware my_chip.yaml --plot roofline.png --plot-layers layers.png
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--model", metavar="MODEL",
+                        help="a zoo name (e.g. Llama-2-7B, SmolLM2-135M), a config.json (or its folder), or a .gguf")
+    parser.add_argument("--hardware", metavar="HW",
+                        help="a table name (e.g. A6000, H100-SXM, RK3588), a YAML/JSON hardware file, or 'local' "
+                             "(this machine, measured once and cached)")
+    parser.add_argument("--phase", choices=("prefill", "decode"), default="decode",
+                        help="prefill (the prompt; its time is the time to first token) or decode (one new token "
+                             "per sequence); default decode")
+    parser.add_argument("--batch", type=int, default=1, help="sequences processed together (default 1)")
+    parser.add_argument("--seq-len", type=int, default=512,
+                        help="prefill: prompt tokens; decode: tokens already in the KV cache (default 512)")
+    parser.add_argument("--weight-bits", type=float, default=16,
+                        help="bits per weight: 1.58, 2, 3, 4, 4.5, 5, 6, 8, 8.5, 16, 32 (default 16)")
+    parser.add_argument("--act-bits", type=float, default=16, help="bits per activation: 4, 8, 16, 32 (default 16)")
+    parser.add_argument("--kv-bits", type=float, default=None,
+                        help="bits per KV-cache element: 2, 4, 8, 16, 32 (default: the activation bits)")
+    parser.add_argument("--attention", choices=("unfused", "fused"), default="unfused",
+                        help="unfused: the score matrix goes through memory (default); fused: FlashAttention")
+    parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
+    parser.add_argument("--per-block", action="store_true",
+                        help="table: show one block's figures instead of the whole model's")
+    parser.add_argument("--plan", action="store_true",
+                        help="memory planner: weights and KV bytes per token by precision, the batch x context "
+                             "that fits the hardware's memory")
+    parser.add_argument("--crossover", action="store_true",
+                        help="the context length at which attention costs as much as the linear layers")
+    parser.add_argument("--plot", metavar="FILE",
+                        help="write a log-log roofline of the hardware with every layer of prefill and decode")
+    parser.add_argument("--plot-layers", metavar="FILE",
+                        help="write parameters and operations per layer across the model's depth")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="with --hardware local: measure this machine again instead of using the cache")
+    parser.add_argument("--measure", action="store_true",
+                        help="time the real engine layer by layer next to the prediction (needs the engine)")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _int_bits(value: float | None) -> float | None:
+    if value is None:
+        return None
+    return int(value) if float(value).is_integer() else value
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgellm.errors import InvalidParameterError
+    from edgellm.roofline import analyze as an
+    from edgellm.roofline.hardware import resolve_hardware
+    from edgellm.roofline.layers import validate_bits, validate_shape
+    from edgellm.roofline.zoo import resolve_model
+
+    if args.measure:
+        raise InvalidParameterError("--measure times the engine's layers, and the engine cannot be timed yet",
+                                    "use the predictive analysis (without --measure) for now")
+    weight_bits = _int_bits(args.weight_bits)
+    act_bits = _int_bits(args.act_bits)
+    kv_bits = _int_bits(args.kv_bits) if args.kv_bits is not None else act_bits
+    validate_bits(weight_bits, act_bits, kv_bits)
+    validate_shape(args.phase, args.batch, args.seq_len)
+    cfg = resolve_model(args.model)
+    hw = resolve_hardware(args.hardware, remeasure=args.remeasure, log=_log)
+
+    if args.plan:
+        plan = an.plan_memory(cfg, hw, weight_bits, kv_bits, args.batch, args.seq_len or None)
+        if args.format == "json":
+            print(an.format_json(plan))
+        elif args.format == "csv":
+            print("weight_bits,kv_bits,weight_bytes,kv_bytes_per_token,max_kv_tokens,max_context_at_batch,"
+                  "max_batch_at_full_context")
+            for g in plan["grid"]:
+                print(f"{g['weight_bits']:g},{g['kv_bits']:g},{g['weight_bytes']:.0f},{g['kv_bytes_per_token']:.0f},"
+                      f"{g['max_kv_tokens']},{g['max_context_at_batch']},{g['max_batch_at_full_context']}")
+        else:
+            print(an.format_plan(plan))
+    elif args.crossover:
+        rows = an.crossover_table(cfg, hw, args.batch, weight_bits, act_bits, kv_bits)
+        if args.format == "json":
+            print(an.format_json({"model": cfg.name, "hardware": hw.name, "batch": args.batch,
+                                  "weight_bits": weight_bits, "act_bits": act_bits, "kv_bits": kv_bits,
+                                  "crossover": rows,
+                                  "definition": "smallest context (prefill: prompt length; decode: cached tokens) "
+                                                "at which qk_matmul + softmax + sv_matmul (or fused_attention) "
+                                                "cost at least as much as q/k/v/o/gate/up/down"}))
+        elif args.format == "csv":
+            print("phase,attention,by_time,by_ops")
+            for r in rows:
+                print(f"{r['phase']},{r['attention']},{r['by_time'] or ''},{r['by_ops'] or ''}")
+        else:
+            print(an.format_crossover(cfg, hw, rows, args.batch))
+    else:
+        analysis = an.analyze(cfg, hw, args.phase, args.batch, args.seq_len, weight_bits, act_bits, kv_bits,
+                              args.attention)
+        if args.format == "json":
+            print(an.format_json(analysis.to_dict()))
+        elif args.format == "csv":
+            print(an.format_csv(analysis), end="")
+        else:
+            print(an.format_table(analysis, per_block=args.per_block))
+
+    if args.plot or args.plot_layers:
+        from edgellm.roofline import plot
+
+        both = [an.analyze(cfg, hw, "prefill", args.batch, max(args.seq_len, 1), weight_bits, act_bits, kv_bits,
+                           args.attention),
+                an.analyze(cfg, hw, "decode", args.batch, args.seq_len, weight_bits, act_bits, kv_bits,
+                           args.attention)]
+        if args.plot:
+            _log(f"wrote {plot.plot_roofline(both, args.plot)}")
+        if args.plot_layers:
+            _log(f"wrote {plot.plot_layers(both, args.plot_layers)}")
+    return 0
