@@ -66,9 +66,9 @@ def set_threads(threads: int | None) -> None:
 
 class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", threads: int | None = None,
-                 loaded: LoadedModel | None = None):
+                 loaded: LoadedModel | None = None, use_native: bool = True):
         set_threads(threads)
-        self.loaded = loaded or load_model(model, dtype)
+        self.loaded = loaded or load_model(model, dtype, use_native)
         self.cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
 

@@ -27,8 +27,12 @@ class LoadedModel:
         return self.model.weights.nbytes
 
 
-def load_model(spec: str | None = None, dtype: str = "auto") -> LoadedModel:
-    """Load a GGUF file, an HF folder or a registry model. ``dtype``: auto | float32 | bfloat16."""
+def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = True) -> LoadedModel:
+    """Load a GGUF file, an HF folder or a registry model. ``dtype``: auto | float32 | bfloat16.
+
+    ``use_native=False`` skips the native kernels (every matrix dequantised to float32): the
+    path of machines where they cannot be built, kept reachable for tests.
+    """
     from edgellm.loading.weights import _dtype, load_gguf_weights, load_hf_weights, read_hf_config
 
     dtype = "float32" if dtype == "auto" else dtype
@@ -41,7 +45,7 @@ def load_model(spec: str | None = None, dtype: str = "auto") -> LoadedModel:
         gf = read_gguf(src.path)
         cfg = gf.config()
         tokenizer = Tokenizer.from_gguf_metadata(gf.metadata)
-        weights = load_gguf_weights(gf, cfg, dtype)
+        weights = load_gguf_weights(gf, cfg, dtype, use_native)
         size = gf.file_size
     else:
         folder = Path(src.path)

@@ -35,9 +35,9 @@ def _rope_unpermute_rows(n_rows: int, n_heads: int) -> torch.Tensor:
 
 
 class _GGUFSource:
-    def __init__(self, gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, use_native: bool):
         self.gf, self.cfg, self.dtype = gf, cfg, dtype
-        self.native = dtype == torch.float32 and native() is not None
+        self.native = use_native and dtype == torch.float32 and native() is not None
         self.unpermute = cfg.architecture in ("llama", "mistral")
 
     def has(self, name: str) -> bool:
@@ -161,8 +161,9 @@ def _build(src, cfg: ModelConfig, label: str) -> ModelWeights:
     return ModelWeights(embed=embed, blocks=blocks, final_norm=src.vector("output_norm.weight"), lm_head=lm_head)
 
 
-def load_gguf_weights(gf: GGUFFile, cfg: ModelConfig, dtype: str = "float32") -> ModelWeights:
-    return _build(_GGUFSource(gf, cfg, _dtype(dtype)), cfg, gf.path.name)
+def load_gguf_weights(gf: GGUFFile, cfg: ModelConfig, dtype: str = "float32", use_native: bool = True) -> ModelWeights:
+    """``use_native=False`` dequantises every matrix (the path taken where the kernels can't build)."""
+    return _build(_GGUFSource(gf, cfg, _dtype(dtype), use_native), cfg, gf.path.name)
 
 
 def load_hf_weights(folder: Path, cfg: ModelConfig, dtype: str = "float32") -> ModelWeights:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from edgellm.config import ModelConfig
 from edgellm.kv.cache import KVCache
 from edgellm.layers.attention import AttentionBatch, attention
-from edgellm.layers.rope import RotaryEmbedding
+from edgellm.layers.rope import RotaryEmbedding, apply_rope
 from edgellm.layers.weights import Weight
 
 
@@ -59,15 +59,16 @@ class LlamaModel:
                 cache: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
         """tokens, positions: [T]. Returns float32 logits [len(logit_rows), vocab]."""
         h = self.weights.embed.rows(tokens)
+        rope = self.rope.tables(positions)
         for i, block in enumerate(self.weights.blocks):
-            h = self._block(h, positions, block, batch, *cache.layer(i))
+            h = self._block(h, rope, block, batch, *cache.layer(i))
         h = h.index_select(0, logit_rows)
         h = F.rms_norm(h, (self.cfg.hidden_size,), self.weights.final_norm, self.cfg.rms_norm_eps)
         return self.weights.lm_head.matmul(h)
 
     __call__ = forward
 
-    def _block(self, h: torch.Tensor, positions: torch.Tensor, w: BlockWeights, batch: AttentionBatch,
+    def _block(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], w: BlockWeights, batch: AttentionBatch,
                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         T = h.shape[0]
@@ -76,8 +77,8 @@ class LlamaModel:
         if w.qkv_bias is not None:
             qkv = qkv + w.qkv_bias
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = self.rope.apply(q.view(T, cfg.n_heads, cfg.head_dim), positions)
-        k = self.rope.apply(k.view(T, cfg.n_kv_heads, cfg.head_dim), positions)
+        q = apply_rope(q.view(T, cfg.n_heads, cfg.head_dim), *rope)
+        k = apply_rope(k.view(T, cfg.n_kv_heads, cfg.head_dim), *rope)
         v = v.reshape(T, cfg.n_kv_heads, cfg.head_dim)
         h = h + w.o.matmul(attention(q, k, v, k_cache, v_cache, batch))
         x = F.rms_norm(h, (cfg.hidden_size,), w.ffn_norm, cfg.rms_norm_eps)

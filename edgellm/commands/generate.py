@@ -1,0 +1,65 @@
+"""`edgellm generate`: one prompt in, streamed text out, with speed figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from edgellm.commands.common import add_model_arguments, add_sampling_arguments, sampling_params
+
+HELP = "generate a completion for one prompt, streamed as it is produced"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--prompt", help="the prompt text ('-' reads standard input)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user turn")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    add_sampling_arguments(p)
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="with --json: log-probability of each chosen token and the top N alternatives")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--stats", action="store_true", help="after the text, print speed figures to stderr")
+    p.add_argument("--list-models", action="store_true", help="list the registry's model names and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgellm.errors import InvalidParameterError
+
+    if args.list_models:
+        from edgellm.loading.resolve import list_models
+
+        for name, description, install, installed in list_models():
+            print(f"{name:22s} {'installed' if installed else 'not installed':14s} {description}\n"
+                  f"{'':22s} install: {install}")
+        return 0
+    if args.prompt is None:
+        raise InvalidParameterError("no prompt given", "pass --prompt TEXT (or --prompt - to read standard input)")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    extra = {}
+    if args.logprobs is not None:
+        extra = {"logprobs": True, "top_logprobs": args.logprobs}
+    params = sampling_params(args, **extra)
+
+    from edgellm.llm import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, threads=args.threads)
+    ids = llm.encode_prompt(prompt, chat=args.chat, system=args.system)
+    if args.json:
+        c = llm.generate(ids, params)
+        out = c.to_dict()
+        out["model"] = llm.loaded.source.name
+        if params.logprobs:
+            out["logprobs"] = [{"token_id": t, "logprob": lp, "top": [[i, v] for i, v in top]}
+                               for t, lp, top in zip(c.token_ids, c.logprobs, c.top_logprobs)]
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    c = llm.generate(ids, params, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    print()
+    if args.stats:
+        print(f"[{llm.loaded.source.name}, {llm.loaded.dtype}] prompt {c.prompt_tokens} tokens, "
+              f"completion {c.completion_tokens} tokens ({c.finish_reason}); "
+              f"time to first token {c.ttft_s * 1000:.0f} ms, prefill {c.prefill_tok_s:.1f} tok/s, "
+              f"decode {c.decode_tok_s:.1f} tok/s", file=sys.stderr)
+    return 0
