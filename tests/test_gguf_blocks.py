@@ -114,6 +114,13 @@ def test_dequantize_accepts_bytes_tensors_and_readonly_arrays():
                gb.dequantize(raw.reshape(2, -1), "Q4_1", [2, 64])]
     for g in got:
         assert torch.equal(g, ref)
+    # misaligned buffers (float views need aligned storage) are copied, not rejected
+    x = np.arange(10, dtype=np.float32)
+    buf = np.zeros(41, np.uint8)
+    buf[1:] = x.view(np.uint8)
+    np.testing.assert_array_equal(gb.dequantize(buf[1:], "F32", (10,)).numpy(), x)
+    np.testing.assert_array_equal(gb.dequantize(buf[1:21], "F16", (2, 5)).numpy(),
+                                  buf[1:21].copy().view(np.float16).astype(np.float32).reshape(2, 5))
     # the result never aliases the input
     f32 = np.arange(8, dtype=np.float32)
     out = gb.dequantize(f32.view(np.uint8), "F32", (8,))

@@ -297,63 +297,81 @@ def unpack_q6_k(raw, n_rows: int, n_cols: int) -> tuple[torch.Tensor, torch.Tens
 # dequantize
 # --------------------------------------------------------------------------------------------
 
-def _deq_blocks(b: torch.Tensor, t: str) -> torch.Tensor:
-    """Dequantise ``[n, BLOCK_BYTES]`` blocks of quantised type ``t`` to ``[n, BLOCK_ELEMS]`` float32."""
+def _put_nibbles(o: torch.Tensor, qs: torch.Tensor) -> None:
+    """Write the nibbles of ``qs`` [n, 16] into ``o`` [n, 32] (low nibbles first) as float."""
+    o3 = o.view(o.shape[0], 2, 16)
+    o3[:, 0].copy_(qs & 0x0F)
+    o3[:, 1].copy_(qs >> 4)
+
+
+def _deq_blocks_into(b: torch.Tensor, t: str, o: torch.Tensor) -> None:
+    """Dequantise ``[n, BLOCK_BYTES]`` blocks of quantised type ``t`` into float32 ``o`` ``[n, BLOCK_ELEMS]``.
+
+    The float operations (and their order) are gguf.quants' so that results are bit-identical.
+    """
     n = b.shape[0]
     if t == "Q8_0":
-        q = b[:, 2:].view(torch.int8).float()
-        return q.mul_(_f16(b, 0).float())
-    if t == "Q4_0":
-        q = _nibbles(b[:, 2:]).float().sub_(8.0)
-        return q.mul_(_f16(b, 0).float())
-    if t == "Q4_1":
-        q = _nibbles(b[:, 4:]).float()
-        return q.mul_(_f16(b, 0).float()).add_(_f16(b, 2).float())
-    if t == "Q5_0":
-        q = (_nibbles(b[:, 6:]) | (_bits32(b[:, 2:6]) << 4)).float().sub_(16.0)
-        return q.mul_(_f16(b, 0).float())
-    if t == "Q5_1":
-        q = (_nibbles(b[:, 8:]) | (_bits32(b[:, 4:8]) << 4)).float()
-        return q.mul_(_f16(b, 0).float()).add_(_f16(b, 2).float())
-    if t == "Q4_K" or t == "Q5_K":
+        o.copy_(b[:, 2:].view(torch.int8))
+        o.mul_(_f16(b, 0).float())
+    elif t == "Q4_0":
+        _put_nibbles(o, b[:, 2:])
+        o.sub_(8.0).mul_(_f16(b, 0).float())
+    elif t == "Q4_1":
+        _put_nibbles(o, b[:, 4:])
+        o.mul_(_f16(b, 0).float()).add_(_f16(b, 2).float())
+    elif t == "Q5_0":
+        o.copy_(_nibbles(b[:, 6:]) | (_bits32(b[:, 2:6]) << 4))
+        o.sub_(16.0).mul_(_f16(b, 0).float())
+    elif t == "Q5_1":
+        o.copy_(_nibbles(b[:, 8:]) | (_bits32(b[:, 4:8]) << 4))
+        o.mul_(_f16(b, 0).float()).add_(_f16(b, 2).float())
+    elif t == "Q4_K" or t == "Q5_K":
         scale, mn = _k_scales(b)
-        q = (_q4_k_values(b[:, 16:]) if t == "Q4_K" else _q5_k_values(b)).float().view(n, 8, 32)
-        return q.mul_(scale.unsqueeze(-1)).sub_(mn.unsqueeze(-1)).view(n, QK_K)
-    if t == "Q6_K":
+        o.copy_(_q4_k_values(b[:, 16:]) if t == "Q4_K" else _q5_k_values(b))
+        o.view(n, 8, 32).mul_(scale.unsqueeze(-1)).sub_(mn.unsqueeze(-1))
+    elif t == "Q6_K":
         scale = _f16(b, 208).float() * b[:, 192:208].contiguous().view(torch.int8).float()
-        q = _q6_k_values(b).float().view(n, 16, 16)
-        return q.mul_(scale.unsqueeze(-1)).view(n, QK_K)
-    raise UnsupportedModelError(f"tensor type {t!r} is not supported")  # pragma: no cover
+        o.copy_(_q6_k_values(b))
+        o.view(n, 16, 16).mul_(scale.unsqueeze(-1))
+    else:  # pragma: no cover - callers check the type first
+        raise UnsupportedModelError(f"tensor type {t!r} is not supported")
 
 
-# Blocks per chunk: keeps the uint8/float temporaries cache-sized and memory use flat.
-_CHUNK_ELEMS = 1 << 20
+# Elements per chunk: bounds the uint8 temporaries of big tensors (an embedding of a large
+# vocabulary) without paying per-op thread synchronisation too often.
+_CHUNK_ELEMS = 1 << 22
+
+
+def _view_as(u8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    try:
+        return u8.view(dtype)
+    except RuntimeError:   # misaligned buffer (e.g. bytes at an odd offset): copy first
+        return u8.clone().view(dtype)
 
 
 def dequantize(raw, ggml_type: str, shape: Sequence[int]) -> torch.Tensor:
     """Decode the bytes of one tensor to a float32 torch tensor of ``shape`` (PyTorch order).
 
     ``raw`` holds exactly the tensor's bytes (uint8 numpy array or memmap, bytes, or uint8 torch
-    tensor). The result is freshly allocated (never a view of ``raw``).
+    tensor). The result is freshly allocated (never a view of ``raw``) and bit-identical to
+    ``gguf.quants.dequantize``.
     """
     shape = tuple(int(s) for s in shape)
     n = _numel(shape)
     if ggml_type in ("F32", "F16", "BF16"):
         u8 = _blocks(raw, ggml_type, n).view(-1)
         if ggml_type == "F32":
-            return u8.view(torch.float32).clone().view(shape)
+            return _view_as(u8, torch.float32).clone().view(shape)
         if ggml_type == "F16":
-            return u8.view(torch.float16).float().view(shape)
-        return (u8.view(torch.int16).to(torch.int32) << 16).view(torch.float32).view(shape)
+            return _view_as(u8, torch.float16).float().view(shape)
+        return (_view_as(u8, torch.int16).to(torch.int32) << 16).view(torch.float32).view(shape)
     b = _blocks(raw, ggml_type, n)
     be = BLOCK_ELEMS[ggml_type]
     nblk = b.shape[0]
-    step = max(1, _CHUNK_ELEMS // be)
-    if nblk <= step:
-        return _deq_blocks(b, ggml_type).view(shape)
     out = torch.empty(nblk, be, dtype=torch.float32)
+    step = max(1, _CHUNK_ELEMS // be)
     for s in range(0, nblk, step):
-        out[s:s + step] = _deq_blocks(b[s:s + step], ggml_type)
+        _deq_blocks_into(b[s:s + step], ggml_type, out[s:s + step])
     return out.view(shape)
 
 
