@@ -1,7 +1,8 @@
 """The `edgellm` command: one subcommand per job, each in the module that owns the concept.
 
 Each command module exposes ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
-Modules keep heavy imports (torch) inside ``run`` so that ``edgellm --help`` answers at once.
+Only the module of the command being run is imported, and modules keep heavy imports (torch)
+inside ``run``, so ``edgellm --help`` answers at once.
 User errors (``EdgeLLMError``) print as one message with the fix and exit 2, without a traceback.
 """
 
@@ -13,32 +14,39 @@ import sys
 
 from edgellm.errors import EdgeLLMError
 
-# command name -> module that implements it
+# command name -> (module that implements it, one-line summary for `edgellm --help`)
 COMMANDS = {
-    "generate": "edgellm.commands.generate",
-    "chat": "edgellm.commands.chat",
-    "bench": "edgellm.bench.cli",
-    "analyze": "edgellm.roofline.cli",
+    "generate": ("edgellm.commands.generate", "generate a completion for one prompt, streamed"),
+    "chat": ("edgellm.commands.chat", "chat with a model in the terminal"),
+    "bench": ("edgellm.bench.cli", "measure prefill/decode speed and memory, against peers"),
+    "analyze": ("edgellm.roofline.cli", "roofline analysis: per-layer compute vs memory bounds"),
+    "quantize": ("edgellm.commands.quantize", "convert a model's weights to another precision format"),
+    "eval": ("edgellm.commands.eval", "measure a model's quality (perplexity, greedy agreement)"),
+    "serve": ("edgellm.serve.cli", "OpenAI-compatible HTTP server with sessions and metrics"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgellm",
         description="Run Llama-family models fast on the CPU you have, and explain their performance.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, module_name in COMMANDS.items():
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, summary) in COMMANDS.items():
+        if name != chosen:
+            sub.add_parser(name, help=summary, add_help=False)
+            continue
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        p = sub.add_parser(name, help=summary, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except EdgeLLMError as err:

@@ -33,8 +33,37 @@ class KVCache:
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.data[i, 0], self.data[i, 1]
+    def write(self, layer: int, slots: torch.Tensor | slice, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new keys/values ([T, kv_heads, head_dim]) at their slots."""
+        kc, vc = self.data[layer, 0], self.data[layer, 1]
+        if isinstance(slots, slice):
+            kc[slots] = k.to(self.dtype)
+            vc[slots] = v.to(self.dtype)
+        else:
+            kc.index_copy_(0, slots, k.to(self.dtype))
+            vc.index_copy_(0, slots, v.to(self.dtype))
+
+    def read(self, layer: int, slots: torch.Tensor | slice, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at ``slots`` (a slice, or an index tensor of any shape) as ``dtype``:
+        [*slots.shape, kv_heads, head_dim]."""
+        kc, vc = self.data[layer, 0], self.data[layer, 1]
+        if isinstance(slots, slice):
+            return kc[slots].to(dtype), vc[slots].to(dtype)
+        flat = slots.reshape(-1)
+        shape = (*slots.shape, *kc.shape[1:])
+        return kc.index_select(0, flat).view(shape).to(dtype), vc.index_select(0, flat).view(shape).to(dtype)
+
+    def export_blocks(self, blocks: list[int]) -> dict[str, torch.Tensor]:
+        """A copy of these blocks' contents in every layer (for offload to host memory or disk)."""
+        idx = torch.tensor(blocks, dtype=torch.int64)
+        view = self.data.view(self.cfg.n_layers, 2, self.num_blocks, self.block_size, *self.data.shape[3:])
+        return {"kv": view.index_select(2, idx).clone()}
+
+    def import_blocks(self, blocks: list[int], saved: dict[str, torch.Tensor]) -> None:
+        """Put back what ``export_blocks`` returned, possibly into other block ids."""
+        idx = torch.tensor(blocks, dtype=torch.int64)
+        view = self.data.view(self.cfg.n_layers, 2, self.num_blocks, self.block_size, *self.data.shape[3:])
+        view.index_copy_(2, idx, saved["kv"])
 
     def block_slots(self, block_table: list[int], length: int) -> torch.Tensor:
         """Slots of positions 0..length-1 for a sequence with this block table."""

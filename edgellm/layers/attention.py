@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from edgellm.kv.cache import KVCache
+
 
 @dataclass
 class SequenceSlice:
@@ -73,32 +75,21 @@ def _concat_slots(parts: list):
     return torch.cat([_as_index(p) for p in parts])
 
 
-def _gather(cache: torch.Tensor, slots) -> torch.Tensor:
-    return cache[slots] if isinstance(slots, slice) else cache.index_select(0, slots.reshape(-1)).view(
-        *slots.shape, *cache.shape[1:])
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-              v_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
+              batch: AttentionBatch) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D] for the new tokens. Returns [T, H * D]."""
     T, H, D = q.shape
-    ws = batch.write_slots
-    if isinstance(ws, slice):
-        k_cache[ws] = k.to(k_cache.dtype)
-        v_cache[ws] = v.to(v_cache.dtype)
-    else:
-        k_cache.index_copy_(0, ws, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, ws, v.to(v_cache.dtype))
+    cache.write(layer, batch.write_slots, k, v)
     out = torch.empty(T, H, D, dtype=q.dtype)
     for s in batch.prefills:
         rows = slice(s.start, s.start + s.new_tokens)
-        keys, vals = _gather(k_cache, s.slots), _gather(v_cache, s.slots)   # [L, KVH, D]
+        keys, vals = cache.read(layer, s.slots, q.dtype)   # [L, KVH, D]
         qs = q[rows].transpose(0, 1)                       # [H, Tq, D]
         # Repeating each KV head for its query heads costs a copy but takes PyTorch's flash
         # kernel; its grouped-query path is 5x slower at 512 tokens (measured here).
         group = H // keys.shape[1]
-        ks = keys.to(q.dtype).repeat_interleave(group, dim=1).transpose(0, 1)   # [H, L, D]
-        vs = vals.to(q.dtype).repeat_interleave(group, dim=1).transpose(0, 1)
+        ks = keys.repeat_interleave(group, dim=1).transpose(0, 1)   # [H, L, D]
+        vs = vals.repeat_interleave(group, dim=1).transpose(0, 1)
         if s.new_tokens == s.context:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
         else:  # a chunk after cached history: query i sits at position context - new + i
@@ -108,8 +99,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
         out[rows] = o.transpose(0, 1)
     if batch.decode_rows is not None:
         qd = q.index_select(0, batch.decode_rows).unsqueeze(2)        # [B, H, 1, D]
-        keys = _gather(k_cache, batch.decode_slots).to(q.dtype)       # [B, L, KVH, D] or [L, KVH, D]
-        vals = _gather(v_cache, batch.decode_slots).to(q.dtype)
+        keys, vals = cache.read(layer, batch.decode_slots, q.dtype)   # [B, L, KVH, D] or [L, KVH, D]
         if keys.dim() == 3:
             keys, vals = keys.unsqueeze(0), vals.unsqueeze(0)
         o = F.scaled_dot_product_attention(qd, keys.transpose(1, 2), vals.transpose(1, 2),

@@ -61,15 +61,15 @@ class LlamaModel:
         h = self.weights.embed.rows(tokens)
         rope = self.rope.tables(positions)
         for i, block in enumerate(self.weights.blocks):
-            h = self._block(h, rope, block, batch, *cache.layer(i))
+            h = self._block(h, rope, block, batch, cache, i)
         h = h.index_select(0, logit_rows)
         h = F.rms_norm(h, (self.cfg.hidden_size,), self.weights.final_norm, self.cfg.rms_norm_eps)
         return self.weights.lm_head.matmul(h)
 
     __call__ = forward
 
-    def _block(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], w: BlockWeights, batch: AttentionBatch,
-               k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def _block(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], w: BlockWeights,
+               batch: AttentionBatch, cache: KVCache, layer: int) -> torch.Tensor:
         cfg = self.cfg
         T = h.shape[0]
         x = F.rms_norm(h, (cfg.hidden_size,), w.attn_norm, cfg.rms_norm_eps)
@@ -80,7 +80,7 @@ class LlamaModel:
         q = apply_rope(q.view(T, cfg.n_heads, cfg.head_dim), *rope)
         k = apply_rope(k.view(T, cfg.n_kv_heads, cfg.head_dim), *rope)
         v = v.reshape(T, cfg.n_kv_heads, cfg.head_dim)
-        h = h + w.o.matmul(attention(q, k, v, k_cache, v_cache, batch))
+        h = h + w.o.matmul(attention(q, k, v, cache, layer, batch))
         x = F.rms_norm(h, (cfg.hidden_size,), w.ffn_norm, cfg.rms_norm_eps)
         gate, up = w.gate_up.matmul(x).split(cfg.ffn_size, dim=-1)
         return h + w.down.matmul(F.silu(gate) * up)
