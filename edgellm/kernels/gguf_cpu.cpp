@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstdint>
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -167,7 +169,131 @@ torch::Tensor block_dequant(torch::Tensor w, int64_t fmt, int64_t N, int64_t K, 
   return out;
 }
 
+// ---- fused small ops of a decode step ---------------------------------------------------
+// A decode step of a small model is dominated by per-op overhead, not arithmetic: these fold
+// the ~40 little PyTorch ops of RoPE, the KV write, attention and the MLP gate into four calls.
+
+// qkv: [T, (H + 2 KVH) * D] -> q [T, H, D] with RoPE (rotate-half); k (rotated) and v written to
+// the float32 caches [slots, KVH, D] at write_slots[t]. cos/sin: [T, D].
+torch::Tensor rope_qkv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                             torch::Tensor v_cache, torch::Tensor write_slots, int64_t H, int64_t KVH) {
+  TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32, "float32 only");
+  qkv = qkv.contiguous(); cos = cos.contiguous(); sin = sin.contiguous(); write_slots = write_slots.contiguous();
+  const int64_t T = qkv.size(0), D = k_cache.size(2), half = D / 2, row = (H + 2 * KVH) * D;
+  TORCH_CHECK(qkv.size(1) == row && cos.size(0) == T && write_slots.numel() == T, "shape mismatch");
+  auto q = torch::empty({T, H, D}, qkv.options());
+  const float *X = qkv.data_ptr<float>(), *C = cos.data_ptr<float>(), *S = sin.data_ptr<float>();
+  const int64_t* W = write_slots.data_ptr<int64_t>();
+  float *Q = q.data_ptr<float>(), *KC = k_cache.data_ptr<float>(), *VC = v_cache.data_ptr<float>();
+  const int64_t n_slots = k_cache.size(0);
+  for (int64_t t = 0; t < T; t++) TORCH_CHECK(W[t] >= 0 && W[t] < n_slots, "write slot out of range");
+  auto rotate = [&](const float* x, const float* c, const float* s, float* out) {
+    for (int64_t i = 0; i < half; i++) {
+      out[i] = x[i] * c[i] - x[i + half] * s[i];
+      out[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+    }
+  };
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++) {
+      const float *x = X + t * row, *c = C + t * D, *s = S + t * D;
+      for (int64_t h = 0; h < H; h++) rotate(x + h * D, c, s, Q + (t * H + h) * D);
+      float* kc = KC + W[t] * KVH * D;
+      float* vc = VC + W[t] * KVH * D;
+      for (int64_t h = 0; h < KVH; h++) rotate(x + (H + h) * D, c, s, kc + h * D);
+      std::memcpy(vc, x + (H + KVH) * D, sizeof(float) * KVH * D);
+    }
+  });
+  return q;
+}
+
+// Decode attention: one query token per sequence over its cached history, read through slots.
+// q: [B, H, D]; caches [slots, KVH, D]; ctx_slots: [B, Lmax] (row b valid up to ctx_lens[b]).
+// Returns [B, H * D]. Softmax in float32 with the running-max trick, like the reference.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                               torch::Tensor ctx_slots, torch::Tensor ctx_lens) {
+  q = q.contiguous(); ctx_slots = ctx_slots.contiguous(); ctx_lens = ctx_lens.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1), G = H / KVH;
+  const int64_t Lmax = ctx_slots.size(1), n_slots = k_cache.size(0);
+  TORCH_CHECK(D % 8 == 0 && H % KVH == 0, "head_dim must be a multiple of 8");
+  auto out = torch::empty({B, H * D}, q.options());
+  const float *Qp = q.data_ptr<float>(), *KC = k_cache.data_ptr<float>(), *VC = v_cache.data_ptr<float>();
+  const int64_t *SL = ctx_slots.data_ptr<int64_t>(), *LN = ctx_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; b++) {
+    TORCH_CHECK(LN[b] >= 1 && LN[b] <= Lmax, "context length out of range");
+    for (int64_t l = 0; l < LN[b]; l++) TORCH_CHECK(SL[b * Lmax + l] >= 0 && SL[b * Lmax + l] < n_slots, "slot out of range");
+  }
+  float* O = out.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, B * KVH, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> scores(G * Lmax);
+    for (int64_t w = w0; w < w1; w++) {
+      const int64_t b = w / KVH, g = w % KVH, L = LN[b];
+      const int64_t* slots = SL + b * Lmax;
+      for (int64_t l = 0; l < L; l++) {
+        const float* k = KC + (slots[l] * KVH + g) * D;
+        for (int64_t j = 0; j < G; j++) {
+          const float* qv = Qp + (b * H + g * G + j) * D;
+          __m256 acc = _mm256_setzero_ps();
+          for (int64_t i = 0; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + i), _mm256_loadu_ps(k + i), acc);
+          scores[j * Lmax + l] = hsum(acc) * scale;
+        }
+      }
+      for (int64_t j = 0; j < G; j++) {
+        float* sc = scores.data() + j * Lmax;
+        float mx = sc[0];
+        for (int64_t l = 1; l < L; l++) mx = std::max(mx, sc[l]);
+        float sum = 0.0f;
+        for (int64_t l = 0; l < L; l++) { sc[l] = std::exp(sc[l] - mx); sum += sc[l]; }
+        const float inv = 1.0f / sum;
+        for (int64_t l = 0; l < L; l++) sc[l] *= inv;
+      }
+      for (int64_t j = 0; j < G; j++) {
+        float* o = O + (b * H + g * G + j) * D;
+        for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
+      }
+      for (int64_t l = 0; l < L; l++) {
+        const float* v = VC + (slots[l] * KVH + g) * D;
+        for (int64_t j = 0; j < G; j++) {
+          float* o = O + (b * H + g * G + j) * D;
+          const __m256 p = _mm256_set1_ps(scores[j * Lmax + l]);
+          for (int64_t i = 0; i < D; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + i), _mm256_loadu_ps(o + i)));
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// [M, 2F] (gate | up) -> [M, F] = silu(gate) * up
+torch::Tensor silu_mul(torch::Tensor gu) {
+  gu = gu.contiguous();
+  const int64_t M = gu.size(0), F = gu.size(1) / 2;
+  auto out = torch::empty({M, F}, gu.options());
+  const float* X = gu.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; m++)
+      for (int64_t i = 0; i < F; i++) {
+        const float g = X[m * 2 * F + i];
+        O[m * F + i] = g / (1.0f + std::exp(-g)) * X[m * 2 * F + F + i];
+      }
+  });
+  return out;
+}
+
+// residual + x @ W.T for a block-quantised W, in one call (the output projections of a block).
+torch::Tensor block_matmul_add(torch::Tensor x, torch::Tensor w, int64_t fmt, int64_t N, torch::Tensor residual) {
+  auto y = block_matmul(x, w, fmt, N);
+  y.add_(residual);
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_matmul", &block_matmul, "x @ W.T for a GGUF block-quantised W (Q4_0, Q4_1, Q8_0)");
   m.def("block_dequant", &block_dequant, "rows of a GGUF block-quantised matrix as float32");
+  m.def("block_matmul_add", &block_matmul_add, "residual + x @ W.T for a block-quantised W");
+  m.def("rope_qkv_write", &rope_qkv_write, "RoPE on q and k, k and v written to the KV cache");
+  m.def("decode_attention", &decode_attention, "one-token attention over slot-addressed history");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up");
 }

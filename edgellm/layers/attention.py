@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from edgellm.kernels import native
 from edgellm.kv.cache import KVCache
+from edgellm.layers.rope import apply_rope
 
 
 @dataclass
@@ -32,6 +34,10 @@ class AttentionBatch:
     decode_rows: torch.Tensor | None = None   # [B] rows of the decode tokens
     decode_slots: torch.Tensor | slice | None = None  # [B, Lmax] slot per history position (padded)
     decode_mask: torch.Tensor | None = None   # [B, 1, 1, Lmax] True where a key is real
+    # The same as index tensors, for the native kernels (built once per step, used by every layer).
+    write_index: torch.Tensor | None = None   # [T]
+    decode_index: torch.Tensor | None = None  # [B, Lmax]
+    decode_lens: torch.Tensor | None = None   # [B]
 
     @classmethod
     def build(cls, seqs: list[tuple[int, int, torch.Tensor | slice]]) -> "AttentionBatch":
@@ -45,19 +51,21 @@ class AttentionBatch:
             (decodes if new == 1 else prefills).append(s)
             start += new
         batch = cls(write_slots=_concat_slots(writes), prefills=prefills)
-        if len(decodes) == 1 and isinstance(decodes[0].slots, slice):
-            d = decodes[0]
-            batch.decode_rows = torch.tensor([d.start])
-            batch.decode_slots = d.slots
-        elif decodes:
+        batch.write_index = _as_index(batch.write_slots)
+        if decodes:
             lmax = max(d.context for d in decodes)
-            slots = torch.zeros(len(decodes), lmax, dtype=torch.int64)
-            mask = torch.zeros(len(decodes), 1, 1, lmax, dtype=torch.bool)
+            index = torch.zeros(len(decodes), lmax, dtype=torch.int64)
             for i, d in enumerate(decodes):
-                slots[i, : d.context] = _as_index(d.slots)
-                mask[i, ..., : d.context] = True
+                index[i, : d.context] = _as_index(d.slots)
             batch.decode_rows = torch.tensor([d.start for d in decodes])
-            batch.decode_slots, batch.decode_mask = slots, mask
+            batch.decode_index = index
+            batch.decode_lens = torch.tensor([d.context for d in decodes])
+            if len(decodes) == 1 and isinstance(decodes[0].slots, slice):
+                batch.decode_slots = decodes[0].slots      # a view, no gather
+            else:
+                batch.decode_slots = index
+                batch.decode_mask = (torch.arange(lmax)[None, :] < batch.decode_lens[:, None]).view(
+                    len(decodes), 1, 1, lmax)
         return batch
 
 
@@ -75,11 +83,30 @@ def _concat_slots(parts: list):
     return torch.cat([_as_index(p) for p in parts])
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
-              batch: AttentionBatch) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, KVH, D] for the new tokens. Returns [T, H * D]."""
+def self_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, layer: int,
+                   batch: AttentionBatch, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """qkv: [T, (H + 2 KVH) * D], the fused projection of the new tokens. Applies RoPE, stores
+    k and v in the cache, attends, and returns [T, H * D]."""
+    T = qkv.shape[0]
+    D = cache.cfg.head_dim
+    ext = native() if cache.dtype == torch.float32 else None
+    if ext is not None:  # fused: RoPE + cache write in one call
+        kc, vc = cache.data[layer, 0], cache.data[layer, 1]
+        q = ext.rope_qkv_write(qkv, rope[0].view(T, D), rope[1].view(T, D), kc, vc, batch.write_index,
+                               n_heads, n_kv_heads)
+    else:
+        q, k, v = qkv.split([n_heads * D, n_kv_heads * D, n_kv_heads * D], dim=-1)
+        q = apply_rope(q.view(T, n_heads, D), *rope)
+        k = apply_rope(k.view(T, n_kv_heads, D), *rope)
+        cache.write(layer, batch.write_slots, k, v.reshape(T, n_kv_heads, D))
+    return _attend(q, cache, layer, batch, ext)
+
+
+def _attend(q: torch.Tensor, cache: KVCache, layer: int, batch: AttentionBatch, ext) -> torch.Tensor:
     T, H, D = q.shape
-    cache.write(layer, batch.write_slots, k, v)
+    if not batch.prefills and ext is not None:  # decode-only step: the common case
+        return ext.decode_attention(q, cache.data[layer, 0], cache.data[layer, 1], batch.decode_index,
+                                    batch.decode_lens)
     out = torch.empty(T, H, D, dtype=q.dtype)
     for s in batch.prefills:
         rows = slice(s.start, s.start + s.new_tokens)
@@ -98,11 +125,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
         out[rows] = o.transpose(0, 1)
     if batch.decode_rows is not None:
-        qd = q.index_select(0, batch.decode_rows).unsqueeze(2)        # [B, H, 1, D]
-        keys, vals = cache.read(layer, batch.decode_slots, q.dtype)   # [B, L, KVH, D] or [L, KVH, D]
-        if keys.dim() == 3:
-            keys, vals = keys.unsqueeze(0), vals.unsqueeze(0)
-        o = F.scaled_dot_product_attention(qd, keys.transpose(1, 2), vals.transpose(1, 2),
-                                           attn_mask=batch.decode_mask, enable_gqa=True)
-        out.index_copy_(0, batch.decode_rows, o.squeeze(2))
+        qd = q.index_select(0, batch.decode_rows)                     # [B, H, D]
+        if ext is not None:
+            o = ext.decode_attention(qd, cache.data[layer, 0], cache.data[layer, 1], batch.decode_index,
+                                     batch.decode_lens).view(-1, H, D)
+        else:
+            keys, vals = cache.read(layer, batch.decode_slots, q.dtype)   # [B, L, KVH, D] or [L, KVH, D]
+            if keys.dim() == 3:
+                keys, vals = keys.unsqueeze(0), vals.unsqueeze(0)
+            o = F.scaled_dot_product_attention(qd.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2),
+                                               attn_mask=batch.decode_mask, enable_gqa=True).squeeze(2)
+        out.index_copy_(0, batch.decode_rows, o)
     return out.view(T, H * D)

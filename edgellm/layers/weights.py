@@ -32,6 +32,10 @@ class Weight(ABC):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, K] -> [M, N]."""
 
+    def matmul_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + x @ W.T (formats with a fused kernel override this)."""
+        return residual + self.matmul(x)
+
     @abstractmethod
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` as float32: [len(index), K]."""
@@ -102,6 +106,11 @@ class GGUFBlockWeight(Weight):
             r1 = min(n, r0 + DEQUANT_SLAB_ROWS)
             out[:, r0:r1] = F.linear(x, self._ext.block_dequant(self.raw, self.code, n, k, r0, r1))
         return out
+
+    def matmul_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= NATIVE_MAX_ROWS and x.dtype == torch.float32:
+            return self._ext.block_matmul_add(x, self.raw, self.code, self.shape[0], residual)
+        return residual + self.matmul(x)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         picked = self.raw.index_select(0, index)

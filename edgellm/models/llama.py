@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from edgellm.config import ModelConfig
 from edgellm.kv.cache import KVCache
-from edgellm.layers.attention import AttentionBatch, attention
-from edgellm.layers.rope import RotaryEmbedding, apply_rope
+from edgellm.kernels import native
+from edgellm.layers.attention import AttentionBatch, self_attention
+from edgellm.layers.rope import RotaryEmbedding
 from edgellm.layers.weights import Weight
 
 
@@ -71,16 +72,19 @@ class LlamaModel:
     def _block(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], w: BlockWeights,
                batch: AttentionBatch, cache: KVCache, layer: int) -> torch.Tensor:
         cfg = self.cfg
-        T = h.shape[0]
         x = F.rms_norm(h, (cfg.hidden_size,), w.attn_norm, cfg.rms_norm_eps)
         qkv = w.qkv.matmul(x)
         if w.qkv_bias is not None:
             qkv = qkv + w.qkv_bias
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = apply_rope(q.view(T, cfg.n_heads, cfg.head_dim), *rope)
-        k = apply_rope(k.view(T, cfg.n_kv_heads, cfg.head_dim), *rope)
-        v = v.reshape(T, cfg.n_kv_heads, cfg.head_dim)
-        h = h + w.o.matmul(attention(q, k, v, cache, layer, batch))
+        attn = self_attention(qkv, rope, cache, layer, batch, cfg.n_heads, cfg.n_kv_heads)
+        h = w.o.matmul_add(attn, h)
         x = F.rms_norm(h, (cfg.hidden_size,), w.ffn_norm, cfg.rms_norm_eps)
-        gate, up = w.gate_up.matmul(x).split(cfg.ffn_size, dim=-1)
-        return h + w.down.matmul(F.silu(gate) * up)
+        return w.down.matmul_add(_silu_mul(w.gate_up.matmul(x)), h)
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    ext = native()
+    if ext is not None and gate_up.dtype == torch.float32:
+        return ext.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
