@@ -1,0 +1,88 @@
+"""Bad input through the real command line: one clear message, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tiny_model import write_tiny_llama
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgellm.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "error:" in proc.stderr
+    for needle in needles:
+        assert needle.lower() in proc.stderr.lower(), proc.stderr
+
+
+def test_missing_model_file(tmp_path):
+    proc = run_cli("generate", "--model", str(tmp_path / "nope.gguf"), "--prompt", "hi")
+    assert_clean_error(proc, "nope.gguf")
+
+
+def test_unknown_registry_name():
+    proc = run_cli("generate", "--model", "no-such-model", "--prompt", "hi")
+    assert_clean_error(proc, "smollm2-135m")
+
+
+def test_not_a_gguf_file(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"PK\x03\x04" + b"\0" * 200)
+    assert_clean_error(run_cli("generate", "--model", str(bad), "--prompt", "hi"), "not a GGUF")
+
+
+def test_truncated_gguf(tmp_path, smollm2_path):
+    cut = tmp_path / "cut.gguf"
+    with open(smollm2_path, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(smollm2_path.stat().st_size // 2))
+    assert_clean_error(run_cli("generate", "--model", str(cut), "--prompt", "hi"), "cut.gguf")
+
+
+def test_tensor_shape_contradicting_metadata(tmp_path, smollm2_path):
+    path = write_tiny_llama(tmp_path / "shape.gguf", smollm2_path, bad_shape="blk.1.attn_output.weight")
+    assert_clean_error(run_cli("generate", "--model", str(path), "--prompt", "hi"), "blk.1.attn_output.weight")
+
+
+def test_missing_tensor(tmp_path, smollm2_path):
+    path = write_tiny_llama(tmp_path / "missing.gguf", smollm2_path, drop="blk.0.ffn_up.weight")
+    assert_clean_error(run_cli("generate", "--model", str(path), "--prompt", "hi"), "blk.0.ffn_up.weight")
+
+
+def test_unsupported_architecture(tmp_path, smollm2_path):
+    path = write_tiny_llama(tmp_path / "arch.gguf", smollm2_path, arch="rwkv6")
+    assert_clean_error(run_cli("generate", "--model", str(path), "--prompt", "hi"), "rwkv6", "llama")
+
+
+def test_prompt_longer_than_context(tmp_path, smollm2_path):
+    path = write_tiny_llama(tmp_path / "ctx.gguf", smollm2_path, context=32)
+    proc = run_cli("generate", "--model", str(path), "--prompt", "-", stdin="word " * 100)
+    assert_clean_error(proc, "context window is 32")
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--temperature", "-1", "temperature"),
+    ("--top-p", "0", "top_p"),
+    ("--top-k", "-3", "top_k"),
+    ("--max-tokens", "0", "max_tokens"),
+    ("--threads", "0", "threads"),
+])
+def test_invalid_sampling_parameter(smollm2_path, flag, value, needle):
+    proc = run_cli("generate", "--model", str(smollm2_path), "--prompt", "hi", flag, value)
+    assert_clean_error(proc, needle)
+
+
+def test_tiny_random_model_generates(tmp_path, smollm2_path):
+    """The same tiny file used above loads and runs when nothing is wrong with it."""
+    path = write_tiny_llama(tmp_path / "ok.gguf", smollm2_path)
+    proc = run_cli("generate", "--model", str(path), "--prompt", "hello", "--max-tokens", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert '"completion_tokens": 4' in proc.stdout or '"finish_reason": "stop"' in proc.stdout

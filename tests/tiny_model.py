@@ -1,0 +1,58 @@
+"""A tiny random Llama-family GGUF for tests: real tokenizer metadata, random small weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.loading.gguf import read_gguf, write_gguf
+from edgellm.quant import gguf_blocks
+
+TINY = dict(n_layers=2, hidden=64, n_heads=4, n_kv_heads=2, ffn=128, context=64)
+
+
+def write_tiny_llama(path: Path, source_gguf: Path, *, arch: str = "llama", matrix_type: str = "Q4_1",
+                     overrides: dict | None = None, drop: str | None = None,
+                     bad_shape: str | None = None, seed: int = 0, **config) -> Path:
+    """Write a small llama GGUF whose tokenizer is the source model's.
+
+    ``overrides`` replaces metadata keys; ``drop`` leaves a tensor out; ``bad_shape`` writes that
+    tensor with a shape contradicting the metadata.
+    """
+    c = {**TINY, **config}
+    src = read_gguf(source_gguf)
+    meta = {k: v for k, v in src.metadata.items() if k.startswith("tokenizer.") or k == "general.name"}
+    types = {k: v for k, v in src.metadata_types.items() if k in meta}
+    vocab = len(meta["tokenizer.ggml.tokens"])
+    meta.update({
+        "general.architecture": arch,
+        f"{arch}.block_count": c["n_layers"], f"{arch}.embedding_length": c["hidden"],
+        f"{arch}.attention.head_count": c["n_heads"], f"{arch}.attention.head_count_kv": c["n_kv_heads"],
+        f"{arch}.feed_forward_length": c["ffn"], f"{arch}.context_length": c["context"],
+        f"{arch}.rope.freq_base": 10000.0, f"{arch}.attention.layer_norm_rms_epsilon": 1e-5,
+    })
+    meta.update(overrides or {})
+    rng = np.random.default_rng(seed)
+    h, f, hd = c["hidden"], c["ffn"], c["hidden"] // c["n_heads"]
+    shapes = {"token_embd.weight": (vocab, h), "output_norm.weight": (h,)}
+    for i in range(c["n_layers"]):
+        p = f"blk.{i}."
+        shapes.update({p + "attn_norm.weight": (h,), p + "ffn_norm.weight": (h,),
+                       p + "attn_q.weight": (h, h), p + "attn_k.weight": (c["n_kv_heads"] * hd, h),
+                       p + "attn_v.weight": (c["n_kv_heads"] * hd, h), p + "attn_output.weight": (h, h),
+                       p + "ffn_gate.weight": (f, h), p + "ffn_up.weight": (f, h), p + "ffn_down.weight": (h, f)})
+    tensors = []
+    for name, shape in shapes.items():
+        if name == drop:
+            continue
+        if name == bad_shape:
+            shape = (shape[0] * 2, shape[1]) if len(shape) == 2 else (shape[0] * 2,)
+        if len(shape) == 1:
+            tensors.append((name, np.ones(shape, np.float32), "F32", shape))
+        else:
+            w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+            qtype = "Q8_0" if name == "token_embd.weight" else matrix_type
+            tensors.append((name, gguf_blocks.quantize(w, qtype), qtype, shape))
+    write_gguf(path, meta, tensors, metadata_types=types)
+    return path
