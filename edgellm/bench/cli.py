@@ -1,0 +1,66 @@
+"""`edgellm bench`: prefill/decode speed, time to first token, peak memory, the decode ceiling of
+this machine, and (``--peers``) the same measurements of HF transformers and llama.cpp.
+
+See :mod:`edgellm.bench.harness` for how the runs are organised and :mod:`edgellm.bench.worker`
+for how each engine is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+HELP = "benchmark prefill/decode speed and memory against this machine's ceiling and peer engines"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="a .gguf file, a Hugging Face model folder or a built-in name (default: smollm2-135m)")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length in tokens (default 512)")
+    p.add_argument("--gen-tokens", type=int, default=128, help="tokens to generate, EOS ignored (default 128)")
+    p.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
+    p.add_argument("--repeat", type=int, default=5, help="timed repeats per engine; medians are reported (default 5)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="our engine's compute dtype (default auto)")
+    p.add_argument("--peers", default="",
+                   help="comma-separated peer engines measured in the same run: transformers, llama.cpp")
+    p.add_argument("--profile-decode", nargs="?", type=int, const=-1, default=None, metavar="STEPS",
+                   help="also time STEPS decode steps of our engine (default: --gen-tokens) and report the share "
+                        "of matrix-multiply kernels, attention and the rest")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _clean(obj):
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgellm.bench.harness import BenchOptions, format_report, parse_peers, run_bench
+
+    steps = args.profile_decode
+    if steps == -1:
+        steps = args.gen_tokens
+    opts = BenchOptions(model=args.model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
+                        threads=args.threads, repeat=args.repeat, dtype=args.dtype,
+                        peers=parse_peers(args.peers), profile_steps=steps)
+
+    def log(line: str) -> None:
+        if not args.quiet:
+            print(f"bench: {line}", file=sys.stderr, flush=True)
+
+    summary = run_bench(opts, log)
+    if args.json:
+        print(json.dumps(_clean(summary), indent=2))
+    else:
+        format_report(summary, sys.stdout)
+    return 0

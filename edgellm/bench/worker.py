@@ -1,0 +1,535 @@
+"""One benchmark engine in its own process: ``python -m edgellm.bench.worker --engine E ...``.
+
+Engines: ``ours`` (edgellm), ``transformers`` (HF, GGUF loaded and dequantised to float32),
+``llama.cpp`` (llama-cpp-python) and ``membw`` (the memory-bandwidth probe). A worker loads its
+engine once, does one warm-up generation (not counted), prints ``{"event": "ready", ...}`` and then
+answers commands read from stdin, one JSON object per line:
+
+* ``{"cmd": "run"}`` -> one timed generation: ``{"event": "result", ...}``;
+* ``{"cmd": "profile", "steps": N}`` (ours only) -> ``{"event": "profile", ...}``, where a decode
+  step's time goes;
+* ``{"cmd": "quit"}`` or end of input -> exit.
+
+An input problem is answered ``{"event": "error", "kind": <EdgeLLMError subclass>, "problem", "fix"}``
+and exit status 2; any other failure ``{"event": "error", "kind": "crash", ...}`` and status 1.
+Protocol lines go to the original stdout only: the worker points file descriptor 1 at stderr,
+so that whatever a library prints (llama.cpp logs, transformers warnings) cannot corrupt them.
+
+Timing conventions, the same for every engine (all wall clock, ``time.perf_counter``):
+
+* ``prefill_s``: the forward pass over the prompt ids (to the last position's logits);
+* ``ttft_s``: from the call to the first generated token chosen (prefill + first greedy pick);
+* ``decode_s``: from the first generated token to the last one, i.e. ``gen_tokens - 1`` decode
+  steps, each a one-token forward pass plus the greedy pick; ``decode_tok_s = (gen - 1) / decode_s``;
+* ``peak_rss_mb``: ``ru_maxrss`` of this process so far (load included), in MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+# The prompt text: a fixed English text present on every Debian/Ubuntu machine, with a
+# built-in paragraph (repeated) where it is not.
+PROMPT_FILES = ("/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/Apache-2.0")
+BUILTIN_PARAGRAPH = (
+    "The history of computing is a history of moving data. A processor can add two numbers in a "
+    "fraction of a nanosecond, but fetching those numbers from main memory takes a hundred times "
+    "longer, so the designers of every machine since the nineteen-sixties have spent most of their "
+    "ingenuity on caches, prefetchers and wide buses rather than on arithmetic. Language models make "
+    "the point again: to produce one word, a model reads every one of its weights once, and the time "
+    "that takes is set by how fast the memory can deliver them, not by how fast the cores can "
+    "multiply. This is why a small model quantised to four bits can run faster on a laptop than a "
+    "large one in full precision on a server, and why engineers measure bandwidth before they "
+    "measure anything else.\n\n")
+
+# Warm-up generation: the full prompt and this many tokens (all code paths, fewer seconds).
+WARMUP_TOKENS = 8
+# Memory-bandwidth probe: copy a tensor of this size, this many timed times (after one untimed).
+MEMBW_BYTES = 256 * 2**20
+MEMBW_COPIES = 5
+
+
+def rss_now_mb() -> float:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024   # bytes on macOS, KiB on Linux
+
+
+def _cpu_time() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds all processes of the machine have been busy since boot (from /proc/stat)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)          # idle + iowait
+    busy = sum(fields[:8]) - idle                                     # guest time is inside user
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def prompt_text() -> tuple[str, str]:
+    """(text, where it came from)."""
+    for name in PROMPT_FILES:
+        try:
+            text = Path(name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if len(text) > 1000:
+            return text, name
+    return BUILTIN_PARAGRAPH, "built-in paragraph"
+
+
+def prompt_ids(encode, n: int) -> tuple[list[int], str]:
+    """Exactly ``n`` token ids of the fixed prompt text, repeated as often as needed."""
+    text, source = prompt_text()
+    ids = list(encode(text))
+    reps = 1
+    while len(ids) < n:
+        reps += 1
+        ids = list(encode("\n\n".join([text] * reps)))
+    if reps > 1:
+        source += f" (x{reps})"
+    return ids[:n], source
+
+
+def _result(prefill_s: float, ttft_s: float, decode_s: float, n_prompt: int, token_ids: list[int],
+            **extra) -> dict:
+    n_gen = len(token_ids)
+    return {"event": "result", "prefill_s": prefill_s, "ttft_s": ttft_s, "decode_s": decode_s,
+            "prefill_tok_s": n_prompt / prefill_s if prefill_s > 0 else 0.0,
+            "decode_tok_s": (n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0.0,
+            "prompt_tokens": n_prompt, "completion_tokens": n_gen, "token_ids": token_ids,
+            "peak_rss_mb": peak_rss_mb(), "rss_mb": rss_now_mb(), **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# engines
+# ---------------------------------------------------------------------------------------------
+class OursEngine:
+    name = "ours"
+
+    def __init__(self, args):
+        from edgellm.errors import InvalidParameterError
+        from edgellm.llm import LLM
+
+        self.baseline_rss_mb = rss_now_mb()
+        self.llm = LLM(args.model, dtype=args.dtype, threads=args.threads)
+        cfg = self.llm.cfg
+        self.gen = args.gen_tokens
+        if args.prompt_tokens + args.gen_tokens > cfg.context_length:
+            raise InvalidParameterError(
+                f"--prompt-tokens {args.prompt_tokens} plus --gen-tokens {args.gen_tokens} is more than "
+                f"the model's context window of {cfg.context_length} tokens",
+                f"ask for at most {cfg.context_length} tokens in all, e.g. --prompt-tokens "
+                f"{max(1, cfg.context_length - args.gen_tokens)} --gen-tokens {args.gen_tokens}")
+        self.ids, self.prompt_source = prompt_ids(self.llm.tokenizer.encode, args.prompt_tokens)
+        if len(self.ids) < args.prompt_tokens:
+            raise InvalidParameterError(f"could not build a prompt of {args.prompt_tokens} tokens",
+                                        "ask for fewer --prompt-tokens")
+        loaded = self.llm.loaded
+        weights = loaded.model.weights
+        formats = sorted({w.format for b in weights.blocks for w in (b.qkv, b.o, b.gate_up, b.down)})
+        self.info = {
+            "model_name": loaded.source.name, "model_path": str(loaded.source.path),
+            "model_kind": loaded.source.kind, "file_bytes": loaded.file_bytes,
+            "weight_bytes": loaded.weight_bytes, "dtype": loaded.dtype, "weight_formats": formats,
+            "lm_head_format": weights.lm_head.format, "tied_embeddings": weights.lm_head is weights.embed,
+            "n_layers": cfg.n_layers, "context_length": cfg.context_length,
+            "kv_bytes_per_token": cfg.kv_bytes_per_token(4), "architecture": cfg.architecture,
+            "prompt_ids": self.ids, "prompt_source": self.prompt_source,
+            "baseline_rss_mb": self.baseline_rss_mb, "load_s": loaded.load_s,
+        }
+
+    def _params(self, n: int):
+        from edgellm.sampling import SamplingParams
+        return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+    def warmup(self) -> None:
+        self.llm.generate(self.ids, self._params(min(self.gen, WARMUP_TOKENS)))
+
+    def run(self) -> dict:
+        c = self.llm.generate(self.ids, self._params(self.gen))
+        return _result(c.prefill_s, c.ttft_s, c.decode_s, c.prompt_tokens, c.token_ids)
+
+    def profile(self, steps: int) -> dict:
+        return profile_decode(self.llm, self.ids, steps)
+
+
+MATMUL_METHODS = ("matmul", "matmul_add")     # Weight methods that run a matrix-multiply kernel
+
+
+def _weight_methods(base) -> list[tuple[type, str]]:
+    """(class, method name) for every concrete matmul-like method defined on ``base`` or a subclass."""
+    out, todo, seen = [], [base], set()
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        for name, fn in cls.__dict__.items():
+            if (name in MATMUL_METHODS or name.startswith("matmul_")) and callable(fn) \
+                    and not getattr(fn, "__isabstractmethod__", False):
+                out.append((cls, name))
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+def _attention_functions(model_module) -> list[str]:
+    """Names, in the model module, of the functions it imported from ``edgellm.layers.attention``."""
+    return [name for name, obj in vars(model_module).items()
+            if callable(obj) and not isinstance(obj, type)
+            and getattr(obj, "__module__", "") == "edgellm.layers.attention"]
+
+
+def profile_decode(llm, ids: list[int], steps: int) -> dict:
+    """Time ``steps`` decode steps after a prefill of ``ids``, splitting each step's time into the
+    matrix-multiply kernels (every ``Weight.matmul`` / ``matmul_add``; the lm_head separately),
+    attention (the attention function the model calls: RoPE, KV write, gather, attention proper)
+    and the rest of the forward pass (Python, norms, SiLU, embedding look-up, small tensors), plus
+    the time outside the forward pass (greedy pick, detokenisation, the generate loop). The timers
+    are monkeypatched onto the classes and the model module of this process only, and removed
+    afterwards; a matmul method calling another counts once.
+    """
+    import edgellm.models.llama as llama_mod
+    from edgellm.layers.weights import Weight
+    from edgellm.runtime.model_runner import ModelRunner
+    from edgellm.sampling import SamplingParams
+
+    clock = time.perf_counter
+    acc = {"matmul": 0.0, "lm_head": 0.0, "attention": 0.0, "matmul_calls": 0}
+    depth = [0]
+    forwards: list[dict] = []
+    lm_head = llm.loaded.model.weights.lm_head
+    saved: list[tuple[object, str, object]] = []
+
+    def timed_matmul(orig):
+        def wrapper(self, *a, **k):
+            if depth[0]:
+                return orig(self, *a, **k)
+            depth[0] += 1
+            t = clock()
+            try:
+                return orig(self, *a, **k)
+            finally:
+                dt = clock() - t
+                depth[0] -= 1
+                acc["matmul"] += dt
+                acc["matmul_calls"] += 1
+                if self is lm_head:
+                    acc["lm_head"] += dt
+        return wrapper
+
+    def timed_attention(orig):
+        def wrapper(*a, **k):
+            t = clock()
+            try:
+                return orig(*a, **k)
+            finally:
+                acc["attention"] += clock() - t
+        return wrapper
+
+    orig_run = ModelRunner.run
+
+    def timed_run(self, chunks):
+        before = dict(acc)
+        t = clock()
+        out = orig_run(self, chunks)
+        total = clock() - t
+        forwards.append({"tokens": sum(len(c.token_ids) for c in chunks), "total": total,
+                         **{k: acc[k] - before[k] for k in acc}})
+        return out
+
+    attn_names = _attention_functions(llama_mod)
+    for cls, name in _weight_methods(Weight):
+        orig = cls.__dict__[name]
+        saved.append((cls, name, orig))
+        setattr(cls, name, timed_matmul(orig))
+    for name in attn_names:
+        orig = getattr(llama_mod, name)
+        saved.append((llama_mod, name, orig))
+        setattr(llama_mod, name, timed_attention(orig))
+    saved.append((ModelRunner, "run", orig_run))
+    ModelRunner.run = timed_run
+    try:
+        n_new = min(steps + 1, llm.cfg.context_length - len(ids))
+        c = llm.generate(ids, SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True))
+    finally:
+        for owner, attr, value in reversed(saved):
+            setattr(owner, attr, value)
+
+    decode = [f for f in forwards if f["tokens"] == 1]
+    if not decode:
+        return {"event": "profile", "steps": 0}
+    total = sum(f["total"] for f in decode)
+    matmul = sum(f["matmul"] for f in decode)
+    lm = sum(f["lm_head"] for f in decode)
+    attn = sum(f["attention"] for f in decode)
+    token_time = max(c.decode_s, total)      # forward passes + everything between them
+    outside = token_time - total
+    med = statistics.median
+    return {
+        "event": "profile", "steps": len(decode),
+        "context_first": len(ids) + 1, "context_last": len(ids) + len(decode),
+        "step_ms_median": 1e3 * med(f["total"] for f in decode),
+        "token_ms_mean": 1e3 * token_time / len(decode),
+        "matmul_ms_median": 1e3 * med(f["matmul"] for f in decode),
+        "lm_head_ms_median": 1e3 * med(f["lm_head"] for f in decode),
+        "attention_ms_median": 1e3 * med(f["attention"] for f in decode),
+        "other_ms_median": 1e3 * med(f["total"] - f["matmul"] - f["attention"] for f in decode),
+        "matmul_calls_per_step": decode[0]["matmul_calls"],
+        "attention_functions": attn_names,
+        # fractions of the whole per-token time (they add up to 1)
+        "fractions": {
+            "matmul": matmul / token_time,
+            "lm_head": lm / token_time,            # part of matmul
+            "attention": attn / token_time,
+            "other_in_forward": (total - matmul - attn) / token_time,
+            "outside_forward": outside / token_time,
+        },
+    }
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(self, args):
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(args.threads)
+        self.torch = torch
+        path = Path(args.model_path)
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+        kwargs = {dtype_kw: torch.float32}
+        if path.is_file():
+            kwargs["gguf_file"] = path.name
+            folder = path.parent
+        else:
+            folder = path
+        t0 = time.perf_counter()
+        self.model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()
+        self.ids = torch.tensor([read_prompt(args.prompt_file)], dtype=torch.long)
+        self.gen = args.gen_tokens
+        pad = self.model.generation_config.pad_token_id
+        eos = self.model.generation_config.eos_token_id
+        self.pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos) or 0
+        self.info = {"version": transformers.__version__, "dtype": "float32", "load_s": time.perf_counter() - t0,
+                     "timing": "one generate() call with a streamer timestamping the prompt and each token"}
+
+    def _generate(self, n: int) -> tuple[list[float], list[int], float]:
+        from transformers.generation.streamers import BaseStreamer
+
+        clock = time.perf_counter
+
+        class Stamps(BaseStreamer):
+            def __init__(self):
+                self.t: list[float] = []
+
+            def put(self, value):
+                self.t.append(clock())
+
+            def end(self):
+                pass
+
+        s = Stamps()
+        with self.torch.inference_mode():
+            t0 = clock()
+            out = self.model.generate(self.ids, attention_mask=self.torch.ones_like(self.ids), do_sample=False,
+                                      max_new_tokens=n, min_new_tokens=n, streamer=s, pad_token_id=self.pad)
+        return s.t, out[0, self.ids.shape[1]:].tolist(), t0
+
+    def warmup(self) -> None:
+        self._generate(min(self.gen, WARMUP_TOKENS))
+
+    def run(self) -> dict:
+        stamps, toks, t0 = self._generate(self.gen)
+        # stamps[0]: the prompt handed to the streamer before the first forward; stamps[i]: token i
+        t_prompt, t_first, t_last = stamps[0], stamps[1], stamps[-1]
+        return _result(t_first - t_prompt, t_first - t0, t_last - t_first, self.ids.shape[1], toks)
+
+
+class LlamaCppEngine:
+    name = "llama.cpp"
+
+    def __init__(self, args):
+        import llama_cpp
+        import numpy as np
+
+        self.np, self.lc = np, llama_cpp
+        path = Path(args.model_path)
+        if not path.is_file():
+            from edgellm.errors import UnsupportedModelError
+            raise UnsupportedModelError(f"llama.cpp needs a .gguf file, and {path} is a folder",
+                                        "benchmark a .gguf model to compare with llama.cpp")
+        self.ids = read_prompt(args.prompt_file)
+        self.gen = args.gen_tokens
+        t0 = time.perf_counter()
+        self.llm = llama_cpp.Llama(model_path=str(path), n_threads=args.threads, n_threads_batch=args.threads,
+                                   n_ctx=len(self.ids) + self.gen, n_batch=512, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+        self.info = {"version": llama_cpp.__version__, "load_s": time.perf_counter() - t0,
+                     "n_ctx": self.llm.n_ctx(), "n_batch": 512,
+                     "timing": "wall clock: reset(); eval(prompt ids); then eval([token]) one at a time, "
+                               "greedy = numpy argmax of the last logits; llama.cpp's own perf counters "
+                               "reported alongside (internal_*)"}
+
+    def _greedy(self) -> int:
+        ptr = self.lc.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return int(self.np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+
+    def _generate(self, n: int) -> dict:
+        clock = time.perf_counter
+        ctx = self.llm._ctx.ctx
+        self.lc.llama_perf_context_reset(ctx)
+        self.llm.reset()
+        t0 = clock()
+        self.llm.eval(self.ids)
+        t1 = clock()
+        tok = self._greedy()
+        t_first = clock()
+        out = [tok]
+        for _ in range(n - 1):
+            self.llm.eval([tok])
+            tok = self._greedy()
+            out.append(tok)
+        t_end = clock()
+        perf = self.lc.llama_perf_context(ctx)
+        internal = {}
+        if perf.n_p_eval > 0 and perf.t_p_eval_ms > 0:
+            internal["internal_prefill_tok_s"] = perf.n_p_eval / (perf.t_p_eval_ms / 1e3)
+        if perf.n_eval > 0 and perf.t_eval_ms > 0:
+            internal["internal_decode_tok_s"] = perf.n_eval / (perf.t_eval_ms / 1e3)
+        return _result(t1 - t0, t_first - t0, t_end - t_first, len(self.ids), out, **internal)
+
+    def warmup(self) -> None:
+        self._generate(min(self.gen, WARMUP_TOKENS))
+
+    def run(self) -> dict:
+        return self._generate(self.gen)
+
+
+class MemoryBandwidthEngine:
+    """Copies a 256 MiB float32 tensor into another: (bytes read + bytes written) / median time."""
+
+    name = "membw"
+
+    def __init__(self, args):
+        import torch
+
+        torch.set_num_threads(args.threads)
+        self.torch = torch
+        self.info = {"bytes": MEMBW_BYTES, "copies": MEMBW_COPIES, "threads": args.threads}
+
+    def warmup(self) -> None:
+        pass
+
+    def run(self) -> dict:
+        torch = self.torch
+        src = torch.ones(MEMBW_BYTES // 4, dtype=torch.float32)
+        dst = torch.empty_like(src)
+        dst.copy_(src)                       # untimed: faults the pages in
+        times = []
+        for _ in range(MEMBW_COPIES):
+            t = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t)
+        del src, dst
+        t = statistics.median(times)
+        return {"event": "result", "bandwidth_gb_s": 2 * MEMBW_BYTES / t / 1e9, "copy_s": times}
+
+
+ENGINES = {e.name: e for e in (OursEngine, TransformersEngine, LlamaCppEngine, MemoryBandwidthEngine)}
+
+
+def read_prompt(path: str | None) -> list[int]:
+    if not path:
+        raise SystemExit("--prompt-file is required for this engine")
+    ids = json.loads(Path(path).read_text())
+    return [int(t) for t in ids]
+
+
+# ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m edgellm.bench.worker")
+    p.add_argument("--engine", required=True, choices=sorted(ENGINES))
+    p.add_argument("--model", default=None, help="model spec (ours)")
+    p.add_argument("--model-path", default=None, help="resolved .gguf file or HF folder (peers)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--prompt-file", default=None, help="JSON list of prompt ids (peers)")
+    args = p.parse_args(argv)
+
+    proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)                      # stray prints from libraries go to stderr
+
+    def send(obj: dict) -> None:
+        proto.write(json.dumps(obj) + "\n")
+        proto.flush()
+
+    from edgellm.errors import EdgeLLMError
+
+    try:
+        engine = ENGINES[args.engine](args)
+        engine.warmup()
+        send({"event": "ready", "engine": args.engine, "info": engine.info, "peak_rss_mb": peak_rss_mb()})
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            cmd = json.loads(line)
+            if cmd.get("cmd") == "run":
+                busy0, cpu0, t0 = _machine_busy_s(), _cpu_time(), time.perf_counter()
+                result = engine.run()
+                wall = time.perf_counter() - t0
+                own = _cpu_time() - cpu0
+                busy1 = _machine_busy_s()
+                # CPU time this process got per thread-second of wall clock (below 1: its threads
+                # waited for cores), and the cores the rest of the machine kept busy meanwhile.
+                result["cpu_share"] = own / (wall * args.threads) if wall > 0 else 0.0
+                if busy0 is not None and busy1 is not None and wall > 0:
+                    result["others_cores"] = max(0.0, (busy1 - busy0 - own) / wall)
+                send(result)
+            elif cmd.get("cmd") == "profile":
+                send(engine.profile(int(cmd["steps"])))
+            elif cmd.get("cmd") == "quit":
+                break
+            else:
+                send({"event": "error", "kind": "crash", "problem": f"unknown command {cmd!r}", "fix": None})
+        return 0
+    except EdgeLLMError as err:
+        send({"event": "error", "kind": type(err).__name__, "problem": err.problem, "fix": err.fix})
+        return 2
+    except Exception as err:  # noqa: BLE001 -- reported to the parent, which decides
+        traceback.print_exc()
+        send({"event": "error", "kind": "crash", "problem": f"{type(err).__name__}: {err}", "fix": None})
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
