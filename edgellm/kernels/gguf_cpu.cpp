@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+#include <omp.h>
 
 namespace {
 
@@ -72,46 +73,68 @@ inline void load_block(const uint8_t* blk, Block& b) {
   }
 }
 
-// out[m, n] = sum_k x[m, k] * w[n, k] for a few rows of x (decode, small batches).
-// Each block contributes d * dot(q, x_blk) + m * sum(x_blk); the block sums of x are computed once.
-template <int FMT>
-void matmul_rows(const float* X, const uint8_t* W, float* O, int64_t M, int64_t N, int64_t K) {
+// Block sums of x (for the offset term of Q4_0/Q4_1): xsum[m * nb + b] = sum of x[m, 32b .. 32b+31].
+inline void block_sums(const float* X, int64_t M, int64_t K, float* xsum) {
+  const int64_t nb = K / 32;
+  for (int64_t i = 0; i < M; i++)
+    for (int64_t b = 0; b < nb; b++) {
+      __m256 s = _mm256_loadu_ps(X + i * K + b * 32);
+      for (int j = 1; j < 4; j++) s = _mm256_add_ps(s, _mm256_loadu_ps(X + i * K + b * 32 + 8 * j));
+      xsum[i * nb + b] = hsum(s);
+    }
+}
+
+// O[m, n] (+)= sum_k X[m, k] * W[n, k] for output rows n in [n0, n1): the serial core of every
+// matmul. Each block contributes d * dot(q, x_blk) + m * sum(x_blk). With ACC, adds into O.
+template <int FMT, bool ACC>
+void matmul_range(const float* X, const float* xsum, const uint8_t* W, float* O, int64_t M, int64_t N,
+                  int64_t K, int64_t n0, int64_t n1) {
   const int64_t nb = K / 32;
   const int bb = block_bytes(FMT);
-  std::vector<float> xsum(M * nb, 0.0f);
-  if (FMT != Q8_0)
-    for (int64_t i = 0; i < M; i++)
-      for (int64_t b = 0; b < nb; b++) {
-        __m256 s = _mm256_loadu_ps(X + i * K + b * 32);
-        for (int j = 1; j < 4; j++) s = _mm256_add_ps(s, _mm256_loadu_ps(X + i * K + b * 32 + 8 * j));
-        xsum[i * nb + b] = hsum(s);
-      }
   constexpr int TILE = 4;  // rows of x sharing each unpacked block
-  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    Block blk;
-    for (int64_t n = n0; n < n1; n++) {
-      const uint8_t* row = W + n * nb * bb;
-      for (int64_t m0 = 0; m0 < M; m0 += TILE) {
-        const int mt = static_cast<int>(std::min<int64_t>(TILE, M - m0));
-        __m256 acc[TILE];
-        float off[TILE];
-        for (int i = 0; i < TILE; i++) { acc[i] = _mm256_setzero_ps(); off[i] = 0.0f; }
-        for (int64_t b = 0; b < nb; b++) {
-          load_block<FMT>(row + b * bb, blk);
-          const __m256 d = _mm256_set1_ps(blk.d);
-          for (int i = 0; i < mt; i++) {
-            const float* xp = X + (m0 + i) * K + b * 32;
-            __m256 t = _mm256_mul_ps(blk.v[0], _mm256_loadu_ps(xp));
-            t = _mm256_fmadd_ps(blk.v[1], _mm256_loadu_ps(xp + 8), t);
-            t = _mm256_fmadd_ps(blk.v[2], _mm256_loadu_ps(xp + 16), t);
-            t = _mm256_fmadd_ps(blk.v[3], _mm256_loadu_ps(xp + 24), t);
-            acc[i] = _mm256_fmadd_ps(d, t, acc[i]);
-            if (FMT != Q8_0) off[i] += blk.m * xsum[(m0 + i) * nb + b];
-          }
+  Block blk;
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* row = W + n * nb * bb;
+    for (int64_t m0 = 0; m0 < M; m0 += TILE) {
+      const int mt = static_cast<int>(std::min<int64_t>(TILE, M - m0));
+      __m256 acc[TILE];
+      float off[TILE];
+      for (int i = 0; i < TILE; i++) { acc[i] = _mm256_setzero_ps(); off[i] = 0.0f; }
+      for (int64_t b = 0; b < nb; b++) {
+        load_block<FMT>(row + b * bb, blk);
+        const __m256 d = _mm256_set1_ps(blk.d);
+        for (int i = 0; i < mt; i++) {
+          const float* xp = X + (m0 + i) * K + b * 32;
+          __m256 t = _mm256_mul_ps(blk.v[0], _mm256_loadu_ps(xp));
+          t = _mm256_fmadd_ps(blk.v[1], _mm256_loadu_ps(xp + 8), t);
+          t = _mm256_fmadd_ps(blk.v[2], _mm256_loadu_ps(xp + 16), t);
+          t = _mm256_fmadd_ps(blk.v[3], _mm256_loadu_ps(xp + 24), t);
+          acc[i] = _mm256_fmadd_ps(d, t, acc[i]);
+          if (FMT != Q8_0) off[i] += blk.m * xsum[(m0 + i) * nb + b];
         }
-        for (int i = 0; i < mt; i++) O[(m0 + i) * N + n] = hsum(acc[i]) + off[i];
+      }
+      for (int i = 0; i < mt; i++) {
+        const float v = hsum(acc[i]) + off[i];
+        if (ACC) O[(m0 + i) * N + n] += v; else O[(m0 + i) * N + n] = v;
       }
     }
+  }
+}
+
+template <bool ACC>
+void matmul_range_fmt(int64_t fmt, const float* X, const float* xsum, const uint8_t* W, float* O, int64_t M,
+                      int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  if (fmt == Q4_0) matmul_range<Q4_0, ACC>(X, xsum, W, O, M, N, K, n0, n1);
+  else if (fmt == Q4_1) matmul_range<Q4_1, ACC>(X, xsum, W, O, M, N, K, n0, n1);
+  else matmul_range<Q8_0, ACC>(X, xsum, W, O, M, N, K, n0, n1);
+}
+
+template <int FMT>
+void matmul_rows(const float* X, const uint8_t* W, float* O, int64_t M, int64_t N, int64_t K) {
+  std::vector<float> xsum(M * (K / 32), 0.0f);
+  if (FMT != Q8_0) block_sums(X, M, K, xsum.data());
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    matmul_range<FMT, false>(X, xsum.data(), W, O, M, N, K, n0, n1);
   });
 }
 
@@ -289,6 +312,151 @@ torch::Tensor block_matmul_add(torch::Tensor x, torch::Tensor w, int64_t fmt, in
   return y;
 }
 
+// ---- every transformer block of a decode step, in one parallel region ------------------------
+// Launching a parallel region per matmul costs more than the matmul at SmolLM2's widths when two
+// threads share a busy machine (measured: 120 small matmuls ran slower on 2 threads than on 1).
+// Here the threads enter once per step and meet at 4 barriers per layer. Each thread computes
+// the RMSNorm of the residual privately (it is tiny), takes a contiguous share of every weight
+// matrix's output rows, and takes whole (sequence, KV head) pairs for RoPE, the KV write and
+// attention. The math is the Python model's (models/llama.py), which the parity tests check.
+
+inline void rms_norm(const float* x, const float* w, float* y, int64_t C, float eps) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < C; i++) ss += x[i] * x[i];
+  const float r = 1.0f / std::sqrt(ss / static_cast<float>(C) + eps);
+  for (int64_t i = 0; i < C; i++) y[i] = w[i] * (x[i] * r);
+}
+
+inline void rope_head(const float* x, const float* bias, const float* c, const float* s, float* out, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; i++) {
+    const float a = x[i] + (bias ? bias[i] : 0.0f), b = x[i + half] + (bias ? bias[i + half] : 0.0f);
+    out[i] = a * c[i] - b * s[i];
+    out[i + half] = b * c[i + half] + a * s[i + half];
+  }
+}
+
+struct Share { int64_t n0, n1; };
+inline Share share(int64_t N, int t, int T) { return {N * t / T, N * (t + 1) / T}; }
+
+void decode_blocks(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
+                   std::vector<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, torch::Tensor kv,
+                   torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
+                   int64_t H, int64_t KVH, int64_t F, double eps_d) {
+  TORCH_CHECK(h.is_contiguous() && h.scalar_type() == torch::kFloat32, "h must be contiguous float32");
+  TORCH_CHECK(kv.is_contiguous() && kv.scalar_type() == torch::kFloat32, "KV cache must be contiguous float32");
+  cos = cos.contiguous(); sin = sin.contiguous();
+  write_index = write_index.contiguous(); ctx_index = ctx_index.contiguous(); ctx_lens = ctx_lens.contiguous();
+  const int64_t B = h.size(0), C = h.size(1), L = kv.size(0), n_slots = kv.size(2), D = kv.size(4);
+  const int64_t G = H / KVH, Q = H * D, QKV = (H + 2 * KVH) * D, Lmax = ctx_index.size(1);
+  const float eps = static_cast<float>(eps_d);
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 6 * L && static_cast<int64_t>(fmts.size()) == 4 * L,
+              "weights/fmts do not match the number of layers");
+  TORCH_CHECK(qkv_bias.empty() || static_cast<int64_t>(qkv_bias.size()) == L, "one qkv bias per layer");
+  TORCH_CHECK(C % 32 == 0 && F % 32 == 0 && Q % 32 == 0 && D % 8 == 0, "widths must be multiples of 32");
+  for (int64_t l = 0; l < L; l++) {
+    check(weights[6 * l + 1], fmts[4 * l + 0], QKV, C);
+    check(weights[6 * l + 2], fmts[4 * l + 1], C, Q);
+    check(weights[6 * l + 4], fmts[4 * l + 2], 2 * F, C);
+    check(weights[6 * l + 5], fmts[4 * l + 3], C, F);
+  }
+  const int64_t *WI = write_index.data_ptr<int64_t>(), *CI = ctx_index.data_ptr<int64_t>(),
+                *CL = ctx_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; b++) {
+    TORCH_CHECK(CL[b] >= 1 && CL[b] <= Lmax && WI[b] >= 0 && WI[b] < n_slots, "bad slot or length");
+    for (int64_t i = 0; i < CL[b]; i++) TORCH_CHECK(CI[b * Lmax + i] >= 0 && CI[b * Lmax + i] < n_slots, "bad slot");
+  }
+  float* Hp = h.data_ptr<float>();
+  float* KVp = kv.data_ptr<float>();
+  const float *COS = cos.data_ptr<float>(), *SIN = sin.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  std::vector<float> qkv(B * QKV), attn(B * Q), gu(B * 2 * F);
+  const int nt = at::get_num_threads();
+
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    std::vector<float> xn(B * std::max(C, F)), xs(B * std::max(std::max(C, F), Q) / 32);
+    std::vector<float> scores(G * Lmax), qr(G * D);
+    for (int64_t l = 0; l < L; l++) {
+      const float* attn_norm = weights[6 * l + 0].data_ptr<float>();
+      const float* ffn_norm = weights[6 * l + 3].data_ptr<float>();
+      const float* bias = qkv_bias.empty() ? nullptr : qkv_bias[l].data_ptr<float>();
+      float* KC = KVp + (l * 2 + 0) * n_slots * KVH * D;
+      float* VC = KVp + (l * 2 + 1) * n_slots * KVH * D;
+      // 1. x = norm(h); qkv = x @ Wqkv.T (my rows)
+      for (int64_t b = 0; b < B; b++) rms_norm(Hp + b * C, attn_norm, xn.data() + b * C, C, eps);
+      block_sums(xn.data(), B, C, xs.data());
+      Share s = share(QKV, t, T);
+      matmul_range_fmt<false>(fmts[4 * l], xn.data(), xs.data(), weights[6 * l + 1].data_ptr<uint8_t>(),
+                              qkv.data(), B, QKV, C, s.n0, s.n1);
+#pragma omp barrier
+      // 2. per (sequence, KV head): RoPE, KV write, attention of its G query heads
+      for (int64_t item = t; item < B * KVH; item += T) {
+        const int64_t b = item / KVH, g = item % KVH, len = CL[b];
+        const float *x = qkv.data() + b * QKV, *c = COS + b * D, *sn = SIN + b * D;
+        const int64_t* slots = CI + b * Lmax;
+        float* kdst = KC + (WI[b] * KVH + g) * D;
+        float* vdst = VC + (WI[b] * KVH + g) * D;
+        rope_head(x + Q + g * D, bias ? bias + Q + g * D : nullptr, c, sn, kdst, D);
+        for (int64_t i = 0; i < D; i++) vdst[i] = x[Q + KVH * D + g * D + i] + (bias ? bias[Q + KVH * D + g * D + i] : 0.0f);
+        for (int64_t j = 0; j < G; j++)
+          rope_head(x + (g * G + j) * D, bias ? bias + (g * G + j) * D : nullptr, c, sn, qr.data() + j * D, D);
+        for (int64_t p = 0; p < len; p++) {
+          const float* k = KC + (slots[p] * KVH + g) * D;
+          for (int64_t j = 0; j < G; j++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t i = 0; i < D; i += 8)
+              acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr.data() + j * D + i), _mm256_loadu_ps(k + i), acc);
+            scores[j * Lmax + p] = hsum(acc) * scale;
+          }
+        }
+        for (int64_t j = 0; j < G; j++) {
+          float* sc = scores.data() + j * Lmax;
+          float mx = sc[0];
+          for (int64_t p = 1; p < len; p++) mx = std::max(mx, sc[p]);
+          float sum = 0.0f;
+          for (int64_t p = 0; p < len; p++) { sc[p] = std::exp(sc[p] - mx); sum += sc[p]; }
+          const float inv = 1.0f / sum;
+          float* o = attn.data() + b * Q + (g * G + j) * D;
+          for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
+          for (int64_t p = 0; p < len; p++) {
+            const float* v = VC + (slots[p] * KVH + g) * D;
+            const __m256 w = _mm256_set1_ps(sc[p] * inv);
+            for (int64_t i = 0; i < D; i += 8)
+              _mm256_storeu_ps(o + i, _mm256_fmadd_ps(w, _mm256_loadu_ps(v + i), _mm256_loadu_ps(o + i)));
+          }
+        }
+      }
+#pragma omp barrier
+      // 3. h += attn @ Wo.T (my rows)
+      block_sums(attn.data(), B, Q, xs.data());
+      s = share(C, t, T);
+      matmul_range_fmt<true>(fmts[4 * l + 1], attn.data(), xs.data(), weights[6 * l + 2].data_ptr<uint8_t>(),
+                             Hp, B, C, Q, s.n0, s.n1);
+#pragma omp barrier
+      // 4. gate|up = norm(h) @ Wgu.T (my rows)
+      for (int64_t b = 0; b < B; b++) rms_norm(Hp + b * C, ffn_norm, xn.data() + b * C, C, eps);
+      block_sums(xn.data(), B, C, xs.data());
+      s = share(2 * F, t, T);
+      matmul_range_fmt<false>(fmts[4 * l + 2], xn.data(), xs.data(), weights[6 * l + 4].data_ptr<uint8_t>(),
+                              gu.data(), B, 2 * F, C, s.n0, s.n1);
+#pragma omp barrier
+      // 5. h += (silu(gate) * up) @ Wdown.T (my rows); the activation is rebuilt privately
+      for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < F; i++) {
+          const float gt = gu[b * 2 * F + i];
+          xn[b * F + i] = gt / (1.0f + std::exp(-gt)) * gu[b * 2 * F + F + i];
+        }
+      block_sums(xn.data(), B, F, xs.data());
+      s = share(C, t, T);
+      matmul_range_fmt<true>(fmts[4 * l + 3], xn.data(), xs.data(), weights[6 * l + 5].data_ptr<uint8_t>(),
+                             Hp, B, C, F, s.n0, s.n1);
+#pragma omp barrier
+    }
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_matmul", &block_matmul, "x @ W.T for a GGUF block-quantised W (Q4_0, Q4_1, Q8_0)");
   m.def("block_dequant", &block_dequant, "rows of a GGUF block-quantised matrix as float32");
@@ -296,4 +464,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_qkv_write", &rope_qkv_write, "RoPE on q and k, k and v written to the KV cache");
   m.def("decode_attention", &decode_attention, "one-token attention over slot-addressed history");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
+  m.def("decode_blocks", &decode_blocks, "every transformer block of a decode step, in one parallel region");
 }

@@ -55,19 +55,32 @@ class LlamaModel:
         self.cfg = cfg
         self.weights = weights
         self.rope = RotaryEmbedding(cfg)
+        self._native_blocks = _native_block_args(weights)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 cache: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
         """tokens, positions: [T]. Returns float32 logits [len(logit_rows), vocab]."""
         h = self.weights.embed.rows(tokens)
         rope = self.rope.tables(positions)
-        for i, block in enumerate(self.weights.blocks):
-            h = self._block(h, rope, block, batch, cache, i)
+        if self._native_blocks is not None and not batch.prefills and cache.dtype == torch.float32:
+            self._decode_blocks_native(h, rope, batch, cache)
+        else:
+            for i, block in enumerate(self.weights.blocks):
+                h = self._block(h, rope, block, batch, cache, i)
         h = h.index_select(0, logit_rows)
         h = F.rms_norm(h, (self.cfg.hidden_size,), self.weights.final_norm, self.cfg.rms_norm_eps)
         return self.weights.lm_head.matmul(h)
 
     __call__ = forward
+
+    def _decode_blocks_native(self, h: torch.Tensor, rope, batch: AttentionBatch, cache: KVCache) -> None:
+        """Every block of a decode-only step in one native call (one parallel region); updates h."""
+        cfg = self.cfg
+        tensors, formats, biases = self._native_blocks
+        T = h.shape[0]
+        native().decode_blocks(h, tensors, formats, biases, rope[0].view(T, -1), rope[1].view(T, -1), cache.data,
+                               batch.write_index, batch.decode_index, batch.decode_lens,
+                               cfg.n_heads, cfg.n_kv_heads, cfg.ffn_size, cfg.rms_norm_eps)
 
     def _block(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], w: BlockWeights,
                batch: AttentionBatch, cache: KVCache, layer: int) -> torch.Tensor:
@@ -80,6 +93,26 @@ class LlamaModel:
         h = w.o.matmul_add(attn, h)
         x = F.rms_norm(h, (cfg.hidden_size,), w.ffn_norm, cfg.rms_norm_eps)
         return w.down.matmul_add(_silu_mul(w.gate_up.matmul(x)), h)
+
+
+def _native_block_args(weights: ModelWeights):
+    """Arguments of the native decode path, or None when some block matrix has another format."""
+    from edgellm.layers.weights import GGUFBlockWeight
+
+    if native() is None:
+        return None
+    tensors, formats, biases = [], [], []
+    for b in weights.blocks:
+        mats = (b.qkv, b.o, b.gate_up, b.down)
+        if not all(isinstance(m, GGUFBlockWeight) for m in mats):
+            return None
+        tensors += [b.attn_norm.contiguous(), b.qkv.raw, b.o.raw, b.ffn_norm.contiguous(), b.gate_up.raw, b.down.raw]
+        formats += [m.code for m in mats]
+        if b.qkv_bias is not None:
+            biases.append(b.qkv_bias.contiguous())
+    if biases and len(biases) != len(weights.blocks):
+        return None
+    return tensors, formats, biases
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
