@@ -1,4 +1,8 @@
-"""`edgellm chat`: an interactive multi-turn chat in the terminal."""
+"""`edgellm chat`: an interactive multi-turn chat in the terminal.
+
+The conversation is a runtime session (``edgellm.runtime``): its KV cache stays in the pool
+between turns, so each new turn computes only its own tokens, not the whole history again.
+"""
 
 from __future__ import annotations
 
@@ -14,40 +18,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--system", default=None, help="system message (default: the model template's own)")
     add_sampling_arguments(p, max_tokens=512)
+    p.add_argument("--kv-memory", default="256MB",
+                   help="size of the KV cache pool, e.g. 256MB or 1GB (default 256MB)")
     p.add_argument("--stats", action="store_true", help="print speed figures after each reply")
 
 
 def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)   # validate before loading anything
     from edgellm.llm import LLM
+    from edgellm.runtime.engine import Engine, parse_size
 
+    kv_memory = parse_size(args.kv_memory, "--kv-memory")
     llm = LLM(args.model, dtype=args.dtype, threads=args.threads)
+    engine = Engine(llm, kv_memory=kv_memory)
     interactive = sys.stdin.isatty()
     print(f"edgellm chat — {llm.loaded.source.name}. Type /exit to leave, /reset to clear the history.",
           file=sys.stderr)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    while True:
-        try:
-            line = input("you> " if interactive else "")
-        except EOFError:
-            break
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset":
-            messages = messages[:1] if args.system else []
-            print("(history cleared)", file=sys.stderr)
-            continue
-        messages.append({"role": "user", "content": text})
-        ids = llm.tokenizer.encode_chat(messages, add_generation_prompt=True)
-        if interactive:
-            print("assistant> ", end="", flush=True)
-        c = llm.generate(ids, params, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-        print(flush=True)
-        messages.append({"role": "assistant", "content": c.text})
-        if args.stats:
-            print(f"[{c.prompt_tokens} prompt + {c.completion_tokens} reply tokens; first token "
-                  f"{c.ttft_s * 1000:.0f} ms; decode {c.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+    session = engine.session(system=args.system, sampling=params)
+    try:
+        while True:
+            try:
+                line = input("you> " if interactive else "")
+            except EOFError:
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit"):
+                break
+            if text == "/reset":
+                session.close()
+                session = engine.session(system=args.system, sampling=params)
+                print("(history cleared)", file=sys.stderr)
+                continue
+            if interactive:
+                print("assistant> ", end="", flush=True)
+            handle = session.send(text, params)
+            for piece in handle:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            print(flush=True)
+            c = handle.result()
+            if args.stats:
+                print(f"[{c.prompt_tokens} prompt tokens ({c.cached_tokens} reused, {c.computed_prompt_tokens} "
+                      f"computed) + {c.completion_tokens} reply tokens; first token {c.ttft_s * 1000:.0f} ms; "
+                      f"decode {c.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+    finally:
+        engine.close()
     return 0
