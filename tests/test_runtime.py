@@ -1,0 +1,289 @@
+"""The runtime on the real default model: sessions, continuous batching, prefix reuse, preemption,
+admission. Greedy outputs are compared with ``LLM.generate`` -- the independent single-sequence
+path -- token for token."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from edgellm.errors import ContextOverflowError, InvalidParameterError
+from edgellm.kv.cache import KVCache
+from edgellm.llm import LLM
+from edgellm.runtime.engine import Engine, Request, parse_size
+from edgellm.runtime.scheduler import common_prefix
+from edgellm.runtime.session import Phase
+from edgellm.sampling import SamplingParams
+
+N = 4   # tokens generated per request: short, to stay fast
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Water boils at",
+    "My favourite fruit is",
+    "In 1969, the first man on the moon was",
+    "The quick brown fox",
+    "To make a cup of tea, first",
+    "Photosynthesis is the process by which plants",
+    "The largest planet in the solar system is",
+    "Q: What is 7 times 8?\nA:",
+    "A haiku about the sea:\n",
+    "import numpy as np\nx =",
+    "The opposite of hot is",
+    ("Here is a long story about a small robot who lived in a lighthouse by the sea and counted "
+     "ships every night, writing each name in a notebook with a blue pencil. One night"),
+]
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path) -> LLM:
+    torch.set_num_threads(2)
+    return LLM(str(smollm2_path))
+
+
+@pytest.fixture(scope="module")
+def ref(llm):
+    """Greedy tokens of the single-sequence path, memoised: ref(prompt_or_ids, n)."""
+    memo: dict = {}
+
+    def get(prompt, n: int = N) -> list[int]:
+        key = tuple(prompt) if isinstance(prompt, list) else prompt
+        have = memo.get(key)
+        if have is None or (len(have) < n and len(have) == have_n[key]):
+            have = llm.generate(prompt, SamplingParams.greedy(max_tokens=max(n, N))).token_ids
+            memo[key] = have
+            have_n[key] = max(n, N)
+        return have[:n]
+
+    have_n: dict = {}
+    return get
+
+
+def greedy(n: int = N, **kw) -> SamplingParams:
+    return SamplingParams.greedy(max_tokens=n, **kw)
+
+
+def test_parse_size():
+    assert parse_size("512MB") == 512 * 2 ** 20
+    assert parse_size("2GB") == 2 * 2 ** 30
+    assert parse_size("1.5GiB") == int(1.5 * 2 ** 30)
+    assert parse_size(1000) == 1000 and parse_size("64k") == 65536
+    for bad in ("lots", "12XB", "-1MB", "", -5, True):
+        with pytest.raises(InvalidParameterError):
+            parse_size(bad)
+
+
+def test_engine_arguments(llm):
+    with pytest.raises(InvalidParameterError):
+        Engine(llm, kv_memory="1KB")            # not even one block
+    with pytest.raises(InvalidParameterError):
+        Engine(llm, kv_memory="oops")
+    with pytest.raises(InvalidParameterError):
+        Engine(llm, kv_memory="8MB", preemption="sometimes")
+
+
+def test_alone_matches_single_sequence_path(llm, ref):
+    eng = Engine(llm, kv_memory="16MB")
+    [r] = eng.generate([PROMPTS[0]], greedy())
+    assert r.token_ids == ref(PROMPTS[0])
+    assert r.prompt_tokens == len(llm.tokenizer.encode(PROMPTS[0])) and r.finish_reason in ("length", "stop")
+    # token ids in, and a chat session's first turn
+    ids = llm.tokenizer.encode(PROMPTS[1])
+    assert eng.generate(ids, greedy())[0].token_ids == ref(PROMPTS[1])
+    s = eng.session(system="Be brief.")
+    pieces = list(s.send("Name a colour.", greedy()))
+    turn = s.results[-1]
+    conv = llm.tokenizer.encode_chat([{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": "Name a colour."}])
+    assert turn.token_ids == ref(conv)
+    assert "".join(pieces) == turn.text
+    assert s.phase == Phase.INACTIVE
+    phases = [t[2] for t in s.transitions]
+    assert phases[:4] == [Phase.WAITING, Phase.PREFILL, Phase.DECODE, Phase.INACTIVE]
+    assert all(a[0] <= b[0] for a, b in zip(s.transitions, s.transitions[1:]))
+    s.close()
+    assert s.phase == Phase.RETIRED
+    assert eng.block_manager.num_used == 0
+    with pytest.raises(InvalidParameterError):
+        s.send("again")
+
+
+def test_batch_of_16_mixed_prefill_and_decode(llm, ref):
+    # A small token budget makes the long prompt's prefill span several steps next to decode rows.
+    eng = Engine(llm, kv_memory="32MB", max_batch_tokens=24)
+    first = [eng.submit(Request(p, greedy())) for p in PROMPTS[:6]]
+    eng.step()
+    eng.step()                                  # the first six are decoding now
+    rest = [eng.submit(Request(p, greedy())) for p in PROMPTS[6:]]
+    results = [h.result() for h in first + rest]
+    for p, r in zip(PROMPTS, results):
+        assert r.token_ids == ref(p), p
+    steps = eng.stats()["steps"]
+    assert steps["by_kind"]["mixed"]["steps"] > 0, "decode rows and prefill chunks shared no step"
+    assert steps["max_batch_rows"] >= 10
+    assert eng.block_manager.num_used == 0
+
+
+def test_followup_prefill_computes_only_new_tokens(llm, ref):
+    eng = Engine(llm, kv_memory="16MB")
+    s = eng.session(system="Be brief.")
+    r1 = s.send("Name a colour.", greedy()).result()
+    held = list(s.kv.token_ids)
+    assert held == r1_prompt(llm, s)[: len(held)] and len(held) == r1.prompt_tokens + len(r1.token_ids) - 1
+    r2 = s.send("And a fruit?", greedy()).result()
+    conv2 = llm.tokenizer.encode_chat(s.messages[:-1])
+    reusable = common_prefix(held, conv2, len(conv2) - 1)
+    assert r2.prompt_tokens == len(conv2)
+    assert r2.cached_tokens == reusable
+    assert r2.computed_prompt_tokens == len(conv2) - reusable
+    # the new turn is the user message and the template around it: a few dozen tokens at most,
+    # while the conversation so far is not recomputed
+    new_turn = len(conv2) - r1.prompt_tokens - len(r1.token_ids)
+    assert r2.computed_prompt_tokens <= new_turn + 2
+    assert s.clock.tokens["followup_prefill"] == r2.computed_prompt_tokens
+    assert r2.token_ids == ref(conv2)
+    assert Phase.FOLLOWUP_PREFILL in [t[2] for t in s.transitions]
+    s.close()
+
+
+def r1_prompt(llm, s):
+    return llm.tokenizer.encode_chat(s.messages, add_generation_prompt=False)
+
+
+def test_shared_prefix_is_stored_once(llm):
+    eng = Engine(llm, kv_memory="16MB")
+    system = ("You are a careful assistant for a library. Answer questions about opening hours, "
+              "borrowing rules and events. Keep every answer to one short sentence.")
+    one = greedy(1)
+    a = eng.session(system=system)
+    a.send("Hello", one).result()
+    shared = len(llm.tokenizer.encode_chat([{"role": "system", "content": system}],
+                                           add_generation_prompt=False)) // eng.block_size
+    assert shared >= 2
+    b = eng.session(system=system)
+    rb = b.send("When do you open?", one).result()
+    assert rb.cached_tokens >= shared * eng.block_size
+    assert a.kv.blocks[:shared] == b.kv.blocks[:shared]
+    used_two = eng.block_manager.num_used
+    assert used_two == len(a.kv.blocks) + len(b.kv.blocks) - shared
+    # two more arriving in the same step compute the prefix concurrently; it is merged after
+    c, d = eng.session(system=system), eng.session(system=system)
+    eng.clear_prefix_cache()
+    hc, hd = c.send("Hi", one), d.send("Hey", one)
+    hc.result(), hd.result()
+    assert c.kv.blocks[:shared] == d.kv.blocks[:shared] == a.kv.blocks[:shared]
+    for s in (a, b, c, d):
+        s.close()
+    assert eng.block_manager.num_used == 0
+    eng.block_manager.check()
+
+
+def test_prompt_larger_than_pool_refused_while_other_session_works(llm, ref):
+    bpb = KVCache.bytes_per_block(llm.cfg, 16)
+    eng = Engine(llm, kv_memory=6 * bpb)         # 96 tokens
+    s = eng.session()
+    h = eng.submit(Request(PROMPTS[2], greedy()))
+    eng.step()
+    with pytest.raises(ContextOverflowError) as e:
+        eng.submit(Request(PROMPTS[15] * 3, greedy()))
+    assert "KV pool" in str(e.value) and "kv_memory" in str(e.value)
+    with pytest.raises(ContextOverflowError) as e:
+        eng.submit(Request([1] * llm.cfg.context_length, greedy()))
+    assert "context window" in str(e.value)
+    with pytest.raises(ContextOverflowError):
+        s.send("word " * 120)
+    assert not s.busy and s.messages == []      # the session is still usable
+    with pytest.raises(InvalidParameterError):
+        eng.submit(Request("", greedy()))
+    assert h.result().token_ids == ref(PROMPTS[2])
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preemption_loses_no_token(llm, ref, mode):
+    # block_size 4 and 8 blocks: four sequences of ~6 prompt + 8 output tokens cannot all fit.
+    bs = 4
+    eng = Engine(llm, kv_memory=8 * KVCache.bytes_per_block(llm.cfg, bs), block_size=bs, preemption=mode,
+                 host_memory="64MB")
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[4], PROMPTS[14]]
+    handles = [eng.submit(Request(p, greedy(8))) for p in prompts]
+    results = [h.result() for h in handles]
+    assert sum(r.preemptions for r in results) > 0
+    assert eng.stats()["scheduler"]["preemptions"] > 0
+    for p, r in zip(prompts, results):
+        assert r.token_ids == ref(p, 8), p
+    assert eng.block_manager.num_used == 0 and not eng.store.entries
+
+
+def test_cancel_frees_blocks_within_a_step(llm):
+    eng = Engine(llm, kv_memory="16MB")
+    h = eng.submit(Request(PROMPTS[3], greedy(50, ignore_eos=True)))
+    events = h.events()
+    next(events)
+    assert eng.block_manager.num_used > 0
+    h.cancel()
+    eng.step()
+    assert h.done and h.result().finish_reason == "cancelled"
+    assert eng.block_manager.num_used == 0
+
+
+def test_background_thread_and_threads_submitting(llm, ref):
+    eng = Engine(llm, kv_memory="16MB").start()
+    try:
+        out: dict = {}
+
+        def user(i):
+            s = eng.session()
+            seen = []
+            handle = eng.submit(Request(PROMPTS[i], greedy(), on_event=lambda ev: seen.append(ev.token_id)))
+            out[i] = (handle.result(timeout=120), seen)
+            s.close()
+
+        threads = [threading.Thread(target=user, args=(i,)) for i in (5, 7)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in (5, 7):
+            r, seen = out[i]
+            assert r.token_ids == ref(PROMPTS[i])
+            assert [t for t in seen if t is not None] == r.token_ids
+    finally:
+        eng.close()
+    assert eng.block_manager.num_used == 0
+
+
+def test_stats_aggregate_phases(llm):
+    eng = Engine(llm, kv_memory="16MB")
+    s = eng.session(system="Be brief.")
+    s.send("Hi", greedy(2)).result()
+    st = eng.stats()
+    assert st["phase_s"]["prefill"] > 0 and st["phase_s"]["decode"] >= 0
+    assert st["tokens"]["prefill"] == s.results[0].prompt_tokens
+    assert st["tokens"]["generated"] == 2
+    assert st["sessions"]["by_phase"] == {"inactive": 1}
+    assert st["blocks"]["used"] == len(s.kv.blocks)
+    assert s.stats()["kv_bytes"] == len(s.kv.blocks) * eng.kv_bytes_per_block
+    s.close()
+    st = eng.stats()
+    assert st["sessions"]["retired"] == 1 and st["blocks"]["used"] == 0
+    assert st["tokens"]["generated"] == 2          # retired sessions stay in the totals
+
+
+def test_idle_sessions_retire(llm):
+    import time
+
+    eng = Engine(llm, kv_memory="16MB", idle_retire_s=0.05)
+    s = eng.session()
+    s.send("Hi", greedy(1)).result()
+    assert eng.block_manager.num_used > 0
+    time.sleep(0.1)
+    assert eng.reap_idle() == 1
+    assert s.phase == Phase.RETIRED and s.retire_reason == "idle"
+    assert eng.block_manager.num_used == 0
+    with pytest.raises(InvalidParameterError):
+        s.send("still there?")
