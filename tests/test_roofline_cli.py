@@ -21,7 +21,7 @@ from edgellm.roofline.zoo import ZOO, resolve_model, zoo_config
 def only_analyze(monkeypatch, tmp_path):
     """Run the real dispatcher with only this command registered (other commands are other modules'),
     and keep the local-hardware cache in a temporary folder."""
-    monkeypatch.setattr(edgellm.cli, "COMMANDS", {"analyze": "edgellm.roofline.cli"})
+    monkeypatch.setattr(edgellm.cli, "COMMANDS", {"analyze": edgellm.cli.COMMANDS["analyze"]})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 

@@ -12,6 +12,7 @@ import io
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Mapping
 
 from edgellm.config import ModelConfig
 from edgellm.errors import InvalidParameterError
@@ -175,10 +176,12 @@ class Analysis:
 
 def analyze(cfg: ModelConfig, hw: Hardware, phase: str = "decode", batch: int = 1, seq_len: int = 512,
             weight_bits: float = 16, act_bits: int = 16, kv_bits: int | None = None,
-            attention: str = "unfused") -> Analysis:
+            attention: str = "unfused", weight_bytes: Mapping[str, float] | None = None) -> Analysis:
+    """``weight_bytes`` (optional) maps layer names to the bytes per weight element of a real model's
+    storage formats, overriding ``weight_bits`` for those layers (see ``layers.block_layers``)."""
     kv_bits = act_bits if kv_bits is None else kv_bits
     bits = Bits(weight_bits, act_bits, kv_bits)
-    costs = model_layers(cfg, phase, batch, seq_len, bits, attention)
+    costs = model_layers(cfg, phase, batch, seq_len, bits, attention, weight_bytes)
     results = []
     notes = []
     fallbacks = set()

@@ -27,6 +27,7 @@ and their tool LLM-Viewer), stated also in :data:`CONVENTIONS`:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Mapping
 
 from edgellm.config import ModelConfig
 from edgellm.errors import InvalidParameterError
@@ -144,9 +145,14 @@ def validate_shape(phase: str, batch: int, seq_len: int) -> None:
 
 
 def block_layers(cfg: ModelConfig, phase: str, batch: int, seq_len: int, bits: Bits,
-                 attention: str = "unfused") -> list[LayerCost]:
-    """The layers of one transformer block, in execution order (each with count = n_layers)."""
+                 attention: str = "unfused", weight_bytes: Mapping[str, float] | None = None) -> list[LayerCost]:
+    """The layers of one transformer block, in execution order (each with count = n_layers).
+
+    ``weight_bytes`` maps a layer name to the bytes one of its weight elements takes, overriding
+    ``bits.weight`` for that layer (a real model's storage formats: Q4_1 = 0.625 bytes, Q8_0 = 1.0625).
+    """
     validate_shape(phase, batch, seq_len)
+    per_weight = dict(weight_bytes or {})
     if attention not in ATTENTIONS:
         raise InvalidParameterError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
     q, k = _shape(phase, batch, seq_len)
@@ -163,7 +169,7 @@ def block_layers(cfg: ModelConfig, phase: str, batch: int, seq_len: int, bits: B
         ops = 2.0 * T * n_in * n_out + (T * n_out if bias else 0)
         out_bytes = T * n_out * (kb if to_kv else ab)
         return LayerCost(name, "linear", ops,
-                         load_weight=n_in * n_out * wb + (n_out * ab if bias else 0),
+                         load_weight=n_in * n_out * per_weight.get(name, wb) + (n_out * ab if bias else 0),
                          load_act=T * n_in * ab,
                          store_act=0.0 if to_kv else out_bytes,
                          store_kv=out_bytes if to_kv else 0.0,
@@ -211,25 +217,28 @@ def block_layers(cfg: ModelConfig, phase: str, batch: int, seq_len: int, bits: B
     return [replace(layer, count=cfg.n_layers) for layer in layers]
 
 
-def head_layers(cfg: ModelConfig, phase: str, batch: int, seq_len: int, bits: Bits) -> tuple[LayerCost, list[LayerCost]]:
+def head_layers(cfg: ModelConfig, phase: str, batch: int, seq_len: int, bits: Bits,
+                weight_bytes: Mapping[str, float] | None = None) -> tuple[LayerCost, list[LayerCost]]:
     """(embedding lookup, [final_norm, lm_head]) — the layers outside the blocks."""
     validate_shape(phase, batch, seq_len)
     q, _ = _shape(phase, batch, seq_len)
     B, h, V = batch, cfg.hidden_size, cfg.vocab_size
     wb, ab = bits.weight / 8, bits.act / 8
+    per_weight = dict(weight_bytes or {})
     T = B * q
-    emb = LayerCost("embedding", "embedding", 0.0, load_weight=T * h * wb, store_act=T * h * ab,
-                    compute_bits=compute_bits(bits.act), params=V * h)
+    emb = LayerCost("embedding", "embedding", 0.0, load_weight=T * h * per_weight.get("embedding", wb),
+                    store_act=T * h * ab, compute_bits=compute_bits(bits.act), params=V * h)
     final_norm = LayerCost("final_norm", "elementwise", 4.0 * B * h, load_weight=h * ab, load_act=B * h * ab,
                            store_act=B * h * ab, compute_bits=compute_bits(bits.act), params=h)
-    lm_head = LayerCost("lm_head", "linear", 2.0 * B * h * V, load_weight=h * V * wb, load_act=B * h * ab,
-                        store_act=B * V * ab, compute_bits=compute_bits(bits.weight, bits.act),
+    lm_head = LayerCost("lm_head", "linear", 2.0 * B * h * V, load_weight=h * V * per_weight.get("lm_head", wb),
+                        load_act=B * h * ab, store_act=B * V * ab, compute_bits=compute_bits(bits.weight, bits.act),
                         params=0 if cfg.tie_embeddings else h * V)
     return emb, [final_norm, lm_head]
 
 
 def model_layers(cfg: ModelConfig, phase: str, batch: int, seq_len: int, bits: Bits,
-                 attention: str = "unfused") -> list[LayerCost]:
-    """Embedding, the block's layers (count = n_layers), final norm and lm_head, in execution order."""
-    emb, tail = head_layers(cfg, phase, batch, seq_len, bits)
-    return [emb] + block_layers(cfg, phase, batch, seq_len, bits, attention) + tail
+                 attention: str = "unfused", weight_bytes: Mapping[str, float] | None = None) -> list[LayerCost]:
+    """Embedding, the block's layers (count = n_layers), final norm and lm_head, in execution order.
+    ``weight_bytes``: per-layer bytes per weight element (see :func:`block_layers`)."""
+    emb, tail = head_layers(cfg, phase, batch, seq_len, bits, weight_bytes)
+    return [emb] + block_layers(cfg, phase, batch, seq_len, bits, attention, weight_bytes) + tail
