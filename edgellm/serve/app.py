@@ -1,0 +1,689 @@
+"""The ASGI application: OpenAI-compatible endpoints, a sessions API, metrics and a live page,
+all over one :class:`~edgellm.runtime.engine.Engine` whose background thread batches every request.
+
+::
+
+    engine = Engine(LLM(), kv_memory="256MB")
+    app = create_app(engine, model_id="smollm2-135m", api_key=None, max_queue=256)
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Threads. The engine steps in its own thread (started by the app's lifespan). Handlers run on the
+asyncio loop: they validate, tokenise and ``engine.submit`` (which only enqueues); each request's
+``on_event`` callback hops back into the loop with ``call_soon_threadsafe`` onto an
+``asyncio.Queue`` that the handler drains, streaming tokens as the engine makes them. Anything
+that takes the engine's lock (stats, retiring a session) runs in a worker thread, so the loop
+never waits for a step.
+
+Disconnects. Every generation handler watches the connection (``http.disconnect``); when the
+client goes away its engine requests are cancelled, which frees their KV blocks at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HttpRequest
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from edgellm.errors import ContextOverflowError, EdgeLLMError
+from edgellm.runtime.engine import Engine, Request, RequestHandle, TokenEvent
+from edgellm.sampling import SamplingParams
+from edgellm.serve import openai_api as oa
+from edgellm.serve.metrics import Metrics
+from edgellm.serve.openai_api import ApiError, GenerationSpec
+
+log = logging.getLogger("edgellm.serve")
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_BODY = 1 << 20          # 1 MiB: a full 8k-token conversation is ~40 kB of JSON
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class Choice:
+    """One engine request of an HTTP request, and what it streamed so far."""
+
+    index: int
+    prompt_index: int
+    handle: RequestHandle | None = None
+    result: Any = None              # TurnResult once finished
+    sent_chars: int = 0             # completions' text_offset
+
+
+@dataclass
+class Batch:
+    """The engine requests of one HTTP request, their event queue, and their cancellation."""
+
+    choices: list[Choice]
+    queue: asyncio.Queue
+    prompt_tokens: list[int] = field(default_factory=list)   # per prompt
+
+    def cancel(self) -> None:
+        for c in self.choices:
+            if c.handle is not None and c.result is None:
+                c.handle.cancel()
+
+    @property
+    def finished(self) -> bool:
+        return all(c.result is not None for c in self.choices)
+
+
+class ServerState:
+    """What the handlers share: the engine, the served names, limits, sessions, metrics."""
+
+    def __init__(self, engine: Engine, model_id: str, aliases: tuple[str, ...], api_key: str | None,
+                 max_queue: int, max_body: int):
+        self.engine = engine
+        self.model_id = model_id
+        self.served = {model_id, *aliases}
+        self.api_key = api_key
+        self.max_queue = max_queue
+        self.max_body = max_body
+        self.in_flight = 0          # engine requests submitted and not finished (loop thread only)
+        self.sessions: dict[str, Any] = {}         # API id -> engine Session
+        self.session_defaults: dict[str, dict] = {}  # API id -> its sampling defaults
+        self.metrics = Metrics(engine, lambda: self.in_flight)
+        self.started = int(time.time())
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    @functools.lru_cache(maxsize=65536)
+    def token_text(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id])
+
+    # ---- admission -----------------------------------------------------------------------------
+    def reserve(self, count: int) -> None:
+        if not self.engine.running_in_background:
+            raise ApiError(503, "the engine is not running (the server is starting or shutting down)",
+                           code="engine_unavailable", type="server_error",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        if self.in_flight + count > self.max_queue:
+            raise ApiError(429, f"the server is at capacity: {self.in_flight} requests in flight, at most "
+                                f"{self.max_queue} (--max-queue); retry shortly", code="rate_limit_exceeded",
+                           type="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.in_flight += count
+
+    def budget(self, n_prompt: int, max_tokens: int | None, what: str) -> int:
+        """``max_tokens`` for a prompt of ``n_prompt`` tokens, or a 400 if they do not fit."""
+        ctx = self.engine.cfg.context_length
+        pool = self.engine.pool_tokens
+        limit = min(ctx, pool)
+        if n_prompt == 0:
+            raise oa.invalid(what, f"{what} is empty: it encodes to no token")
+        room = limit - n_prompt
+        if max_tokens is None:
+            if room < 1:
+                raise self._overflow(n_prompt, 1, what)
+            return room
+        if n_prompt + max_tokens > limit:
+            raise self._overflow(n_prompt, max_tokens, what)
+        return max_tokens
+
+    def _overflow(self, n_prompt: int, max_tokens: int, what: str) -> ApiError:
+        ctx, pool = self.engine.cfg.context_length, self.engine.pool_tokens
+        if n_prompt + max_tokens > ctx:
+            msg = (f"This model's maximum context length is {ctx} tokens, but {n_prompt + max_tokens} were requested "
+                   f"({n_prompt} in {what}, {max_tokens} for the completion). Shorten {what} or lower max_tokens.")
+        else:
+            msg = (f"{what} ({n_prompt} tokens) plus max_tokens ({max_tokens}) needs {n_prompt + max_tokens} tokens "
+                   f"of KV cache, but the server's KV pool holds {pool} tokens. Lower max_tokens, shorten {what}, "
+                   f"or restart the server with a larger --kv-memory.")
+        return ApiError(400, msg, param="messages" if what == "the messages" else "max_tokens",
+                        code="context_length_exceeded")
+
+    # ---- submission ----------------------------------------------------------------------------
+    def submit(self, prompts: list[list[int]], n: int, params: SamplingParams, session=None,
+               new_messages=None) -> Batch:
+        """Submit ``n`` engine requests per prompt; their events land on the batch's queue."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        batch = Batch([Choice(p * n + i, p) for p in range(len(prompts)) for i in range(n)], q,
+                      [len(ids) for ids in prompts])
+        self.reserve(len(batch.choices))
+        submitted = 0
+        try:
+            for c in batch.choices:
+                cb = functools.partial(self._on_event, loop, q, c.index)
+                if session is not None:
+                    c.handle = session.send_messages(new_messages, params, on_event=cb)
+                else:
+                    c.handle = self.engine.submit(Request(prompt=prompts[c.prompt_index], params=params,
+                                                          sample_index=c.index % n, on_event=cb))
+                submitted += 1
+        except BaseException:
+            self.in_flight -= len(batch.choices) - submitted
+            batch.cancel()
+            raise
+        return batch
+
+    def _on_event(self, loop, q: asyncio.Queue, index: int, ev: TokenEvent) -> None:
+        # engine thread: hand over to the loop
+        loop.call_soon_threadsafe(self._deliver, q, index, ev)
+
+    def _deliver(self, q: asyncio.Queue, index: int, ev: TokenEvent) -> None:
+        if ev.finished:
+            self.in_flight -= 1
+            if ev.result is not None:
+                self.metrics.observe(ev.result)
+        q.put_nowait((index, ev))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing: errors, bodies, auth, SSE
+# ---------------------------------------------------------------------------------------------
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def read_json(request: HttpRequest, max_body: int) -> dict:
+    too_big = ApiError(413, f"the request body is larger than this server accepts ({max_body} bytes)",
+                       code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_body:
+        raise too_big
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > max_body:
+            raise too_big
+    if not data:
+        raise ApiError(400, "the request has no body: send a JSON object", code="invalid_json")
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError) as err:
+        raise ApiError(400, f"the request body is not valid JSON ({err}); send a JSON object",
+                       code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {oa._type_name(body)}", code="invalid_json")
+    return body
+
+
+def check_auth(state: ServerState, request: HttpRequest) -> None:
+    if state.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+        raise ApiError(401, "Incorrect or missing API key: send the server's key as 'Authorization: Bearer KEY'"
+                       if header else "Missing API key: send 'Authorization: Bearer KEY' (the server's --api-key)",
+                       code="invalid_api_key")
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class EventStream:
+    """A server-sent-events response that cancels its engine requests when the client disconnects."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], batch: Batch):
+        self.chunks = chunks
+        self.batch = batch
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def watch():
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    self.batch.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
+                                    (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
+            async for chunk in self.chunks:
+                if watcher.done():
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not watcher.done():
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:             # the socket went away mid-send
+            pass
+        finally:
+            watcher.cancel()
+            self.batch.cancel()
+            with contextlib.suppress(Exception):
+                await self.chunks.aclose()
+
+
+async def next_event(batch: Batch, watcher: asyncio.Future | None) -> tuple[int, TokenEvent] | None:
+    """The next event of the batch, or None when the client disconnected first."""
+    if watcher is None:
+        return await batch.queue.get()
+    getter = asyncio.ensure_future(batch.queue.get())
+    done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if getter in done:
+        return getter.result()
+    getter.cancel()
+    return None
+
+
+async def disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(batch: Batch, request: HttpRequest) -> bool:
+    """Wait for every choice to finish; False (everything cancelled) if the client went away."""
+    watcher = asyncio.ensure_future(disconnected(request.receive))
+    try:
+        while not batch.finished:
+            item = await next_event(batch, watcher)
+            if item is None:
+                batch.cancel()
+                return False
+            index, ev = item
+            if ev.finished:
+                if ev.error is not None:
+                    raise ev.error
+                batch.choices[index].result = ev.result
+        return True
+    finally:
+        watcher.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI endpoints
+# ---------------------------------------------------------------------------------------------
+def sampling_params(spec_sampling: dict, max_tokens: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, top_logprobs=top_logprobs, **spec_sampling)
+
+
+def encode_spec(state: ServerState, spec: GenerationSpec) -> tuple[list[list[int]], int]:
+    """Token ids of each prompt and the ``max_tokens`` they all fit."""
+    tok = state.engine.tokenizer
+    if spec.kind == "chat":
+        prompts = [tok.encode_chat(spec.prompts[0], add_generation_prompt=True)]
+    else:
+        prompts = []
+        vocab = state.engine.cfg.vocab_size
+        for p in spec.prompts:
+            if isinstance(p, str):
+                prompts.append(tok.encode(p))
+            else:
+                bad = [t for t in p if not 0 <= t < vocab]
+                if bad:
+                    raise oa.invalid("prompt", f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+                prompts.append(list(p))
+    what = "the messages" if spec.kind == "chat" else "the prompt"
+    max_tokens = min(state.budget(len(ids), spec.max_tokens, what) for ids in prompts)
+    return prompts, max_tokens
+
+
+async def generation(state: ServerState, request: HttpRequest, kind: str) -> Response:
+    body = await read_json(request, state.max_body)
+    spec = oa.parse_chat(body, state.served) if kind == "chat" else oa.parse_completion(body, state.served)
+    prompts, max_tokens = encode_spec(state, spec)
+    params = sampling_params(spec.sampling, max_tokens, spec.logprobs, spec.top_logprobs)
+    batch = state.submit(prompts, spec.n, params)
+    rid, created = oa.new_id(kind), oa.now_s()
+    if spec.stream:
+        make = stream_chat if kind == "chat" else stream_completion
+        return EventStream(make(state, spec, batch, rid, created), batch)
+    try:
+        if not await collect(batch, request):
+            return Response(status_code=499)     # nobody is listening
+    except BaseException:
+        batch.cancel()
+        raise
+    shape = chat_response if kind == "chat" else completion_response
+    return JSONResponse(shape(state, spec, batch, rid, created))
+
+
+def batch_usage(batch: Batch) -> dict:
+    completion = sum(len(c.result.token_ids) for c in batch.choices)
+    firsts = {}
+    for c in batch.choices:
+        firsts.setdefault(c.prompt_index, c.result)
+    cached = sum(r.cached_tokens for r in firsts.values())
+    return oa.usage(sum(batch.prompt_tokens), completion, cached)
+
+
+def chat_response(state: ServerState, spec: GenerationSpec, batch: Batch, rid: str, created: int) -> dict:
+    choices = []
+    for c in batch.choices:
+        r = c.result
+        lp = None
+        if spec.logprobs:
+            lp = {"content": oa.chat_logprob_entries(state.token_text, r.token_ids, r.logprobs,
+                                                     [t[:spec.top_logprobs] for t in r.top_logprobs])}
+        choices.append({"index": c.index, "message": {"role": "assistant", "content": r.text},
+                        "logprobs": lp, "finish_reason": oa.finish_reason(r.finish_reason)})
+    return {"id": rid, "object": "chat.completion", "created": created, "model": spec.model,
+            "system_fingerprint": "edgellm", "choices": choices, "usage": batch_usage(batch)}
+
+
+def completion_response(state: ServerState, spec: GenerationSpec, batch: Batch, rid: str, created: int) -> dict:
+    choices = []
+    for c in batch.choices:
+        r = c.result
+        lp = None
+        if spec.logprobs:
+            lp = oa.completion_logprobs(state.token_text, r.token_ids, r.logprobs,
+                                        [t[:spec.top_logprobs] for t in r.top_logprobs])
+        choices.append({"index": c.index, "text": r.text, "logprobs": lp,
+                        "finish_reason": oa.finish_reason(r.finish_reason)})
+    return {"id": rid, "object": "text_completion", "created": created, "model": spec.model,
+            "system_fingerprint": "edgellm", "choices": choices, "usage": batch_usage(batch)}
+
+
+def stream_error(err: BaseException) -> bytes:
+    return sse({"error": {"message": f"generation failed: {err}", "type": "server_error", "param": None,
+                          "code": "engine_error"}})
+
+
+async def stream_chat(state: ServerState, spec: GenerationSpec, batch: Batch, rid: str, created: int):
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": spec.model,
+            "system_fingerprint": "edgellm"}
+    if spec.include_usage:
+        base["usage"] = None
+
+    def chunk(index: int, delta: dict, finish=None, logprobs=None) -> bytes:
+        return sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": finish}]})
+
+    for c in batch.choices:
+        yield chunk(c.index, {"role": "assistant", "content": ""})
+    while not batch.finished:
+        index, ev = await batch.queue.get()
+        if ev.error is not None:
+            yield stream_error(ev.error)
+            batch.cancel()
+            return
+        lp = None
+        if spec.logprobs and ev.token_id is not None and ev.logprob is not None:
+            lp = {"content": oa.chat_logprob_entries(state.token_text, [ev.token_id], [ev.logprob],
+                                                     [(ev.top_logprobs or [])[:spec.top_logprobs]])}
+        if ev.text or lp:
+            yield chunk(index, {"content": ev.text}, logprobs=lp)
+        if ev.finished:
+            batch.choices[index].result = ev.result
+            yield chunk(index, {}, finish=oa.finish_reason(ev.finish_reason))
+    if spec.include_usage:
+        yield sse({**base, "choices": [], "usage": batch_usage(batch)})
+    yield SSE_DONE
+
+
+async def stream_completion(state: ServerState, spec: GenerationSpec, batch: Batch, rid: str, created: int):
+    base = {"id": rid, "object": "text_completion", "created": created, "model": spec.model,
+            "system_fingerprint": "edgellm"}
+    if spec.include_usage:
+        base["usage"] = None
+    while not batch.finished:
+        index, ev = await batch.queue.get()
+        if ev.error is not None:
+            yield stream_error(ev.error)
+            batch.cancel()
+            return
+        c = batch.choices[index]
+        lp = None
+        if spec.logprobs and ev.token_id is not None and ev.logprob is not None:
+            lp = oa.completion_logprobs(state.token_text, [ev.token_id], [ev.logprob],
+                                        [(ev.top_logprobs or [])[:spec.top_logprobs]], c.sent_chars)
+        finish = None
+        if ev.finished:
+            c.result = ev.result
+            finish = oa.finish_reason(ev.finish_reason)
+        if ev.text or lp or finish:
+            c.sent_chars += len(ev.text)
+            yield sse({**base, "choices": [{"index": index, "text": ev.text, "logprobs": lp,
+                                            "finish_reason": finish}]})
+    if spec.include_usage:
+        yield sse({**base, "choices": [], "usage": batch_usage(batch)})
+    yield SSE_DONE
+
+
+# ---------------------------------------------------------------------------------------------
+# Sessions API
+# ---------------------------------------------------------------------------------------------
+SESSION_FIELDS = {"system", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                  "presence_penalty", "frequency_penalty", "seed", "stop"}
+MESSAGE_FIELDS = (SESSION_FIELDS - {"system"}) | {"content", "stream"}
+
+
+def session_sampling(body: dict, defaults: dict | None = None) -> dict:
+    out = dict(defaults or {})
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "seed", "stop"):
+        if body.get(name) is not None:
+            out[name] = oa._sampling_fields({name: body[name]})[name]
+    if body.get("max_tokens") is not None:
+        out["max_tokens"] = oa.get_int(body, "max_tokens", None, 1)
+    return out
+
+
+def session_view(state: ServerState, sid: str, s) -> dict:
+    st = s.stats()
+    last = s.results[-1].to_dict() if s.results else None
+    if last is not None:
+        last.pop("token_ids", None)
+    return {"id": sid, "object": "session", "phase": st["phase"], "kv_tier": st["kv_tier"], "turns": st["turns"],
+            "kv_tokens": st["kv_tokens"], "kv_bytes": st["kv_bytes"], "phase_seconds": st["phase_s"],
+            "phase_tokens": st["tokens"], "messages": len(s.messages), "last_turn": last}
+
+
+async def locked(state: ServerState, fn: Callable, *args):
+    """Run ``fn`` in a worker thread under the engine's lock (a consistent view between steps)."""
+    def run():
+        with state.engine._lock:
+            return fn(*args)
+    return await asyncio.to_thread(run)
+
+
+def find_session(state: ServerState, sid: str):
+    s = state.sessions.get(sid)
+    if s is None:
+        raise ApiError(404, f"no session '{sid}' (create one with POST /v1/sessions)", param="session_id",
+                       code="session_not_found")
+    return s
+
+
+async def create_session(state: ServerState, request: HttpRequest) -> Response:
+    body = await read_json(request, state.max_body) if request.headers.get("content-length", "0") != "0" else {}
+    oa.check_fields(body, SESSION_FIELDS | {"model"}, {})
+    if "model" in body:
+        oa.get_model(body, state.served)
+    system = body.get("system")
+    if system is not None and not isinstance(system, str):
+        raise oa.invalid("system", f"'system' must be a string, got {oa._type_name(system)}", "invalid_type")
+    defaults = session_sampling(body)
+    s = state.engine.session(system=system)
+    sid = f"sess_{s.id}"
+    state.sessions[sid] = s
+    state.session_defaults[sid] = defaults
+    return JSONResponse(await locked(state, session_view, state, sid, s), status_code=201)
+
+
+async def post_message(state: ServerState, request: HttpRequest) -> Response:
+    sid = request.path_params["sid"]
+    s = find_session(state, sid)
+    body = await read_json(request, state.max_body)
+    oa.check_fields(body, MESSAGE_FIELDS, {})
+    content = body.get("content")
+    if not isinstance(content, str) or not content:
+        raise oa.invalid("content", "'content' must be a non-empty string: the user's message",
+                         "invalid_type" if not isinstance(content, str) else "invalid_value")
+    stream = oa.get_bool(body, "stream", True)
+    if s.retired:
+        raise ApiError(409, f"session '{sid}' is retired ({s.retire_reason}); create a new one",
+                       param="session_id", code="session_retired")
+    if s.busy:
+        raise ApiError(409, f"session '{sid}' is still answering its previous message; wait for it",
+                       param="session_id", code="session_busy")
+    sampling = session_sampling(body, state.session_defaults.get(sid))
+    new = [{"role": "user", "content": content}]
+    ids = state.engine.tokenizer.encode_chat(s.messages + new, add_generation_prompt=True)
+    max_tokens = state.budget(len(ids), sampling.pop("max_tokens", None), "the conversation")
+    sampling.setdefault("temperature", 0.0)
+    params = SamplingParams(max_tokens=max_tokens, **sampling)
+    batch = state.submit([ids], 1, params, session=s, new_messages=new)
+    if stream:
+        return EventStream(stream_session(state, sid, s, batch), batch)
+    if not await collect(batch, request):
+        return Response(status_code=499)
+    return JSONResponse(await turn_summary(state, sid, s, batch.choices[0].result))
+
+
+async def turn_summary(state: ServerState, sid: str, s, r) -> dict:
+    turn = r.to_dict()
+    turn.pop("token_ids", None)
+    return {"type": "done", "message": {"role": "assistant", "content": r.text},
+            "finish_reason": oa.finish_reason(r.finish_reason),
+            "usage": oa.usage(r.prompt_tokens, len(r.token_ids), r.cached_tokens), "turn": turn,
+            "session": await locked(state, session_view, state, sid, s)}
+
+
+async def stream_session(state: ServerState, sid: str, s, batch: Batch):
+    while not batch.finished:
+        _, ev = await batch.queue.get()
+        if ev.error is not None:
+            yield stream_error(ev.error)
+            return
+        if ev.text:
+            yield sse({"type": "delta", "content": ev.text})
+        if ev.finished:
+            batch.choices[0].result = ev.result
+            yield sse(await turn_summary(state, sid, s, ev.result))
+    yield SSE_DONE
+
+
+async def get_session(state: ServerState, request: HttpRequest) -> Response:
+    sid = request.path_params["sid"]
+    s = find_session(state, sid)
+    return JSONResponse(await locked(state, session_view, state, sid, s))
+
+
+async def list_sessions(state: ServerState, request: HttpRequest) -> Response:
+    items = list(state.sessions.items())
+    data = await locked(state, lambda: [session_view(state, sid, s) for sid, s in items])
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def delete_session(state: ServerState, request: HttpRequest) -> Response:
+    sid = request.path_params["sid"]
+    s = find_session(state, sid)
+    await asyncio.to_thread(s.close)
+    del state.sessions[sid]
+    state.session_defaults.pop(sid, None)
+    view = await locked(state, session_view, state, sid, s)
+    return JSONResponse({"id": sid, "object": "session.deleted", "deleted": True, "session": view})
+
+
+# ---------------------------------------------------------------------------------------------
+# Introspection
+# ---------------------------------------------------------------------------------------------
+async def models(state: ServerState, request: HttpRequest) -> Response:
+    return JSONResponse({"object": "list", "data": [
+        {"id": state.model_id, "object": "model", "created": state.started, "owned_by": "edgellm",
+         "context_length": state.engine.cfg.context_length}]})
+
+
+async def health(state: ServerState, request: HttpRequest) -> Response:
+    ok = state.engine.running_in_background
+    return JSONResponse({"status": "ok" if ok else "unavailable", "model": state.model_id},
+                        status_code=200 if ok else 503)
+
+
+async def metrics(state: ServerState, request: HttpRequest) -> Response:
+    data = await asyncio.to_thread(state.metrics.render)
+    return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def runtime(state: ServerState, request: HttpRequest) -> Response:
+    """What the live page shows: phases, KV blocks, queue, token totals (the page derives tok/s)."""
+    st = await asyncio.to_thread(state.engine.stats)
+    return JSONResponse({"model": state.model_id, "time": time.time(), "sessions_by_phase": st["sessions"]["by_phase"],
+                         "sessions": len(state.sessions), "kv_blocks": st["blocks"], "kv": st["kv"],
+                         "queue_depth": st["scheduler"]["waiting"], "running": st["scheduler"]["running"],
+                         "in_flight": state.in_flight, "tokens": st["tokens"], "requests": st["requests"],
+                         "offload": {k: st["offload"][k] for k in ("host_bytes", "disk_bytes")}})
+
+
+async def index(state: ServerState, request: HttpRequest) -> Response:
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------
+def endpoint(state: ServerState, handler, name: str, auth: bool = True):
+    async def wrapped(request: HttpRequest) -> Response:
+        try:
+            if auth:
+                check_auth(state, request)
+            response = await handler(state, request)
+        except ApiError as err:
+            response = error_response(err)
+        except ContextOverflowError as err:
+            response = error_response(ApiError(400, str(err), code="context_length_exceeded"))
+        except EdgeLLMError as err:
+            response = error_response(ApiError(400, str(err), code="invalid_value"))
+        except Exception:
+            log.exception("internal error on %s", name)
+            response = error_response(ApiError(500, "internal server error (see the server's log)",
+                                               code="internal_error", type="server_error"))
+        state.metrics.http.labels(name, str(getattr(response, "status_code", 200))).inc()
+        return response
+
+    return wrapped
+
+
+def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (), api_key: str | None = None,
+               max_queue: int = 256, max_body: int = DEFAULT_MAX_BODY, close_engine: bool = True) -> Starlette:
+    """The server over ``engine`` (started by the app's lifespan; closed at shutdown if ``close_engine``)."""
+    state = ServerState(engine, model_id, tuple(a for a in aliases if a), api_key, max_queue, max_body)
+
+    def ep(handler, name, auth=True):
+        return endpoint(state, handler, name, auth)
+
+    routes = [
+        Route("/v1/chat/completions", ep(lambda s, r: generation(s, r, "chat"), "chat"), methods=["POST"]),
+        Route("/v1/completions", ep(lambda s, r: generation(s, r, "completion"), "completions"), methods=["POST"]),
+        Route("/v1/models", ep(models, "models"), methods=["GET"]),
+        Route("/v1/sessions", ep(create_session, "sessions_create"), methods=["POST"]),
+        Route("/v1/sessions", ep(list_sessions, "sessions_list"), methods=["GET"]),
+        Route("/v1/sessions/{sid}", ep(get_session, "sessions_get"), methods=["GET"]),
+        Route("/v1/sessions/{sid}", ep(delete_session, "sessions_delete"), methods=["DELETE"]),
+        Route("/v1/sessions/{sid}/messages", ep(post_message, "sessions_message"), methods=["POST"]),
+        Route("/v1/runtime", ep(runtime, "runtime"), methods=["GET"]),
+        Route("/health", ep(health, "health", auth=False), methods=["GET"]),
+        Route("/metrics", ep(metrics, "metrics", auth=False), methods=["GET"]),
+        Route("/", ep(index, "index", auth=False), methods=["GET"]),
+    ]
+
+    async def http_error(request: HttpRequest, exc: HTTPException) -> Response:
+        what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return error_response(ApiError(exc.status_code, what.get(exc.status_code, str(exc.detail)),
+                                       code="not_found" if exc.status_code == 404 else None))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state.loop = asyncio.get_running_loop()
+        engine.start()
+        try:
+            yield
+        finally:
+            if close_engine:
+                await asyncio.to_thread(engine.close)
+            else:
+                await asyncio.to_thread(engine.stop)
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    app.state.server = state
+    return app

@@ -1,0 +1,71 @@
+"""`edgellm serve`: the OpenAI-compatible HTTP server (see docs/serving.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from edgellm.commands.common import add_model_arguments
+
+HELP = ("serve a model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions), a sessions API, "
+        "Prometheus metrics (/metrics) and a live page (/)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("EDGELLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $EDGELLM_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send and /v1/models lists (default: the model's registry name "
+                        "or file name)")
+    p.add_argument("--kv-memory", default="256MB", metavar="SIZE",
+                   help="KV cache pool size, e.g. 512MB or 2GB (default 256MB); a larger load queues, "
+                        "preempts or offloads")
+    p.add_argument("--host-memory", default=None, metavar="SIZE",
+                   help="host-memory budget for KV offloaded out of the pool (default: as large as the pool)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="most completions in flight (running or waiting); beyond it requests get 429 "
+                        "with Retry-After (default 256)")
+    p.add_argument("--max-batch-tokens", type=int, default=512,
+                   help="tokens per engine step (decode rows + prefill chunks; default 512)")
+    p.add_argument("--max-body", default="1MB", metavar="SIZE",
+                   help="largest request body accepted; larger ones get 413 (default 1MB)")
+    p.add_argument("--session-idle-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="retire sessions idle this long (default 1800; 0 keeps them)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log level (default info)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgellm.errors import InvalidParameterError
+    from edgellm.runtime.engine import parse_size
+
+    if not 0 < args.port < 65536:
+        raise InvalidParameterError(f"--port must be between 1 and 65535, got {args.port}", "pass e.g. --port 8000")
+    if args.max_queue < 1:
+        raise InvalidParameterError(f"--max-queue must be at least 1, got {args.max_queue}", "pass e.g. --max-queue 256")
+    if args.api_key is not None and not args.api_key.strip():
+        raise InvalidParameterError("--api-key is empty", "pass a non-empty key, or leave --api-key out")
+    max_body = parse_size(args.max_body, "--max-body")
+    if max_body < 1024:
+        raise InvalidParameterError(f"--max-body {args.max_body!r} is under 1 KiB", "pass e.g. --max-body 1MB")
+
+    import uvicorn
+
+    from edgellm.llm import LLM
+    from edgellm.runtime.engine import Engine
+    from edgellm.serve.app import create_app
+
+    llm = LLM(args.model, dtype=args.dtype, threads=args.threads)
+    engine = Engine(llm, kv_memory=args.kv_memory, host_memory=args.host_memory,
+                    max_batch_tokens=args.max_batch_tokens,
+                    idle_retire_s=args.session_idle_timeout or None)
+    model_id = args.served_model_name or llm.loaded.source.name
+    aliases = (args.model,) if args.model and args.model != model_id else ()
+    app = create_app(engine, model_id, aliases, api_key=args.api_key, max_queue=args.max_queue, max_body=max_body)
+    print(f"edgellm serve: {model_id} on http://{args.host}:{args.port}  (KV pool {engine.num_blocks} blocks, "
+          f"{engine.pool_tokens} tokens; live page at /, metrics at /metrics)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0

@@ -1,0 +1,346 @@
+"""The OpenAI wire format: request validation and response shaping, with no I/O.
+
+Requests arrive as parsed JSON objects. :func:`parse_chat` and :func:`parse_completion` check
+every field against what OpenAI's API accepts -- type, range, and whether this server supports it
+-- and turn the body into a :class:`GenerationSpec`; anything wrong raises :class:`ApiError` with
+the HTTP status, OpenAI's error ``type``/``code`` and the offending ``param``, so the server
+answers 4xx and never 500 for bad input.
+
+Fields fall in four groups:
+
+* supported: ``model``, ``messages``/``prompt``, ``max_tokens``, ``max_completion_tokens``,
+  ``temperature``, ``top_p``, ``n``, ``stop``, ``seed``, ``presence_penalty``,
+  ``frequency_penalty``, ``logprobs``, ``top_logprobs``, ``stream``, ``stream_options``;
+* extensions (as vLLM names them): ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``;
+* accepted and ignored (they change nothing in the output): ``user``, ``metadata``, ``store``,
+  ``service_tier``, ``parallel_tool_calls``;
+* OpenAI features this server does not implement (``tools``, ``logit_bias``, ``response_format``
+  other than text, ...): refused with 400 unless given their neutral value;
+* anything else: refused with 400 "unrecognized request argument", as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_N = 16                  # completions per request
+MAX_STOP = 4                # stop strings, as OpenAI allows
+MAX_TOP_LOGPROBS_CHAT = 20
+MAX_LOGPROBS_COMPLETION = 5
+MAX_PROMPTS = 64            # prompts in one /v1/completions batch
+
+IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+# field -> its neutral value(s): given anything else, the request asks for a feature we lack.
+UNSUPPORTED_CHAT = {"tools": ([], None), "tool_choice": ("none", None), "functions": ([], None),
+                    "function_call": ("none", None), "logit_bias": ({}, None), "audio": (None,),
+                    "modalities": (["text"], None), "prediction": (None,), "reasoning_effort": (None,),
+                    "web_search_options": (None,), "response_format": ({"type": "text"}, None)}
+UNSUPPORTED_COMPLETION = {"logit_bias": ({}, None), "suffix": (None, ""), "echo": (False, None),
+                          "best_of": (1, None)}
+
+CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
+               "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "stream",
+               "stream_options", "top_k", "min_p", "repetition_penalty", "ignore_eos"}
+COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
+                     "presence_penalty", "frequency_penalty", "logprobs", "stream", "stream_options", "top_k",
+                     "min_p", "repetition_penalty", "ignore_eos"}
+ROLES = {"system", "developer", "user", "assistant"}
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+# ---------------------------------------------------------------------------------------------
+# Field readers
+# ---------------------------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _type_name(v) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
+            int: "integer", float: "number"}.get(type(v), type(v).__name__)
+
+
+def get_int(body: dict, name: str, default, lo: int | None = None, hi: int | None = None):
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, float) and v.is_integer():   # 16.0 is a fine max_tokens in JSON
+        v = int(v)
+    if not _is_int(v):
+        raise invalid(name, f"'{name}' must be an integer, got {_type_name(v)} {v!r}", "invalid_type")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else (f"<= {hi}" if lo is None else f"between {lo} and {hi}")
+        raise invalid(name, f"'{name}' must be {rng}, got {v}")
+    return int(v)
+
+
+def get_num(body: dict, name: str, default, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not _is_num(v) or not math.isfinite(float(v)):
+        raise invalid(name, f"'{name}' must be a finite number, got {_type_name(v)} {v!r}", "invalid_type")
+    v = float(v)
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise invalid(name, f"'{name}' must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise invalid(name, f"'{name}' must be <= {hi}, got {v}")
+    return v
+
+
+def get_bool(body: dict, name: str, default: bool) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise invalid(name, f"'{name}' must be true or false, got {_type_name(v)} {v!r}", "invalid_type")
+    return v
+
+
+def check_fields(body: dict, allowed: set[str], unsupported: dict[str, tuple]) -> None:
+    for name, value in body.items():
+        if name in allowed or name in IGNORED:
+            continue
+        if name in unsupported:
+            if value in unsupported[name]:
+                continue
+            raise invalid(name, f"'{name}' is not supported by this server (edgellm)", "unsupported_parameter")
+        raise invalid(name, f"Unrecognized request argument supplied: '{name}'", "unknown_parameter")
+
+
+def get_model(body: dict, served: set[str]) -> str:
+    model = body.get("model")
+    if model is None:
+        raise invalid("model", "'model' is required: name the model to use (see GET /v1/models)", "missing_required_parameter")
+    if not isinstance(model, str):
+        raise invalid("model", f"'model' must be a string, got {_type_name(model)}", "invalid_type")
+    if model not in served:
+        raise ApiError(404, f"The model '{model}' does not exist on this server; it serves "
+                            f"{', '.join(sorted(served))} (see GET /v1/models)", "model", "model_not_found")
+    return model
+
+
+def get_stop(body: dict) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise invalid("stop", "'stop' must be a string or an array of strings", "invalid_type")
+    if len(v) > MAX_STOP:
+        raise invalid("stop", f"'stop' may hold at most {MAX_STOP} strings, got {len(v)}")
+    if any(s == "" for s in v):
+        raise invalid("stop", "'stop' strings must not be empty")
+    return v
+
+
+def get_stream_options(body: dict, stream: bool) -> bool:
+    """Whether the stream ends with a usage chunk."""
+    v = body.get("stream_options")
+    if v is None:
+        return False
+    if not stream:
+        raise invalid("stream_options", "'stream_options' is only allowed when 'stream' is true")
+    if not isinstance(v, dict):
+        raise invalid("stream_options", f"'stream_options' must be an object, got {_type_name(v)}", "invalid_type")
+    for k in v:
+        if k not in ("include_usage", "continuous_usage_stats", "include_obfuscation"):
+            raise invalid("stream_options", f"Unrecognized stream option: '{k}'", "unknown_parameter")
+    return get_bool(v, "include_usage", False) if "include_usage" in v else False
+
+
+# ---------------------------------------------------------------------------------------------
+# What to generate
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class GenerationSpec:
+    """A validated request: the prompts (chat messages or text/token ids), sampling and output options."""
+
+    kind: str                               # "chat" or "completion"
+    model: str
+    prompts: list                           # chat: one list of messages; completion: str or list[int] each
+    max_tokens: int | None
+    sampling: dict = field(default_factory=dict)   # SamplingParams keyword arguments (no max_tokens)
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+def _sampling_fields(body: dict) -> dict:
+    return dict(
+        temperature=get_num(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=get_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        top_k=get_int(body, "top_k", 0, 0) if body.get("top_k") != -1 else 0,   # vLLM's -1 = off
+        min_p=get_num(body, "min_p", 0.0, 0.0, 1.0),
+        repetition_penalty=get_num(body, "repetition_penalty", 1.0, 0.0, lo_open=True),
+        presence_penalty=get_num(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=get_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        seed=get_int(body, "seed", None, -(2 ** 63), 2 ** 64 - 1),
+        stop=get_stop(body),
+        ignore_eos=get_bool(body, "ignore_eos", False),
+    )
+
+
+def _message_text(i: int, content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else _type_name(part)
+                raise invalid(f"messages[{i}].content[{j}]",
+                              f"only text content parts are supported, got {kind!r}: this model reads text only")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise invalid(f"messages[{i}].content", f"a message's content must be a string or an array of text parts, "
+                                             f"got {_type_name(content)}", "invalid_type")
+
+
+def parse_messages(v) -> list[dict]:
+    if v is None:
+        raise invalid("messages", "'messages' is required: a non-empty array of {role, content} objects",
+                      "missing_required_parameter")
+    if not isinstance(v, list):
+        raise invalid("messages", f"'messages' must be an array, got {_type_name(v)}", "invalid_type")
+    if not v:
+        raise invalid("messages", "'messages' must not be empty: give at least one user message")
+    out = []
+    for i, m in enumerate(v):
+        if not isinstance(m, dict):
+            raise invalid(f"messages[{i}]", f"each message must be an object, got {_type_name(m)}", "invalid_type")
+        role = m.get("role")
+        if role not in ROLES:
+            raise invalid(f"messages[{i}].role", f"role must be one of {sorted(ROLES)}, got {role!r}")
+        for k in m:
+            if k not in ("role", "content", "name"):
+                raise invalid(f"messages[{i}].{k}", f"message field '{k}' is not supported by this server")
+        if "content" not in m or m["content"] is None:
+            raise invalid(f"messages[{i}].content", "a message needs 'content'", "missing_required_parameter")
+        out.append({"role": "system" if role == "developer" else role, "content": _message_text(i, m["content"])})
+    return out
+
+
+def parse_chat(body: dict, served: set[str]) -> GenerationSpec:
+    check_fields(body, CHAT_FIELDS, UNSUPPORTED_CHAT)
+    model = get_model(body, served)
+    messages = parse_messages(body.get("messages"))
+    max_tokens = get_int(body, "max_completion_tokens", None, 1)
+    if max_tokens is None:
+        max_tokens = get_int(body, "max_tokens", None, 1)
+    stream = get_bool(body, "stream", False)
+    logprobs = get_bool(body, "logprobs", False)
+    top = get_int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS_CHAT)
+    if top and not logprobs:
+        raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    return GenerationSpec("chat", model, [messages], max_tokens, _sampling_fields(body),
+                          n=get_int(body, "n", 1, 1, MAX_N), stream=stream,
+                          include_usage=get_stream_options(body, stream), logprobs=logprobs, top_logprobs=top)
+
+
+def parse_prompts(v) -> list:
+    """``prompt``: a string, an array of strings, an array of token ids, or an array of such arrays."""
+    if v is None:
+        raise invalid("prompt", "'prompt' is required", "missing_required_parameter")
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list) and v:
+        if all(isinstance(p, str) for p in v):
+            prompts = list(v)
+        elif all(_is_int(t) for t in v):
+            prompts = [[int(t) for t in v]]
+        elif all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in v):
+            prompts = [[int(t) for t in p] for p in v]
+        else:
+            raise invalid("prompt", "'prompt' must be a string, an array of strings, an array of token ids, "
+                                    "or an array of token-id arrays", "invalid_type")
+        if len(prompts) > MAX_PROMPTS:
+            raise invalid("prompt", f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+        return prompts
+    if isinstance(v, list):
+        raise invalid("prompt", "'prompt' must not be empty")
+    raise invalid("prompt", f"'prompt' must be a string or an array, got {_type_name(v)}", "invalid_type")
+
+
+def parse_completion(body: dict, served: set[str]) -> GenerationSpec:
+    check_fields(body, COMPLETION_FIELDS, UNSUPPORTED_COMPLETION)
+    model = get_model(body, served)
+    prompts = parse_prompts(body.get("prompt"))
+    stream = get_bool(body, "stream", False)
+    top = get_int(body, "logprobs", None, 0, MAX_LOGPROBS_COMPLETION)
+    return GenerationSpec("completion", model, prompts, get_int(body, "max_tokens", 16, 1), _sampling_fields(body),
+                          n=get_int(body, "n", 1, 1, MAX_N), stream=stream,
+                          include_usage=get_stream_options(body, stream), logprobs=top is not None,
+                          top_logprobs=top or 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+# ---------------------------------------------------------------------------------------------
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def finish_reason(reason: str) -> str:
+    # The engine's "cancelled" never reaches a client that is still listening, except on shutdown.
+    return reason if reason in ("stop", "length") else "stop"
+
+
+def chat_logprob_entries(token_text, ids: list[int], lps: list[float], tops: list) -> list[dict]:
+    out = []
+    for tid, lp, top in zip(ids, lps, tops):
+        t = token_text(tid)
+        out.append({"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
+                    "top_logprobs": [{"token": (a := token_text(i)), "logprob": v, "bytes": list(a.encode("utf-8"))}
+                                     for i, v in (top or [])]})
+    return out
+
+
+def completion_logprobs(token_text, ids: list[int], lps: list[float], tops: list, offset0: int = 0) -> dict:
+    tokens = [token_text(t) for t in ids]
+    offsets, pos = [], offset0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": list(lps),
+            "top_logprobs": [{token_text(i): v for i, v in (top or [])} for top in tops],
+            "text_offset": offsets}
