@@ -64,8 +64,10 @@ def test_profile_decode_splits_the_step(tiny_run):
     assert prof["steps"] == 3
     assert prof["step_ms_median"] > 0 and prof["matmul_calls_per_step"] > 0
     f = prof["fractions"]
-    assert f["matmul"] > 0 and f["attention"] > 0
-    assert f["matmul"] + f["attention"] + f["other_in_forward"] + f["outside_forward"] == pytest.approx(1.0)
+    assert f["matmul"] > 0    # the lm_head at least
+    assert f["attention"] > 0 or f["native_blocks"] > 0    # per-op path or the fused native one
+    parts = ("matmul", "attention", "native_blocks", "other_in_forward", "outside_forward")
+    assert sum(f[k] for k in parts) == pytest.approx(1.0)
     assert 0 <= f["lm_head"] <= f["matmul"]
 
 

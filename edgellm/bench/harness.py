@@ -472,6 +472,9 @@ def format_report(s: dict, out: TextIO) -> None:
         w(f"    attention               {100 * f['attention']:5.1f}%  ({prof['attention_ms_median']:.2f} ms median: "
           f"the model's attention call: {', '.join(prof.get('attention_functions', []))}, "
           f"with RoPE and the KV write where fused into it)\n")
+        if f.get("native_blocks"):
+            w(f"    fused native blocks     {100 * f['native_blocks']:5.1f}%  ({prof['blocks_ms_median']:.2f} ms median: "
+              f"all transformer blocks in one C++ call -- their matmuls, norms, RoPE, KV write, attention)\n")
         w(f"    rest of the forward     {100 * f['other_in_forward']:5.1f}%  ({prof['other_ms_median']:.2f} ms median: "
           f"Python, norms, SiLU, embedding, small tensors)\n")
         w(f"    outside the forward     {100 * f['outside_forward']:5.1f}%  (greedy pick, detokenisation, stop checks)\n")

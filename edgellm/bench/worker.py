@@ -219,7 +219,7 @@ def profile_decode(llm, ids: list[int], steps: int) -> dict:
     from edgellm.sampling import SamplingParams
 
     clock = time.perf_counter
-    acc = {"matmul": 0.0, "lm_head": 0.0, "attention": 0.0, "matmul_calls": 0}
+    acc = {"matmul": 0.0, "lm_head": 0.0, "attention": 0.0, "blocks": 0.0, "matmul_calls": 0}
     depth = [0]
     forwards: list[dict] = []
     lm_head = llm.loaded.model.weights.lm_head
@@ -273,6 +273,18 @@ def profile_decode(llm, ids: list[int], steps: int) -> dict:
         setattr(llama_mod, name, timed_attention(orig))
     saved.append((ModelRunner, "run", orig_run))
     ModelRunner.run = timed_run
+    # The fused decode path: every block's matmuls, norms and attention in one native call.
+    if hasattr(llama_mod.LlamaModel, "_decode_blocks_native"):
+        orig_blocks = llama_mod.LlamaModel._decode_blocks_native
+        saved.append((llama_mod.LlamaModel, "_decode_blocks_native", orig_blocks))
+
+        def timed_blocks(self, *a, **k):
+            t = clock()
+            try:
+                return orig_blocks(self, *a, **k)
+            finally:
+                acc["blocks"] += clock() - t
+        llama_mod.LlamaModel._decode_blocks_native = timed_blocks
     try:
         n_new = min(steps + 1, llm.cfg.context_length - len(ids))
         c = llm.generate(ids, SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True))
@@ -287,6 +299,7 @@ def profile_decode(llm, ids: list[int], steps: int) -> dict:
     matmul = sum(f["matmul"] for f in decode)
     lm = sum(f["lm_head"] for f in decode)
     attn = sum(f["attention"] for f in decode)
+    blocks = sum(f["blocks"] for f in decode)
     token_time = max(c.decode_s, total)      # forward passes + everything between them
     outside = token_time - total
     med = statistics.median
@@ -298,7 +311,8 @@ def profile_decode(llm, ids: list[int], steps: int) -> dict:
         "matmul_ms_median": 1e3 * med(f["matmul"] for f in decode),
         "lm_head_ms_median": 1e3 * med(f["lm_head"] for f in decode),
         "attention_ms_median": 1e3 * med(f["attention"] for f in decode),
-        "other_ms_median": 1e3 * med(f["total"] - f["matmul"] - f["attention"] for f in decode),
+        "blocks_ms_median": 1e3 * med(f["blocks"] for f in decode),
+        "other_ms_median": 1e3 * med(f["total"] - f["matmul"] - f["attention"] - f["blocks"] for f in decode),
         "matmul_calls_per_step": decode[0]["matmul_calls"],
         "attention_functions": attn_names,
         # fractions of the whole per-token time (they add up to 1)
@@ -306,7 +320,8 @@ def profile_decode(llm, ids: list[int], steps: int) -> dict:
             "matmul": matmul / token_time,
             "lm_head": lm / token_time,            # part of matmul
             "attention": attn / token_time,
-            "other_in_forward": (total - matmul - attn) / token_time,
+            "native_blocks": blocks / token_time,
+            "other_in_forward": (total - matmul - attn - blocks) / token_time,
             "outside_forward": outside / token_time,
         },
     }

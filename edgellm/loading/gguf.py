@@ -75,6 +75,21 @@ class GGUFTensor:
     def nbytes(self) -> int:
         return int(self.data.nbytes)
 
+    def release(self) -> None:
+        """Drop this tensor's file pages from the process's resident memory (after a loader has
+        copied them): otherwise the mapped file stays counted in RSS next to the copy, and peak
+        memory while loading is the file plus the weights. Reading ``data`` again re-faults it."""
+        mm = getattr(self.data.base, "_mmap", None) or getattr(self.data, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        start = self.offset // page * page
+        end = -(-(self.offset + self.nbytes) // page) * page
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(mm)) - start)
+        except (OSError, ValueError):   # an advice, not a requirement
+            pass
+
     def dequantize(self) -> torch.Tensor:
         """The tensor as float32, shape ``self.shape``."""
         if self.ggml_type not in gguf_blocks.BLOCK_ELEMS:

@@ -52,10 +52,20 @@ class _GGUFSource:
         return t
 
     def vector(self, name: str) -> torch.Tensor:
-        return self._tensor(name).dequantize().float().reshape(-1)
+        t = self._tensor(name)
+        out = t.dequantize().float().reshape(-1)
+        t.release()
+        return out
 
     def matrix(self, name: str, expect: tuple[int, int], rope_heads: int | None = None) -> Weight:
         t = self._tensor(name)
+        try:
+            return self._matrix(t, expect, rope_heads)
+        finally:
+            t.release()   # copied: its file pages need not stay resident
+
+    def _matrix(self, t, expect: tuple[int, int], rope_heads: int | None) -> Weight:
+        name = t.name
         if tuple(t.shape) != expect:
             raise ModelFormatError(f"{self.gf.path}: tensor '{name}' has shape {tuple(t.shape)}, expected {expect}",
                                    "the tensor shapes contradict the file's own metadata; re-export the model")
