@@ -243,9 +243,16 @@ def test_measured_next_to_predicted():
         measure.compare(a, {"attention_block": 1.0})
 
 
-def test_measure_flag_says_engine_needed(capsys):
+def test_measure_refuses_a_chip_other_than_this_machine(capsys):
+    # refused before any model is loaded or anything measured (--measure itself: tests/test_roofline_profile.py)
     code, _, err = run(capsys, "--model", "SmolLM2-135M", "--hardware", "A6000", "--measure")
-    assert code == 2 and "engine" in err
+    assert code == 2 and "times this machine" in err and "A6000" in err
+    assert not hwmod.local_cache_path().exists()
+
+
+def test_repeat_without_measure_refused(capsys):
+    code, _, err = run(capsys, "--model", "SmolLM2-135M", "--hardware", "A6000", "--repeat", "3")
+    assert code == 2 and "--repeat only applies to --measure" in err
 
 
 # ---- plots ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ EPILOG = """examples:
   edgellm analyze --model path/to/model.gguf --hardware RTX-4090 --plan
   edgellm analyze --model Llama-3-8B --hardware H100-SXM --crossover
   edgellm analyze --model Mistral-7B --hardware my_chip.yaml --plot roofline.png --plot-layers layers.png
+  edgellm analyze --measure --model smollm2-135m --seq-len 256      # time the real engine here, op by op
 """
 
 
@@ -24,19 +25,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hardware", metavar="HW",
                         help="a table name (e.g. A6000, H100-SXM, RK3588), a YAML/JSON hardware file, or 'local' "
                              "(this machine, measured once and cached)")
-    parser.add_argument("--phase", choices=("prefill", "decode"), default="decode",
+    parser.add_argument("--phase", choices=("prefill", "decode"), default=None,
                         help="prefill (the prompt; its time is the time to first token) or decode (one new token "
-                             "per sequence); default decode")
+                             "per sequence); default decode (with --measure: both)")
     parser.add_argument("--batch", type=int, default=1, help="sequences processed together (default 1)")
     parser.add_argument("--seq-len", type=int, default=512,
                         help="prefill: prompt tokens; decode: tokens already in the KV cache (default 512)")
-    parser.add_argument("--weight-bits", type=float, default=16,
+    parser.add_argument("--weight-bits", type=float, default=None,
                         help="bits per weight: 1.58, 2, 3, 4, 4.5, 5, 6, 8, 8.5, 16, 32 (default 16)")
-    parser.add_argument("--act-bits", type=float, default=16, help="bits per activation: 4, 8, 16, 32 (default 16)")
+    parser.add_argument("--act-bits", type=float, default=None, help="bits per activation: 4, 8, 16, 32 (default 16)")
     parser.add_argument("--kv-bits", type=float, default=None,
                         help="bits per KV-cache element: 2, 4, 8, 16, 32 (default: the activation bits)")
-    parser.add_argument("--attention", choices=("unfused", "fused"), default="unfused",
-                        help="unfused: the score matrix goes through memory (default); fused: FlashAttention")
+    parser.add_argument("--attention", choices=("unfused", "fused"), default=None,
+                        help="unfused: the score matrix goes through memory (default); fused: FlashAttention "
+                             "(the default with --measure: the engine's attention is fused)")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
     parser.add_argument("--per-block", action="store_true",
                         help="table: show one block's figures instead of the whole model's")
@@ -52,7 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remeasure", action="store_true",
                         help="with --hardware local: measure this machine again instead of using the cache")
     parser.add_argument("--measure", action="store_true",
-                        help="time the real engine layer by layer next to the prediction (needs the engine)")
+                        help="run the real engine on this machine (--model: a .gguf, a model folder or a registry "
+                             "name; default smollm2-135m), time each op type in prefill and decode, and print "
+                             "measured time, achieved bytes/s and ops/s and the fraction of the roofline reached "
+                             "next to the prediction for --hardware local")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="with --measure: forward passes timed per phase, medians reported (default 5)")
 
 
 def _log(msg: str) -> None:
@@ -73,13 +80,16 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.roofline.zoo import resolve_model
 
     if args.measure:
-        raise InvalidParameterError("--measure times the engine's layers, and the engine cannot be timed yet",
-                                    "use the predictive analysis (without --measure) for now")
-    weight_bits = _int_bits(args.weight_bits)
-    act_bits = _int_bits(args.act_bits)
+        return _run_measure(args)
+    if args.repeat is not None:
+        raise InvalidParameterError("--repeat only applies to --measure", "add --measure, or leave --repeat out")
+    phase = args.phase or "decode"
+    attention = args.attention or "unfused"
+    weight_bits = _int_bits(16 if args.weight_bits is None else args.weight_bits)
+    act_bits = _int_bits(16 if args.act_bits is None else args.act_bits)
     kv_bits = _int_bits(args.kv_bits) if args.kv_bits is not None else act_bits
     validate_bits(weight_bits, act_bits, kv_bits)
-    validate_shape(args.phase, args.batch, args.seq_len)
+    validate_shape(phase, args.batch, args.seq_len)
     cfg = resolve_model(args.model)
     hw = resolve_hardware(args.hardware, remeasure=args.remeasure, log=_log)
 
@@ -111,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(an.format_crossover(cfg, hw, rows, args.batch))
     else:
-        analysis = an.analyze(cfg, hw, args.phase, args.batch, args.seq_len, weight_bits, act_bits, kv_bits,
-                              args.attention)
+        analysis = an.analyze(cfg, hw, phase, args.batch, args.seq_len, weight_bits, act_bits, kv_bits,
+                              attention)
         if args.format == "json":
             print(an.format_json(analysis.to_dict()))
         elif args.format == "csv":
@@ -124,11 +134,56 @@ def run(args: argparse.Namespace) -> int:
         from edgellm.roofline import plot
 
         both = [an.analyze(cfg, hw, "prefill", args.batch, max(args.seq_len, 1), weight_bits, act_bits, kv_bits,
-                           args.attention),
+                           attention),
                 an.analyze(cfg, hw, "decode", args.batch, args.seq_len, weight_bits, act_bits, kv_bits,
-                           args.attention)]
+                           attention)]
         if args.plot:
             _log(f"wrote {plot.plot_roofline(both, args.plot)}")
         if args.plot_layers:
             _log(f"wrote {plot.plot_layers(both, args.plot_layers)}")
+    return 0
+
+
+def _run_measure(args: argparse.Namespace) -> int:
+    """``--measure``: the engine on this machine, op by op, next to the roofline of ``--hardware local``."""
+    from edgellm.errors import InvalidParameterError
+    from edgellm.roofline import profile
+    from edgellm.roofline.analyze import format_json
+    from edgellm.roofline.hardware import lookup_builtin, resolve_hardware
+
+    refused = [flag for flag, value in (("--plan", args.plan), ("--crossover", args.crossover),
+                                        ("--per-block", args.per_block), ("--plot", args.plot),
+                                        ("--plot-layers", args.plot_layers),
+                                        ("--weight-bits", args.weight_bits is not None),
+                                        ("--act-bits", args.act_bits is not None),
+                                        ("--kv-bits", args.kv_bits is not None)) if value]
+    if refused:
+        raise InvalidParameterError(f"--measure cannot be combined with {', '.join(refused)}",
+                                    "--measure runs the model in its own formats (the bit widths come from its "
+                                    "weights); run the predictive analysis separately for the rest")
+    if args.batch != 1:
+        raise InvalidParameterError(f"--measure times one sequence, got --batch {args.batch}", "leave --batch out")
+    if args.hardware and lookup_builtin(args.hardware) is not None:
+        raise InvalidParameterError(
+            f"--measure times this machine, so its prediction cannot be for '{args.hardware}'",
+            "leave --hardware out (or pass 'local'), or give a YAML/JSON file describing this machine")
+    repeats = profile.DEFAULT_REPEATS if args.repeat is None else args.repeat
+    if repeats < 1:
+        raise InvalidParameterError(f"--repeat must be at least 1, got {repeats}", "pass --repeat 1 or more")
+    if args.seq_len < 0:
+        raise InvalidParameterError(f"sequence length must be a non-negative integer, got {args.seq_len}",
+                                    "pass --seq-len 0 or more")
+    phases = (args.phase,) if args.phase else ("prefill", "decode")
+    hw = resolve_hardware(args.hardware or "local", remeasure=args.remeasure, log=_log)
+
+    from edgellm.loading.load import load_model
+
+    loaded = load_model(args.model)
+    report = profile.measure_model(loaded, hw, phases, args.seq_len, repeats, args.attention or "fused", log=_log)
+    if args.format == "json":
+        print(format_json(report))
+    elif args.format == "csv":
+        print(profile.format_csv(report), end="")
+    else:
+        print(profile.format_table(report))
     return 0
