@@ -190,10 +190,12 @@ def cli(monkeypatch, capsys, tmp_path):
     return run
 
 
-def test_cli_json_csv_table(cli, tiny_path):
+def test_cli_json_csv_table_plot(cli, tiny_path, tmp_path):
+    png = tmp_path / "measured.png"
     code, out, err = cli("--model", str(tiny_path), "--seq-len", "8", "--repeat", "1", "--phase", "decode",
-                         "--format", "json")
+                         "--format", "json", "--plot", str(png))
     assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     data = json.loads(out)
     assert data["hardware"] == "test chip" and [p["phase"] for p in data["phases"]] == ["decode"]
     assert data["phases"][0]["layers"][2]["layers"] == ["q_proj", "k_proj", "v_proj"]
@@ -214,6 +216,9 @@ def test_cli_json_csv_table(cli, tiny_path):
     (["--seq-len", "-3"], "non-negative"),
     (["--seq-len", "64"], "context window is 64"),
     (["--seq-len", "0", "--phase", "prefill"], "at least 1 token"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--plot", "/no/such/folder/r.png"], "does not exist"),
+    (["--plot", "roofline.bmpx"], "image format"),
 ])
 def test_cli_bad_input(cli, tiny_path, argv, message):
     code, _, err = cli("--model", str(tiny_path), *argv)

@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crossover", action="store_true",
                         help="the context length at which attention costs as much as the linear layers")
     parser.add_argument("--plot", metavar="FILE",
-                        help="write a log-log roofline of the hardware with every layer of prefill and decode")
+                        help="write a log-log roofline of the hardware with every layer of prefill and decode "
+                             "(with --measure: each engine op where the roofline puts it and where it ran)")
     parser.add_argument("--plot-layers", metavar="FILE",
                         help="write parameters and operations per layer across the model's depth")
     parser.add_argument("--remeasure", action="store_true",
@@ -58,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "name; default smollm2-135m), time each op type in prefill and decode, and print "
                              "measured time, achieved bytes/s and ops/s and the fraction of the roofline reached "
                              "next to the prediction for --hardware local")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="with --hardware local or --measure: torch/OpenMP threads to measure with "
+                             "(default: torch's current count)")
     parser.add_argument("--repeat", type=int, default=None,
                         help="with --measure: forward passes timed per phase, medians reported (default 5)")
 
@@ -79,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.roofline.layers import validate_bits, validate_shape
     from edgellm.roofline.zoo import resolve_model
 
+    if args.threads is not None:
+        from edgellm.llm import set_threads
+
+        set_threads(args.threads)
     if args.measure:
         return _run_measure(args)
     if args.repeat is not None:
@@ -152,8 +160,7 @@ def _run_measure(args: argparse.Namespace) -> int:
     from edgellm.roofline.hardware import lookup_builtin, resolve_hardware
 
     refused = [flag for flag, value in (("--plan", args.plan), ("--crossover", args.crossover),
-                                        ("--per-block", args.per_block), ("--plot", args.plot),
-                                        ("--plot-layers", args.plot_layers),
+                                        ("--per-block", args.per_block), ("--plot-layers", args.plot_layers),
                                         ("--weight-bits", args.weight_bits is not None),
                                         ("--act-bits", args.act_bits is not None),
                                         ("--kv-bits", args.kv_bits is not None)) if value]
@@ -173,6 +180,10 @@ def _run_measure(args: argparse.Namespace) -> int:
     if args.seq_len < 0:
         raise InvalidParameterError(f"sequence length must be a non-negative integer, got {args.seq_len}",
                                     "pass --seq-len 0 or more")
+    if args.plot:
+        from edgellm.roofline.plot import check_path
+
+        check_path(args.plot)
     phases = (args.phase,) if args.phase else ("prefill", "decode")
     hw = resolve_hardware(args.hardware or "local", remeasure=args.remeasure, log=_log)
 
@@ -186,4 +197,8 @@ def _run_measure(args: argparse.Namespace) -> int:
         print(profile.format_csv(report), end="")
     else:
         print(profile.format_table(report))
+    if args.plot:
+        from edgellm.roofline import plot
+
+        _log(f"wrote {plot.plot_measured(report, hw, args.plot)}")
     return 0

@@ -21,13 +21,19 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path | str) -> Path:
+def check_path(path: Path | str) -> Path:
+    """The plot's path, refused (before any work) if its format or folder is wrong."""
     path = Path(path)
     if path.suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
         raise InvalidParameterError(f"cannot tell the image format of '{path}'",
                                     "end the plot's file name in .png, .svg or .pdf")
     if path.parent and not path.parent.exists():
         raise InvalidParameterError(f"folder {path.parent} does not exist", "create it, or write the plot elsewhere")
+    return path
+
+
+def _save(fig, path: Path | str) -> Path:
+    path = check_path(path)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     return path
 
@@ -173,6 +179,54 @@ def plot_layers(analyses, path: Path | str) -> Path:
     ax3.legend(fontsize=8)
     ax3.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_measured(report: dict, hw, path: Path | str) -> Path:
+    """The roofline of ``hw`` with each engine op of an ``analyze --measure`` report twice: where the
+    roofline puts it (hollow, at its attainable performance) and where it ran (filled, at its achieved
+    ops/s), joined by a line: the line's length on the log scale is how far under the roof it ran."""
+    import numpy as np
+
+    plt = _pyplot()
+    rows = [(ph["phase"], r) for ph in report["phases"] for r in ph["layers"] if r["ops"] > 0]
+    if not rows:
+        raise InvalidParameterError("nothing to plot")
+    xs = [r["arithmetic_intensity"] for _, r in rows]
+    ridges = [p / hw.bandwidth for p in hw.peak_ops.values()]
+    x_lo, x_hi = min(xs + ridges) / 4, max(xs + ridges) * 4
+    fig, ax = plt.subplots(figsize=(11, 7))
+    grid = np.logspace(np.log10(x_lo), np.log10(x_hi), 400)
+    for i, (prec, peak) in enumerate(sorted(hw.peak_ops.items(), key=lambda kv: -kv[1])):
+        ax.plot(grid, np.minimum(peak, grid * hw.bandwidth) / 1e12, ["-", "--", "-.", ":"][i % 4], color="black",
+                lw=2.0 if prec == "fp32" else 1.0, alpha=0.9 if prec == "fp32" else 0.4,
+                label=f"{prec} roof: {peak / 1e12:,.3g} TOPS, ridge {peak / hw.bandwidth:,.3g} ops/B")
+    colors = plt.get_cmap("tab20").colors
+    names = list(dict.fromkeys(r["name"] for _, r in rows))
+    for phase, r in rows:
+        color = colors[names.index(r["name"]) % len(colors)]
+        x, pred, got = r["arithmetic_intensity"], r["attainable_ops_per_s"] / 1e12, r["achieved_ops_per_s"] / 1e12
+        marker = _PHASE_MARKERS[phase]
+        ax.plot([x, x], [pred, got], color=color, lw=1.0, alpha=0.7, zorder=2)
+        ax.scatter(x, pred, marker=marker, s=46, facecolors="none", edgecolors=[color], linewidths=1.2, zorder=3)
+        ax.scatter(x, got, marker=marker, s=46, color=color, edgecolors="black", linewidths=0.5, zorder=3)
+        ax.annotate(f"{r['name']} {r['roofline_fraction']:.0%}", (x, got), fontsize=6.5, xytext=(5, -3),
+                    textcoords="offset points", va="top")
+    for phase, marker in _PHASE_MARKERS.items():
+        if any(p == phase for p, _ in rows):
+            ax.scatter([], [], marker=marker, color="gray", edgecolors="black", label=f"{phase}: measured (filled)")
+            ax.scatter([], [], marker=marker, facecolors="none", edgecolors="gray", label=f"{phase}: roofline (hollow)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(x_lo, x_hi)
+    ax.set_xlabel("arithmetic intensity (operations per byte of memory traffic, engine formats)")
+    ax.set_ylabel("performance (TOPS = 10¹² operations/s)")
+    ax.set_title(f"Measured vs roofline on {hw.name}: {report['model']}, {report['seq_len']} tokens, batch 1 "
+                 f"(label: fraction of the roofline reached)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7.5, loc="lower right")
     out = _save(fig, path)
     plt.close(fig)
     return out
