@@ -4,6 +4,25 @@ Slot ``s`` is position ``s % block_size`` of block ``s // block_size``. A sequen
 of blocks (its block table); attention writes new keys/values to their slots and reads a
 sequence's history through the slots of its positions. Who owns which block is the block
 manager's business (``edgellm.kv.block_manager``); this module only holds the tensors.
+
+Precision (``dtype``: a torch dtype or a name, as ``--kv-dtype`` takes them):
+
+==============  ==========================================================  ================
+name            storage                                                     bytes / element
+==============  ==========================================================  ================
+``fp32``        float32 (the default)                                       4
+``fp16``        float16                                                     2
+``bf16``        bfloat16                                                    2
+``int8``        int8, one float16 scale per token and KV head (absmax/127)  1 + 2/head_dim
+``fp8``         float8 E4M3, one float16 scale per token and KV head        1 + 2/head_dim
+                (absmax/448); ``fp8-e5m2``: E5M2 (absmax/57344)
+==============  ==========================================================  ================
+
+With head_dim 64 the scaled formats take 1.03 bytes an element: the cache quarters (int8/fp8)
+or halves (fp16/bf16), and a runtime that sizes its pool in bytes (``bytes_per_block``) holds
+3.9x or 2x the tokens. Scaled values are written quantised and read back dequantised into the
+compute dtype; int8 errs by at most half a step (absmax/254) per element, fp8 E4M3 by a
+relative 2^-4. ``export_blocks`` returns ``{"kv": ...}`` and, for scaled formats, ``"scale"``.
 """
 
 from __future__ import annotations
@@ -11,6 +30,52 @@ from __future__ import annotations
 import torch
 
 from edgellm.config import ModelConfig
+from edgellm.errors import InvalidParameterError, UnsupportedModelError
+
+_FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_ALIASES = {"float32": "fp32", "f32": "fp32", "float16": "fp16", "f16": "fp16", "half": "fp16",
+            "bfloat16": "bf16", "fp8-e4m3": "fp8", "fp8_e4m3": "fp8", "e4m3": "fp8", "fp8_e5m2": "fp8-e5m2",
+            "e5m2": "fp8-e5m2", "q8": "int8"}
+#: names --kv-dtype accepts
+KV_DTYPES = ("fp32", "fp16", "bf16", "fp8", "fp8-e5m2", "int8")
+# largest code of each scaled format
+_QMAX = {"int8": 127.0, "fp8": 448.0, "fp8-e5m2": 57344.0}
+_SCALE_DTYPE = torch.float16
+_SCALE_MIN = 2.0 ** -24         # smallest float16 (subnormal): a scale never rounds to zero
+
+
+def kv_dtype_name(dtype) -> str:
+    """Canonical name (``fp32``, ``fp16``, ``bf16``, ``int8``, ``fp8``, ``fp8-e5m2``) of a KV dtype
+    given as a name or a torch dtype; InvalidParameterError if unknown."""
+    if isinstance(dtype, torch.dtype):
+        for name, d in _FLOAT.items():
+            if d == dtype:
+                return name
+        if dtype == torch.int8:
+            return "int8"
+        if dtype == getattr(torch, "float8_e4m3fn", None):
+            return "fp8"
+        if dtype == getattr(torch, "float8_e5m2", None):
+            return "fp8-e5m2"
+        raise InvalidParameterError(f"KV cache dtype {dtype} is not supported", "use one of: " + ", ".join(KV_DTYPES))
+    key = str(dtype).strip().lower().removeprefix("torch.")
+    key = _ALIASES.get(key, key)
+    if key not in KV_DTYPES:
+        raise InvalidParameterError(f"unknown KV cache dtype {dtype!r}", "use one of: " + ", ".join(KV_DTYPES))
+    return key
+
+
+def _storage_dtype(name: str) -> torch.dtype:
+    if name in _FLOAT:
+        return _FLOAT[name]
+    if name == "int8":
+        return torch.int8
+    attr = "float8_e4m3fn" if name == "fp8" else "float8_e5m2"
+    dt = getattr(torch, attr, None)
+    if dt is None:
+        raise UnsupportedModelError(f"this PyTorch ({torch.__version__}) has no torch.{attr} for an fp8 KV cache",
+                                    "use --kv-dtype int8 (same size) or fp16")
+    return dt
 
 
 class KVCache:
@@ -18,24 +83,69 @@ class KVCache:
         self.cfg = cfg
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.dtype = dtype
+        self.kv_dtype = kv_dtype_name(dtype)
+        self.dtype = _storage_dtype(self.kv_dtype)   # what ``data`` holds
+        self.scaled = self.kv_dtype in _QMAX
         slots = num_blocks * block_size
         # [layer, k|v, slot, kv_head, head_dim]: one tensor, so a block's bytes across all layers
         # can be copied out (offload) and back with two index operations.
-        self.data = torch.zeros(cfg.n_layers, 2, slots, cfg.n_kv_heads, cfg.head_dim, dtype=dtype)
+        self.data = torch.zeros(cfg.n_layers, 2, slots, cfg.n_kv_heads, cfg.head_dim, dtype=self.dtype)
+        # [layer, k|v, slot, kv_head]: the scale of each token's head vector (scaled formats)
+        self.scales = torch.ones(cfg.n_layers, 2, slots, cfg.n_kv_heads, dtype=_SCALE_DTYPE) if self.scaled else None
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int = 16, dtype=torch.float32) -> int:
-        element = torch.empty((), dtype=dtype).element_size()
-        return cfg.n_layers * 2 * block_size * cfg.n_kv_heads * cfg.head_dim * element
+        name = kv_dtype_name(dtype)
+        element = torch.empty((), dtype=_storage_dtype(name)).element_size()
+        per_head = cfg.head_dim * element + (2 if name in _QMAX else 0)
+        return cfg.n_layers * 2 * block_size * cfg.n_kv_heads * per_head
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        n = self.data.numel() * self.data.element_size()
+        if self.scales is not None:
+            n += self.scales.numel() * self.scales.element_size()
+        return n
 
+    # ---- quantisation -----------------------------------------------------------------------
+    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, KVH, D] float -> (codes in ``self.dtype``, float16 scales [T, KVH])."""
+        x = x.float()
+        qmax = _QMAX[self.kv_dtype]
+        scale = (x.abs().amax(dim=-1) / qmax).to(_SCALE_DTYPE).clamp_(min=_SCALE_MIN)
+        y = x / scale.float()[..., None]
+        if self.kv_dtype == "int8":
+            return y.round_().clamp_(-qmax, qmax).to(torch.int8), scale
+        return y.clamp_(-qmax, qmax).to(self.dtype), scale
+
+    def _dequantize(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.kv_dtype == "int8":
+            vals = codes.float()
+            s = scale.float()
+        else:
+            # torch's float8 -> float cast is a scalar loop; widen through half bits instead.
+            from edgellm.quant.fp8 import _HALF_FACTOR, _half_bits
+            variant = "e4m3" if self.kv_dtype == "fp8" else "e5m2"
+            vals = _half_bits(codes, variant).float()
+            s = scale.float() / _HALF_FACTOR[variant]
+        return (vals * s[..., None]).to(dtype)
+
+    # ---- access -----------------------------------------------------------------------------
     def write(self, layer: int, slots: torch.Tensor | slice, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values ([T, kv_heads, head_dim]) at their slots."""
         kc, vc = self.data[layer, 0], self.data[layer, 1]
+        if self.scaled:
+            (kq, ks), (vq, vs) = self._quantize(k), self._quantize(v)
+            ksc, vsc = self.scales[layer, 0], self.scales[layer, 1]
+            if isinstance(slots, slice):
+                kc[slots], vc[slots], ksc[slots], vsc[slots] = kq, vq, ks, vs
+            else:
+                # index_copy_ lacks float8 kernels: copy the raw bytes
+                kc.view(torch.uint8).index_copy_(0, slots, kq.view(torch.uint8))
+                vc.view(torch.uint8).index_copy_(0, slots, vq.view(torch.uint8))
+                ksc.index_copy_(0, slots, ks)
+                vsc.index_copy_(0, slots, vs)
+            return
         if isinstance(slots, slice):
             kc[slots] = k.to(self.dtype)
             vc[slots] = v.to(self.dtype)
@@ -47,23 +157,49 @@ class KVCache:
         """Keys and values at ``slots`` (a slice, or an index tensor of any shape) as ``dtype``:
         [*slots.shape, kv_heads, head_dim]."""
         kc, vc = self.data[layer, 0], self.data[layer, 1]
+        if self.scaled:
+            ksc, vsc = self.scales[layer, 0], self.scales[layer, 1]
+            if isinstance(slots, slice):
+                return (self._dequantize(kc[slots], ksc[slots], dtype),
+                        self._dequantize(vc[slots], vsc[slots], dtype))
+            flat = slots.reshape(-1)
+            shape = (*slots.shape, *kc.shape[1:])
+
+            def gather(c, s):
+                codes = c.view(torch.uint8).index_select(0, flat).view(self.dtype)
+                return self._dequantize(codes, s.index_select(0, flat), dtype).view(shape)
+            return gather(kc, ksc), gather(vc, vsc)
         if isinstance(slots, slice):
             return kc[slots].to(dtype), vc[slots].to(dtype)
         flat = slots.reshape(-1)
         shape = (*slots.shape, *kc.shape[1:])
         return kc.index_select(0, flat).view(shape).to(dtype), vc.index_select(0, flat).view(shape).to(dtype)
 
+    # ---- offload ------------------------------------------------------------------------------
+    def _block_view(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(self.cfg.n_layers, 2, self.num_blocks, self.block_size, *t.shape[3:])
+
     def export_blocks(self, blocks: list[int]) -> dict[str, torch.Tensor]:
         """A copy of these blocks' contents in every layer (for offload to host memory or disk)."""
         idx = torch.tensor(blocks, dtype=torch.int64)
-        view = self.data.view(self.cfg.n_layers, 2, self.num_blocks, self.block_size, *self.data.shape[3:])
-        return {"kv": view.index_select(2, idx).clone()}
+        out = {"kv": self._block_view(self.data).index_select(2, idx).clone()}
+        if self.scales is not None:
+            out["scale"] = self._block_view(self.scales).index_select(2, idx).clone()
+        return out
 
     def import_blocks(self, blocks: list[int], saved: dict[str, torch.Tensor]) -> None:
         """Put back what ``export_blocks`` returned, possibly into other block ids."""
         idx = torch.tensor(blocks, dtype=torch.int64)
-        view = self.data.view(self.cfg.n_layers, 2, self.num_blocks, self.block_size, *self.data.shape[3:])
-        view.index_copy_(2, idx, saved["kv"])
+        kv = saved["kv"]
+        if kv.dtype != self.dtype or (self.scales is not None) != ("scale" in saved):
+            raise ValueError(f"blocks exported from a {kv.dtype} cache cannot go into a {self.kv_dtype} cache")
+        view = self._block_view(self.data)
+        if self.dtype.is_floating_point and self.dtype.itemsize == 1:   # float8: no index_copy_ kernel
+            view.view(torch.uint8).index_copy_(2, idx, kv.view(torch.uint8))
+        else:
+            view.index_copy_(2, idx, kv)
+        if self.scales is not None:
+            self._block_view(self.scales).index_copy_(2, idx, saved["scale"])
 
     def block_slots(self, block_table: list[int], length: int) -> torch.Tensor:
         """Slots of positions 0..length-1 for a sequence with this block table."""
