@@ -47,6 +47,11 @@ def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = 
         tokenizer = Tokenizer.from_gguf_metadata(gf.metadata)
         weights = load_gguf_weights(gf, cfg, dtype, use_native)
         size = gf.file_size
+    elif src.kind == "edgellm":   # a file written by `edgellm quantize`: matrices in their own formats
+        from edgellm.loading.edgellm_format import load_edgellm
+
+        cfg, tokenizer, weights, size, meta = load_edgellm(src.path, use_native)
+        dtype = meta.get("edgellm.weights", dtype)   # the format it was written in (reports say so)
     else:
         folder = Path(src.path)
         cfg = read_hf_config(folder)

@@ -33,7 +33,8 @@ DEFAULT_MODEL = "smollm2-135m"
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A model found on disk: ``kind`` is ``"gguf"`` (``path`` is the file) or ``"hf"`` (the folder)."""
+    """A model found on disk: ``kind`` is ``"gguf"`` (``path`` is the file), ``"hf"`` (the folder) or
+    ``"edgellm"`` (a ``.safetensors`` file written by ``edgellm quantize``)."""
 
     kind: str
     path: Path
@@ -196,6 +197,8 @@ def _looks_like_path(spec: str) -> bool:
 
 def _resolve_path(path: Path, spec: str) -> ResolvedModel:
     if path.is_file():
+        if path.suffix.lower() == ".safetensors":   # written by `edgellm quantize` (edgellm_format)
+            return ResolvedModel(kind="edgellm", path=path, name=path.stem)
         if path.suffix.lower() != ".gguf":
             with open(path, "rb") as f:
                 if f.read(4) != GGUF_MAGIC:

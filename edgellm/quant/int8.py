@@ -57,6 +57,8 @@ class Int8Weight(QuantizedWeight):
     format_name = "int8"
 
     def __init__(self, packed: Int8Packed):
+        if packed.q.data_ptr() % 64:   # aten._weight_int8pack_mm crashes on a misaligned weight
+            packed = Int8Packed(packed.q.clone(), packed.scale)
         self.packed = packed
         self.shape = tuple(packed.q.shape)
         self._ones = torch.ones(self.shape[0], dtype=torch.bfloat16)

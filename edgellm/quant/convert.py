@@ -1,0 +1,336 @@
+"""Convert a loaded model's weights to another precision format, in memory or into a file.
+
+* :func:`convert_weights` (``--weights F`` on generate/bench/eval): a new ``LoadedModel`` whose
+  matrices are in format ``F`` (``--keep`` ones in bfloat16); norms and biases stay float32.
+* :func:`quantize_model` (``edgellm quantize``): writes a GGUF file (formats GGUF knows:
+  float32/float16/bfloat16 and the block types) or an edgellm safetensors file
+  (:mod:`edgellm.loading.edgellm_format`; every format). Everything that can be refused is
+  checked before any tensor is touched, and the file appears atomically (temporary file, then
+  rename), so a failure leaves no half-written output.
+
+GGUF output is made from the source GGUF's own tensors, in their own (llama.cpp) row order, so
+q/k need no re-permutation and each row is quantised exactly as the in-memory conversion does
+(quantisation is row-wise); the source's metadata is copied with ``general.file_type`` set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from edgellm.errors import InvalidParameterError
+from edgellm.layers.weights import DenseWeight, GGUFBlockWeight, Weight
+from edgellm.quant.formats import (GGUFSlabWeight, WeightFormat, check_model, model_layers, parse_format,
+                                   parse_keep, resolve_keep)
+
+KEEP_DTYPE = torch.bfloat16
+
+# general.file_type (llama.cpp's LlamaFileType) for each GGUF-writable format
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 14,
+              "Q6_K": 18, "BF16": 32}
+
+
+def _keep_weight(w: Weight, fmt: WeightFormat) -> Weight:
+    if fmt.kind == "dense" and fmt.dtype == torch.float32:
+        return fmt.convert(w)          # "keep at 16 bits" never lowers a float32 model
+    if isinstance(w, DenseWeight) and w.tensor.dtype in (torch.bfloat16, torch.float16):
+        return w
+    return DenseWeight(w.dequantize().to(KEEP_DTYPE))
+
+
+def convert_model_weights(weights, cfg, fmt: WeightFormat, kept: set[str], progress: bool = False):
+    """A new ModelWeights with every matrix in ``fmt`` except the ``kept`` ones (bf16)."""
+    from edgellm.models.llama import BlockWeights, ModelWeights
+
+    layers = {ly.name: ly for ly in model_layers(cfg)}
+
+    def conv(name: str, w: Weight) -> Weight:
+        if name in kept:
+            return _keep_weight(w, fmt)
+        return fmt.convert(w, list(layers[name].segments))
+
+    iterator = range(len(weights.blocks))
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(iterator, desc=f"converting to {fmt.name}", unit="block", delay=1.0, leave=False,
+                        file=sys.stderr)
+    blocks = []
+    for i in iterator:
+        b, p = weights.blocks[i], f"blk.{i}."
+        blocks.append(replace(b, qkv=conv(p + "attn_qkv", b.qkv), o=conv(p + "attn_output", b.o),
+                              gate_up=conv(p + "ffn_gate_up", b.gate_up), down=conv(p + "ffn_down", b.down)))
+    tied = weights.lm_head is weights.embed
+    embed = conv("token_embd", weights.embed)
+    lm_head = embed if tied else conv("output", weights.lm_head)
+    return ModelWeights(embed=embed, blocks=blocks, final_norm=weights.final_norm, lm_head=lm_head)
+
+
+def prepare(cfg, format: str | WeightFormat, keep=()) -> tuple[WeightFormat, set[str]]:
+    """Parse and check a format and ``--keep`` against a model config (no tensor touched)."""
+    fmt = format if isinstance(format, WeightFormat) else parse_format(format)
+    kept = resolve_keep(keep, cfg)
+    check_model(fmt, cfg, kept)
+    return fmt, kept
+
+
+def convert_weights(loaded, format: str, keep=(), progress: bool = False):
+    """``loaded`` (a LoadedModel) with its weights converted to ``format`` at load time.
+
+    ``keep``: ``--keep`` patterns (matrices left at bfloat16). Raises InvalidParameterError
+    (unknown format, group that does not divide a width, pattern matching nothing) or
+    UnsupportedModelError (fp8 without float8 types) before converting anything.
+    """
+    from edgellm.loading.load import LoadedModel
+    from edgellm.models.llama import LlamaModel
+
+    fmt, kept = prepare(loaded.config, format, keep)
+    t0 = time.perf_counter()
+    weights = convert_model_weights(loaded.model.weights, loaded.config, fmt, kept, progress)
+    label = fmt.name + (f"+keep({','.join(parse_keep(keep))})" if kept else "")
+    return LoadedModel(loaded.source, loaded.config, LlamaModel(loaded.config, weights), loaded.tokenizer,
+                       label, loaded.file_bytes, loaded.load_s + time.perf_counter() - t0)
+
+
+def weight_formats(weights) -> dict[str, int]:
+    """{format name: number of matrices} of a ModelWeights (for reports)."""
+    out: dict[str, int] = {}
+    mats = [weights.embed] + [m for b in weights.blocks for m in (b.qkv, b.o, b.gate_up, b.down)]
+    if weights.lm_head is not weights.embed:
+        mats.append(weights.lm_head)
+    for m in mats:
+        out[m.format] = out.get(m.format, 0) + 1
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# writing files
+
+def _output_kind(out: Path, fmt: WeightFormat) -> str:
+    suffix = out.suffix.lower()
+    if suffix == ".gguf":
+        if fmt.gguf_type is None:
+            raise InvalidParameterError(
+                f"GGUF has no tensor type for {fmt.name} weights as edgellm stores them",
+                f"write an edgellm safetensors file instead: --out {out.with_suffix('.safetensors')}")
+        return "gguf"
+    if suffix == ".safetensors":
+        return "edgellm"
+    raise InvalidParameterError(f"--out {out}: the file name must end in .gguf or .safetensors",
+                                f"e.g. --out {out.with_suffix('.gguf' if fmt.gguf_type else '.safetensors')}")
+
+
+def _check_out(out: Path, model_path: Path | None) -> None:
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise InvalidParameterError(f"--out {out}: folder {parent} does not exist", "create it first")
+    if not os.access(parent, os.W_OK):
+        raise InvalidParameterError(f"--out {out}: folder {parent} is not writable", "choose another folder")
+    if out.is_dir():
+        raise InvalidParameterError(f"--out {out} is a folder", "give a file name")
+    if model_path is not None and out.exists() and out.resolve() == Path(model_path).resolve():
+        raise InvalidParameterError(f"--out {out} is the input model itself", "write to another file")
+
+
+def peek_config(spec):
+    """The config of the model ``spec`` names, reading only headers."""
+    from edgellm.loading.resolve import resolve_model
+
+    src = resolve_model(spec)
+    if src.kind == "gguf":
+        from edgellm.loading.gguf import read_gguf
+        return src, read_gguf(src.path).config()
+    if src.kind == "edgellm":
+        from edgellm.loading.edgellm_format import read_config
+        return src, read_config(src.path)
+    from edgellm.loading.weights import read_hf_config
+    return src, read_hf_config(Path(src.path))
+
+
+def quantize_model(model, format: str, out, keep=(), progress: bool = True, log=None) -> dict:
+    """Write ``model`` with weights in ``format`` to ``out`` (.gguf or .safetensors).
+
+    Returns a summary dict (formats, bytes, seconds). All checks come first; the output file
+    appears whole or not at all.
+    """
+    log = log or (lambda s: None)
+    fmt = parse_format(format)
+    out = Path(out).expanduser()
+    kind = _output_kind(out, fmt)
+    src, cfg = peek_config(model)
+    _check_out(out, src.path if src.kind != "hf" else None)
+    fmt, kept = prepare(cfg, fmt, keep)
+    if kind == "gguf" and src.kind != "gguf":
+        raise InvalidParameterError(
+            f"GGUF output needs a GGUF source model (its metadata and tokenizer are copied); {src.path} is not one",
+            f"write an edgellm file instead: --out {out.with_suffix('.safetensors')}")
+    t0 = time.perf_counter()
+    if kind == "gguf":
+        summary = _write_gguf(src.path, cfg, fmt, kept, out, progress)
+    else:
+        summary = _write_edgellm(src, cfg, fmt, kept, keep, out, progress)
+    summary.update(format=fmt.name, out=str(out), bytes=out.stat().st_size, seconds=time.perf_counter() - t0,
+                   kept=sorted(kept))
+    return summary
+
+
+def _gguf_layer(name: str) -> str | None:
+    """The edgellm matrix a GGUF tensor belongs to (None for vectors and unknown tensors)."""
+    if not name.endswith(".weight"):
+        return None
+    base = name[: -len(".weight")]
+    if base in ("token_embd", "output"):
+        return base
+    parts = base.split(".")
+    if len(parts) != 3 or parts[0] != "blk":
+        return None
+    fused = {"attn_q": "attn_qkv", "attn_k": "attn_qkv", "attn_v": "attn_qkv", "attn_output": "attn_output",
+             "ffn_gate": "ffn_gate_up", "ffn_up": "ffn_gate_up", "ffn_down": "ffn_down"}
+    return f"blk.{parts[1]}.{fused[parts[2]]}" if parts[2] in fused else None
+
+
+def _write_gguf(path: Path, cfg, fmt: WeightFormat, kept: set[str], out: Path, progress: bool) -> dict:
+    from edgellm.loading.gguf import read_gguf, write_gguf
+    from edgellm.quant import gguf_blocks
+
+    gf = read_gguf(path)
+    tied = cfg.tie_embeddings
+    types: dict[str, int] = {}
+
+    def tensors():
+        items = list(gf.tensors.values())
+        if progress:
+            from tqdm import tqdm
+            items = tqdm(items, desc=f"quantising to {fmt.name}", unit="tensor", delay=1.0, leave=False,
+                         file=sys.stderr)
+        for t in items:
+            layer = _gguf_layer(t.name)
+            if layer == "output" and tied:
+                layer = "token_embd"
+            if layer is None or len(t.shape) != 2:     # norms, biases, anything else: as they are
+                types[t.ggml_type] = types.get(t.ggml_type, 0) + 1
+                yield t.name, t.data, t.ggml_type, t.shape
+                continue
+            target = "BF16" if layer in kept and fmt.gguf_type != "F32" else fmt.type_for_width(t.shape[1])
+            types[target] = types.get(target, 0) + 1
+            if target == t.ggml_type:
+                yield t.name, t.data, t.ggml_type, t.shape
+            else:
+                dense = t.dequantize().reshape(t.shape)
+                yield t.name, gguf_blocks.quantize(dense, target), target, t.shape
+
+    metadata = dict(gf.metadata)
+    mtypes = dict(gf.metadata_types)
+    metadata["general.file_type"] = FILE_TYPES[fmt.gguf_type]
+    mtypes["general.file_type"] = "UINT32"
+    if fmt.kind == "gguf":
+        metadata["general.quantization_version"] = 2
+        mtypes["general.quantization_version"] = "UINT32"
+    write_gguf(out, metadata, tensors(), mtypes)
+    return {"container": "gguf", "tensor_types": types}
+
+
+def weight_parts(w: Weight) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(params, tensors) that :func:`edgellm.loading.edgellm_format.weight_from_parts` rebuilds."""
+    from edgellm.quant.fp8 import FP8Weight
+    from edgellm.quant.int4 import Int4Weight
+    from edgellm.quant.int8 import Int8Weight
+    from edgellm.quant.ternary import TernaryWeight
+
+    shape = [int(s) for s in w.shape]
+    if isinstance(w, DenseWeight):
+        return {"format": str(w.tensor.dtype).removeprefix("torch."), "shape": shape}, {"weight": w.tensor}
+    if isinstance(w, (GGUFBlockWeight, GGUFSlabWeight)):
+        return {"format": "gguf", "ggml_type": w.ggml_type, "shape": shape}, {"raw": w.raw}
+    kinds = {Int8Weight: "int8", Int4Weight: "int4", FP8Weight: "fp8", TernaryWeight: "ternary"}
+    for cls, kind in kinds.items():
+        if isinstance(w, cls):
+            p = w.packed
+            return {"format": kind, "shape": shape, **p.params()}, p.tensors()
+    # any other Weight: store it dequantised
+    return {"format": "float32", "shape": shape}, {"weight": w.dequantize()}
+
+
+def _tokenizer_info(src) -> dict:
+    if src.kind == "gguf":
+        from edgellm.loading.gguf import read_gguf
+        meta = read_gguf(src.path).metadata
+        return {"kind": "gguf", "metadata": meta}
+    if src.kind == "edgellm":
+        from edgellm.loading.edgellm_format import read_header
+        return json.loads(read_header(Path(src.path))["edgellm.tokenizer"])
+    folder = Path(src.path)
+    files = {}
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (folder / name).is_file():
+            files[name] = (folder / name).read_text(encoding="utf-8")
+    return {"kind": "files", "files": files}
+
+
+def save_edgellm(out: Path, weights, cfg, fmt_name: str, keep, tokenizer_info: dict) -> None:
+    """Write ModelWeights as an edgellm safetensors file, atomically."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+
+    def put(name: str, w: Weight) -> None:
+        params, parts = weight_parts(w)
+        layers[name] = params
+        for part, t in parts.items():
+            tensors[f"{name}.{part}"] = t.contiguous()
+
+    put("token_embd", weights.embed)
+    if weights.lm_head is not weights.embed:
+        put("output", weights.lm_head)
+    for i, b in enumerate(weights.blocks):
+        p = f"blk.{i}."
+        put(p + "attn_qkv", b.qkv)
+        put(p + "attn_output", b.o)
+        put(p + "ffn_gate_up", b.gate_up)
+        put(p + "ffn_down", b.down)
+        tensors[p + "attn_norm"] = b.attn_norm.float().contiguous()
+        tensors[p + "ffn_norm"] = b.ffn_norm.float().contiguous()
+        if b.qkv_bias is not None:
+            tensors[p + "attn_qkv_bias"] = b.qkv_bias.float().contiguous()
+    tensors["output_norm"] = weights.final_norm.float().contiguous()
+    cfg_dict = asdict(cfg)
+    cfg_dict.pop("extra", None)
+    if weights.lm_head is weights.embed and not cfg.tie_embeddings:
+        cfg_dict["tie_embeddings"] = True
+    meta = {
+        "format": "edgellm", "edgellm.version": "1", "edgellm.weights": fmt_name,
+        "edgellm.keep": json.dumps(parse_keep(keep)), "edgellm.config": json.dumps(cfg_dict),
+        "edgellm.layers": json.dumps(layers), "edgellm.tokenizer": json.dumps(tokenizer_info),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _write_edgellm(src, cfg, fmt: WeightFormat, kept: set[str], keep, out: Path, progress: bool) -> dict:
+    from edgellm.loading.load import load_model
+
+    loaded = load_model(str(src.path))
+    weights = convert_model_weights(loaded.model.weights, cfg, fmt, kept, progress)
+    save_edgellm(out, weights, cfg, fmt.name, keep, _tokenizer_info(src))
+    return {"container": "edgellm-safetensors", "matrix_formats": weight_formats(weights)}
