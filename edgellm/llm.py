@@ -66,9 +66,19 @@ def set_threads(threads: int | None) -> None:
 
 class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", threads: int | None = None,
-                 loaded: LoadedModel | None = None, use_native: bool = True):
+                 loaded: LoadedModel | None = None, use_native: bool = True, weights: str | None = None,
+                 keep=(), kv_dtype="fp32"):
+        """``weights``: a precision format to convert the matrices to at load time (``--keep``
+        patterns stay at 16 bits); ``kv_dtype``: the KV cache precision (fp32, fp16, bf16, fp8, int8)."""
+        from edgellm.kv.cache import kv_dtype_name
+
         set_threads(threads)
+        self.kv_dtype = kv_dtype_name(kv_dtype)
         self.loaded = loaded or load_model(model, dtype, use_native)
+        if weights:
+            from edgellm.quant.convert import convert_weights
+
+            self.loaded = convert_weights(self.loaded, weights, keep)
         self.cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
 
@@ -96,7 +106,7 @@ class LLM:
         ids = list(prompt) if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
         self.check_fits(len(ids))
         budget = min(params.max_tokens, self.cfg.context_length - len(ids))
-        cache = KVCache(self.cfg, math.ceil((len(ids) + budget) / BLOCK_SIZE), BLOCK_SIZE)
+        cache = KVCache(self.cfg, math.ceil((len(ids) + budget) / BLOCK_SIZE), BLOCK_SIZE, self.kv_dtype)
         runner = ModelRunner(self.loaded.model, cache)
         slots = slice(0, cache.num_blocks * BLOCK_SIZE)   # one sequence: its blocks are contiguous
         sampler = Sampler()

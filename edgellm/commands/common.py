@@ -35,3 +35,28 @@ def sampling_params(args: argparse.Namespace, **extra):
                           top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                           seed=args.seed, stop=list(args.stop), **extra)
+
+
+def add_precision_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default=None, metavar="FORMAT",
+                   help="convert the weights at load time: float32, bfloat16, float16, int8, int4[-gN][-sym], "
+                        "q8_0, q4_0, q4_1, q4_k, q6_k, fp8[-e5m2], ternary (default: as stored)")
+    p.add_argument("--keep", action="append", default=[], metavar="LAYERS",
+                   help="with --weights: matrices left at 16 bits (token_embd, lm_head, blk.0, blk.-1, "
+                        "'blk.*.ffn_down'; comma-separated, repeatable)")
+    p.add_argument("--kv-dtype", default="fp32", metavar="DTYPE",
+                   help="KV cache precision: fp32, fp16, bf16, fp8, int8 (default fp32)")
+
+
+def check_precision(args: argparse.Namespace) -> None:
+    """Refuse a bad --weights/--keep/--kv-dtype before the model is loaded (reads only headers)."""
+    from edgellm.errors import InvalidParameterError
+    from edgellm.kv.cache import _storage_dtype, kv_dtype_name
+
+    _storage_dtype(kv_dtype_name(args.kv_dtype))   # unknown name, or fp8 on a torch without float8
+    if args.keep and not args.weights:
+        raise InvalidParameterError("--keep needs --weights", "add --weights FORMAT (e.g. --weights int4)")
+    if args.weights:
+        from edgellm.quant.convert import peek_config, prepare
+
+        prepare(peek_config(args.model)[1], args.weights, args.keep)

@@ -6,13 +6,15 @@ import argparse
 import json
 import sys
 
-from edgellm.commands.common import add_model_arguments, add_sampling_arguments, sampling_params
+from edgellm.commands.common import (add_model_arguments, add_precision_arguments, add_sampling_arguments,
+                                     check_precision, sampling_params)
 
 HELP = "generate a completion for one prompt, streamed as it is produced"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    add_precision_arguments(p)
     p.add_argument("--prompt", help="the prompt text ('-' reads standard input)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user turn")
     p.add_argument("--system", default=None, help="system message for --chat")
@@ -41,15 +43,18 @@ def run(args: argparse.Namespace) -> int:
     if args.logprobs is not None:
         extra = {"logprobs": True, "top_logprobs": args.logprobs}
     params = sampling_params(args, **extra)
+    check_precision(args)
 
     from edgellm.llm import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, threads=args.threads)
+    llm = LLM(args.model, dtype=args.dtype, threads=args.threads, weights=args.weights, keep=args.keep,
+              kv_dtype=args.kv_dtype)
     ids = llm.encode_prompt(prompt, chat=args.chat, system=args.system)
     if args.json:
         c = llm.generate(ids, params)
         out = c.to_dict()
         out["model"] = llm.loaded.source.name
+        out.update(weights=llm.loaded.dtype, kv_dtype=llm.kv_dtype, weight_bytes=llm.loaded.weight_bytes)
         if params.logprobs:
             out["logprobs"] = [{"token_id": t, "logprob": lp, "top": [[i, v] for i, v in top]}
                                for t, lp, top in zip(c.token_ids, c.logprobs, c.top_logprobs)]
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     c = llm.generate(ids, params, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     print()
     if args.stats:
-        print(f"[{llm.loaded.source.name}, {llm.loaded.dtype}] prompt {c.prompt_tokens} tokens, "
+        print(f"[{llm.loaded.source.name}, {llm.loaded.dtype}, KV {llm.kv_dtype}] prompt {c.prompt_tokens} tokens, "
               f"completion {c.completion_tokens} tokens ({c.finish_reason}); "
               f"time to first token {c.ttft_s * 1000:.0f} ms, prefill {c.prefill_tok_s:.1f} tok/s, "
               f"decode {c.decode_tok_s:.1f} tok/s", file=sys.stderr)
