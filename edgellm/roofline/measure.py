@@ -116,7 +116,7 @@ def measure_local(budget_s: float = 3.0) -> dict:
     threads = torch.get_num_threads()
     cpu = _cpu_model()
     return {
-        "name": f"local: {cpu} ({threads} threads)",
+        "name": f"local: {cpu} ({threads} thread{'' if threads == 1 else 's'})",
         "kind": "this machine (measured)",
         "peak_TOPS": peaks,
         "memory_bandwidth_GBps": bw / 1e9,

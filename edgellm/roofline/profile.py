@@ -505,7 +505,7 @@ def format_table(report: dict) -> str:
     lines = [
         f"Measured on this machine: {report['model']} — batch 1, {report['seq_len']} tokens "
         f"(prefill: prompt; decode: already in the KV cache), {report['attention']} attention, "
-        f"median of {report['repeats']} repeats, {eng['threads']} threads",
+        f"median of {report['repeats']} repeats, {eng['threads']} thread{'' if eng['threads'] == 1 else 's'}",
         f"hardware: {report['hardware']} — {hw['bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s, peaks "
         + ", ".join(f"{k} {v / 1e12:,.3g} TOPS" for k, v in hw["peak_ops_per_s"].items()),
         f"engine formats: {fmts}; float32 activations and KV cache; weights {_bytes(eng['weight_bytes'])}",
