@@ -173,9 +173,9 @@ class ServerState:
 
     def _deliver(self, q: asyncio.Queue, index: int, ev: TokenEvent) -> None:
         if ev.finished:
-            self.in_flight -= 1
             if ev.result is not None:
                 self.metrics.observe(ev.result)
+            self.in_flight -= 1
         q.put_nowait((index, ev))
 
 

@@ -59,6 +59,8 @@ class Metrics:
     def __init__(self, engine, in_flight):
         self.registry = CollectorRegistry()
         r = self.registry
+        # Engine gauges first: a scrape that sees no request in flight then sees every counter of them.
+        r.register(EngineCollector(engine, in_flight))
         self.ttft = Histogram("edgellm_time_to_first_token_seconds", "Submission to first token, per completion",
                               buckets=TTFT_BUCKETS, registry=r)
         self.tpot = Histogram("edgellm_time_per_output_token_seconds", "Decode time per token after the first",
@@ -70,7 +72,6 @@ class Metrics:
         self.cached_tokens = Counter("edgellm_prompt_tokens_cached",
                                      "Prompt tokens whose KV was reused from the cache", registry=r)
         self.generated = Counter("edgellm_generation_tokens", "Tokens generated", registry=r)
-        r.register(EngineCollector(engine, in_flight))
 
     def observe(self, result) -> None:
         """A finished completion (``TurnResult``)."""
