@@ -212,8 +212,10 @@ def plot_measured(report: dict, hw, path: Path | str) -> Path:
         ax.plot([x, x], [pred, got], color=color, lw=1.0, alpha=0.7, zorder=2)
         ax.scatter(x, pred, marker=marker, s=46, facecolors="none", edgecolors=[color], linewidths=1.2, zorder=3)
         ax.scatter(x, got, marker=marker, s=46, color=color, edgecolors="black", linewidths=0.5, zorder=3)
-        ax.annotate(f"{r['name']} {r['roofline_fraction']:.0%}", (x, got), fontsize=6.5, xytext=(5, -3),
-                    textcoords="offset points", va="top")
+        left = phase == "prefill"          # prefill labels to the left of their point, decode to the right
+        ax.annotate(f"{r['name']} {r['roofline_fraction']:.0%}", (x, got), fontsize=6.5,
+                    xytext=(-6 if left else 6, -2), textcoords="offset points", va="top",
+                    ha="right" if left else "left")
     for phase, marker in _PHASE_MARKERS.items():
         if any(p == phase for p, _ in rows):
             ax.scatter([], [], marker=marker, color="gray", edgecolors="black", label=f"{phase}: measured (filled)")
@@ -223,8 +225,9 @@ def plot_measured(report: dict, hw, path: Path | str) -> Path:
     ax.set_xlim(x_lo, x_hi)
     ax.set_xlabel("arithmetic intensity (operations per byte of memory traffic, engine formats)")
     ax.set_ylabel("performance (TOPS = 10¹² operations/s)")
-    ax.set_title(f"Measured vs roofline on {hw.name}: {report['model']}, {report['seq_len']} tokens, batch 1 "
-                 f"(label: fraction of the roofline reached)", fontsize=10)
+    ax.set_title(f"Measured vs roofline on {hw.name}\n{report['model']}: prefill of {report['seq_len']} tokens, "
+                 f"decode at {report['seq_len']} cached tokens, batch 1 (labels: fraction of the roofline reached)",
+                 fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=7.5, loc="lower right")
     out = _save(fig, path)
