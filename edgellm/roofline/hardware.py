@@ -314,8 +314,8 @@ def local_hardware(remeasure: bool = False, log=None, budget_s: float = 3.0) -> 
         except (ValueError, EdgeLLMError):
             pass  # a damaged or stale cache is measured again
     if log:
-        log(f"measuring this machine ({fingerprint['threads']} threads, a few seconds); "
-            f"cached in {path}")
+        n = fingerprint["threads"]
+        log(f"measuring this machine ({n} thread{'' if n == 1 else 's'}, a few seconds); cached in {path}")
     data = measure.measure_local(budget_s=budget_s)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
