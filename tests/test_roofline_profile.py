@@ -23,8 +23,9 @@ from edgellm.roofline.hardware import hardware_from_dict
 from edgellm.runtime.model_runner import ModelRunner, SeqChunk
 from tiny_model import TINY, write_tiny_llama
 
-# A made-up chip with round figures, so predicted times can be worked by hand.
-TEST_CHIP = {"name": "test chip", "peak_TOPS": {"fp32": 0.1}, "memory_bandwidth_GBps": 20, "memory_GB": 16}
+# A made-up chip with round figures, so predicted times can be worked by hand; far faster than this
+# CPU (a 2-core VM reaches ~0.1 TFLOPS and ~20 GB/s), so every op must land below its roofline.
+TEST_CHIP = {"name": "test chip", "peak_TOPS": {"fp32": 1}, "memory_bandwidth_GBps": 200, "memory_GB": 16}
 Q4_1 = 20 / 32        # bytes per weight: 32 four-bit codes (16 bytes) + fp16 scale and min (4 bytes)
 Q8_0 = 34 / 32        # 32 int8 codes + an fp16 scale
 
@@ -108,7 +109,7 @@ def test_report_structure_and_sanity(tiny_report):
         for r in rows:
             assert keys <= set(r)
             assert r["measured_time_s"] > 0 and r["time_s"] > 0
-            assert 0 < r["roofline_fraction"] <= 1.5
+            assert 0 < r["roofline_fraction"] < 1
             assert r["roofline_fraction"] == pytest.approx(r["time_s"] / r["measured_time_s"])
             assert r["achieved_bytes_per_s"] == pytest.approx(r["memory_bytes"] / r["measured_time_s"])
             assert r["achieved_ops_per_s"] == pytest.approx(r["ops"] / r["measured_time_s"])
@@ -144,7 +145,7 @@ def test_weight_bytes_and_ops_by_hand(tiny_report, tiny):
     # bytes) and write their fp32 outputs (4 (h + 2 kv)); the fused Q4_1 matrix is read once. Memory-bound.
     qkv_bytes = 3 * 4 * h + 4 * (h + 2 * kv) + (h + 2 * kv) * h * Q4_1
     assert dec["qkv_proj"]["memory_bytes"] == pytest.approx(L * qkv_bytes)
-    assert dec["qkv_proj"]["time_s"] == pytest.approx(L * qkv_bytes / 20e9)
+    assert dec["qkv_proj"]["time_s"] == pytest.approx(L * qkv_bytes / 200e9)
     assert dec["qkv_proj"]["bound"] == "memory"
 
 
