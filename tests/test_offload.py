@@ -3,7 +3,6 @@ default model; plus the OffloadStore alone."""
 
 from __future__ import annotations
 
-import errno
 import warnings
 
 import pytest
@@ -140,20 +139,27 @@ def test_unwritable_disk_degrades_to_recompute(llm, expected, tmp_path):
     assert eng.block_manager.num_used == 0
 
 
-def test_full_disk_degrades_to_recompute(llm, expected, tmp_path, monkeypatch):
-    import edgellm.kv.offload as offload
+def test_full_disk_degrades_to_recompute(llm, expected, tmp_path):
+    # A real write failure part way through the file: the process's file-size limit (RLIMIT_FSIZE)
+    # makes the kernel refuse the write (EFBIG), as a full device refuses it with ENOSPC.
+    import resource
+    import signal
 
-    def no_space(obj, f, *a, **k):
-        f.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(offload.torch, "save", no_space)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # else the signal kills the process
     eng = make_engine(llm, expected, host_memory=0, disk_dir=tmp_path)
-    with pytest.warns(OffloadWarning, match="No space left"):
-        s, r2 = two_turns(eng, expected)
-    assert r2.token_ids == expected["turns"][1]
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+        with pytest.warns(OffloadWarning, match="File too large"):
+            s, r2 = two_turns(eng, expected)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert r2.token_ids == expected["turns"][1], "the session must survive a full disk"
+    assert eng.stats()["offload"]["disk_failures"] >= 1
     assert list(tmp_path.iterdir()) == [], "a failed write must not leave a partial file"
     s.close()
+    assert eng.block_manager.num_used == 0
 
 
 # ---- the store alone (no model) --------------------------------------------------------------

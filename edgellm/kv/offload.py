@@ -19,6 +19,7 @@ session frees every tier.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
@@ -148,9 +149,13 @@ class OffloadStore:
         try:
             self._ensure_dir()
             path = self.disk_dir / f"{self.prefix}-{key}.pt"
+            # Serialised in memory first: a short write then fails as the OSError the OS gave
+            # (ENOSPC, EFBIG, EDQUOT...), where torch.save's own writer reports a bare position.
+            buf = io.BytesIO()
+            torch.save(saved, buf)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.prefix}-{key}-", suffix=".tmp", dir=self.disk_dir)
             with os.fdopen(fd, "wb") as f:
-                torch.save(saved, f)
+                f.write(buf.getbuffer())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
