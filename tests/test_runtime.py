@@ -120,13 +120,33 @@ def test_batch_of_16_mixed_prefill_and_decode(llm, ref):
     eng.step()
     eng.step()                                  # the first six are decoding now
     rest = [eng.submit(Request(p, greedy())) for p in PROMPTS[6:]]
-    results = [h.result() for h in first + rest]
-    for p, r in zip(PROMPTS, results):
-        assert r.token_ids == ref(p), p
+    handles = first + rest
+    starved = shared_steps = 0
+    while not all(h.done for h in handles):
+        # decode is never starved: every sequence that was decoding gets its token in every step
+        decoding = {h: len(h.seq.out_ids) for h in handles if h.seq is not None and h.seq.out_ids and not h.done}
+        long_seq = rest[-1].seq
+        before = long_seq.kv.num_tokens if long_seq is not None else 0
+        eng.step()
+        starved += sum(len(h.seq.out_ids) != n + 1 for h, n in decoding.items())
+        if decoding and long_seq is not None and not long_seq.out_ids and long_seq.kv.num_tokens > before:
+            shared_steps += 1                   # a chunk of the long prompt ran beside decode rows
+    assert starved == 0
+    assert shared_steps >= 1
+    for p, h in zip(PROMPTS, handles):
+        assert h.result().token_ids == ref(p), p
     steps = eng.stats()["steps"]
     assert steps["by_kind"]["mixed"]["steps"] > 0, "decode rows and prefill chunks shared no step"
     assert steps["max_batch_rows"] >= 10
-    assert eng.block_manager.num_used == 0
+    assert_pool_empty(eng)
+
+
+def assert_pool_empty(eng: Engine) -> None:
+    """Nothing holds a block: every block is free or an unreferenced prefix-cache entry."""
+    bm = eng.block_manager
+    bm.check()
+    assert bm.num_used == 0 and bm.num_free + bm.num_cached == bm.num_blocks
+    assert not eng.store.entries and eng.store.host_used == 0
 
 
 def test_followup_prefill_computes_only_new_tokens(llm, ref):
@@ -216,7 +236,7 @@ def test_preemption_loses_no_token(llm, ref, mode):
     assert eng.stats()["scheduler"]["preemptions"] > 0
     for p, r in zip(prompts, results):
         assert r.token_ids == ref(p, 8), p
-    assert eng.block_manager.num_used == 0 and not eng.store.entries
+    assert_pool_empty(eng)
 
 
 def test_cancel_frees_blocks_within_a_step(llm):
@@ -287,3 +307,21 @@ def test_idle_sessions_retire(llm):
     assert eng.block_manager.num_used == 0
     with pytest.raises(InvalidParameterError):
         s.send("still there?")
+
+
+def test_chat_command_reuses_the_conversation(smollm2_path):
+    """`edgellm chat` runs on a session: the second turn computes only its own tokens."""
+    import re
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "edgellm.cli", "chat", "--model", str(smollm2_path), "--threads", "2",
+                        "--temperature", "0", "--max-tokens", "3", "--stats", "--kv-memory", "16MB"],
+                       input="Name a colour.\nAnd a fruit?\n/exit\n", capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    stats = re.findall(r"\[(\d+) prompt tokens \((\d+) reused, (\d+) computed\)", p.stderr)
+    assert len(stats) == 2, p.stderr
+    (p1, r1, c1), (p2, r2, c2) = [tuple(map(int, t)) for t in stats]
+    assert r1 == 0 and c1 == p1
+    assert p2 > p1 and r2 + c2 == p2 and r2 >= p1, "the second turn recomputed the first"
+    assert c2 < p2 - p1 + 8
