@@ -480,6 +480,11 @@ def measure_model(loaded, hw: "Hardware", phases=("prefill", "decode"), seq_len:
         "prefill matmuls dequantise each matrix to float32 in slabs and call the BLAS sgemm: that copy's traffic "
         "is not in the predicted bytes (the roofline counts the stored format)",
     ]
+    from edgellm.llm import PREFILL_CHUNK
+
+    if "prefill" in phases and seq_len > PREFILL_CHUNK:
+        notes.append(f"the prefill here is one forward pass of {seq_len} tokens; `edgellm generate` prefills in "
+                     f"chunks of {PREFILL_CHUNK}")
     if attention == "fused":
         notes.append("attention is predicted fused (FlashAttention convention), as the engine runs it; "
                      "PyTorch's causal flash kernel also skips the masked half of the score matrix in prefill")
