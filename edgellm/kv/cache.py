@@ -112,7 +112,12 @@ class KVCache:
         """[T, KVH, D] float -> (codes in ``self.dtype``, float16 scales [T, KVH])."""
         x = x.float()
         qmax = _QMAX[self.kv_dtype]
-        scale = (x.abs().amax(dim=-1) / qmax).to(_SCALE_DTYPE).clamp_(min=_SCALE_MIN)
+        exact = x.abs().amax(dim=-1) / qmax
+        scale = exact.to(_SCALE_DTYPE)
+        # round the scale up, never down: absmax / scale then stays within the codes' range (a
+        # scale rounded down would clip the largest element, badly so for tiny float16 scales)
+        scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.tensor(torch.inf, dtype=_SCALE_DTYPE)),
+                            scale).clamp_(min=_SCALE_MIN)
         y = x / scale.float()[..., None]
         if self.kv_dtype == "int8":
             return y.round_().clamp_(-qmax, qmax).to(torch.int8), scale
