@@ -293,6 +293,8 @@ def test_queue_full_then_disconnect_frees_blocks(http, server):
             full = post(http, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1})
             assert_error(full, 429, code="rate_limit_exceeded")
             assert int(full.headers["retry-after"]) >= 1
+        never = post(http, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1, "n": MAX_QUEUE + 1})
+        assert_error(never, 400, "n")                       # more than the server ever runs: not worth a retry
         # the stream is closed: its four requests are cancelled and their blocks freed
     t0 = time.monotonic()
     text = wait_idle(http)
@@ -392,3 +394,13 @@ def test_live_page_in_chromium_chat_streams_and_phases_change(browser, server):
     assert int(by_id("id", "kv-used-n").text) > 0
     assert int(by_id("id", "generated").text) > 0
     assert server.alive
+
+
+def test_cli_refuses_bad_options_before_loading(capsys):
+    from edgellm.cli import main
+
+    assert main(["serve", "--max-queue", "0"]) == 2
+    assert "--max-queue" in capsys.readouterr().err
+    assert main(["serve", "--max-body", "lots"]) == 2
+    assert "--max-body" in capsys.readouterr().err
+    assert main(["serve", "--port", "70000"]) == 2

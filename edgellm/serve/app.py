@@ -108,6 +108,9 @@ class ServerState:
             raise ApiError(503, "the engine is not running (the server is starting or shutting down)",
                            code="engine_unavailable", type="server_error",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
+        if count > self.max_queue:
+            raise ApiError(400, f"this request asks for {count} completions, more than the server ever runs at once "
+                                f"({self.max_queue}, --max-queue); lower n or send fewer prompts", param="n")
         if self.in_flight + count > self.max_queue:
             raise ApiError(429, f"the server is at capacity: {self.in_flight} requests in flight, at most "
                                 f"{self.max_queue} (--max-queue); retry shortly", code="rate_limit_exceeded",

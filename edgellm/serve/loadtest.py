@@ -124,7 +124,7 @@ def after_state(url: str, headers: dict, timeout: float = 10.0) -> dict:
             break
         time.sleep(0.1)
     health = httpx.get(url + "/health", timeout=30).status_code
-    return {"in_flight": in_flight, "health": health,
+    return {"in_flight": in_flight, "health": health, "preemptions": metric(text, "edgellm_preemptions"),
             **{f"kv_{s}": metric(text, "edgellm_kv_blocks", f'state="{s}"') for s in ("used", "cached", "free")}}
 
 
@@ -146,6 +146,36 @@ def run_load_test(url: str, model: str, clients: int = 64, requests: int = 3, ma
             "ttft_p99_s": percentile(ttfts, 99) if ttfts else None, "after": state}
 
 
+def offline_peer(model: str, kv_memory: str, threads: int | None, prompts: list[list[int]], max_tokens: int) -> dict:
+    """The same requests through the engine in this process, without HTTP: one thread per client
+    (``prompts[c]``: client c's prompt numbers), each submitting back to back to the engine's
+    background loop, as the HTTP clients did (none hangs up). The engine's own throughput on this
+    workload: the ceiling the server is compared with."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from edgellm.runtime.engine import Engine, Request
+    from edgellm.sampling import SamplingParams
+
+    if threads:
+        torch.set_num_threads(threads)
+    params = SamplingParams.greedy(max_tokens=max_tokens)
+    with Engine(model, kv_memory=kv_memory) as engine:
+        engine.start()
+
+        def one_client(mine: list[int]) -> int:
+            return sum(len(engine.submit(Request([{"role": "user", "content": PROMPTS[i]}], params, chat=True))
+                           .result().token_ids) for i in mine)
+
+        one_client([0])     # warm-up
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            tokens = sum(pool.map(one_client, prompts))
+        wall = time.perf_counter() - t0
+    return {"requests": sum(map(len, prompts)), "wall_s": wall, "generated_tokens": tokens, "tok_s": tokens / wall}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgellm.serve.loadtest", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default=None, help="a running server (default: start `edgellm serve` on a free port)")
@@ -157,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--disconnect-every", type=int, default=10, help="every N-th request hangs up after 2 chunks")
     p.add_argument("--kv-memory", default="256MB", help="without --url: the server's KV pool")
     p.add_argument("--threads", type=int, default=None, help="without --url: the server's CPU threads")
+    p.add_argument("--no-offline", action="store_true",
+                   help="without --url: skip the offline peer (the same requests through the engine in-process)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
 
@@ -175,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
+    if server is not None and not args.no_offline:
+        per_client = [[(c * args.requests + j) % len(PROMPTS) for j in range(args.requests)]
+                      for c in range(args.clients)]
+        rep["offline"] = offline_peer(args.model, args.kv_memory, args.threads, per_client, args.max_tokens)
     if args.json:
         print(json.dumps(rep, indent=1))
     else:
@@ -183,10 +219,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{rep['disconnected']} disconnected mid-stream, {len(rep['errors'])} errors")
         print(f"wall {rep['wall_s']:.1f} s; throughput {rep['tok_s']:.1f} generated tok/s, {rep['req_s']:.2f} req/s")
         print(f"TTFT p50 {rep['ttft_p50_s'] * 1000:.0f} ms, p99 {rep['ttft_p99_s'] * 1000:.0f} ms")
+        if "offline" in rep:
+            off = rep["offline"]
+            print(f"offline peer (the engine in-process, {rep['clients']} threads, {off['requests']} completions, no HTTP): "
+                  f"{off['tok_s']:.1f} tok/s; served/offline = {rep['tok_s'] / off['tok_s']:.2f}")
         print(f"completed responses equal to the prompt served alone: {rep['completed'] - len(rep['mismatches'])}"
               f"/{rep['completed']}")
         print(f"after: health {a['health']}, in flight {a['in_flight']:.0f}, KV blocks used {a['kv_used']:.0f}, "
-              f"cached {a['kv_cached']:.0f}, free {a['kv_free']:.0f}")
+              f"cached {a['kv_cached']:.0f}, free {a['kv_free']:.0f}; preemptions during the run {a['preemptions']:.0f}")
         for e in rep["errors"][:5]:
             print("error:", e)
         for prompt, got, want in rep["mismatches"][:5]:
