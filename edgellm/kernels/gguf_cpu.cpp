@@ -339,51 +339,107 @@ inline void rope_head(const float* x, const float* bias, const float* c, const f
 struct Share { int64_t n0, n1; };
 inline Share share(int64_t N, int t, int T) { return {N * t / T, N * (t + 1) / T}; }
 
-void decode_blocks(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
-                   std::vector<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, torch::Tensor kv,
-                   torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
-                   int64_t H, int64_t KVH, int64_t F, double eps_d) {
-  TORCH_CHECK(h.is_contiguous() && h.scalar_type() == torch::kFloat32, "h must be contiguous float32");
-  TORCH_CHECK(kv.is_contiguous() && kv.scalar_type() == torch::kFloat32, "KV cache must be contiguous float32");
-  cos = cos.contiguous(); sin = sin.contiguous();
-  write_index = write_index.contiguous(); ctx_index = ctx_index.contiguous(); ctx_lens = ctx_lens.contiguous();
+// KV cache elements: float32, or float16 (half the bytes read per decode step; F16C converts).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline void store_row(const float* x, float* out, int64_t D) { std::memcpy(out, x, D * sizeof(float)); }
+inline void store_row(const float* x, at::Half* out, int64_t D) {
+  for (int64_t i = 0; i < D; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// Attention of the G query heads of one KV head over positions [p0, p1) of one sequence, as a
+// partial result: per head the running max m, the sum l of exp(score - m) and the unnormalised
+// output o = sum exp(score - m) * v. Partials of several position ranges merge exactly
+// (merge_partials), which lets two threads share one long sequence when there are fewer
+// (sequence, KV head) pairs than threads -- the batch-1 case.
+template <typename KV>
+void attend_range(const float* qr, const KV* KC, const KV* VC, const int64_t* slots, int64_t p0, int64_t p1,
+                  int64_t KVH, int64_t g, int64_t G, int64_t D, float scale, float* scores, float* part,
+                  int64_t head_stride) {
+  const int64_t n = p1 - p0;
+  for (int64_t p = 0; p < n; p++) {
+    const KV* k = KC + (slots[p0 + p] * KVH + g) * D;
+    for (int64_t j = 0; j < G; j++) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t i = 0; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + j * D + i), load8(k + i), acc);
+      scores[j * n + p] = hsum(acc) * scale;
+    }
+  }
+  for (int64_t j = 0; j < G; j++) {
+    float* out = part + j * head_stride;
+    float* sc = scores + j * n;
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t p = 0; p < n; p++) mx = std::max(mx, sc[p]);
+    for (int64_t p = 0; p < n; p++) { sc[p] = std::exp(sc[p] - mx); sum += sc[p]; }
+    float* o = out + 2;
+    for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
+    for (int64_t p = 0; p < n; p++) {
+      const KV* v = VC + (slots[p0 + p] * KVH + g) * D;
+      const __m256 w = _mm256_set1_ps(sc[p]);
+      for (int64_t i = 0; i < D; i += 8)
+        _mm256_storeu_ps(o + i, _mm256_fmadd_ps(w, load8(v + i), _mm256_loadu_ps(o + i)));
+    }
+    out[0] = mx;
+    out[1] = sum;
+  }
+}
+
+// out[D] = the softmax-weighted output from S partials ([m, l, o[D]] each) of one query head.
+inline void merge_partials(const float* part, int64_t S, int64_t part_stride, int64_t D, float* out) {
+  float M = -INFINITY;
+  for (int64_t s = 0; s < S; s++) M = std::max(M, part[s * part_stride]);
+  float L = 0.0f;
+  for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
+  for (int64_t s = 0; s < S; s++) {
+    const float* p = part + s * part_stride;
+    if (p[1] == 0.0f) continue;            // an empty range
+    const float w = std::exp(p[0] - M);
+    L += w * p[1];
+    for (int64_t i = 0; i < D; i++) out[i] += w * p[2 + i];
+  }
+  const float inv = 1.0f / L;
+  for (int64_t i = 0; i < D; i++) out[i] *= inv;
+}
+
+template <typename KV>
+void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& fmts,
+                        const std::vector<torch::Tensor>& qkv_bias, torch::Tensor cos, torch::Tensor sin,
+                        torch::Tensor kv, torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
+                        int64_t H, int64_t KVH, int64_t F, double eps_d) {
   const int64_t B = h.size(0), C = h.size(1), L = kv.size(0), n_slots = kv.size(2), D = kv.size(4);
   const int64_t G = H / KVH, Q = H * D, QKV = (H + 2 * KVH) * D, Lmax = ctx_index.size(1);
   const float eps = static_cast<float>(eps_d);
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 6 * L && static_cast<int64_t>(fmts.size()) == 4 * L,
-              "weights/fmts do not match the number of layers");
-  TORCH_CHECK(qkv_bias.empty() || static_cast<int64_t>(qkv_bias.size()) == L, "one qkv bias per layer");
-  TORCH_CHECK(C % 32 == 0 && F % 32 == 0 && Q % 32 == 0 && D % 8 == 0, "widths must be multiples of 32");
-  for (int64_t l = 0; l < L; l++) {
-    check(weights[6 * l + 1], fmts[4 * l + 0], QKV, C);
-    check(weights[6 * l + 2], fmts[4 * l + 1], C, Q);
-    check(weights[6 * l + 4], fmts[4 * l + 2], 2 * F, C);
-    check(weights[6 * l + 5], fmts[4 * l + 3], C, F);
-  }
   const int64_t *WI = write_index.data_ptr<int64_t>(), *CI = ctx_index.data_ptr<int64_t>(),
                 *CL = ctx_lens.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; b++) {
-    TORCH_CHECK(CL[b] >= 1 && CL[b] <= Lmax && WI[b] >= 0 && WI[b] < n_slots, "bad slot or length");
-    for (int64_t i = 0; i < CL[b]; i++) TORCH_CHECK(CI[b * Lmax + i] >= 0 && CI[b * Lmax + i] < n_slots, "bad slot");
-  }
   float* Hp = h.data_ptr<float>();
-  float* KVp = kv.data_ptr<float>();
+  KV* KVp = kv.data_ptr<KV>();
   const float *COS = cos.data_ptr<float>(), *SIN = sin.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  std::vector<float> qkv(B * QKV), attn(B * Q), gu(B * 2 * F);
   const int nt = at::get_num_threads();
+  // Attention work items: (sequence, KV head, position range). With fewer pairs than 2 threads'
+  // worth, each pair's positions are cut into S ranges (at least 64 positions each) so that
+  // every thread has work; partials are merged after the barrier.
+  const int64_t pairs = B * KVH;
+  int64_t S = 1;
+  if (pairs < 2 * nt) S = std::max<int64_t>(1, std::min<int64_t>((2 * nt + pairs - 1) / pairs, Lmax / 64));
+  const int64_t part_stride = D + 2;
+  std::vector<float> qkv(B * QKV), gu(B * 2 * F), part(pairs * S * G * part_stride);
 
 #pragma omp parallel num_threads(nt)
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
     std::vector<float> xn(B * std::max(C, F)), xs(B * std::max(std::max(C, F), Q) / 32);
-    std::vector<float> scores(G * Lmax), qr(G * D);
+    std::vector<float> scores(G * Lmax), qr(G * D), krow(D), attn(B * Q);
     for (int64_t l = 0; l < L; l++) {
       const float* attn_norm = weights[6 * l + 0].data_ptr<float>();
       const float* ffn_norm = weights[6 * l + 3].data_ptr<float>();
       const float* bias = qkv_bias.empty() ? nullptr : qkv_bias[l].data_ptr<float>();
-      float* KC = KVp + (l * 2 + 0) * n_slots * KVH * D;
-      float* VC = KVp + (l * 2 + 1) * n_slots * KVH * D;
+      KV* KC = KVp + (l * 2 + 0) * n_slots * KVH * D;
+      KV* VC = KVp + (l * 2 + 1) * n_slots * KVH * D;
       // 1. x = norm(h); qkv = x @ Wqkv.T (my rows)
       for (int64_t b = 0; b < B; b++) rms_norm(Hp + b * C, attn_norm, xn.data() + b * C, C, eps);
       block_sums(xn.data(), B, C, xs.data());
@@ -391,45 +447,33 @@ void decode_blocks(torch::Tensor h, std::vector<torch::Tensor> weights, std::vec
       matmul_range_fmt<false>(fmts[4 * l], xn.data(), xs.data(), weights[6 * l + 1].data_ptr<uint8_t>(),
                               qkv.data(), B, QKV, C, s.n0, s.n1);
 #pragma omp barrier
-      // 2. per (sequence, KV head): RoPE, KV write, attention of its G query heads
-      for (int64_t item = t; item < B * KVH; item += T) {
-        const int64_t b = item / KVH, g = item % KVH, len = CL[b];
+      // 2. per (sequence, KV head, position range): RoPE, the new token's K/V written by the range
+      //    that holds it (the last), attention of the G query heads as a partial result
+      for (int64_t item = t; item < pairs * S; item += T) {
+        const int64_t pair = item / S, r = item % S, b = pair / KVH, g = pair % KVH, len = CL[b];
+        const int64_t p0 = len * r / S, p1 = len * (r + 1) / S;
         const float *x = qkv.data() + b * QKV, *c = COS + b * D, *sn = SIN + b * D;
-        const int64_t* slots = CI + b * Lmax;
-        float* kdst = KC + (WI[b] * KVH + g) * D;
-        float* vdst = VC + (WI[b] * KVH + g) * D;
-        rope_head(x + Q + g * D, bias ? bias + Q + g * D : nullptr, c, sn, kdst, D);
-        for (int64_t i = 0; i < D; i++) vdst[i] = x[Q + KVH * D + g * D + i] + (bias ? bias[Q + KVH * D + g * D + i] : 0.0f);
+        if (r == S - 1) {
+          rope_head(x + Q + g * D, bias ? bias + Q + g * D : nullptr, c, sn, krow.data(), D);
+          store_row(krow.data(), KC + (WI[b] * KVH + g) * D, D);
+          for (int64_t i = 0; i < D; i++) krow[i] = x[Q + KVH * D + g * D + i] + (bias ? bias[Q + KVH * D + g * D + i] : 0.0f);
+          store_row(krow.data(), VC + (WI[b] * KVH + g) * D, D);
+        }
         for (int64_t j = 0; j < G; j++)
           rope_head(x + (g * G + j) * D, bias ? bias + (g * G + j) * D : nullptr, c, sn, qr.data() + j * D, D);
-        for (int64_t p = 0; p < len; p++) {
-          const float* k = KC + (slots[p] * KVH + g) * D;
-          for (int64_t j = 0; j < G; j++) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t i = 0; i < D; i += 8)
-              acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr.data() + j * D + i), _mm256_loadu_ps(k + i), acc);
-            scores[j * Lmax + p] = hsum(acc) * scale;
-          }
-        }
-        for (int64_t j = 0; j < G; j++) {
-          float* sc = scores.data() + j * Lmax;
-          float mx = sc[0];
-          for (int64_t p = 1; p < len; p++) mx = std::max(mx, sc[p]);
-          float sum = 0.0f;
-          for (int64_t p = 0; p < len; p++) { sc[p] = std::exp(sc[p] - mx); sum += sc[p]; }
-          const float inv = 1.0f / sum;
-          float* o = attn.data() + b * Q + (g * G + j) * D;
-          for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
-          for (int64_t p = 0; p < len; p++) {
-            const float* v = VC + (slots[p] * KVH + g) * D;
-            const __m256 w = _mm256_set1_ps(sc[p] * inv);
-            for (int64_t i = 0; i < D; i += 8)
-              _mm256_storeu_ps(o + i, _mm256_fmadd_ps(w, _mm256_loadu_ps(v + i), _mm256_loadu_ps(o + i)));
-          }
-        }
+        // partials laid out [pair][head j][range r] so that one head's ranges are adjacent
+        attend_range<KV>(qr.data(), KC, VC, CI + b * Lmax, p0, p1, KVH, g, G, D, scale, scores.data(),
+                         part.data() + (pair * G * S + r) * part_stride, S * part_stride);
       }
 #pragma omp barrier
-      // 3. h += attn @ Wo.T (my rows)
+      // 3. every thread merges the partials into its own copy of the attention output (cheaper
+      //    than another barrier), then h += attn @ Wo.T (my rows)
+      for (int64_t pair = 0; pair < pairs; pair++) {
+        const int64_t b = pair / KVH, g = pair % KVH;
+        for (int64_t j = 0; j < G; j++)
+          merge_partials(part.data() + (pair * G + j) * S * part_stride, S, part_stride, D,
+                         attn.data() + b * Q + (g * G + j) * D);
+      }
       block_sums(attn.data(), B, Q, xs.data());
       s = share(C, t, T);
       matmul_range_fmt<true>(fmts[4 * l + 1], attn.data(), xs.data(), weights[6 * l + 2].data_ptr<uint8_t>(),
@@ -455,6 +499,39 @@ void decode_blocks(torch::Tensor h, std::vector<torch::Tensor> weights, std::vec
 #pragma omp barrier
     }
   }
+}
+
+void decode_blocks(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
+                   std::vector<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, torch::Tensor kv,
+                   torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
+                   int64_t H, int64_t KVH, int64_t F, double eps_d) {
+  TORCH_CHECK(h.is_contiguous() && h.scalar_type() == torch::kFloat32, "h must be contiguous float32");
+  TORCH_CHECK(kv.is_contiguous() && (kv.scalar_type() == torch::kFloat32 || kv.scalar_type() == torch::kHalf),
+              "KV cache must be contiguous float32 or float16");
+  cos = cos.contiguous(); sin = sin.contiguous();
+  write_index = write_index.contiguous(); ctx_index = ctx_index.contiguous(); ctx_lens = ctx_lens.contiguous();
+  const int64_t B = h.size(0), C = h.size(1), L = kv.size(0), n_slots = kv.size(2), D = kv.size(4);
+  const int64_t Q = H * D, QKV = (H + 2 * KVH) * D, Lmax = ctx_index.size(1);
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 6 * L && static_cast<int64_t>(fmts.size()) == 4 * L,
+              "weights/fmts do not match the number of layers");
+  TORCH_CHECK(qkv_bias.empty() || static_cast<int64_t>(qkv_bias.size()) == L, "one qkv bias per layer");
+  TORCH_CHECK(C % 32 == 0 && F % 32 == 0 && Q % 32 == 0 && D % 8 == 0, "widths must be multiples of 32");
+  for (int64_t l = 0; l < L; l++) {
+    check(weights[6 * l + 1], fmts[4 * l + 0], QKV, C);
+    check(weights[6 * l + 2], fmts[4 * l + 1], C, Q);
+    check(weights[6 * l + 4], fmts[4 * l + 2], 2 * F, C);
+    check(weights[6 * l + 5], fmts[4 * l + 3], C, F);
+  }
+  const int64_t *WI = write_index.data_ptr<int64_t>(), *CI = ctx_index.data_ptr<int64_t>(),
+                *CL = ctx_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; b++) {
+    TORCH_CHECK(CL[b] >= 1 && CL[b] <= Lmax && WI[b] >= 0 && WI[b] < n_slots, "bad slot or length");
+    for (int64_t i = 0; i < CL[b]; i++) TORCH_CHECK(CI[b * Lmax + i] >= 0 && CI[b * Lmax + i] < n_slots, "bad slot");
+  }
+  if (kv.scalar_type() == torch::kHalf)
+    decode_blocks_impl<at::Half>(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F, eps_d);
+  else
+    decode_blocks_impl<float>(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F, eps_d);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

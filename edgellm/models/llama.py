@@ -62,7 +62,7 @@ class LlamaModel:
         """tokens, positions: [T]. Returns float32 logits [len(logit_rows), vocab]."""
         h = self.weights.embed.rows(tokens)
         rope = self.rope.tables(positions)
-        if self._native_blocks is not None and not batch.prefills and cache.dtype == torch.float32:
+        if self._native_blocks is not None and not batch.prefills and cache.dtype in (torch.float32, torch.float16):
             self._decode_blocks_native(h, rope, batch, cache)
         else:
             for i, block in enumerate(self.weights.blocks):
