@@ -238,6 +238,31 @@ def measure_speed(loaded, kv_dtype="fp32", prompt_ids: list[int] | None = None, 
             "runs": runs, "prompt_tokens": len(ids), "gen_tokens": gen_tokens, "threads": torch.get_num_threads()}
 
 
+def interleaved_speed(models: dict, kv_dtypes: dict, prompt_ids: list[int], prompt_tokens: int = 128,
+                      gen_tokens: int = 64, rounds: int = 5, log=None) -> dict:
+    """Prefill/decode tokens/s of several configurations measured in turns (round r times every
+    configuration once before round r + 1), so that a change in the machine's load falls on all
+    of them alike. ``models``: {label: LoadedModel}; ``kv_dtypes``: {label: kv dtype}.
+    Returns {label: {"prefill_tok_s", "decode_tok_s" (medians), "runs"}}."""
+    from edgellm.llm import LLM
+    from edgellm.sampling import SamplingParams
+
+    ids = list(prompt_ids[:prompt_tokens])
+    llms = {label: LLM(loaded=m, kv_dtype=kv_dtypes.get(label, "fp32")) for label, m in models.items()}
+    params = SamplingParams(max_tokens=gen_tokens, temperature=0.0, ignore_eos=True)
+    for llm in llms.values():                        # warm-up: first calls allocate and compile
+        llm.generate(ids, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label in llms}
+    for r in range(rounds):
+        for label, llm in llms.items():
+            c = llm.generate(ids, params)
+            runs[label].append((c.prefill_tok_s, c.decode_tok_s))
+        if log:
+            log(f"round {r + 1}/{rounds} done")
+    return {label: {"prefill_tok_s": statistics.median(x[0] for x in v),
+                    "decode_tok_s": statistics.median(x[1] for x in v), "runs": v} for label, v in runs.items()}
+
+
 def rss_bytes() -> int:
     """Resident set size of this process now (Linux /proc), or 0 where unknown."""
     try:

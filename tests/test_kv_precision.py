@@ -101,7 +101,7 @@ def smollm2(smollm2_path):
 
 
 def test_real_model_with_each_kv_dtype(smollm2):
-    """A prompt and 6 greedy steps with each cache dtype: the fp32 cache's tokens, and the
+    """A prompt and 4 greedy steps with each cache dtype: the fp32 cache's tokens, and the
     prompt's last logits within a bound that grows with the format's step."""
     from edgellm.layers.attention import AttentionBatch
     from edgellm.quality import greedy_continuations
@@ -117,8 +117,8 @@ def test_real_model_with_each_kv_dtype(smollm2):
                          torch.tensor([n - 1]))[0]
 
     ref_logits = last_logits("fp32")
-    ref = greedy_continuations(m, cfg, [prompt], 6, "fp32")
+    ref = greedy_continuations(m, cfg, [prompt], 4, "fp32")
     for name, tol in (("fp16", 0.03), ("bf16", 0.2), ("int8", 1.0), ("fp8", 1.5)):   # measured: 0.007, 0.05, 0.42, 0.61 (logits ~20)
         err = float((last_logits(name) - ref_logits).abs().max())
         assert err < tol, (name, err)
-        assert greedy_continuations(m, cfg, [prompt], 6, name) == ref, name
+        assert greedy_continuations(m, cfg, [prompt], 4, name) == ref, name

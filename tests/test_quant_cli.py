@@ -36,8 +36,7 @@ def _cli(capsys, *args):
 
 
 # the first of each pair is written by `edgellm quantize`, the second converted at load time
-@pytest.mark.parametrize("fmt,suffix", [("int8", "safetensors"), ("int4-g32", "safetensors"),
-                                        ("int4-g64-sym", "safetensors"), ("fp8", "safetensors"),
+@pytest.mark.parametrize("fmt,suffix", [("int8", "safetensors"), ("int4-g64-sym", "safetensors"),
                                         ("fp8-e5m2", "safetensors"), ("ternary", "safetensors"),
                                         ("q4_k", "safetensors"), ("q4_0", "gguf"), ("q8_0", "gguf")])
 def test_quantized_file_loads_back_like_load_time_conversion(fmt, suffix, tiny, tmp_path, capsys):

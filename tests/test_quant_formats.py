@@ -322,3 +322,20 @@ def test_fp8_refused_without_float8(monkeypatch):
         parse_format("fp8")
     with pytest.raises(UnsupportedModelError):
         fp8.quantize(torch.ones(2, 4))
+
+
+def test_ternary_both_compute_forms():
+    """The int4-kernel form and the 2-bit planes form give the same products; both give back the
+    2-bit packing they were made from."""
+    w = torch.from_numpy(_rand(192, 256, seed=5))
+    p = ternary.quantize(w)
+    fast, planes = ternary.TernaryInt4Weight(p), ternary.TernaryPlanesWeight(p)
+    assert type(ternary.TernaryWeight(p)) is ternary.TernaryInt4Weight
+    assert type(ternary.TernaryWeight(ternary.quantize(w[:40]))) is ternary.TernaryPlanesWeight   # 40 rows: no kernel
+    for W in (fast, planes):
+        _check_matmul(W)
+        assert torch.equal(W.packed.codes, p.codes)
+        assert torch.equal(W.dequantize(), ternary.dequantize(p))
+    x = torch.randn(3, 256)
+    a, b = fast.matmul(x), planes.matmul(x)
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-2      # both round to bf16 (kernel outputs)

@@ -52,6 +52,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _common(pa, weights_required=False)
     pa.add_argument("--prompts", default=None, help="a file with one prompt a line (default: 16 built-in prompts)")
     pa.add_argument("--tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
+    ps = sub.add_parser("speed", help="prefill/decode tokens/s of several formats, measured in turns in one process")
+    ps.add_argument("--model", default=None)
+    ps.add_argument("--weights", default="float32,bfloat16,int8,int4,auto",
+                    help="comma-separated formats ('auto': as loaded; 'F+keep' as in report)")
+    ps.add_argument("--kv-dtypes", default="", help="comma-separated KV dtypes, each with float32 weights")
+    ps.add_argument("--prompt-tokens", type=int, default=128)
+    ps.add_argument("--gen-tokens", type=int, default=64)
+    ps.add_argument("--rounds", type=int, default=5)
+    ps.add_argument("--threads", type=int, default=1)
+    ps.add_argument("--json", action="store_true")
     pr = sub.add_parser("report", help="the precision table: size, memory, quality and speed per format")
     pr.add_argument("--model", default=None)
     pr.add_argument("--weights", default=",".join(DEFAULT_REPORT_WEIGHTS),
@@ -315,7 +325,51 @@ def _run_report(args) -> int:
     return 0
 
 
+def _run_speed(args) -> int:
+    from edgellm.kv.cache import _storage_dtype, kv_dtype_name
+    from edgellm.llm import set_threads
+    from edgellm.loading.load import load_model
+    from edgellm.quality import interleaved_speed, read_corpus
+    from edgellm.quant.convert import convert_weights, peek_config, prepare
+
+    _, cfg = peek_config(args.model)
+    weights = [w.strip() for w in args.weights.split(",") if w.strip()]
+    kvs = [kv_dtype_name(k.strip()) for k in args.kv_dtypes.split(",") if k.strip()]
+    for k in kvs:
+        _storage_dtype(k)
+    for w in weights:
+        fmt, keep = _split_weights(w)
+        if fmt != "auto":
+            prepare(cfg, fmt, keep)
+    set_threads(args.threads)
+    base = load_model(args.model)
+    models, kv_of = {}, {}
+    for w in weights:
+        fmt, keep = _split_weights(w)
+        models[w] = base if fmt == "auto" else convert_weights(base, fmt, keep)
+    for k in kvs:
+        label = f"float32 / KV {k}"
+        models[label] = models.get("float32") or convert_weights(base, "float32")
+        kv_of[label] = k
+    ids = base.tokenizer.encode(read_corpus())
+    log = None if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
+    res = interleaved_speed(models, kv_of, ids, args.prompt_tokens, args.gen_tokens, args.rounds, log)
+    ref = res.get("float32")
+    if args.json:
+        print(json.dumps({"settings": {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
+                                       "rounds": args.rounds, "threads": args.threads}, "results": res}))
+        return 0
+    print("| weights | weights MB | prefill tok/s | decode tok/s | decode vs float32 |\n|---|---:|---:|---:|---:|")
+    for label, r in res.items():
+        ratio = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}x" if ref else "-"
+        print(f"| {label} | {models[label].weight_bytes / 1e6:.1f} | {r['prefill_tok_s']:.0f} | "
+              f"{r['decode_tok_s']:.1f} | {ratio} |")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.eval_command == "speed":
+        return _run_speed(args)
     if args.eval_command == "perplexity":
         return _run_perplexity(args)
     if args.eval_command == "agreement":

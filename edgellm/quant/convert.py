@@ -241,14 +241,15 @@ def weight_parts(w: Weight) -> tuple[dict, dict[str, torch.Tensor]]:
     from edgellm.quant.fp8 import FP8Weight
     from edgellm.quant.int4 import Int4Weight
     from edgellm.quant.int8 import Int8Weight
-    from edgellm.quant.ternary import TernaryWeight
+    from edgellm.quant.ternary import TernaryInt4Weight, TernaryPlanesWeight
 
     shape = [int(s) for s in w.shape]
     if isinstance(w, DenseWeight):
         return {"format": str(w.tensor.dtype).removeprefix("torch."), "shape": shape}, {"weight": w.tensor}
     if isinstance(w, (GGUFBlockWeight, GGUFSlabWeight)):
         return {"format": "gguf", "ggml_type": w.ggml_type, "shape": shape}, {"raw": w.raw}
-    kinds = {Int8Weight: "int8", Int4Weight: "int4", FP8Weight: "fp8", TernaryWeight: "ternary"}
+    kinds = {Int8Weight: "int8", Int4Weight: "int4", FP8Weight: "fp8", TernaryInt4Weight: "ternary",
+             TernaryPlanesWeight: "ternary"}
     for cls, kind in kinds.items():
         if isinstance(w, cls):
             p = w.packed
