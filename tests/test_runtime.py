@@ -325,3 +325,26 @@ def test_chat_command_reuses_the_conversation(smollm2_path):
     assert r1 == 0 and c1 == p1
     assert p2 > p1 and r2 + c2 == p2 and r2 >= p1, "the second turn recomputed the first"
     assert c2 < p2 - p1 + 8
+
+
+def test_sessions_bench_small_run(llm):
+    """The benchmark's own bookkeeping on a tiny run: every decode step of 2 sessions counted, a
+    follow-up turn of about 20 new tokens, KV bytes per session from the model's shape."""
+    from edgellm.runtime.sessions_bench import run_sessions_bench
+
+    r = run_sessions_bench(llm=llm, concurrency=(1, 2), decode_tokens=3, histories=(40,), users=0, repeat=1,
+                           profile=False, threads=None)
+    assert [d["sessions"] for d in r["decode"]] == [1, 2] and all(d["steps_timed"] == 3 for d in r["decode"])
+    [f] = r["followup"]
+    assert 18 <= f["new_tokens"] <= 22 and f["history_tokens"] >= 30
+    per_token = 2 * llm.cfg.n_layers * llm.cfg.n_kv_heads * llm.cfg.head_dim * 4
+    assert r["kv_bytes_per_token"] == per_token
+    assert f["session_kv_bytes"] == per_token * 16 * -(-f["history_tokens"] // 16)
+
+
+def test_bench_sessions_scenario_bad_input(capsys):
+    from edgellm.cli import main
+
+    assert main(["bench", "--scenario", "sessions", "--repeat", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--repeat must be at least 1" in err

@@ -1,6 +1,11 @@
 """`edgellm bench`: prefill/decode speed, time to first token, peak memory, the decode ceiling of
 this machine, and (``--peers``) the same measurements of HF transformers and llama.cpp.
 
+``--scenario sessions`` measures the multi-session runtime instead
+(:mod:`edgellm.runtime.sessions_bench`): aggregate decode throughput at several concurrencies,
+follow-up time to first token against history length, KV memory per session, and N users with
+think time between turns, broken down by phase.
+
 See :mod:`edgellm.bench.harness` for how the runs are organised and :mod:`edgellm.bench.worker`
 for how each engine is timed.
 """
@@ -16,6 +21,8 @@ HELP = "benchmark prefill/decode speed and memory against this machine's ceiling
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scenario", default="single", choices=("single", "sessions"),
+                   help="single: one sequence against peers (default); sessions: the multi-session runtime")
     p.add_argument("--model", default=None,
                    help="a .gguf file, a Hugging Face model folder or a built-in name (default: smollm2-135m)")
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length in tokens (default 512)")
@@ -29,6 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-decode", nargs="?", type=int, const=-1, default=None, metavar="STEPS",
                    help="also time STEPS decode steps of our engine (default: --gen-tokens) and report the share "
                         "of matrix-multiply kernels, attention and the rest")
+    p.add_argument("--users", type=int, default=8, help="sessions scenario: simulated users (default 8)")
+    p.add_argument("--think-time", type=float, default=3.0,
+                   help="sessions scenario: mean seconds a user thinks between turns (default 3)")
+    p.add_argument("--duration", type=float, default=60.0,
+                   help="sessions scenario: seconds the multi-user run lasts (default 60)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -45,6 +57,8 @@ def _clean(obj):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.scenario == "sessions":
+        return _run_sessions(args)
     from edgellm.bench.harness import BenchOptions, format_report, parse_peers, run_bench
 
     steps = args.profile_decode
@@ -63,4 +77,24 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(_clean(summary), indent=2))
     else:
         format_report(summary, sys.stdout)
+    return 0
+
+
+def _run_sessions(args: argparse.Namespace) -> int:
+    from edgellm.errors import InvalidParameterError
+    from edgellm.runtime.sessions_bench import format_report, run_sessions_bench
+
+    for name, value, low in (("--repeat", args.repeat, 1), ("--users", args.users, 0), ("--threads", args.threads, 1)):
+        if value < low:
+            raise InvalidParameterError(f"{name} must be at least {low}, got {value}", f"pass {name} {max(low, 1)}")
+    if args.think_time < 0 or args.duration < 0:
+        raise InvalidParameterError("--think-time and --duration must not be negative",
+                                    "pass a number of seconds, e.g. --think-time 3 --duration 60")
+    res = run_sessions_bench(model=args.model, users=args.users, duration_s=args.duration, think_s=args.think_time,
+                             threads=args.threads, repeat=args.repeat,
+                             log=None if args.quiet else lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(_clean(res), indent=2, default=str))
+    else:
+        format_report(res, sys.stdout)
     return 0
