@@ -252,12 +252,13 @@ class Engine:
                  max_batch_tokens: int = 512, max_batch_seqs: int = 256, host_memory: int | str | None = None,
                  disk_dir: str | None = None, disk_memory: int | str | None = None,
                  idle_retire_s: float | None = None, preemption: str = PREEMPT_RECOMPUTE,
-                 kv_dtype: torch.dtype = torch.float32, seed: int | None = None, threads: int | None = None):
+                 kv_dtype=None, seed: int | None = None, threads: int | None = None):
         """``model_or_llm``: an :class:`edgellm.llm.LLM`, a ``LoadedModel``, or a model spec (path
         or registry name; None: the default model). ``kv_memory``: the pool's size;
         ``host_memory``: the host offload tier's budget (default: as large as the pool; 0 for
         none); ``disk_dir``: the disk tier's folder (none by default), ``disk_memory`` its budget;
-        ``idle_retire_s``: retire sessions idle that long; ``preemption``: "recompute" or "swap"."""
+        ``idle_retire_s``: retire sessions idle that long; ``preemption``: "recompute" or "swap";
+        ``kv_dtype``: the pool's precision (a name or torch dtype; default: the LLM's ``kv_dtype``)."""
         from edgellm.llm import LLM, set_threads
         from edgellm.loading.load import LoadedModel
 
@@ -291,6 +292,8 @@ class Engine:
         self.cfg = self.llm.cfg
         self.tokenizer = self.llm.tokenizer
 
+        if kv_dtype is None:
+            kv_dtype = getattr(self.llm, "kv_dtype", torch.float32)
         self.block_size = block_size
         self.kv_bytes_per_block = KVCache.bytes_per_block(self.cfg, block_size, kv_dtype)
         num_blocks = pool_bytes // self.kv_bytes_per_block
