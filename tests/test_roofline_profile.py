@@ -98,6 +98,7 @@ def tiny_report(tiny):
 
 def test_report_structure_and_sanity(tiny_report):
     assert tiny_report["measured"] is True and tiny_report["batch"] == 1 and tiny_report["seq_len"] == 16
+    assert tiny_report["load_average"] >= 0
     assert [p["phase"] for p in tiny_report["phases"]] == ["prefill", "decode"]
     keys = {"name", "ops", "memory_bytes", "arithmetic_intensity", "attainable_ops_per_s", "bound", "time_s",
             "measured_time_s", "achieved_bytes_per_s", "achieved_ops_per_s", "roofline_fraction", "layers"}

@@ -20,6 +20,7 @@ unless ``attention="unfused"`` is asked for.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -466,6 +467,7 @@ def measure_model(loaded, hw: "Hardware", phases=("prefill", "decode"), seq_len:
         raise InvalidParameterError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
     for phase in phases:
         check_seq_len(loaded.config, phase, seq_len)
+    load_before = _load_average()
     reports = []
     for phase in phases:
         if log:
@@ -480,6 +482,12 @@ def measure_model(loaded, hw: "Hardware", phases=("prefill", "decode"), seq_len:
         "prefill matmuls dequantise each matrix to float32 in slabs and call the BLAS sgemm: that copy's traffic "
         "is not in the predicted bytes (the roofline counts the stored format)",
     ]
+    load = max(load_before, _load_average())
+    cores = os.cpu_count() or 1
+    if load > cores:
+        notes.append(f"the machine was busy (load average {load:.1f} on {cores} cores): other processes took CPU "
+                     "time, so the measured times are longer and noisier than on a quiet machine; with more "
+                     "than one thread the per-op path suffers most (each call waits for all its threads)")
     from edgellm.llm import PREFILL_CHUNK
 
     if "prefill" in phases and seq_len > PREFILL_CHUNK:
@@ -490,7 +498,7 @@ def measure_model(loaded, hw: "Hardware", phases=("prefill", "decode"), seq_len:
                      "PyTorch's causal flash kernel also skips the masked half of the score matrix in prefill")
     return {
         "model": model_label(loaded), "hardware": hw.name, "measured": True,
-        "seq_len": seq_len, "batch": 1, "attention": attention, "repeats": repeats,
+        "seq_len": seq_len, "batch": 1, "attention": attention, "repeats": repeats, "load_average": load,
         "engine": engine_formats(loaded),
         "phases": [r.to_dict() for r in reports],
         "hardware_info": {"peak_ops_per_s": dict(hw.peak_ops), "bandwidth_bytes_per_s": hw.bandwidth,
@@ -498,6 +506,14 @@ def measure_model(loaded, hw: "Hardware", phases=("prefill", "decode"), seq_len:
         "conventions": list(CONVENTIONS) + MEASURE_CONVENTIONS,
         "notes": notes,
     }
+
+
+def _load_average() -> float:
+    """The 1-minute load average (0 where the OS has none): other work competing for the cores."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return 0.0
 
 
 # ---- output -----------------------------------------------------------------------------------------
