@@ -258,6 +258,7 @@ def test_malformed_and_invalid_bodies(http):
                  "messages[0].role")
     assert_error(post(http, "/v1/chat/completions", {**ok, "messages": [{"role": "user"}]}), 400)
     assert_error(post(http, "/v1/completions", {"model": MODEL, "prompt": {"a": 1}}), 400, "prompt")
+    assert_error(post(http, "/v1/completions", {"model": MODEL, "prompt": ""}), 400, "prompt")
     assert_error(post(http, "/v1/completions", {"model": MODEL, "prompt": [10 ** 9]}), 400, "prompt")
     assert_error(post(http, "/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 6}), 400, "logprobs")
     # every field of the chat request with values of every JSON type: 400 or 200, never 500

@@ -49,6 +49,7 @@ log = logging.getLogger("edgellm.serve")
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 1 << 20          # 1 MiB: a full 8k-token conversation is ~40 kB of JSON
 RETRY_AFTER_S = 1
+PARAM_OF = {"the messages": "messages", "the prompt": "prompt", "the conversation": "content"}
 
 
 @dataclass
@@ -96,7 +97,6 @@ class ServerState:
         self.session_defaults: dict[str, dict] = {}  # API id -> its sampling defaults
         self.metrics = Metrics(engine, lambda: self.in_flight)
         self.started = int(time.time())
-        self.loop: asyncio.AbstractEventLoop | None = None
 
     @functools.lru_cache(maxsize=65536)
     def token_text(self, token_id: int) -> str:
@@ -123,7 +123,7 @@ class ServerState:
         pool = self.engine.pool_tokens
         limit = min(ctx, pool)
         if n_prompt == 0:
-            raise oa.invalid(what, f"{what} is empty: it encodes to no token")
+            raise oa.invalid(PARAM_OF[what], f"{what} is empty: it encodes to no token")
         room = limit - n_prompt
         if max_tokens is None:
             if room < 1:
@@ -142,8 +142,7 @@ class ServerState:
             msg = (f"{what} ({n_prompt} tokens) plus max_tokens ({max_tokens}) needs {n_prompt + max_tokens} tokens "
                    f"of KV cache, but the server's KV pool holds {pool} tokens. Lower max_tokens, shorten {what}, "
                    f"or restart the server with a larger --kv-memory.")
-        return ApiError(400, msg, param="messages" if what == "the messages" else "max_tokens",
-                        code="context_length_exceeded")
+        return ApiError(400, msg, param=PARAM_OF[what], code="context_length_exceeded")
 
     # ---- submission ----------------------------------------------------------------------------
     def submit(self, prompts: list[list[int]], n: int, params: SamplingParams, session=None,
@@ -615,7 +614,8 @@ async def runtime(state: ServerState, request: HttpRequest) -> Response:
                          "sessions": len(state.sessions), "kv_blocks": st["blocks"], "kv": st["kv"],
                          "queue_depth": st["scheduler"]["waiting"], "running": st["scheduler"]["running"],
                          "in_flight": state.in_flight, "tokens": st["tokens"], "requests": st["requests"],
-                         "offload": {k: st["offload"][k] for k in ("host_bytes", "disk_bytes")}})
+                         "offload": {k: st["offload"][k] for k in ("host_bytes", "disk_bytes")},
+                         "steps": st["steps"]})
 
 
 async def index(state: ServerState, request: HttpRequest) -> Response:
@@ -677,7 +677,6 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (), api
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        state.loop = asyncio.get_running_loop()
         engine.start()
         try:
             yield
