@@ -491,8 +491,8 @@ async def locked(state: ServerState, fn: Callable, *args):
 def find_session(state: ServerState, sid: str):
     s = state.sessions.get(sid)
     if s is None:
-        raise ApiError(404, f"no session '{sid}' (create one with POST /v1/sessions)", param="session_id",
-                       code="session_not_found")
+        raise ApiError(404, f"no session '{sid}': unknown, deleted, or retired after --session-idle-timeout "
+                            f"(create one with POST /v1/sessions)", param="session_id", code="session_not_found")
     return s
 
 
@@ -505,6 +505,9 @@ async def create_session(state: ServerState, request: HttpRequest) -> Response:
     if system is not None and not isinstance(system, str):
         raise oa.invalid("system", f"'system' must be a string, got {oa._type_name(system)}", "invalid_type")
     defaults = session_sampling(body)
+    for old in [k for k, v in state.sessions.items() if v.retired]:   # retired while idle: forget them
+        del state.sessions[old]
+        state.session_defaults.pop(old, None)
     s = state.engine.session(system=system)
     sid = f"sess_{s.id}"
     state.sessions[sid] = s
