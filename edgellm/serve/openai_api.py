@@ -26,7 +26,6 @@ import numbers
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
 MAX_N = 16                  # completions per request
 MAX_STOP = 4                # stop strings, as OpenAI allows
