@@ -409,7 +409,7 @@ template <typename KV>
 void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& fmts,
                         const std::vector<torch::Tensor>& qkv_bias, torch::Tensor cos, torch::Tensor sin,
                         torch::Tensor kv, torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
-                        int64_t H, int64_t KVH, int64_t F, double eps_d) {
+                        int64_t H, int64_t KVH, int64_t F, double eps_d, int nt) {
   const int64_t B = h.size(0), C = h.size(1), L = kv.size(0), n_slots = kv.size(2), D = kv.size(4);
   const int64_t G = H / KVH, Q = H * D, QKV = (H + 2 * KVH) * D, Lmax = ctx_index.size(1);
   const float eps = static_cast<float>(eps_d);
@@ -419,7 +419,6 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
   KV* KVp = kv.data_ptr<KV>();
   const float *COS = cos.data_ptr<float>(), *SIN = sin.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const int nt = at::get_num_threads();
   // Attention work items: (sequence, KV head, position range). With fewer pairs than 2 threads'
   // worth, each pair's positions are cut into S ranges (at least 64 positions each) so that
   // every thread has work; partials are merged after the barrier.
@@ -504,8 +503,9 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
 void decode_blocks(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
                    std::vector<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, torch::Tensor kv,
                    torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
-                   int64_t H, int64_t KVH, int64_t F, double eps_d) {
+                   int64_t H, int64_t KVH, int64_t F, double eps_d, int64_t num_threads) {
   TORCH_CHECK(h.is_contiguous() && h.scalar_type() == torch::kFloat32, "h must be contiguous float32");
+  const int nt = num_threads > 0 ? static_cast<int>(num_threads) : at::get_num_threads();
   TORCH_CHECK(kv.is_contiguous() && (kv.scalar_type() == torch::kFloat32 || kv.scalar_type() == torch::kHalf),
               "KV cache must be contiguous float32 or float16");
   cos = cos.contiguous(); sin = sin.contiguous();
@@ -529,9 +529,9 @@ void decode_blocks(torch::Tensor h, std::vector<torch::Tensor> weights, std::vec
     for (int64_t i = 0; i < CL[b]; i++) TORCH_CHECK(CI[b * Lmax + i] >= 0 && CI[b * Lmax + i] < n_slots, "bad slot");
   }
   if (kv.scalar_type() == torch::kHalf)
-    decode_blocks_impl<at::Half>(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F, eps_d);
+    decode_blocks_impl<at::Half>(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F, eps_d, nt);
   else
-    decode_blocks_impl<float>(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F, eps_d);
+    decode_blocks_impl<float>(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F, eps_d, nt);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

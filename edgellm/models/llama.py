@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import time
+
 import torch
 import torch.nn.functional as F
 
 from edgellm.config import ModelConfig
 from edgellm.kv.cache import KVCache
 from edgellm.kernels import native
+from edgellm.kernels.threads import ThreadChooser
 from edgellm.layers.attention import AttentionBatch, self_attention
 from edgellm.layers.rope import RotaryEmbedding
 from edgellm.layers.weights import Weight
@@ -56,6 +59,7 @@ class LlamaModel:
         self.weights = weights
         self.rope = RotaryEmbedding(cfg)
         self._native_blocks = _native_block_args(weights)
+        self._threads = ThreadChooser(torch.get_num_threads())
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 cache: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
@@ -78,9 +82,14 @@ class LlamaModel:
         cfg = self.cfg
         tensors, formats, biases = self._native_blocks
         T = h.shape[0]
+        if self._threads.max_threads != torch.get_num_threads():   # the caller changed the setting
+            self._threads = ThreadChooser(torch.get_num_threads())
+        threads = self._threads.threads(T)
+        start = time.perf_counter()
         native().decode_blocks(h, tensors, formats, biases, rope[0].view(T, -1), rope[1].view(T, -1), cache.data,
                                batch.write_index, batch.decode_index, batch.decode_lens,
-                               cfg.n_heads, cfg.n_kv_heads, cfg.ffn_size, cfg.rms_norm_eps)
+                               cfg.n_heads, cfg.n_kv_heads, cfg.ffn_size, cfg.rms_norm_eps, threads)
+        self._threads.record(T, threads, time.perf_counter() - start)
 
     def _block(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], w: BlockWeights,
                batch: AttentionBatch, cache: KVCache, layer: int) -> torch.Tensor:

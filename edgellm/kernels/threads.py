@@ -1,0 +1,79 @@
+"""How many threads a fused decode step should use, chosen from the step times it sees.
+
+A fused decode step (``LlamaModel._decode_blocks_native``) runs every block in one parallel
+region with four barriers a layer: about 120 a step for SmolLM2. On an idle machine two threads
+beat one. When other processes compete for the cores, a thread that reaches a barrier waits for
+a partner the OS has descheduled, and each of those waits costs a time slice: measured here at a
+load average of 9 on 2 cores, the default model decoded at 0.7 tok/s on 2 threads and 5.9 tok/s
+on 1. This chooser keeps the configured thread count while steps run at their usual speed; when
+they slow down markedly it times a few steps with one thread and keeps whichever is faster, and
+from one thread it probes the full count again now and then, so it returns once the load is gone.
+
+Step times are compared only between steps of the same batch size (more sequences, more work).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict, deque
+
+WINDOW = 6           # steps in a median
+SLOW = 1.6           # a step median this many times the best seen means "contended"
+GAIN = 0.8           # switch when the other choice's median is below this fraction
+PROBE_EVERY = 64     # steps between probes (after a probe, and while on the fallback)
+
+
+class ThreadChooser:
+    def __init__(self, max_threads: int):
+        self.max_threads = max(1, int(max_threads))
+        self.current = self.max_threads
+        self._recent: dict[tuple[int, int], deque] = defaultdict(lambda: deque(maxlen=WINDOW))
+        self._best: dict[int, float] = {}          # batch -> fastest median seen with max_threads
+        self._probe: tuple[int, int, list] | None = None   # (threads, batch, times)
+        self._since_probe = PROBE_EVERY     # the first slow-down may be probed at once
+
+    def threads(self, batch: int) -> int:
+        """Threads for the next step of ``batch`` sequences."""
+        if self._probe is not None and self._probe[1] == batch:
+            return self._probe[0]
+        return self.current
+
+    def record(self, batch: int, threads: int, seconds: float) -> None:
+        """Report how long a step of ``batch`` sequences took on ``threads`` threads."""
+        if self.max_threads == 1:
+            return
+        self._since_probe += 1
+        if self._probe is not None:
+            self._record_probe(batch, threads, seconds)
+            return
+        recent = self._recent[(threads, batch)]
+        recent.append(seconds)
+        if len(recent) < WINDOW:
+            return
+        median = statistics.median(recent)
+        if threads == self.max_threads:
+            best = self._best.get(batch)
+            self._best[batch] = median if best is None else min(best, median)
+            if median > SLOW * self._best[batch] and self._since_probe >= PROBE_EVERY:
+                self._start_probe(1, batch)
+        elif self._since_probe >= PROBE_EVERY:
+            self._start_probe(self.max_threads, batch)
+
+    def _start_probe(self, threads: int, batch: int) -> None:
+        self._probe = (threads, batch, [])
+        self._since_probe = 0
+
+    def _record_probe(self, batch: int, threads: int, seconds: float) -> None:
+        probe_threads, probe_batch, times = self._probe
+        if (batch, threads) != (probe_batch, probe_threads):
+            self._probe = None          # the batch changed under the probe: abandon it
+            return
+        times.append(seconds)
+        if len(times) < WINDOW // 2:
+            return
+        self._probe = None
+        current = self._recent[(self.current, batch)]
+        if current and statistics.median(times) < GAIN * statistics.median(current):
+            self.current = probe_threads
+            self._recent[(probe_threads, batch)].clear()
+            self._recent[(probe_threads, batch)].extend(times)

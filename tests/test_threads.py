@@ -1,0 +1,45 @@
+"""The decode thread chooser, fed step times (the policy only; the kernel test covers the threads)."""
+
+from edgellm.kernels.threads import PROBE_EVERY, WINDOW, ThreadChooser
+
+
+def run(chooser: ThreadChooser, seconds_for, steps: int, batch: int = 1) -> list[int]:
+    used = []
+    for _ in range(steps):
+        n = chooser.threads(batch)
+        used.append(n)
+        chooser.record(batch, n, seconds_for(n))
+    return used
+
+
+def test_keeps_all_threads_on_an_idle_machine():
+    c = ThreadChooser(2)
+    assert set(run(c, lambda n: 0.010 if n == 2 else 0.016, 500)) == {2}
+
+
+def test_falls_back_to_one_thread_under_contention_and_returns_after():
+    c = ThreadChooser(2)
+    run(c, lambda n: 0.010, 20)                                       # quiet: learns 10 ms
+    used = run(c, lambda n: 0.080 if n == 2 else 0.020, 40)           # contended: 2 threads stall
+    assert c.current == 1 and used[-1] == 1
+    used = run(c, lambda n: 0.010 if n == 2 else 0.016, 3 * PROBE_EVERY)   # quiet again
+    assert c.current == 2 and used[-1] == 2
+
+
+def test_a_probe_that_loses_keeps_the_current_choice():
+    c = ThreadChooser(2)
+    run(c, lambda n: 0.010, 20)
+    run(c, lambda n: 0.030 if n == 2 else 0.050, 200)   # slower, but one thread is worse still
+    assert c.current == 2
+
+
+def test_batch_sizes_are_compared_separately():
+    c = ThreadChooser(2)
+    run(c, lambda n: 0.010, 20, batch=1)
+    run(c, lambda n: 0.040, 20, batch=16)     # bigger batch, longer steps: not contention
+    assert c.current == 2 and c._probe is None
+
+
+def test_one_thread_configured_means_one_thread():
+    c = ThreadChooser(1)
+    assert set(run(c, lambda n: 0.5, 3 * WINDOW)) == {1}
