@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -135,9 +136,13 @@ class Worker:
             line = self.proc.stdout.readline()
             if not line:
                 self.proc.wait()
-                raise WorkerFailed(self.engine, {"kind": "crash", "problem":
-                                                 f"the {self.engine} worker exited (status {self.proc.returncode})"},
-                                   self.stderr_tail())
+                problem = f"the {self.engine} worker exited (status {self.proc.returncode})"
+                if self.proc.returncode == -signal.SIGILL:
+                    problem += (": an illegal instruction -- the engine was compiled for CPU features this "
+                                "machine (or its VM) does not enable; for llama.cpp rebuild it portable: "
+                                "CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON' "
+                                "pip install --force-reinstall --no-cache-dir llama-cpp-python")
+                raise WorkerFailed(self.engine, {"kind": "crash", "problem": problem}, self.stderr_tail())
             line = line.strip()
             if not line.startswith("{"):
                 continue
