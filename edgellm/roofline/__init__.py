@@ -2,6 +2,7 @@
 
 Modules: ``zoo`` (models), ``hardware`` (chips, files, this machine), ``layers`` (ops and bytes per
 layer), ``analyze`` (roofline, totals, memory planner, crossover, formatting), ``measure`` (this
-machine's micro-benchmark; measured next to predicted), ``plot`` (figures), ``cli`` (``edgellm analyze``).
+machine's micro-benchmark; measured next to predicted), ``profile`` (the engine timed op by op:
+``edgellm analyze --measure``), ``plot`` (figures), ``cli`` (``edgellm analyze``).
 Nothing heavy is imported here, so ``edgellm --help`` stays fast.
 """

@@ -7,9 +7,10 @@ Two parts:
   and int8 (``torch._int_mm``, where it runs), with torch's current thread count. The result is in
   the hardware-file format of :mod:`edgellm.roofline.hardware`, which caches it.
 * :func:`compare` — given measured per-layer times (seconds, for the whole model, keyed by the
-  analysis' layer names), the rows of a measured-vs-predicted table: measured time, achieved ops/s
-  and bytes/s, and the fraction of the roofline reached. ``edgellm analyze --measure`` will feed it
-  the engine's per-layer timings once the engine exists; nothing here runs the engine.
+  analysis' layer names, e.g. from another engine's profiler), the rows of a measured-vs-predicted
+  table: measured time, achieved ops/s and bytes/s, and the fraction of the roofline reached.
+  Timing edgellm's own engine, whose ops fuse several analyzer layers, is
+  :mod:`edgellm.roofline.profile` (``edgellm analyze --measure``).
 """
 
 from __future__ import annotations
