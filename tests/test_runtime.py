@@ -333,7 +333,7 @@ def test_sessions_bench_small_run(llm):
     from edgellm.runtime.sessions_bench import run_sessions_bench
 
     r = run_sessions_bench(llm=llm, concurrency=(1, 2), decode_tokens=3, histories=(40,), users=0, repeat=1,
-                           profile=False, threads=None)
+                           profile=False, threads=None, kv_memory="4MB")
     assert [d["sessions"] for d in r["decode"]] == [1, 2] and all(d["steps_timed"] == 3 for d in r["decode"])
     [f] = r["followup"]
     assert 18 <= f["new_tokens"] <= 22 and f["history_tokens"] >= 30
