@@ -147,6 +147,9 @@ def assert_pool_empty(eng: Engine) -> None:
     bm.check()
     assert bm.num_used == 0 and bm.num_free + bm.num_cached == bm.num_blocks
     assert not eng.store.entries and eng.store.host_used == 0
+    eng.clear_prefix_cache()                    # forgetting the prefix cache leaves every block free
+    assert bm.num_free == bm.num_blocks
+    bm.check()
 
 
 def test_followup_prefill_computes_only_new_tokens(llm, ref):
