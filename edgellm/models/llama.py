@@ -23,6 +23,9 @@ from edgellm.layers.attention import AttentionBatch, self_attention
 from edgellm.layers.rope import RotaryEmbedding
 from edgellm.layers.weights import Weight
 
+#: decode batches up to this many sequences take the fused native step
+FUSED_DECODE_MAX_ROWS = 16
+
 
 @dataclass
 class BlockWeights:
@@ -66,7 +69,11 @@ class LlamaModel:
         """tokens, positions: [T]. Returns float32 logits [len(logit_rows), vocab]."""
         h = self.weights.embed.rows(tokens)
         rope = self.rope.tables(positions)
-        if self._native_blocks is not None and not batch.prefills and cache.dtype in (torch.float32, torch.float16):
+        # The fused native step streams the quantised weights once for all rows, which wins while
+        # the batch is small (memory-bound); with many rows the per-layer path's dequantise-then-
+        # BLAS matmuls do the arithmetic faster (measured 2.4x at 64 rows).
+        if (self._native_blocks is not None and not batch.prefills and tokens.shape[0] <= FUSED_DECODE_MAX_ROWS
+                and cache.dtype in (torch.float32, torch.float16)):
             self._decode_blocks_native(h, rope, batch, cache)
         else:
             for i, block in enumerate(self.weights.blocks):
