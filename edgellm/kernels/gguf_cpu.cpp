@@ -351,37 +351,94 @@ inline void store_row(const float* x, at::Half* out, int64_t D) {
                      _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
+// exp(x) for 8 floats: range reduction by ln 2 (split in two constants, Cody-Waite) and the
+// degree-5 minimax polynomial of the Cephes library's expf; relative error about 2e-7, like expf.
+// Arguments below -87 give ~1e-38 instead of 0 (softmax weights that small do not count).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// The sums of eight vectors, as one vector (a horizontal add shared by eight dot products).
+inline __m256 hsum8x8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+template <typename KV>
+inline __m256 dot_row(const float* q, const KV* k, int64_t D) {
+  __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), load8(k));
+  for (int64_t i = 8; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc);
+  return acc;
+}
+
 // Attention of the G query heads of one KV head over positions [p0, p1) of one sequence, as a
 // partial result: per head the running max m, the sum l of exp(score - m) and the unnormalised
 // output o = sum exp(score - m) * v. Partials of several position ranges merge exactly
 // (merge_partials), which lets two threads share one long sequence when there are fewer
-// (sequence, KV head) pairs than threads -- the batch-1 case.
+// (sequence, KV head) pairs than threads -- the batch-1 case. Scores are made eight positions
+// at a time (one shared horizontal add) and exponentiated eight at a time.
 template <typename KV>
 void attend_range(const float* qr, const KV* KC, const KV* VC, const int64_t* slots, int64_t p0, int64_t p1,
                   int64_t KVH, int64_t g, int64_t G, int64_t D, float scale, float* scores, float* part,
                   int64_t head_stride) {
-  const int64_t n = p1 - p0;
-  for (int64_t p = 0; p < n; p++) {
-    const KV* k = KC + (slots[p0 + p] * KVH + g) * D;
-    for (int64_t j = 0; j < G; j++) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t i = 0; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + j * D + i), load8(k + i), acc);
-      scores[j * n + p] = hsum(acc) * scale;
+  const int64_t n = p1 - p0, n8 = n / 8 * 8;
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int64_t j = 0; j < G; j++) {
+    const float* q = qr + j * D;
+    float* sc = scores + j * n;
+    __m256 acc[8];
+    for (int64_t p = 0; p < n8; p += 8) {
+      for (int u = 0; u < 8; u++) acc[u] = dot_row(q, KC + (slots[p0 + p + u] * KVH + g) * D, D);
+      _mm256_storeu_ps(sc + p, _mm256_mul_ps(hsum8x8(acc), vscale));
     }
+    for (int64_t p = n8; p < n; p++) sc[p] = hsum(dot_row(q, KC + (slots[p0 + p] * KVH + g) * D, D)) * scale;
   }
   for (int64_t j = 0; j < G; j++) {
     float* out = part + j * head_stride;
     float* sc = scores + j * n;
-    float mx = -INFINITY, sum = 0.0f;
+    float mx = -INFINITY;
     for (int64_t p = 0; p < n; p++) mx = std::max(mx, sc[p]);
-    for (int64_t p = 0; p < n; p++) { sc[p] = std::exp(sc[p] - mx); sum += sc[p]; }
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    for (int64_t p = 0; p < n8; p += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + p), vmx));
+      _mm256_storeu_ps(sc + p, e);
+      vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum(vsum);
+    for (int64_t p = n8; p < n; p++) { sc[p] = std::exp(sc[p] - mx); sum += sc[p]; }
     float* o = out + 2;
-    for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
-    for (int64_t p = 0; p < n; p++) {
-      const KV* v = VC + (slots[p0 + p] * KVH + g) * D;
-      const __m256 w = _mm256_set1_ps(sc[p]);
-      for (int64_t i = 0; i < D; i += 8)
-        _mm256_storeu_ps(o + i, _mm256_fmadd_ps(w, load8(v + i), _mm256_loadu_ps(o + i)));
+    if (D == 64) {   // the usual head size: the output row stays in registers
+      __m256 r[8];
+      for (int i = 0; i < 8; i++) r[i] = _mm256_setzero_ps();
+      for (int64_t p = 0; p < n; p++) {
+        const KV* v = VC + (slots[p0 + p] * KVH + g) * D;
+        const __m256 w = _mm256_set1_ps(sc[p]);
+        for (int i = 0; i < 8; i++) r[i] = _mm256_fmadd_ps(w, load8(v + 8 * i), r[i]);
+      }
+      for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + 8 * i, r[i]);
+    } else {
+      for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
+      for (int64_t p = 0; p < n; p++) {
+        const KV* v = VC + (slots[p0 + p] * KVH + g) * D;
+        const __m256 w = _mm256_set1_ps(sc[p]);
+        for (int64_t i = 0; i < D; i += 8)
+          _mm256_storeu_ps(o + i, _mm256_fmadd_ps(w, load8(v + i), _mm256_loadu_ps(o + i)));
+      }
     }
     out[0] = mx;
     out[1] = sum;
