@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=5, help="timed repeats per engine; medians are reported (default 5)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="our engine's compute dtype (default auto)")
+    from edgellm.commands.common import add_precision_arguments
+    add_precision_arguments(p)   # --weights, --keep, --kv-dtype: our engine only
     p.add_argument("--peers", default="",
                    help="comma-separated peer engines measured in the same run: transformers, llama.cpp")
     p.add_argument("--profile-decode", nargs="?", type=int, const=-1, default=None, metavar="STEPS",
@@ -60,13 +62,16 @@ def run(args: argparse.Namespace) -> int:
     if args.scenario == "sessions":
         return _run_sessions(args)
     from edgellm.bench.harness import BenchOptions, format_report, parse_peers, run_bench
+    from edgellm.commands.common import check_precision
 
+    check_precision(args)
     steps = args.profile_decode
     if steps == -1:
         steps = args.gen_tokens
     opts = BenchOptions(model=args.model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                         threads=args.threads, repeat=args.repeat, dtype=args.dtype,
-                        peers=parse_peers(args.peers), profile_steps=steps)
+                        peers=parse_peers(args.peers), profile_steps=steps, weights=args.weights,
+                        keep=",".join(args.keep), kv_dtype=args.kv_dtype)
 
     def log(line: str) -> None:
         if not args.quiet:

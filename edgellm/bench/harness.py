@@ -10,7 +10,7 @@ JSON too).
 Decode ceiling = memory bandwidth / bytes read per decode step, where the bandwidth is the median
 of the probe's rounds (copy of a 256 MiB float32 tensor, bytes read + written per second, at the
 benchmark's thread count) and the bytes per step are all the weights (read once per token; a
-tied embedding counts once, as the lm_head) plus the float32 KV cache at the mean decode context.
+tied embedding counts once, as the lm_head) plus the KV cache (in its --kv-dtype) at the mean decode context.
 
 This module imports no torch: the workers do.
 """
@@ -60,6 +60,9 @@ class BenchOptions:
     dtype: str = "auto"
     peers: list[str] = field(default_factory=list)
     profile_steps: int | None = None        # None: no profile
+    weights: str | None = None              # ours: convert the weights at load time (--weights)
+    keep: str = ""                          # ours: comma-separated --keep patterns
+    kv_dtype: str = "fp32"                  # ours: KV cache precision
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +226,9 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
     prompt_file = None
     try:
         log(f"loading ours ({opts.model or 'default model'}) and the bandwidth probe ...")
-        ours_args = common + ["--dtype", opts.dtype] + (["--model", opts.model] if opts.model else [])
+        ours_args = common + ["--dtype", opts.dtype, "--kv-dtype", opts.kv_dtype] + \
+            (["--model", opts.model] if opts.model else []) + (["--weights", opts.weights] if opts.weights else []) + \
+            (["--keep", opts.keep] if opts.keep else [])
         workers[OURS] = Worker(OURS, ours_args, opts.threads)
         workers[MEMBW] = Worker(MEMBW, common, opts.threads)
         try:
@@ -366,7 +371,7 @@ def summarize(opts: BenchOptions, info: dict, samples: dict[str, list[dict]], pe
     summary = {
         "model": {k: info[k] for k in ("model_name", "model_path", "model_kind", "architecture", "file_bytes",
                                        "weight_bytes", "weight_formats", "lm_head_format", "tied_embeddings",
-                                       "dtype", "n_layers", "context_length", "kv_bytes_per_token")},
+                                       "dtype", "kv_dtype", "n_layers", "context_length", "kv_bytes_per_token")},
         "settings": {"prompt_tokens": opts.prompt_tokens, "gen_tokens": opts.gen_tokens, "threads": opts.threads,
                      "repeat": opts.repeat, "prompt_source": info["prompt_source"],
                      "warmup": "one generation per worker (full prompt, up to 8 tokens), not counted"},
@@ -410,7 +415,7 @@ def format_report(s: dict, out: TextIO) -> None:
       f"{m['n_layers']} layers\n")
     w(f"  weights {_mb(m['weight_bytes'])} in memory ({', '.join(m['weight_formats'])}; lm_head "
       f"{m['lm_head_format']}{', tied' if m['tied_embeddings'] else ''}), file {_mb(m['file_bytes'])}, "
-      f"compute dtype {m['dtype']}\n")
+      f"compute dtype {m['dtype']}, KV cache {m.get('kv_dtype', 'fp32')}\n")
     w(f"  prompt {st['prompt_tokens']} tokens ({st['prompt_source']}, our tokenizer, same ids for every engine), "
       f"{st['gen_tokens']} generated tokens (greedy, EOS ignored), {st['threads']} threads, "
       f"median of {st['repeat']} interleaved repeats after one warm-up\n\n")
@@ -452,7 +457,7 @@ def format_report(s: dict, out: TextIO) -> None:
     w(f"\n  memory bandwidth {s['memory_bandwidth_gb_s']:.2f} GB/s (copy of a 256 MiB float32 tensor, bytes "
       f"read + written, {st['threads']} threads, median over rounds {_rng(s['repeats'][MEMBW], 'bandwidth_gb_s', '.1f')})\n")
     w(f"  bytes read per decode step {_mb(s['bytes_per_decode_step'])} = weights {_mb(m['weight_bytes'])} + "
-      f"float32 KV {_mb(s['kv_bytes_at_mean_context'])} at the mean context of {s['mean_decode_context']:.0f} tokens\n")
+      f"{s.get('model', {}).get('kv_dtype', 'fp32')} KV {_mb(s['kv_bytes_at_mean_context'])} at the mean context of {s['mean_decode_context']:.0f} tokens\n")
     w(f"  decode ceiling {s['decode_ceiling_tok_s']:.1f} tok/s; ours reaches {100 * s['ceiling_fraction']:.1f}% of it\n")
     w(f"  peak RSS {s['peak_rss_mb']:.0f} MB (the bare Python + torch process: {s['baseline_rss_mb']:.0f} MB; "
       f"1.5 x file + KV cache = {s['memory_budget_mb']:.0f} MB)\n")

@@ -136,7 +136,11 @@ class OursEngine:
         from edgellm.llm import LLM
 
         self.baseline_rss_mb = rss_now_mb()
-        self.llm = LLM(args.model, dtype=args.dtype, threads=args.threads)
+        keep = [k for k in (args.keep or "").split(",") if k]
+        from edgellm.kv.cache import KVCache
+
+        self.llm = LLM(args.model, dtype=args.dtype, threads=args.threads, weights=args.weights, keep=keep,
+                       kv_dtype=args.kv_dtype)
         cfg = self.llm.cfg
         self.gen = args.gen_tokens
         if args.prompt_tokens + args.gen_tokens > cfg.context_length:
@@ -158,7 +162,8 @@ class OursEngine:
             "weight_bytes": loaded.weight_bytes, "dtype": loaded.dtype, "weight_formats": formats,
             "lm_head_format": weights.lm_head.format, "tied_embeddings": weights.lm_head is weights.embed,
             "n_layers": cfg.n_layers, "context_length": cfg.context_length,
-            "kv_bytes_per_token": cfg.kv_bytes_per_token(4), "architecture": cfg.architecture,
+            "kv_bytes_per_token": KVCache.bytes_per_block(cfg, 16, self.llm.kv_dtype) / 16,
+            "kv_dtype": self.llm.kv_dtype, "architecture": cfg.architecture,
             "prompt_ids": self.ids, "prompt_source": self.prompt_source,
             "baseline_rss_mb": self.baseline_rss_mb, "load_s": loaded.load_s,
         }
@@ -495,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model spec (ours)")
     p.add_argument("--model-path", default=None, help="resolved .gguf file or HF folder (peers)")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--keep", default="")
+    p.add_argument("--kv-dtype", default="fp32")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
