@@ -111,19 +111,21 @@ def _attend(q: torch.Tensor, cache: KVCache, layer: int, batch: AttentionBatch, 
     for s in batch.prefills:
         rows = slice(s.start, s.start + s.new_tokens)
         keys, vals = cache.read(layer, s.slots, q.dtype)   # [L, KVH, D]
-        qs = q[rows].transpose(0, 1)                       # [H, Tq, D]
-        # Repeating each KV head for its query heads costs a copy but takes PyTorch's flash
-        # kernel; its grouped-query path is 5x slower at 512 tokens (measured here).
+        # [1, H, Tq, D]: PyTorch's CPU flash kernel takes 4-D inputs only; 3-D ones fall back to
+        # the math path, measured 3.7x slower at 512 tokens.
+        qs = q[rows].transpose(0, 1).unsqueeze(0)
+        # Repeating each KV head for its query heads costs a copy but takes the flash kernel; its
+        # grouped-query path is 5x slower at 512 tokens (measured here).
         group = H // keys.shape[1]
-        ks = keys.repeat_interleave(group, dim=1).transpose(0, 1)   # [H, L, D]
-        vs = vals.repeat_interleave(group, dim=1).transpose(0, 1)
+        ks = keys.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)   # [1, H, L, D]
+        vs = vals.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
         if s.new_tokens == s.context:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
         else:  # a chunk after cached history: query i sits at position context - new + i
             qpos = torch.arange(s.context - s.new_tokens, s.context)[:, None]
             mask = torch.arange(s.context)[None, :] <= qpos
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
-        out[rows] = o.transpose(0, 1)
+        out[rows] = o[0].transpose(0, 1)
     if batch.decode_rows is not None:
         qd = q.index_select(0, batch.decode_rows)                     # [B, H, D]
         if ext is not None:
