@@ -36,6 +36,27 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// exp(x) for 8 floats: range reduction by ln 2 (split in two constants, Cody-Waite) and the
+// degree-5 minimax polynomial of the Cephes library's expf; relative error about 2e-7, like expf.
+// Arguments are clamped to [-87, 88]: below, ~1e-38 instead of 0 (softmax weights that small do not
+// count); above, 1.6e38 instead of overflow.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
 // The 32 integer values of one block as four vectors of 8 floats, plus its scale and offset.
 struct Block {
   __m256 v[4];
@@ -295,12 +316,19 @@ torch::Tensor silu_mul(torch::Tensor gu) {
   auto out = torch::empty({M, F}, gu.options());
   const float* X = gu.data_ptr<float>();
   float* O = out.data_ptr<float>();
+  const int64_t F8 = F / 8 * 8;
   at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; m++)
-      for (int64_t i = 0; i < F; i++) {
-        const float g = X[m * 2 * F + i];
-        O[m * F + i] = g / (1.0f + std::exp(-g)) * X[m * 2 * F + F + i];
+    const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+    for (int64_t m = m0; m < m1; m++) {
+      const float *g = X + m * 2 * F, *u = g + F;
+      float* o = O + m * F;
+      for (int64_t i = 0; i < F8; i += 8) {   // silu(g) * u = g / (1 + exp(-g)) * u, 8 at a time
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 den = _mm256_add_ps(one, exp8(_mm256_xor_ps(gv, neg)));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(u + i)));
       }
+      for (int64_t i = F8; i < F; i++) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    }
   });
   return out;
 }
@@ -349,26 +377,6 @@ inline void store_row(const float* x, at::Half* out, int64_t D) {
   for (int64_t i = 0; i < D; i += 8)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
                      _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-// exp(x) for 8 floats: range reduction by ln 2 (split in two constants, Cody-Waite) and the
-// degree-5 minimax polynomial of the Cephes library's expf; relative error about 2e-7, like expf.
-// Arguments below -87 give ~1e-38 instead of 0 (softmax weights that small do not count).
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
 // The sums of eight vectors, as one vector (a horizontal add shared by eight dot products).
@@ -543,10 +551,12 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
                               gu.data(), B, 2 * F, C, s.n0, s.n1);
 #pragma omp barrier
       // 5. h += (silu(gate) * up) @ Wdown.T (my rows); the activation is rebuilt privately
-      for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < F; i++) {
-          const float gt = gu[b * 2 * F + i];
-          xn[b * F + i] = gt / (1.0f + std::exp(-gt)) * gu[b * 2 * F + F + i];
+      for (int64_t b = 0; b < B; b++)   // F is a multiple of 32 (checked)
+        for (int64_t i = 0; i < F; i += 8) {
+          const __m256 gt = _mm256_loadu_ps(gu.data() + b * 2 * F + i);
+          const __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_xor_ps(gt, _mm256_set1_ps(-0.0f))));
+          _mm256_storeu_ps(xn.data() + b * F + i,
+                           _mm256_mul_ps(_mm256_div_ps(gt, den), _mm256_loadu_ps(gu.data() + b * 2 * F + F + i)));
         }
       block_sums(xn.data(), B, F, xs.data());
       s = share(C, t, T);
