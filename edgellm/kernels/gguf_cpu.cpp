@@ -105,6 +105,35 @@ inline void block_sums(const float* X, int64_t M, int64_t K, float* xsum) {
 
 // O[m, n] (+)= sum_k X[m, k] * W[n, k] for output rows n in [n0, n1): the serial core of every
 // matmul. Each block contributes d * dot(q, x_blk) + m * sum(x_blk). With ACC, adds into O.
+// One weight row against MT activation rows (MT known at compile time, so the accumulators stay
+// in registers: with a run-time count they lived in memory and every block waited on them).
+template <int FMT, bool ACC, int MT>
+inline void tile_dot(const uint8_t* row, const float* X, const float* xsum, float* O, int64_t K, int64_t N) {
+  const int64_t nb = K / 32;
+  const int bb = block_bytes(FMT);
+  __m256 acc[MT];
+  float off[MT];
+  for (int i = 0; i < MT; i++) { acc[i] = _mm256_setzero_ps(); off[i] = 0.0f; }
+  Block blk;
+  for (int64_t b = 0; b < nb; b++) {
+    load_block<FMT>(row + b * bb, blk);
+    const __m256 d = _mm256_set1_ps(blk.d);
+    for (int i = 0; i < MT; i++) {
+      const float* xp = X + i * K + b * 32;
+      __m256 t = _mm256_mul_ps(blk.v[0], _mm256_loadu_ps(xp));
+      t = _mm256_fmadd_ps(blk.v[1], _mm256_loadu_ps(xp + 8), t);
+      t = _mm256_fmadd_ps(blk.v[2], _mm256_loadu_ps(xp + 16), t);
+      t = _mm256_fmadd_ps(blk.v[3], _mm256_loadu_ps(xp + 24), t);
+      acc[i] = _mm256_fmadd_ps(d, t, acc[i]);
+      if (FMT != Q8_0) off[i] += blk.m * xsum[i * nb + b];
+    }
+  }
+  for (int i = 0; i < MT; i++) {
+    const float v = hsum(acc[i]) + off[i];
+    if (ACC) O[i * N] += v; else O[i * N] = v;
+  }
+}
+
 constexpr int64_t PREFETCH_ROWS = 4;
 
 template <int FMT, bool ACC>
@@ -113,7 +142,6 @@ void matmul_range(const float* X, const float* xsum, const uint8_t* W, float* O,
   const int64_t nb = K / 32;
   const int bb = block_bytes(FMT);
   constexpr int TILE = 4;  // rows of x sharing each unpacked block
-  Block blk;
   const int64_t row_bytes = nb * bb;
   for (int64_t n = n0; n < n1; n++) {
     const uint8_t* row = W + n * row_bytes;
@@ -125,26 +153,14 @@ void matmul_range(const float* X, const float* xsum, const uint8_t* W, float* O,
       for (int64_t o = 0; o < row_bytes; o += 64)
         _mm_prefetch(reinterpret_cast<const char*>(row + PREFETCH_ROWS * row_bytes + o), _MM_HINT_T0);
     for (int64_t m0 = 0; m0 < M; m0 += TILE) {
-      const int mt = static_cast<int>(std::min<int64_t>(TILE, M - m0));
-      __m256 acc[TILE];
-      float off[TILE];
-      for (int i = 0; i < TILE; i++) { acc[i] = _mm256_setzero_ps(); off[i] = 0.0f; }
-      for (int64_t b = 0; b < nb; b++) {
-        load_block<FMT>(row + b * bb, blk);
-        const __m256 d = _mm256_set1_ps(blk.d);
-        for (int i = 0; i < mt; i++) {
-          const float* xp = X + (m0 + i) * K + b * 32;
-          __m256 t = _mm256_mul_ps(blk.v[0], _mm256_loadu_ps(xp));
-          t = _mm256_fmadd_ps(blk.v[1], _mm256_loadu_ps(xp + 8), t);
-          t = _mm256_fmadd_ps(blk.v[2], _mm256_loadu_ps(xp + 16), t);
-          t = _mm256_fmadd_ps(blk.v[3], _mm256_loadu_ps(xp + 24), t);
-          acc[i] = _mm256_fmadd_ps(d, t, acc[i]);
-          if (FMT != Q8_0) off[i] += blk.m * xsum[(m0 + i) * nb + b];
-        }
-      }
-      for (int i = 0; i < mt; i++) {
-        const float v = hsum(acc[i]) + off[i];
-        if (ACC) O[(m0 + i) * N + n] += v; else O[(m0 + i) * N + n] = v;
+      const float* x = X + m0 * K;
+      const float* xs = xsum + m0 * nb;
+      float* o = O + m0 * N + n;
+      switch (std::min<int64_t>(TILE, M - m0)) {
+        case 4: tile_dot<FMT, ACC, 4>(row, x, xs, o, K, N); break;
+        case 3: tile_dot<FMT, ACC, 3>(row, x, xs, o, K, N); break;
+        case 2: tile_dot<FMT, ACC, 2>(row, x, xs, o, K, N); break;
+        default: tile_dot<FMT, ACC, 1>(row, x, xs, o, K, N); break;
       }
     }
   }
