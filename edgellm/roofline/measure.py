@@ -131,15 +131,8 @@ def measure_local(budget_s: float = 3.0) -> dict:
 
 
 # ---- measured next to predicted -------------------------------------------------------------------
-@dataclass(frozen=True)
-class Comparison:
-    name: str
-    predicted_s: float
-    measured_s: float
-    ops: float
-    memory_bytes: float
-    bound: str
-    attainable_ops_per_s: float
+class MeasuredRates:
+    """Achieved rates of something with ``ops``, ``memory_bytes``, ``predicted_s`` and ``measured_s``."""
 
     @property
     def achieved_ops_per_s(self) -> float:
@@ -153,6 +146,17 @@ class Comparison:
     def roofline_fraction(self) -> float:
         """Predicted (roofline) time / measured time: 1.0 means the layer runs at the roofline."""
         return self.predicted_s / self.measured_s if self.measured_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Comparison(MeasuredRates):
+    name: str
+    predicted_s: float
+    measured_s: float
+    ops: float
+    memory_bytes: float
+    bound: str
+    attainable_ops_per_s: float
 
     def to_dict(self) -> dict:
         return {"name": self.name, "predicted_s": self.predicted_s, "measured_s": self.measured_s,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from edgellm.errors import InvalidParameterError
+from edgellm.roofline.measure import MeasuredRates
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -99,22 +100,9 @@ class Step:
 
 
 def build_step(chunks: list) -> Step:
-    import torch
+    from edgellm.runtime.model_runner import step_inputs
 
-    from edgellm.layers.attention import AttentionBatch
-
-    tokens, positions, logit_rows, seqs = [], [], [], []
-    row = 0
-    for c in chunks:
-        n = len(c.token_ids)
-        tokens.extend(c.token_ids)
-        positions.extend(range(c.start, c.start + n))
-        seqs.append((n, c.start + n, c.slots))
-        row += n
-        if c.want_logits:
-            logit_rows.append(row - 1)
-    return Step(chunks, torch.tensor(tokens, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                AttentionBatch.build(seqs), torch.tensor(logit_rows, dtype=torch.int64))
+    return Step(chunks, *step_inputs(chunks))
 
 
 class _Clock:
@@ -328,7 +316,7 @@ def predict(loaded, hw: "Hardware", phase: str, seq_len: int, attention: str = "
 
 # ---- measured next to predicted ----------------------------------------------------------------------
 @dataclass(frozen=True)
-class MeasuredLayer:
+class MeasuredLayer(MeasuredRates):
     op: EngineOp
     layers: tuple["LayerResult", ...]
     count: int
@@ -367,17 +355,6 @@ class MeasuredLayer:
         compute = sum(x.time_s for x in self.layers if x.bound == "compute")
         return "compute" if compute > self.predicted_s - compute else "memory"
 
-    @property
-    def achieved_ops_per_s(self) -> float:
-        return self.ops / self.measured_s if self.measured_s > 0 else 0.0
-
-    @property
-    def achieved_bytes_per_s(self) -> float:
-        return self.memory_bytes / self.measured_s if self.measured_s > 0 else 0.0
-
-    @property
-    def roofline_fraction(self) -> float:
-        return self.predicted_s / self.measured_s if self.measured_s > 0 else 0.0
 
     def to_dict(self) -> dict:
         return {

@@ -31,16 +31,22 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """One forward pass; returns logits [number of chunks wanting them, vocab], in order."""
-        tokens, positions, logit_rows, seqs = [], [], [], []
-        row = 0
-        for c in chunks:
-            n = len(c.token_ids)
-            tokens.extend(c.token_ids)
-            positions.extend(range(c.start, c.start + n))
-            seqs.append((n, c.start + n, c.slots))
-            row += n
-            if c.want_logits:
-                logit_rows.append(row - 1)
-        batch = AttentionBatch.build(seqs)
-        return self.model(torch.tensor(tokens, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                          batch, self.cache, torch.tensor(logit_rows, dtype=torch.int64))
+        tokens, positions, batch, logit_rows = step_inputs(chunks)
+        return self.model(tokens, positions, batch, self.cache, logit_rows)
+
+
+def step_inputs(chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor]:
+    """The forward pass's inputs for one step: token ids, their positions, the attention batch
+    (slots to write and read) and the rows whose logits are wanted."""
+    tokens, positions, logit_rows, seqs = [], [], [], []
+    row = 0
+    for c in chunks:
+        n = len(c.token_ids)
+        tokens.extend(c.token_ids)
+        positions.extend(range(c.start, c.start + n))
+        seqs.append((n, c.start + n, c.slots))
+        row += n
+        if c.want_logits:
+            logit_rows.append(row - 1)
+    return (torch.tensor(tokens, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
+            AttentionBatch.build(seqs), torch.tensor(logit_rows, dtype=torch.int64))
