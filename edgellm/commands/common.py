@@ -48,8 +48,9 @@ def add_precision_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV cache precision: fp32, fp16, bf16, fp8, int8 (default fp32)")
 
 
-def check_precision(args: argparse.Namespace) -> None:
-    """Refuse a bad --weights/--keep/--kv-dtype before the model is loaded (reads only headers)."""
+def check_precision(args: argparse.Namespace):
+    """Refuse a bad --weights/--keep/--kv-dtype before the model is loaded (reads only headers).
+    Returns the model's config when it had to read it (with --weights), else None."""
     from edgellm.errors import InvalidParameterError
     from edgellm.kv.cache import _storage_dtype, kv_dtype_name
 
@@ -59,4 +60,7 @@ def check_precision(args: argparse.Namespace) -> None:
     if args.weights:
         from edgellm.quant.convert import peek_config, prepare
 
-        prepare(peek_config(args.model)[1], args.weights, args.keep)
+        cfg = peek_config(args.model)[1]
+        prepare(cfg, args.weights, args.keep)
+        return cfg
+    return None

@@ -83,22 +83,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     pr.add_argument("--out-json", default=None, help="write every measurement here")
 
 
-def _load(args, kv_dtype: str):
-    """Validate everything cheap first, then load (and convert)."""
+def _load(args):
+    """Validate everything cheap first (nothing is loaded yet); the config and the KV dtype name."""
+    from edgellm.commands.common import check_precision
     from edgellm.kv.cache import kv_dtype_name
-    from edgellm.quant.convert import peek_config, prepare
+    from edgellm.quant.convert import peek_config
 
-    kv = kv_dtype_name(kv_dtype)
-    if kv.startswith("fp8"):
-        from edgellm.kv.cache import _storage_dtype
-        _storage_dtype(kv)
-    if args.keep and not args.weights:
-        from edgellm.errors import InvalidParameterError
-        raise InvalidParameterError("--keep needs --weights", "add --weights FORMAT (e.g. --weights int4)")
-    _, cfg = peek_config(args.model)
-    if args.weights:
-        prepare(cfg, args.weights, args.keep)
-    return cfg, kv
+    cfg = check_precision(args) or peek_config(args.model)[1]
+    return cfg, kv_dtype_name(args.kv_dtype)
 
 
 def _finish_load(args):
@@ -116,7 +108,7 @@ def _finish_load(args):
 def _run_perplexity(args) -> int:
     from edgellm.quality import check_window, perplexity, read_corpus
 
-    cfg, kv = _load(args, args.kv_dtype)
+    cfg, kv = _load(args)
     stride = check_window(args.context, args.stride, cfg)
     if args.max_tokens is not None and args.max_tokens < 2:
         from edgellm.errors import InvalidParameterError
@@ -169,7 +161,7 @@ def _run_agreement(args) -> int:
     from edgellm.errors import InvalidParameterError
     from edgellm.quality import agreement, greedy_continuations
 
-    cfg, kv = _load(args, args.kv_dtype)
+    cfg, kv = _load(args)
     if args.tokens < 1:
         raise InvalidParameterError(f"--tokens must be at least 1, got {args.tokens}", "use e.g. --tokens 32")
     prompts = _prompts(args.prompts)
