@@ -38,6 +38,27 @@ def test_real_file_loads_fast_and_lazily(smollm2_path):
     assert t.data.dtype == np.uint8
 
 
+def _file_rss_kib() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_copy_bytes_is_exact_and_drops_the_file_pages(smollm2_path):
+    """The loader's copy equals the file's bytes (checked against gguf-py's reader), and the
+    piecewise copy leaves the tensor's file pages out of resident memory."""
+    t = read_gguf(smollm2_path).tensors["token_embd.weight"]   # the largest tensor, ~30 MB
+    before = _file_rss_kib()
+    copy = t.copy_bytes(piece=1 << 20)
+    after = _file_rss_kib()
+    ref = gguf.GGUFReader(smollm2_path).get_tensor(
+        [x.name for x in gguf.GGUFReader(smollm2_path).tensors].index("token_embd.weight"))
+    assert copy.nbytes == t.nbytes == ref.data.nbytes
+    assert np.array_equal(copy, np.asarray(ref.data).reshape(-1).view(np.uint8))
+    assert after - before < 8 * 1024, f"{(after - before) / 1024:.0f} MiB of file pages stayed resident"
+
+
 def test_real_file_config(smollm2):
     cfg = smollm2.config()
     assert cfg.architecture == "llama"

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgellm import heap
 from edgellm.config import ModelConfig
 from edgellm.loading.resolve import ResolvedModel, resolve_model
 from edgellm.models.llama import LlamaModel
@@ -35,6 +36,7 @@ def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = 
     """
     from edgellm.loading.weights import _dtype, load_gguf_weights, load_hf_weights, read_hf_config
 
+    heap.tune_for_inference()
     dtype = "float32" if dtype == "auto" else dtype
     _dtype(dtype)  # refuse an unknown dtype before reading anything
     t0 = time.perf_counter()
@@ -58,4 +60,7 @@ def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = 
         tokenizer = Tokenizer.from_file(folder / "tokenizer.json")
         weights = load_hf_weights(folder, cfg, dtype)
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    return LoadedModel(src, cfg, LlamaModel(cfg, weights), tokenizer, dtype, size, time.perf_counter() - t0)
+    model = LlamaModel(cfg, weights)
+    heap.release_free_heap()
+    return LoadedModel(src, cfg, model, tokenizer, dtype, size, time.perf_counter() - t0)
+

@@ -71,7 +71,7 @@ class _GGUFSource:
                                    "the tensor shapes contradict the file's own metadata; re-export the model")
         order = _rope_unpermute_rows(expect[0], rope_heads) if rope_heads and self.unpermute else None
         if self.native and t.ggml_type in NATIVE_FORMATS:
-            raw = torch.from_numpy(np.array(t.data, copy=True)).view(expect[0], -1)
+            raw = torch.from_numpy(t.copy_bytes()).view(expect[0], -1)
             if order is not None:
                 raw = raw.index_select(0, order)
             return GGUFBlockWeight(raw, t.ggml_type, expect[1])
