@@ -1,5 +1,6 @@
-"""The C heap policy set for inference (edgellm/heap.py): it stops the page faults of a
-prefill's activations (counted, not timed), and leaves a user's own malloc settings alone."""
+"""The C heap policy set for inference (edgellm/heap.py): freed activation memory stays in the
+heap for the next layer instead of going back to the system and faulting in again (counted, not
+timed), and a user's own malloc settings are left alone."""
 
 from __future__ import annotations
 
@@ -9,11 +10,25 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc policy")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc policy")
 
-FAULTS = """
+FREE_AND_REUSE = """
+import os, sys
+os.environ["EDGELLM_HEAP"] = sys.argv[1]
+import torch
+from edgellm import heap
+heap.tune_for_inference()
+def anon_kib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1])
+t = torch.ones(2 << 20)          # 8 MiB, touched: the size of a prefill's dequantised slab
+before = anon_kib()
+del t
+print(before - anon_kib())       # KiB handed back to the system by the free
+"""
+
+PREFILL_FAULTS = """
 import os, resource, sys
-os.environ["EDGELLM_HEAP"] = sys.argv[1]    # "default": glibc's own policy
+os.environ["EDGELLM_HEAP"] = sys.argv[1]
 from edgellm.llm import LLM
 from edgellm.sampling import SamplingParams
 llm = LLM(sys.argv[2], threads=1)
@@ -26,18 +41,23 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 """
 
 
-def _faults(mode: str, model) -> int:
-    out = subprocess.run([sys.executable, "-c", FAULTS, mode, str(model)], capture_output=True, text=True,
-                         check=True, env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
+def _run(script: str, *args) -> int:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                         check=True, env=env)
     return int(out.stdout.split()[-1])
 
 
-def test_a_second_prefill_reuses_the_first_ones_memory(smollm2_path):
-    """With the tuned policy the second 384-token prefill touches no fresh pages; with glibc's
-    default (EDGELLM_HEAP=default) it faults thousands."""
-    tuned = _faults("tuned", smollm2_path)
-    default = _faults("default", smollm2_path)
-    assert default > 5 * max(tuned, 500), (tuned, default)
+def test_freed_activation_memory_stays_for_reuse():
+    # glibc's default serves a fresh process's 8 MiB block with mmap and unmaps it at free
+    assert _run(FREE_AND_REUSE, "default") > 7 * 1024
+    assert _run(FREE_AND_REUSE, "tuned") < 1024
+
+
+def test_a_second_prefill_touches_almost_no_fresh_pages(smollm2_path):
+    # 384 tokens x 30 layers of 1-7 MB temporaries; glibc's adaptive default faults 15-60 thousand
+    # pages here in most runs (not asserted: now and then it settles without trimming)
+    assert _run(PREFILL_FAULTS, "tuned", smollm2_path) < 5000
 
 
 def test_a_users_malloc_settings_are_left_alone(monkeypatch):
