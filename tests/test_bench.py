@@ -53,6 +53,16 @@ def test_json_has_positive_figures(tiny_run):
     assert tiny_run["repeats"]["ours"][0]["completion_tokens"] == 4
 
 
+def test_memory_breakdown_adds_up_to_the_peak(tiny_run):
+    mem = tiny_run["memory"]
+    parts = ("runtime_mb", "weights_mb", "other_load_mb", "kv_mb", "generation_mb")
+    assert sum(mem[k] for k in parts) == pytest.approx(tiny_run["peak_rss_mb"])
+    assert mem["weights_mb"] == pytest.approx(tiny_run["model"]["weight_bytes"] / 2**20)
+    # 20 tokens of fp32 KV for 30 layers x 3 KV heads x 64 dims x (K, V) x 4 bytes, worked by hand
+    assert mem["kv_mb"] == pytest.approx(20 * 30 * 3 * 64 * 2 * 4 / 2**20)
+    assert mem["runtime_mb"] < mem["load_peak_mb"] <= tiny_run["peak_rss_mb"]
+
+
 def test_missing_peer_is_skipped_with_the_install_command(tiny_run):
     peer = tiny_run["peers"]["transformers"]
     assert peer["status"] == "skipped"
@@ -77,6 +87,7 @@ def test_text_report_renders(tiny_run):
     text = buf.getvalue()
     assert "decode ceiling" in text and "transformers" in text and "skipped" in text
     assert "where a decode step's time goes" in text
+    assert "over the bare process" in text
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -165,7 +165,8 @@ class OursEngine:
             "kv_bytes_per_token": KVCache.bytes_per_block(cfg, 16, self.llm.kv_dtype) / 16,
             "kv_dtype": self.llm.kv_dtype, "architecture": cfg.architecture,
             "prompt_ids": self.ids, "prompt_source": self.prompt_source,
-            "baseline_rss_mb": self.baseline_rss_mb, "load_s": loaded.load_s,
+            "baseline_rss_mb": self.baseline_rss_mb, "loaded_rss_mb": rss_now_mb(), "load_peak_rss_mb": peak_rss_mb(),
+            "load_s": loaded.load_s,
         }
 
     def _params(self, n: int):
