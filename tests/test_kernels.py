@@ -46,6 +46,61 @@ def test_rows_and_dequantise_are_exact(fmt):
     assert torch.equal(w.rows(idx), ref[idx])
 
 
+def _random_kquant(fmt: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random matrix in Q4_K / Q6_K (our quantiser: gguf-py has none for these types) and
+    gguf-py's dequantisation of those bytes (the independent reference)."""
+    from edgellm.quant import gguf_blocks
+
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
+    raw = gguf_blocks.quantize(w, fmt)
+    ref = quants.dequantize(raw.reshape(n, -1), GGMLQuantizationType[fmt]).reshape(n, k)
+    return torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).reshape(n, -1)), torch.from_numpy(ref)
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("rows", [1, 3, NATIVE_MAX_ROWS, 37])
+def test_repacked_kquants_match_the_reference(fmt, rows):
+    """K-quants repacked for the kernels: matmul within float32 rounding of gguf-py's weights,
+    dequantised rows bit for bit (native and pure-PyTorch readers)."""
+    from edgellm.quant import repack
+
+    raw, ref = _random_kquant(fmt, n=40, k=512, seed=rows)
+    packed = repack.repack(raw, fmt, 40, 512)
+    w = GGUFBlockWeight(packed, repack.REPACKED[fmt], 512)
+    x = torch.randn(rows, 512)
+    got = w.matmul(x)
+    assert got.shape == (rows, 40)
+    assert torch.allclose(got.double(), x.double() @ ref.double().T, atol=1e-4, rtol=1e-4)
+    assert torch.equal(w.dequantize(), ref)
+    assert torch.equal(repack.dequantize(packed, repack.REPACKED[fmt], 512), ref)
+    idx = torch.tensor([39, 0, 7])
+    assert torch.equal(w.rows(idx), ref[idx])
+    residual = torch.randn(rows, 40)
+    assert torch.allclose(w.matmul_add(x, residual), residual + got, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K"])
+def test_a_kquant_model_runs_natively_and_exactly(tmp_path, smollm2_path, fmt):
+    """A small K-quant model: the native path (repacked weights, fused decode step) gives the
+    greedy tokens and logits of the path that dequantises every matrix to float32 (gguf's math)."""
+    from edgellm.llm import LLM
+    from edgellm.sampling import SamplingParams
+    from tiny_model import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / f"{fmt}.gguf", smollm2_path, matrix_type=fmt, hidden=256, ffn=512,
+                            n_heads=4, n_kv_heads=2, context=128)
+    fast, exact = LLM(str(path)), LLM(str(path), use_native=False)
+    blocks = fast.loaded.model.weights.blocks
+    assert {b.gate_up.format for b in blocks} == {fmt + "R"}
+    assert fast.loaded.model._native_blocks is not None          # the fused decode step applies
+    ids = list(range(100, 140))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=True)
+    a, b = fast.generate(ids, params), exact.generate(ids, params)
+    assert a.token_ids == b.token_ids
+    assert np.allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
 def test_real_weights_of_the_default_model(smollm2_path):
     gf = read_gguf(smollm2_path)
     for name in ("blk.0.attn_q.weight", "blk.7.ffn_down.weight", "token_embd.weight"):

@@ -233,18 +233,17 @@ def test_k_quants_decode_with_gguf_package_and_fall_back(name, ggml_type, fallba
     np.testing.assert_array_equal(gguf_blocks.dequantize(raw, ggml_type, w.shape).numpy(), deq)
     amp = np.abs(w).reshape(32, -1, 256).max(-1, keepdims=True)       # per super-block of 256
     conv = parse_format(name).convert(DenseWeight(torch.from_numpy(w)))
-    if conv.format == "Q4_1":     # Q4_K in memory: Q4_1 blocks, the per-32 constants rounded to fp16
-        assert ggml_type == "Q4_K"
-        assert (np.abs(conv.dequantize().numpy() - deq).reshape(32, -1, 256) / amp).max() < 2e-3
-    else:
-        assert conv.format == ggml_type
-        np.testing.assert_array_equal(conv.dequantize().numpy(), deq)
+    from edgellm.kernels import native
+    # with the native kernels K-quants are held repacked (per-32 constants multiplied out), exactly
+    assert conv.format == (ggml_type + "R" if native() is not None else ggml_type)
+    np.testing.assert_array_equal(conv.dequantize().numpy(), deq)
+    x = torch.randn(3, 512)
+    torch.testing.assert_close(conv.matmul(x), x @ torch.from_numpy(deq).T, rtol=1e-5, atol=1e-4)
     rel = np.abs(deq - w).reshape(32, -1, 256) / amp
     assert rel.max() < (0.08 if ggml_type == "Q4_K" else 0.02), rel.max()
     # rows that are not a multiple of 256 take llama.cpp's fallback type
     assert parse_format(name).type_for_width(576) == fallback
     narrow = parse_format(name).convert(DenseWeight(torch.from_numpy(_rand(32, 576))))
-    from edgellm.kernels import native
     # with the native kernels, Q5_0 runs as (lossless) Q8_0 blocks
     assert narrow.format == ("Q8_0" if native() is not None else fallback)
 

@@ -73,6 +73,27 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024   # bytes on macOS, KiB on Linux
 
 
+def hwm_mb() -> float:
+    """VmHWM: the peak resident memory since the process started or since reset_hwm()."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def reset_hwm() -> None:
+    """Restart VmHWM from the current RSS (Linux), so later peaks exclude loading's."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _cpu_time() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -122,7 +143,7 @@ def _result(prefill_s: float, ttft_s: float, decode_s: float, n_prompt: int, tok
             "prefill_tok_s": n_prompt / prefill_s if prefill_s > 0 else 0.0,
             "decode_tok_s": (n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0.0,
             "prompt_tokens": n_prompt, "completion_tokens": n_gen, "token_ids": token_ids,
-            "peak_rss_mb": peak_rss_mb(), "rss_mb": rss_now_mb(), **extra}
+            "peak_rss_mb": peak_rss_mb(), "run_peak_rss_mb": hwm_mb(), "rss_mb": rss_now_mb(), **extra}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +189,7 @@ class OursEngine:
             "baseline_rss_mb": self.baseline_rss_mb, "loaded_rss_mb": rss_now_mb(), "load_peak_rss_mb": peak_rss_mb(),
             "load_s": loaded.load_s,
         }
+        reset_hwm()   # from here VmHWM is the peak of the runs alone (see harness.memory_breakdown)
 
     def _params(self, n: int):
         from edgellm.sampling import SamplingParams

@@ -11,6 +11,11 @@
 //   Q4_0: fp16 d, 16 bytes of nibbles        w[j] = d * (q[j] - 8)
 //   Q4_1: fp16 d, fp16 m, 16 bytes nibbles   w[j] = d * q[j] + m
 //   Q8_0: fp16 d, 32 int8                    w[j] = d * q[j]
+// and two layouts of our own that K-quants are repacked into at load time (quant/repack.py),
+// because their 256-weight super-blocks carry 6- or 8-bit sub-block scales: the products below
+// are exact in float32, so the repacked weights equal the reference's dequantised ones bit for bit.
+//   Q4_KR (Q4_K): fp32 d, fp32 m, 16 bytes nibbles  w[j] = d * q[j] + m   (d = d_K * sc, m = -dmin_K * mn)
+//   Q6_KR (Q6_K): fp32 d0, fp32 d1, 32 int8         w[j] = (j < 16 ? d0 : d1) * q[j]  (q = q6 - 32, d = d_K * sc)
 // In a nibble byte i, the low nibble is element i and the high nibble element i + 16.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -23,11 +28,17 @@
 
 namespace {
 
-enum Format { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
+enum Format { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q4_KR = 3, Q6_KR = 4 };
+constexpr int64_t N_FORMATS = 5;
 
-inline int block_bytes(int64_t fmt) { return fmt == Q4_0 ? 18 : fmt == Q4_1 ? 20 : 34; }
+constexpr int block_bytes(int64_t fmt) {
+  return fmt == Q4_0 ? 18 : fmt == Q4_1 ? 20 : fmt == Q8_0 ? 34 : fmt == Q4_KR ? 24 : 40;
+}
+// formats with an offset term m * sum(x) per block
+constexpr bool has_offset(int fmt) { return fmt == Q4_0 || fmt == Q4_1 || fmt == Q4_KR; }
 
 inline float fp16(const uint8_t* p) { return _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p)); }
+inline float fp32(const uint8_t* p) { float f; std::memcpy(&f, p, 4); return f; }
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -61,6 +72,7 @@ inline __m256 exp8(__m256 x) {
 struct Block {
   __m256 v[4];
   float d, m;
+  float d1;   // Q6_KR: the scale of elements 16..31 (d is that of 0..15)
 };
 
 // Widen bytes to 32-bit lanes first (straight from memory) and split the nibbles after: two
@@ -76,8 +88,26 @@ inline void unpack_nibbles(const uint8_t* qs, __m256* v) {
   v[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));     // 24..31
 }
 
+inline void widen_int8(const uint8_t* q, __m256* v) {
+  for (int j = 0; j < 4; j++)   // 8 int8 at a time, widened straight from memory
+    v[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * j))));
+}
+
 template <int FMT>
 inline void load_block(const uint8_t* blk, Block& b) {
+  if (FMT == Q4_KR) {
+    b.d = fp32(blk);
+    b.m = fp32(blk + 4);
+    unpack_nibbles(blk + 8, b.v);
+    return;
+  }
+  if (FMT == Q6_KR) {
+    b.d = fp32(blk);
+    b.d1 = fp32(blk + 4);
+    b.m = 0.0f;
+    widen_int8(blk + 8, b.v);
+    return;
+  }
   b.d = fp16(blk);
   if (FMT == Q4_1) {
     b.m = fp16(blk + 2);
@@ -87,8 +117,7 @@ inline void load_block(const uint8_t* blk, Block& b) {
     unpack_nibbles(blk + 2, b.v);
   } else {
     b.m = 0.0f;
-    for (int j = 0; j < 4; j++)   // 8 int8 at a time, widened straight from memory
-      b.v[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + 8 * j))));
+    widen_int8(blk + 2, b.v);
   }
 }
 
@@ -122,10 +151,16 @@ inline void tile_dot(const uint8_t* row, const float* X, const float* xsum, floa
       const float* xp = X + i * K + b * 32;
       __m256 t = _mm256_mul_ps(blk.v[0], _mm256_loadu_ps(xp));
       t = _mm256_fmadd_ps(blk.v[1], _mm256_loadu_ps(xp + 8), t);
+      if (FMT == Q6_KR) {   // two half-blocks, two scales
+        __m256 u = _mm256_mul_ps(blk.v[2], _mm256_loadu_ps(xp + 16));
+        u = _mm256_fmadd_ps(blk.v[3], _mm256_loadu_ps(xp + 24), u);
+        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(blk.d1), u, _mm256_fmadd_ps(d, t, acc[i]));
+        continue;
+      }
       t = _mm256_fmadd_ps(blk.v[2], _mm256_loadu_ps(xp + 16), t);
       t = _mm256_fmadd_ps(blk.v[3], _mm256_loadu_ps(xp + 24), t);
       acc[i] = _mm256_fmadd_ps(d, t, acc[i]);
-      if (FMT != Q8_0) off[i] += blk.m * xsum[i * nb + b];
+      if (has_offset(FMT)) off[i] += blk.m * xsum[i * nb + b];
     }
   }
   for (int i = 0; i < MT; i++) {
@@ -166,18 +201,26 @@ void matmul_range(const float* X, const float* xsum, const uint8_t* W, float* O,
   }
 }
 
+// Runs CALL with the compile-time constant FMT set to the run-time format code.
+#define WITH_FORMAT(fmt, CALL)                                   \
+  switch (fmt) {                                                 \
+    case Q4_0: { constexpr int FMT = Q4_0; CALL; } break;        \
+    case Q4_1: { constexpr int FMT = Q4_1; CALL; } break;        \
+    case Q8_0: { constexpr int FMT = Q8_0; CALL; } break;        \
+    case Q4_KR: { constexpr int FMT = Q4_KR; CALL; } break;      \
+    default: { constexpr int FMT = Q6_KR; CALL; } break;         \
+  }
+
 template <bool ACC>
 void matmul_range_fmt(int64_t fmt, const float* X, const float* xsum, const uint8_t* W, float* O, int64_t M,
                       int64_t N, int64_t K, int64_t n0, int64_t n1) {
-  if (fmt == Q4_0) matmul_range<Q4_0, ACC>(X, xsum, W, O, M, N, K, n0, n1);
-  else if (fmt == Q4_1) matmul_range<Q4_1, ACC>(X, xsum, W, O, M, N, K, n0, n1);
-  else matmul_range<Q8_0, ACC>(X, xsum, W, O, M, N, K, n0, n1);
+  WITH_FORMAT(fmt, (matmul_range<FMT, ACC>(X, xsum, W, O, M, N, K, n0, n1)));
 }
 
 template <int FMT>
 void matmul_rows(const float* X, const uint8_t* W, float* O, int64_t M, int64_t N, int64_t K) {
   std::vector<float> xsum(M * (K / 32), 0.0f);
-  if (FMT != Q8_0) block_sums(X, M, K, xsum.data());
+  if (has_offset(FMT)) block_sums(X, M, K, xsum.data());
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
     matmul_range<FMT, false>(X, xsum.data(), W, O, M, N, K, n0, n1);
   });
@@ -193,14 +236,15 @@ void dequant_rows(const uint8_t* W, float* O, int64_t N, int64_t K) {
       for (int64_t b = 0; b < nb; b++) {
         load_block<FMT>(W + (n * nb + b) * bb, blk);
         const __m256 d = _mm256_set1_ps(blk.d), m = _mm256_set1_ps(blk.m);
+        const __m256 d1 = FMT == Q6_KR ? _mm256_set1_ps(blk.d1) : d;
         float* o = O + n * K + b * 32;
-        for (int j = 0; j < 4; j++) _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(d, blk.v[j], m));
+        for (int j = 0; j < 4; j++) _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(j < 2 ? d : d1, blk.v[j], m));
       }
   });
 }
 
 void check(const torch::Tensor& w, int64_t fmt, int64_t N, int64_t K) {
-  TORCH_CHECK(fmt >= 0 && fmt <= 2, "unknown block format ", fmt);
+  TORCH_CHECK(fmt >= 0 && fmt < N_FORMATS, "unknown block format ", fmt);
   TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32");
   TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous(), "weights must be contiguous uint8");
   TORCH_CHECK(w.numel() == N * (K / 32) * block_bytes(fmt), "weight bytes do not match N x K");
@@ -218,9 +262,7 @@ torch::Tensor block_matmul(torch::Tensor x, torch::Tensor w, int64_t fmt, int64_
   const float* X = x.data_ptr<float>();
   const uint8_t* W = w.data_ptr<uint8_t>();
   float* O = out.data_ptr<float>();
-  if (fmt == Q4_0) matmul_rows<Q4_0>(X, W, O, M, N, K);
-  else if (fmt == Q4_1) matmul_rows<Q4_1>(X, W, O, M, N, K);
-  else matmul_rows<Q8_0>(X, W, O, M, N, K);
+  WITH_FORMAT(fmt, (matmul_rows<FMT>(X, W, O, M, N, K)));
   return out;
 }
 
@@ -231,9 +273,7 @@ torch::Tensor block_dequant(torch::Tensor w, int64_t fmt, int64_t N, int64_t K, 
   auto out = torch::empty({r1 - r0, K}, torch::kFloat32);
   const uint8_t* W = w.data_ptr<uint8_t>() + r0 * (K / 32) * block_bytes(fmt);
   float* O = out.data_ptr<float>();
-  if (fmt == Q4_0) dequant_rows<Q4_0>(W, O, r1 - r0, K);
-  else if (fmt == Q4_1) dequant_rows<Q4_1>(W, O, r1 - r0, K);
-  else dequant_rows<Q8_0>(W, O, r1 - r0, K);
+  WITH_FORMAT(fmt, (dequant_rows<FMT>(W, O, r1 - r0, K)));
   return out;
 }
 
@@ -626,7 +666,7 @@ void decode_blocks(torch::Tensor h, std::vector<torch::Tensor> weights, std::vec
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("block_matmul", &block_matmul, "x @ W.T for a GGUF block-quantised W (Q4_0, Q4_1, Q8_0)");
+  m.def("block_matmul", &block_matmul, "x @ W.T for a block-quantised W (Q4_0, Q4_1, Q8_0, repacked Q4_K and Q6_K)");
   m.def("block_dequant", &block_dequant, "rows of a GGUF block-quantised matrix as float32");
   m.def("block_matmul_add", &block_matmul_add, "residual + x @ W.T for a block-quantised W");
   m.def("rope_qkv_write", &rope_qkv_write, "RoPE on q and k, k and v written to the KV cache");

@@ -20,7 +20,7 @@ from edgellm.kernels import NATIVE_FORMATS, native
 from edgellm.layers.weights import DenseWeight, GGUFBlockWeight, Weight, concat_rows
 from edgellm.loading.gguf import GGUFFile
 from edgellm.models.llama import BlockWeights, ModelWeights
-from edgellm.quant import gguf_blocks
+from edgellm.quant import gguf_blocks, repack
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -80,6 +80,11 @@ class _GGUFSource:
             if order is not None:
                 raw = raw.index_select(0, order)
             return GGUFBlockWeight(raw, "Q8_0", expect[1])
+        if self.native and t.ggml_type in repack.REPACKED:   # K-quants: per-32 constants multiplied out, exactly
+            raw = repack.repack(torch.from_numpy(t.copy_bytes()), t.ggml_type, *expect)
+            if order is not None:
+                raw = raw.index_select(0, order)
+            return GGUFBlockWeight(raw, repack.REPACKED[t.ggml_type], expect[1])
         dense = t.dequantize().reshape(expect)
         if order is not None:
             dense = dense.index_select(0, order)
@@ -88,13 +93,21 @@ class _GGUFSource:
 
 def _q5_0_as_q8_0(data, n_rows: int, n_cols: int) -> torch.Tensor:
     """Q5_0 blocks (w = d * (q - 16), q in 0..31) rewritten as Q8_0 blocks (w = d * q8) losslessly:
-    the same fp16 scale, and q - 16 fits in int8. Costs 34 instead of 22 bytes per 32 weights."""
-    d, q = gguf_blocks.unpack_q5_0(data, n_rows, n_cols)
+    the same fp16 scale, and q - 16 fits in int8. Costs 34 instead of 22 bytes per 32 weights.
+    Rows go a slab at a time: unpacking a 136M-weight embedding at once took ~650 MB of temporaries."""
     n_blocks = n_cols // 32
+    rows = np.asarray(data).reshape(n_rows, -1)
     out = torch.empty(n_rows, n_blocks, 34, dtype=torch.uint8)
-    out[..., :2] = d.contiguous().view(torch.uint8).view(n_rows, n_blocks, 2)
-    out[..., 2:] = (q.to(torch.int16) - 16).to(torch.int8).view(torch.uint8).view(n_rows, n_blocks, 32)
+    for r0 in range(0, n_rows, _SLAB_ROWS):
+        r1 = min(n_rows, r0 + _SLAB_ROWS)
+        d, q = gguf_blocks.unpack_q5_0(rows[r0:r1], r1 - r0, n_cols)
+        out[r0:r1, :, :2] = d.contiguous().view(torch.uint8).view(r1 - r0, n_blocks, 2)
+        out[r0:r1, :, 2:] = (q.to(torch.int16) - 16).to(torch.int8).view(torch.uint8).view(r1 - r0, n_blocks, 32)
     return out.view(n_rows, n_blocks * 34)
+
+
+# Rows converted at a time (Q5_0 -> Q8_0): bounds the unpacked temporaries of a large matrix.
+_SLAB_ROWS = 2048
 
 
 class _HFSource:

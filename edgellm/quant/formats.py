@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from edgellm.errors import InvalidParameterError
 from edgellm.layers.weights import DenseWeight, GGUFBlockWeight, Weight
+from edgellm.quant import repack
 
 # Inputs with at most this many rows (decode) take the format's kernel; more rows (prefill)
 # take dequantised slabs + BLAS, which wins there (measured: README of docs/precision.md).
@@ -129,22 +130,25 @@ class GGUFSlabWeight(QuantizedWeight):
         self.format_name = ggml_type
 
     def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-        from edgellm.quant import gguf_blocks
-
-        return gguf_blocks.dequantize(self.raw[r0:r1], self.ggml_type, (r1 - r0, self.shape[1])).to(dtype)
+        return _dequantize_raw(self.raw[r0:r1], self.ggml_type, self.shape[1]).to(dtype)
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
         return self._slab_matmul(x, torch.float32)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        from edgellm.quant import gguf_blocks
-
-        picked = self.raw.index_select(0, index.reshape(-1))
-        return gguf_blocks.dequantize(picked, self.ggml_type, (picked.shape[0], self.shape[1]))
+        return _dequantize_raw(self.raw.index_select(0, index.reshape(-1)), self.ggml_type, self.shape[1])
 
     @property
     def nbytes(self) -> int:
         return self.raw.numel()
+
+
+def _dequantize_raw(raw: torch.Tensor, ggml_type: str, n_cols: int) -> torch.Tensor:
+    from edgellm.quant import gguf_blocks
+
+    if ggml_type in repack.BLOCK_BYTES:   # saved from a repacked weight, read where no kernel is
+        return repack.dequantize(raw, ggml_type, n_cols)
+    return gguf_blocks.dequantize(raw, ggml_type, (raw.shape[0], n_cols))
 
 
 def gguf_weight(raw: torch.Tensor, ggml_type: str, n_cols: int) -> Weight:
@@ -163,29 +167,9 @@ def gguf_weight(raw: torch.Tensor, ggml_type: str, n_cols: int) -> Weight:
             from edgellm.loading.weights import _q5_0_as_q8_0
 
             return GGUFBlockWeight(_q5_0_as_q8_0(raw.numpy(), raw.shape[0], n_cols), "Q8_0", n_cols)
-        if ggml_type == "Q4_K":
-            return GGUFBlockWeight(q4_k_as_q4_1(raw, raw.shape[0], n_cols), "Q4_1", n_cols)
+        if ggml_type in repack.REPACKED:
+            return GGUFBlockWeight(repack.repack(raw, ggml_type, raw.shape[0], n_cols), repack.REPACKED[ggml_type], n_cols)
     return GGUFSlabWeight(raw, ggml_type, n_cols)
-
-
-def q4_k_as_q4_1(raw, n_rows: int, n_cols: int) -> torch.Tensor:
-    """Q4_K super-blocks rewritten as Q4_1 blocks, for the native Q4_1 kernel.
-
-    A Q4_K sub-block of 32 is ``w = (d*sc) * q - (dmin*mn)`` with the same 4-bit ``q`` as Q4_1's
-    ``w = d' * q + m'``: only the two per-32 constants are rounded, to float16 (relative error
-    2^-11, a few thousandths of the quantisation step), at the same 4.5 -> 5 bits a weight. On
-    SmolLM2's 576x1536 ffn_down this takes a decode matmul from 1.6 ms (dequantise + BLAS) to
-    0.2 ms (one thread, measured)."""
-    from edgellm.quant import gguf_blocks
-
-    scale, mn, q = gguf_blocks.unpack_q4_k(raw, n_rows, n_cols)
-    nb = n_cols // 32
-    out = torch.empty(n_rows, nb, 20, dtype=torch.uint8)
-    out[..., 0:2] = scale.to(torch.float16).contiguous().view(torch.uint8).view(n_rows, nb, 2)
-    out[..., 2:4] = (-mn).to(torch.float16).contiguous().view(torch.uint8).view(n_rows, nb, 2)
-    qb = q.view(n_rows, nb, 32)
-    out[..., 4:] = qb[..., :16] | (qb[..., 16:] << 4)          # Q4_1: byte j = element j | element j+16
-    return out.view(n_rows, nb * 20)
 
 
 # --------------------------------------------------------------------------------------------
