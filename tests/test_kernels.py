@@ -25,7 +25,7 @@ def _random_blocks(fmt: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, t
     return torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).reshape(n, -1)), torch.from_numpy(ref)
 
 
-@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "Q5_0"])
 @pytest.mark.parametrize("rows", [1, 3, NATIVE_MAX_ROWS, 37])
 def test_block_matmul_matches_dequantise_then_matmul(fmt, rows):
     raw, ref = _random_blocks(fmt, n=96, k=160, seed=rows)
@@ -37,7 +37,7 @@ def test_block_matmul_matches_dequantise_then_matmul(fmt, rows):
     assert torch.allclose(got.double(), expect, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "Q5_0"])
 def test_rows_and_dequantise_are_exact(fmt):
     raw, ref = _random_blocks(fmt, n=64, k=96, seed=7)
     w = GGUFBlockWeight(raw, fmt, 96)
@@ -99,6 +99,17 @@ def test_a_kquant_model_runs_natively_and_exactly(tmp_path, smollm2_path, fmt):
     a, b = fast.generate(ids, params), exact.generate(ids, params)
     assert a.token_ids == b.token_ids
     assert np.allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_mixed_q5_0_and_q8_0_parts_fuse_exactly():
+    """q/k in Q5_0 and v in Q8_0 (as Q4_K_M files mix them) fuse into one native Q8_0 matrix."""
+    from edgellm.loading.weights import _fused
+
+    (rq, q), (rk, k), (rv, v) = (_random_blocks(f, n=n, k=64, seed=i)
+                                 for i, (f, n) in enumerate([("Q5_0", 32), ("Q5_0", 16), ("Q8_0", 16)]))
+    fused = _fused([GGUFBlockWeight(rq, "Q5_0", 64), GGUFBlockWeight(rk, "Q5_0", 64), GGUFBlockWeight(rv, "Q8_0", 64)])
+    assert fused.format == "Q8_0"
+    assert torch.equal(fused.dequantize(), torch.cat([q, k, v]))
 
 
 def test_real_weights_of_the_default_model(smollm2_path):

@@ -21,7 +21,7 @@ _SOURCE = Path(__file__).with_name("gguf_cpu.cpp")
 
 # Block formats the native kernels read directly; the codes match gguf_cpu.cpp. Q4_KR and Q6_KR
 # are Q4_K and Q6_K repacked at load time (edgellm/quant/repack.py).
-NATIVE_FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_KR": 3, "Q6_KR": 4}
+NATIVE_FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_KR": 3, "Q6_KR": 4, "Q5_0": 5}
 
 
 def cache_dir() -> Path:

@@ -11,6 +11,7 @@
 //   Q4_0: fp16 d, 16 bytes of nibbles        w[j] = d * (q[j] - 8)
 //   Q4_1: fp16 d, fp16 m, 16 bytes nibbles   w[j] = d * q[j] + m
 //   Q8_0: fp16 d, 32 int8                    w[j] = d * q[j]
+//   Q5_0: fp16 d, u32 qh, 16 bytes nibbles   w[j] = d * ((q[j] | bit j of qh << 4) - 16)
 // and two layouts of our own that K-quants are repacked into at load time (quant/repack.py),
 // because their 256-weight super-blocks carry 6- or 8-bit sub-block scales: the products below
 // are exact in float32, so the repacked weights equal the reference's dequantised ones bit for bit.
@@ -28,14 +29,14 @@
 
 namespace {
 
-enum Format { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q4_KR = 3, Q6_KR = 4 };
-constexpr int64_t N_FORMATS = 5;
+enum Format { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2, Q4_KR = 3, Q6_KR = 4, Q5_0 = 5 };
+constexpr int64_t N_FORMATS = 6;
 
 constexpr int block_bytes(int64_t fmt) {
-  return fmt == Q4_0 ? 18 : fmt == Q4_1 ? 20 : fmt == Q8_0 ? 34 : fmt == Q4_KR ? 24 : 40;
+  return fmt == Q4_0 ? 18 : fmt == Q4_1 ? 20 : fmt == Q8_0 ? 34 : fmt == Q4_KR ? 24 : fmt == Q6_KR ? 40 : 22;
 }
 // formats with an offset term m * sum(x) per block
-constexpr bool has_offset(int fmt) { return fmt == Q4_0 || fmt == Q4_1 || fmt == Q4_KR; }
+constexpr bool has_offset(int fmt) { return fmt == Q4_0 || fmt == Q4_1 || fmt == Q4_KR || fmt == Q5_0; }
 
 inline float fp16(const uint8_t* p) { return _cvtsh_ss(*reinterpret_cast<const uint16_t*>(p)); }
 inline float fp32(const uint8_t* p) { float f; std::memcpy(&f, p, 4); return f; }
@@ -78,6 +79,27 @@ struct Block {
 // Widen bytes to 32-bit lanes first (straight from memory) and split the nibbles after: two
 // byte-widening shuffles a block instead of six, which was the bottleneck of the decode matmul
 // (the shuffle port), while the masks and shifts go to the other ports.
+// Q5_0: 32 five-bit values, built as bytes first (bit j of qh spread to byte j with one shuffle,
+// an OR that sets every other bit of each byte and a compare; the nibbles with one shift), then
+// widened to 32-bit lanes: half the vector operations of widening first and testing the bits per lane.
+inline void unpack_q5(const uint8_t* qh_bytes, const uint8_t* qs, __m256* v) {
+  uint32_t qh;
+  std::memcpy(&qh, qh_bytes, 4);
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(qh)),
+      _mm256_setr_epi64x(0x0000000000000000LL, 0x0101010101010101LL, 0x0202020202020202LL, 0x0303030303030303LL));
+  const __m256i others = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfeLL);   // all bits but bit (j mod 8) of byte j
+  const __m256i high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1)),
+                                        _mm256_set1_epi8(0x10));
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), _mm256_set1_epi8(0x0F));
+  const __m256i bytes = _mm256_or_si256(nib, high);   // byte j = value of element j
+  const __m128i lo = _mm256_castsi256_si128(bytes), hi = _mm256_extracti128_si256(bytes, 1);
+  v[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+  v[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+  v[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  v[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+
 inline void unpack_nibbles(const uint8_t* qs, __m256* v) {
   const __m256i mask = _mm256_set1_epi32(0x0F);
   const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs)));      // bytes 0..7
@@ -109,6 +131,11 @@ inline void load_block(const uint8_t* blk, Block& b) {
     return;
   }
   b.d = fp16(blk);
+  if (FMT == Q5_0) {
+    b.m = -16.0f * b.d;   // d * (q - 16) = d * q + (-16 d)
+    unpack_q5(blk + 2, blk + 6, b.v);
+    return;
+  }
   if (FMT == Q4_1) {
     b.m = fp16(blk + 2);
     unpack_nibbles(blk + 4, b.v);
@@ -208,7 +235,8 @@ void matmul_range(const float* X, const float* xsum, const uint8_t* W, float* O,
     case Q4_1: { constexpr int FMT = Q4_1; CALL; } break;        \
     case Q8_0: { constexpr int FMT = Q8_0; CALL; } break;        \
     case Q4_KR: { constexpr int FMT = Q4_KR; CALL; } break;      \
-    default: { constexpr int FMT = Q6_KR; CALL; } break;         \
+    case Q6_KR: { constexpr int FMT = Q6_KR; CALL; } break;      \
+    default: { constexpr int FMT = Q5_0; CALL; } break;          \
   }
 
 template <bool ACC>

@@ -32,18 +32,31 @@ def inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """cos/sin tables for every position up to the context length, looked up per token."""
+    """cos/sin tables of positions, looked up per token. The tables grow (doubling) with the
+    highest position seen instead of covering the whole context at once: Qwen2.5's 32k context
+    would otherwise hold 16 MB of tables that a short chat never reads. A position's values do
+    not depend on the table's size (one float32 product, then cos and sin)."""
+
+    MIN_POSITIONS = 1024
 
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
-        n = max_positions or cfg.context_length
-        inv = inverse_frequencies(cfg)
-        freqs = torch.arange(n, dtype=torch.float32)[:, None] * inv[None, :]
+        self.limit = max_positions or cfg.context_length
+        self.inv = inverse_frequencies(cfg)
+        self.cos = self.sin = torch.empty(0, cfg.head_dim)
+        self._grow(min(self.limit, self.MIN_POSITIONS))
+
+    def _grow(self, n: int) -> None:
+        freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos = emb.cos()
-        self.sin = emb.sin()
+        self.cos, self.sin = emb.cos(), emb.sin()
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for these positions, shaped [T, 1, head_dim]; looked up once per forward."""
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        if need > self.cos.shape[0]:
+            if need > self.limit:
+                raise IndexError(f"position {need - 1} is beyond the context window of {self.limit}")
+            self._grow(min(self.limit, max(need, 2 * self.cos.shape[0])))
         return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
 
 

@@ -75,11 +75,6 @@ class _GGUFSource:
             if order is not None:
                 raw = raw.index_select(0, order)
             return GGUFBlockWeight(raw, t.ggml_type, expect[1])
-        if self.native and t.ggml_type == "Q5_0":  # exactly representable as Q8_0, which has a kernel
-            raw = _q5_0_as_q8_0(t.data, *expect)
-            if order is not None:
-                raw = raw.index_select(0, order)
-            return GGUFBlockWeight(raw, "Q8_0", expect[1])
         if self.native and t.ggml_type in repack.REPACKED:   # K-quants: per-32 constants multiplied out, exactly
             raw = repack.repack(torch.from_numpy(t.copy_bytes()), t.ggml_type, *expect)
             if order is not None:
@@ -169,7 +164,12 @@ class _HFSource:
 
 def _fused(parts: list[Weight]) -> Weight:
     fused = concat_rows(parts)
-    if fused is None:  # mixed formats: fall back to dense float32 so one call still does all
+    if fused is None and {p.format for p in parts} == {"Q5_0", "Q8_0"}:
+        # Q4_K_M files mix them within q/k/v (attn_v is Q8_0 in half the layers): Q5_0 rows are
+        # exactly Q8_0 rows, so the fused matrix stays in one native format
+        fused = concat_rows([GGUFBlockWeight(_q5_0_as_q8_0(p.raw.numpy(), *p.shape), "Q8_0", p.shape[1])
+                             if p.format == "Q5_0" else p for p in parts])
+    if fused is None:  # other mixed formats: fall back to dense float32 so one call still does all
         fused = DenseWeight(torch.cat([p.dequantize() for p in parts]))
     return fused
 

@@ -154,19 +154,13 @@ def _dequantize_raw(raw: torch.Tensor, ggml_type: str, n_cols: int) -> torch.Ten
 def gguf_weight(raw: torch.Tensor, ggml_type: str, n_cols: int) -> Weight:
     """The fastest Weight for raw GGUF rows: the native kernel if there is one, else slabs.
 
-    Q5_0 (the K-quants' fallback for rows that are not a multiple of 256) is rewritten losslessly
-    as Q8_0, as the GGUF loader does, so that it takes the Q8_0 kernel: 34 instead of 22 bytes per
-    32 weights, but 0.4 ms instead of 12 ms for a 3072x576 decode matmul (one thread, measured).
+    Q4_K and Q6_K are repacked for the kernels (edgellm/quant/repack.py), exactly.
     """
     from edgellm.kernels import NATIVE_FORMATS, native
 
     if native() is not None:
         if ggml_type in NATIVE_FORMATS:
             return GGUFBlockWeight(raw, ggml_type, n_cols)
-        if ggml_type == "Q5_0":
-            from edgellm.loading.weights import _q5_0_as_q8_0
-
-            return GGUFBlockWeight(_q5_0_as_q8_0(raw.numpy(), raw.shape[0], n_cols), "Q8_0", n_cols)
         if ggml_type in repack.REPACKED:
             return GGUFBlockWeight(repack.repack(raw, ggml_type, raw.shape[0], n_cols), repack.REPACKED[ggml_type], n_cols)
     return GGUFSlabWeight(raw, ggml_type, n_cols)
