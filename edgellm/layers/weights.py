@@ -19,8 +19,10 @@ from edgellm.kernels import NATIVE_FORMATS, native
 # sgemm beats the row-at-a-time native kernel; below it (decode), the native kernel reads each
 # weight once and wins. Measured on the SmolLM2 shapes: see README, "Where the time goes".
 NATIVE_MAX_ROWS = 8
-# Rows dequantised at a time on the sgemm path: bounds the transient float32 copy (~8 MB at K=576).
-DEQUANT_SLAB_ROWS = 4096
+# Float32 bytes dequantised at a time on the sgemm path: bounds the transient copy. 8 MiB holds
+# SmolLM2's largest block matrix (gate/up, 3072 x 576) whole; Qwen2.5-0.5B's (9728 x 896) goes in
+# five slabs, which kept its 512-token prefill inside the memory budget.
+DEQUANT_SLAB_BYTES = 8 << 20
 
 
 class Weight(ABC):
@@ -99,11 +101,12 @@ class GGUFBlockWeight(Weight):
         x = x.float()
         if x.shape[0] <= NATIVE_MAX_ROWS:
             return self._ext.block_matmul(x, self.raw, self.code, n)
-        if n <= DEQUANT_SLAB_ROWS:
+        slab = max(64, DEQUANT_SLAB_BYTES // (4 * k))
+        if n <= slab:
             return F.linear(x, self._ext.block_dequant(self.raw, self.code, n, k, 0, n))
         out = torch.empty(x.shape[0], n, dtype=torch.float32)
-        for r0 in range(0, n, DEQUANT_SLAB_ROWS):
-            r1 = min(n, r0 + DEQUANT_SLAB_ROWS)
+        for r0 in range(0, n, slab):
+            r1 = min(n, r0 + slab)
             out[:, r0:r1] = F.linear(x, self._ext.block_dequant(self.raw, self.code, n, k, r0, r1))
         return out
 
