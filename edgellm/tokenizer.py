@@ -341,10 +341,14 @@ class Tokenizer:
         eog = set(int(i) for i in extra_eog_ids if i is not None and 0 <= int(i) < len(tokens))
         if eos_id is not None:
             eog.add(eos_id)
-        for text in EOG_TOKEN_TEXTS:
-            tid = self.token_to_id(text)
-            if tid is not None and tid in self._special_ids:
-                eog.add(tid)
+        # One pass over the vocabulary rather than token_to_id's {text: id} map (~5 MB for 49k
+        # tokens, most processes never need it); the first id of a text wins, as there.
+        wanted = set(EOG_TOKEN_TEXTS)
+        for i, t in enumerate(tokens):
+            if t in wanted:
+                wanted.discard(t)
+                if i in self._special_ids:
+                    eog.add(i)
         self._eog_ids = frozenset(eog)
 
     # ---- construction from GGUF ------------------------------------------------------------
