@@ -57,15 +57,20 @@ MEMBW_BYTES = 256 * 2**20
 MEMBW_COPIES = 5
 
 
-def rss_now_mb() -> float:
+def _proc_status_mb(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS, VmHWM) in MiB; NaN where there is none."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def rss_now_mb() -> float:
+    return _proc_status_mb("VmRSS")
 
 
 def peak_rss_mb() -> float:
@@ -75,14 +80,7 @@ def peak_rss_mb() -> float:
 
 def hwm_mb() -> float:
     """VmHWM: the peak resident memory since the process started or since reset_hwm()."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return _proc_status_mb("VmHWM")
 
 
 def reset_hwm() -> None:
