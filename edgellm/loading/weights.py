@@ -86,6 +86,10 @@ class _GGUFSource:
         return DenseWeight(dense.to(self.dtype))
 
 
+# Rows converted at a time (Q5_0 -> Q8_0): bounds the unpacked temporaries of a large matrix.
+_SLAB_ROWS = 2048
+
+
 def _q5_0_as_q8_0(data, n_rows: int, n_cols: int) -> torch.Tensor:
     """Q5_0 blocks (w = d * (q - 16), q in 0..31) rewritten as Q8_0 blocks (w = d * q8) losslessly:
     the same fp16 scale, and q - 16 fits in int8. Costs 34 instead of 22 bytes per 32 weights.
@@ -99,10 +103,6 @@ def _q5_0_as_q8_0(data, n_rows: int, n_cols: int) -> torch.Tensor:
         out[r0:r1, :, :2] = d.contiguous().view(torch.uint8).view(r1 - r0, n_blocks, 2)
         out[r0:r1, :, 2:] = (q.to(torch.int16) - 16).to(torch.int8).view(torch.uint8).view(r1 - r0, n_blocks, 32)
     return out.view(n_rows, n_blocks * 34)
-
-
-# Rows converted at a time (Q5_0 -> Q8_0): bounds the unpacked temporaries of a large matrix.
-_SLAB_ROWS = 2048
 
 
 class _HFSource:
