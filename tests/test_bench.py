@@ -51,6 +51,8 @@ def test_json_has_positive_figures(tiny_run):
     assert tiny_run["ceiling_fraction"] == pytest.approx(tiny_run["decode_tok_s"] / expected)
     assert len(tiny_run["repeats"]["ours"]) == 1 and len(tiny_run["repeats"]["membw"]) == 1
     assert tiny_run["repeats"]["ours"][0]["completion_tokens"] == 4
+    # 3 decode steps (4 tokens, the first from prefill), all counted by thread count
+    assert sum(tiny_run["repeats"]["ours"][0]["decode_steps_by_threads"].values()) == 3
 
 
 def test_memory_breakdown_adds_up_to_the_peak(tiny_run):
@@ -146,3 +148,11 @@ def test_llama_cpp_peer(smollm2_path):
     for key in harness.RATIO_METRICS:
         assert peer["ratio"][key] > 0, key
     assert peer["same_tokens_as_ours"] >= 1   # same prompt ids, same file: at least the first greedy token agrees
+
+
+def test_progress_line_says_when_decode_fell_back_to_fewer_threads():
+    r = {"prefill_tok_s": 700.0, "decode_tok_s": 50.0, "ttft_s": 0.7, "peak_rss_mb": 430.0,
+         "decode_steps_by_threads": {"1": 100, "2": 27}, "decode_max_threads": 2}
+    assert "decode steps by threads 1: 100, 2: 27" in harness._progress(0, 5, "ours", r)
+    r["decode_steps_by_threads"] = {"2": 127}
+    assert "decode steps by threads" not in harness._progress(0, 5, "ours", r)

@@ -26,6 +26,17 @@ def test_falls_back_to_one_thread_under_contention_and_returns_after():
     assert c.current == 2 and used[-1] == 2
 
 
+def test_returns_to_all_threads_when_they_are_only_a_little_faster():
+    """A host whose second vCPU adds only ~1.2x: after a stall forced one thread, the next probe
+    of two threads (17 ms against 20) takes them back."""
+    c = ThreadChooser(2)
+    run(c, lambda n: 0.010, 20)
+    run(c, lambda n: 0.080 if n == 2 else 0.020, 40)                  # a stall of the second vCPU
+    assert c.current == 1
+    used = run(c, lambda n: 0.017 if n == 2 else 0.020, 2 * PROBE_EVERY)
+    assert c.current == 2 and used[-1] == 2
+
+
 def test_a_probe_that_loses_keeps_the_current_choice():
     c = ThreadChooser(2)
     run(c, lambda n: 0.010, 20)

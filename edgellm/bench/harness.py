@@ -323,8 +323,12 @@ def _peer_failure(err: WorkerFailed) -> dict:
 def _progress(i: int, n: int, engine: str, r: dict) -> str:
     if engine == MEMBW:
         return f"[{i + 1}/{n}] memory bandwidth {r['bandwidth_gb_s']:.1f} GB/s"
-    return (f"[{i + 1}/{n}] {engine:<12} prefill {r['prefill_tok_s']:8.1f} tok/s  decode {r['decode_tok_s']:7.1f} tok/s"
+    line = (f"[{i + 1}/{n}] {engine:<12} prefill {r['prefill_tok_s']:8.1f} tok/s  decode {r['decode_tok_s']:7.1f} tok/s"
             f"  TTFT {r['ttft_s']:.3f} s  peak RSS {r['peak_rss_mb']:.0f} MB  other jobs {r.get('others_cores', 0):.1f} cores")
+    steps = r.get("decode_steps_by_threads") or {}
+    if any(int(t) != r.get("decode_max_threads") for t in steps):   # the contention fallback ran
+        line += "  decode steps by threads " + ", ".join(f"{t}: {k}" for t, k in steps.items())
+    return line
 
 
 def _medians(runs: list[dict]) -> dict:

@@ -197,8 +197,14 @@ class OursEngine:
         self.llm.generate(self.ids, self._params(min(self.gen, WARMUP_TOKENS)))
 
     def run(self) -> dict:
+        chooser = self.llm.loaded.model.thread_chooser
+        before = dict(chooser.steps_by_threads)
         c = self.llm.generate(self.ids, self._params(self.gen))
-        return _result(c.prefill_s, c.ttft_s, c.decode_s, c.prompt_tokens, c.token_ids)
+        # fused decode steps per thread count: fewer than --threads means the contention fallback ran
+        steps = {n: k - before.get(n, 0) for n, k in chooser.steps_by_threads.items() if k - before.get(n, 0)}
+        return _result(c.prefill_s, c.ttft_s, c.decode_s, c.prompt_tokens, c.token_ids,
+                       decode_steps_by_threads={str(n): k for n, k in sorted(steps.items())},
+                       decode_max_threads=chooser.max_threads)
 
     def profile(self, steps: int) -> dict:
         return profile_decode(self.llm, self.ids, steps)

@@ -19,7 +19,11 @@ from collections import defaultdict, deque
 
 WINDOW = 6           # steps in a median
 SLOW = 1.6           # a step median this many times the best seen means "contended"
-GAIN = 0.8           # switch when the other choice's median is below this fraction
+GAIN = 0.8           # leave the configured count when one thread's median is below this fraction
+# Return to the configured count as soon as it is faster at all: on a host whose second vCPU gives
+# only 1.2-1.35x (measured on this project's VM on a busy day), requiring 0.8 left decode on one
+# thread, 25% slower, after a single stall.
+GAIN_BACK = 0.95
 PROBE_EVERY = 64     # steps between probes (after a probe, and while on the fallback)
 
 
@@ -31,6 +35,7 @@ class ThreadChooser:
         self._best: dict[int, float] = {}          # batch -> fastest median seen with max_threads
         self._probe: tuple[int, int, list] | None = None   # (threads, batch, times)
         self._since_probe = PROBE_EVERY     # the first slow-down may be probed at once
+        self.steps_by_threads: dict[int, int] = defaultdict(int)   # what ran, for reports
 
     def threads(self, batch: int) -> int:
         """Threads for the next step of ``batch`` sequences."""
@@ -40,6 +45,7 @@ class ThreadChooser:
 
     def record(self, batch: int, threads: int, seconds: float) -> None:
         """Report how long a step of ``batch`` sequences took on ``threads`` threads."""
+        self.steps_by_threads[threads] += 1
         if self.max_threads == 1:
             return
         self._since_probe += 1
@@ -73,7 +79,8 @@ class ThreadChooser:
             return
         self._probe = None
         current = self._recent[(self.current, batch)]
-        if current and statistics.median(times) < GAIN * statistics.median(current):
+        gain = GAIN_BACK if probe_threads == self.max_threads else GAIN
+        if current and statistics.median(times) < gain * statistics.median(current):
             self.current = probe_threads
             self._recent[(probe_threads, batch)].clear()
             self._recent[(probe_threads, batch)].extend(times)

@@ -64,6 +64,11 @@ class LlamaModel:
         self._native_blocks = _native_block_args(weights)
         self._threads = ThreadChooser(torch.get_num_threads())
 
+    @property
+    def thread_chooser(self) -> ThreadChooser:
+        """The decode step's thread policy (its ``steps_by_threads`` says what ran)."""
+        return self._threads
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 cache: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
         """tokens, positions: [T]. Returns float32 logits [len(logit_rows), vocab]."""
