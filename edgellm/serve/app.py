@@ -357,32 +357,32 @@ def batch_usage(batch: Batch) -> dict:
     return oa.usage(sum(batch.prompt_tokens), completion, cached)
 
 
+def _response(spec: GenerationSpec, batch: Batch, rid: str, created: int, kind: str, body) -> dict:
+    """The non-streamed response of either endpoint; ``body(result)`` gives a choice's own fields."""
+    choices = [{"index": c.index, **body(c.result), "finish_reason": oa.finish_reason(c.result.finish_reason)}
+               for c in batch.choices]
+    return {"id": rid, "object": kind, "created": created, "model": spec.model,
+            "system_fingerprint": "edgellm", "choices": choices, "usage": batch_usage(batch)}
+
+
 def chat_response(state: ServerState, spec: GenerationSpec, batch: Batch, rid: str, created: int) -> dict:
-    choices = []
-    for c in batch.choices:
-        r = c.result
+    def body(r) -> dict:
         lp = None
         if spec.logprobs:
             lp = {"content": oa.chat_logprob_entries(state.token_text, r.token_ids, r.logprobs,
                                                      [t[:spec.top_logprobs] for t in r.top_logprobs])}
-        choices.append({"index": c.index, "message": {"role": "assistant", "content": r.text},
-                        "logprobs": lp, "finish_reason": oa.finish_reason(r.finish_reason)})
-    return {"id": rid, "object": "chat.completion", "created": created, "model": spec.model,
-            "system_fingerprint": "edgellm", "choices": choices, "usage": batch_usage(batch)}
+        return {"message": {"role": "assistant", "content": r.text}, "logprobs": lp}
+    return _response(spec, batch, rid, created, "chat.completion", body)
 
 
 def completion_response(state: ServerState, spec: GenerationSpec, batch: Batch, rid: str, created: int) -> dict:
-    choices = []
-    for c in batch.choices:
-        r = c.result
+    def body(r) -> dict:
         lp = None
         if spec.logprobs:
             lp = oa.completion_logprobs(state.token_text, r.token_ids, r.logprobs,
                                         [t[:spec.top_logprobs] for t in r.top_logprobs])
-        choices.append({"index": c.index, "text": r.text, "logprobs": lp,
-                        "finish_reason": oa.finish_reason(r.finish_reason)})
-    return {"id": rid, "object": "text_completion", "created": created, "model": spec.model,
-            "system_fingerprint": "edgellm", "choices": choices, "usage": batch_usage(batch)}
+        return {"text": r.text, "logprobs": lp}
+    return _response(spec, batch, rid, created, "text_completion", body)
 
 
 def stream_error(err: BaseException) -> bytes:
