@@ -287,9 +287,12 @@ def test_queue_full_then_disconnect_frees_blocks(http, server):
     with httpx.Client(base_url=server.url, timeout=60) as other:
         with other.stream("POST", "/v1/completions", json=body, headers=AUTH) as stream:
             lines = stream.iter_lines()
-            assert next(lines).startswith("data: ")          # tokens are flowing
+            first = next(lines)
+            assert first.startswith("data: ")          # tokens are flowing
             text = metrics(http)
-            assert metric(text, "edgellm_requests_in_flight") == MAX_QUEUE
+            # (one CI run saw 0 here, not reproduced in 10 reruns: the message keeps what a rerun needs)
+            finished = [ln for ln in text.splitlines() if ln.startswith("edgellm_completions_total{")]
+            assert metric(text, "edgellm_requests_in_flight") == MAX_QUEUE, (first, finished)
             assert metric(text, "edgellm_kv_blocks", 'state="used"') > 0
             full = post(http, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1})
             assert_error(full, 429, code="rate_limit_exceeded")
@@ -357,9 +360,14 @@ def browser():
 
 
 def wait_for(fn, timeout=60.0, what="condition"):
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = fn()
+        try:
+            value = fn()
+        except StaleElementReferenceException:   # the page re-rendered it between find and read
+            value = None
         if value:
             return value
         time.sleep(0.05)
@@ -371,10 +379,14 @@ def test_live_page_in_chromium_chat_streams_and_phases_change(browser, server):
     """Headless Chromium: send a message, watch the reply stream in and the phase counts change."""
     browser.get(server.url + "/")
     by_id = browser.find_element
+
+    def shown(element_id: str) -> str:   # the runtime view re-renders every 500 ms: read it fresh
+        return wait_for(lambda: by_id("id", element_id).text or " ", 5, element_id)
+
     by_id("id", "key").send_keys(KEY)
     wait_for(lambda: by_id("id", "model").text == "smollm2-135m", 30, "the runtime view's first refresh")
-    assert by_id("id", "phase-inactive").text == "0"
-    assert int(by_id("id", "kv-used-n").text) == 0
+    assert shown("phase-inactive") == "0"
+    assert int(shown("kv-used-n")) == 0
 
     maxtok = by_id("id", "maxtok")
     maxtok.clear()
@@ -392,8 +404,8 @@ def test_live_page_in_chromium_chat_streams_and_phases_change(browser, server):
     assert len(lengths - {0}) >= 2, "the reply did not arrive in pieces"
     # the session finished its turn: the runtime view counts it as inactive, holding KV blocks
     wait_for(lambda: by_id("id", "phase-inactive").text == "1", 5, "phase count inactive = 1")
-    assert int(by_id("id", "kv-used-n").text) > 0
-    assert int(by_id("id", "generated").text) > 0
+    assert int(shown("kv-used-n")) > 0
+    assert int(shown("generated")) > 0
     assert server.alive
 
 
