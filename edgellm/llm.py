@@ -14,12 +14,11 @@ from typing import Callable
 import torch
 
 from edgellm.errors import ContextOverflowError, InvalidParameterError
-from edgellm.kv.cache import KVCache
+from edgellm.kv.cache import BLOCK_SIZE, KVCache
 from edgellm.loading.load import LoadedModel, load_model
 from edgellm.runtime.model_runner import ModelRunner, SeqChunk
 from edgellm.sampling import Sampler, SamplingParams, SequenceHistory, StopChecker
 
-BLOCK_SIZE = 16
 # Prompt tokens per forward pass: bounds the transient activations of a long prompt.
 PREFILL_CHUNK = 512
 

@@ -32,7 +32,6 @@ import torch
 from edgellm.errors import InvalidParameterError, ModelNotFoundError
 
 DEFAULT_CORPUS = "/usr/share/common-licenses/GPL-3"
-BLOCK = 16
 # scored rows whose logits are materialised at once (bounds memory: rows x vocab floats)
 _LOGIT_ROWS = 256
 
@@ -102,7 +101,7 @@ def check_window(context: int, stride: int | None, cfg) -> int:
 def perplexity(model, cfg, ids: list[int], context: int = 512, stride: int | None = None, kv_dtype="fp32",
                progress=None) -> PerplexityResult:
     """Sliding-window perplexity of ``model`` (a LlamaModel) on token ids ``ids``."""
-    from edgellm.kv.cache import KVCache
+    from edgellm.kv.cache import BLOCK_SIZE, KVCache
     from edgellm.layers.attention import AttentionBatch
 
     stride = check_window(context, stride, cfg)
@@ -110,7 +109,7 @@ def perplexity(model, cfg, ids: list[int], context: int = 512, stride: int | Non
     if n < 2:
         raise InvalidParameterError(f"the corpus has {n} token(s); perplexity needs at least 2",
                                     "pass a longer text or a larger --max-tokens")
-    cache = KVCache(cfg, math.ceil(context / BLOCK), BLOCK, kv_dtype)
+    cache = KVCache(cfg, math.ceil(context / BLOCK_SIZE), BLOCK_SIZE, kv_dtype)
     all_ids = torch.tensor(ids, dtype=torch.int64)
     total_nll, scored, windows, run_tokens = 0.0, 0, 0, 0
     t0 = time.perf_counter()
@@ -151,17 +150,17 @@ def _slots(i: int, span: int) -> slice:
 def greedy_continuations(model, cfg, prompts: list[list[int]], n_tokens: int = 32, kv_dtype="fp32",
                          batch: int = 8) -> list[list[int]]:
     """Greedy continuations (``n_tokens`` each, end-of-sequence ignored) of tokenised prompts."""
-    from edgellm.kv.cache import KVCache
+    from edgellm.kv.cache import BLOCK_SIZE, KVCache
     from edgellm.runtime.model_runner import ModelRunner, SeqChunk
 
     out: list[list[int]] = []
     for g0 in range(0, len(prompts), batch):
         group = prompts[g0:g0 + batch]
-        span = math.ceil((max(len(p) for p in group) + n_tokens) / BLOCK) * BLOCK
+        span = math.ceil((max(len(p) for p in group) + n_tokens) / BLOCK_SIZE) * BLOCK_SIZE
         if span > cfg.context_length:
             raise InvalidParameterError("a prompt plus the continuation exceeds the context window",
                                         "use shorter prompts or fewer tokens")
-        cache = KVCache(cfg, len(group) * span // BLOCK, BLOCK, kv_dtype)
+        cache = KVCache(cfg, len(group) * span // BLOCK_SIZE, BLOCK_SIZE, kv_dtype)
         runner = ModelRunner(model, cache)
         logits = torch.cat([runner.run([SeqChunk(p, 0, _slots(i, span))]) for i, p in enumerate(group)])
         seqs = [[] for _ in group]
@@ -181,14 +180,14 @@ def greedy_continuations(model, cfg, prompts: list[list[int]], n_tokens: int = 3
 def teacher_forced_top1(model, cfg, prompts: list[list[int]], references: list[list[int]], kv_dtype="fp32") -> float:
     """Fraction of positions where the model's greedy choice, given the reference history, is
     the reference token."""
-    from edgellm.kv.cache import KVCache
+    from edgellm.kv.cache import BLOCK_SIZE, KVCache
     from edgellm.layers.attention import AttentionBatch
 
     same = total = 0
     for p, ref in zip(prompts, references):
         ids = p + ref[:-1]
         n = len(ids)
-        cache = KVCache(cfg, math.ceil(n / BLOCK), BLOCK, kv_dtype)
+        cache = KVCache(cfg, math.ceil(n / BLOCK_SIZE), BLOCK_SIZE, kv_dtype)
         rows = torch.arange(len(p) - 1, n)
         logits = model.forward(torch.tensor(ids), torch.arange(n), AttentionBatch.build([(n, n, slice(0, n))]),
                                cache, rows)
@@ -261,14 +260,3 @@ def interleaved_speed(models: dict, kv_dtypes: dict, prompt_ids: list[int], prom
             log(f"round {r + 1}/{rounds} done")
     return {label: {"prefill_tok_s": statistics.median(x[0] for x in v),
                     "decode_tok_s": statistics.median(x[1] for x in v), "runs": v} for label, v in runs.items()}
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process now (Linux /proc), or 0 where unknown."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

@@ -36,6 +36,8 @@ import time
 import traceback
 from pathlib import Path
 
+from edgellm.util import hwm_mb, peak_rss_mb, reset_hwm, rss_now_mb
+
 # The prompt text: a fixed English text present on every Debian/Ubuntu machine, with a
 # built-in paragraph (repeated) where it is not.
 PROMPT_FILES = ("/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/Apache-2.0")
@@ -55,41 +57,6 @@ WARMUP_TOKENS = 8
 # Memory-bandwidth probe: copy a tensor of this size, this many timed times (after one untimed).
 MEMBW_BYTES = 256 * 2**20
 MEMBW_COPIES = 5
-
-
-def _proc_status_mb(field: str) -> float:
-    """A memory line of /proc/self/status (VmRSS, VmHWM) in MiB; NaN where there is none."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def rss_now_mb() -> float:
-    return _proc_status_mb("VmRSS")
-
-
-def peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024   # bytes on macOS, KiB on Linux
-
-
-def hwm_mb() -> float:
-    """VmHWM: the peak resident memory since the process started or since reset_hwm()."""
-    return _proc_status_mb("VmHWM")
-
-
-def reset_hwm() -> None:
-    """Restart VmHWM from the current RSS (Linux), so later peaks exclude loading's."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def _cpu_time() -> float:

@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)   # validate before loading anything
     from edgellm.llm import LLM
-    from edgellm.runtime.engine import Engine, parse_size
+    from edgellm.runtime.engine import Engine
+    from edgellm.util import parse_size
 
     kv_memory = parse_size(args.kv_memory, "--kv-memory")
     llm = LLM(args.model, dtype=args.dtype, threads=args.threads)

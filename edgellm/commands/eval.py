@@ -202,18 +202,19 @@ def _worker() -> None:
     import torch
 
     from edgellm.loading.load import load_model
-    from edgellm.quality import agreement, greedy_continuations, measure_speed, perplexity, read_corpus, rss_bytes
+    from edgellm.quality import agreement, greedy_continuations, measure_speed, perplexity, read_corpus
     from edgellm.quant.convert import convert_weights, quantize_model
+    from edgellm.util import peak_rss_mb, rss_now_mb
 
     job = json.loads(sys.stdin.read())
     torch.set_num_threads(job["threads"])
     fmt, keep = _split_weights(job["weights"])
-    rss0 = rss_bytes()
+    rss0 = int(rss_now_mb() * 2**20)
     loaded = load_model(job["model"])
     if fmt != "auto":
         loaded = convert_weights(loaded, fmt, keep)
     res = {"weights": job["weights"], "kv_dtype": job["kv_dtype"], "weight_bytes": loaded.weight_bytes,
-           "rss_bytes": rss_bytes(), "rss_before_load": rss0}
+           "rss_bytes": int(rss_now_mb() * 2**20), "rss_before_load": rss0}
     if fmt == "auto":
         res["file_bytes"] = loaded.file_bytes
     elif job["file_size"]:
@@ -234,16 +235,8 @@ def _worker() -> None:
         a = agreement(loaded.model, loaded.config, prompts, job["references"], job["kv_dtype"])
         res.update(agreement=a["agreement"], top1_agreement=a["top1_agreement"])
     res.update(measure_speed(loaded, job["kv_dtype"], ids, job["prompt_tokens"], job["gen_tokens"], job["repeats"]))
-    res["rss_peak_bytes"] = _peak_rss()
+    res["rss_peak_bytes"] = int(peak_rss_mb() * 2**20)
     print("\n" + json.dumps(res))
-
-
-def _peak_rss() -> int:
-    try:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    except Exception:  # noqa: BLE001
-        return 0
 
 
 def _run_job(job: dict) -> dict:

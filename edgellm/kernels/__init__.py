@@ -16,6 +16,7 @@ import sys
 import warnings
 from functools import lru_cache
 from pathlib import Path
+from edgellm.util import cache_dir
 
 _SOURCE = Path(__file__).with_name("gguf_cpu.cpp")
 
@@ -24,9 +25,6 @@ _SOURCE = Path(__file__).with_name("gguf_cpu.cpp")
 NATIVE_FORMATS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_KR": 3, "Q6_KR": 4, "Q5_0": 5}
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "edgellm"
 
 
 def cpu_supports_avx2() -> bool:

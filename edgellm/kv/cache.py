@@ -32,6 +32,9 @@ import torch
 from edgellm.config import ModelConfig
 from edgellm.errors import InvalidParameterError, UnsupportedModelError
 
+#: tokens per KV block: the unit of allocation, sharing and offload everywhere in edgellm
+BLOCK_SIZE = 16
+
 _FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _ALIASES = {"float32": "fp32", "f32": "fp32", "float16": "fp16", "f16": "fp16", "half": "fp16",
             "bfloat16": "bf16", "fp8-e4m3": "fp8", "fp8_e4m3": "fp8", "e4m3": "fp8", "fp8_e5m2": "fp8-e5m2",

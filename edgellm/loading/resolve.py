@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgellm.errors import ModelFormatError, ModelNotFoundError
+from edgellm.util import cache_dir
 
 GGUF_MAGIC = b"GGUF"
 
@@ -92,11 +93,6 @@ _QWEN_PARTS = 6
 _QWEN_FILE = "qwen2.5-coder-0.5b-instruct.gguf"
 
 
-def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/edgellm`` (``~/.cache/edgellm`` when the variable is unset or empty)."""
-    base = os.environ.get("XDG_CACHE_HOME") or ""
-    root = Path(base) if base else Path.home() / ".cache"
-    return root / "edgellm"
 
 
 def _qwen_part_paths(entry: RegistryEntry) -> list[Path]:

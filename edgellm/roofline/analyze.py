@@ -317,17 +317,17 @@ def format_plan(plan: dict) -> str:
     c = plan["chosen"]
     lines = [
         f"Memory plan: {plan['model']} ({plan['n_parameters'] / 1e9:.2f} B parameters) on {plan['hardware']} "
-        f"({_bytes(plan['memory_bytes'])}, {_bytes(plan['usable_bytes'])} usable after a "
+        f"({format_bytes(plan['memory_bytes'])}, {format_bytes(plan['usable_bytes'])} usable after a "
         f"{plan['reserve_fraction']:.0%} reserve)", "",
         f"{'bits':>6}{'weights':>12}{'KV / token':>13}{'KV / 1k tokens':>16}",
     ]
     for b in PLAN_BITS:
         w = plan["weights_by_bits"][f"{b:g}"]
         kv = plan["kv_bytes_per_token_by_bits"][f"{b:g}"]
-        lines.append(f"{b:>6g}{_bytes(w):>12}{_bytes(kv):>13}{_bytes(kv * 1000):>16}")
+        lines.append(f"{b:>6g}{format_bytes(w):>12}{format_bytes(kv):>13}{format_bytes(kv * 1000):>16}")
     lines += ["", f"At {c['weight_bits']:g}-bit weights and {c['kv_bits']:g}-bit KV:"]
     if not c["fits_weights"]:
-        lines.append(f"  the weights ({_bytes(c['weight_bytes'])}) do not fit: nothing is left for the KV cache")
+        lines.append(f"  the weights ({format_bytes(c['weight_bytes'])}) do not fit: nothing is left for the KV cache")
     else:
         lines += [
             f"  KV cache room: {c['max_kv_tokens']:,} tokens (batch x context)",
@@ -350,7 +350,7 @@ def _tokens(g: dict) -> str:
 
 
 # ---- formatting -----------------------------------------------------------------------------------
-def _si(x: float, unit: str = "", digits: int = 3) -> str:
+def format_si(x: float, unit: str = "", digits: int = 3) -> str:
     if x == 0:
         return f"0 {unit}".rstrip()
     for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, "")):
@@ -359,7 +359,7 @@ def _si(x: float, unit: str = "", digits: int = 3) -> str:
     return f"{x:.{digits}g} {unit}".rstrip()
 
 
-def _bytes(x: float) -> str:
+def format_bytes(x: float) -> str:
     for factor, prefix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
         if abs(x) >= factor:
             v = x / factor
@@ -367,7 +367,7 @@ def _bytes(x: float) -> str:
     return f"{x:.0f} B"
 
 
-def _time(s: float) -> str:
+def format_time(s: float) -> str:
     if s >= 1:
         return f"{s:.3g} s"
     if s >= 1e-3:
@@ -395,23 +395,23 @@ def format_table(a: Analysis, per_block: bool = False) -> str:
         ops = layer.cost.ops if per_block else layer.ops
         mem = layer.cost.memory_bytes if per_block else layer.memory_bytes
         t = layer.time_per_block_s if per_block else layer.time_s
-        lines.append(f"{layer.name:<16}{layer.count:>4}{_si(ops):>11}{_bytes(mem):>11}"
-                     f"{layer.arithmetic_intensity:>9.3g}{_si(layer.attainable_ops_per_s, 'op/s'):>13}"
-                     f"{layer.bound:>9}{_time(t):>11}{layer.time_s / total:>7.1%}")
+        lines.append(f"{layer.name:<16}{layer.count:>4}{format_si(ops):>11}{format_bytes(mem):>11}"
+                     f"{layer.arithmetic_intensity:>9.3g}{format_si(layer.attainable_ops_per_s, 'op/s'):>13}"
+                     f"{layer.bound:>9}{format_time(t):>11}{layer.time_s / total:>7.1%}")
     tot = a.totals()
     lines += ["-" * len(head),
-              f"{'model total':<16}{'':>4}{_si(a.ops):>11}{_bytes(a.memory_bytes):>11}{tot['arithmetic_intensity']:>9.3g}"
-              f"{'':>13}{'':>9}{_time(total):>11}", ""]
+              f"{'model total':<16}{'':>4}{format_si(a.ops):>11}{format_bytes(a.memory_bytes):>11}{tot['arithmetic_intensity']:>9.3g}"
+              f"{'':>13}{'':>9}{format_time(total):>11}", ""]
     if a.phase == "prefill":
-        lines.append(f"prefill (time to first token): {_time(total)}  ·  {tot['prefill_tokens_per_s']:,.1f} "
+        lines.append(f"prefill (time to first token): {format_time(total)}  ·  {tot['prefill_tokens_per_s']:,.1f} "
                      f"prompt tokens/s")
     else:
-        lines.append(f"decode: {_time(total)} per step  ·  {tot['tokens_per_s']:,.2f} tokens/s"
+        lines.append(f"decode: {format_time(total)} per step  ·  {tot['tokens_per_s']:,.2f} tokens/s"
                      + (f" ({tot['tokens_per_s_per_sequence']:,.2f} per sequence)" if a.batch > 1 else ""))
-    lines.append(f"weights {_bytes(a.weight_bytes)} · KV cache {_bytes(a.kv_cache_bytes)} "
-                 f"({a.batch} x {a.context_tokens} tokens, {_bytes(tot['kv_bytes_per_token'])}/token) · "
+    lines.append(f"weights {format_bytes(a.weight_bytes)} · KV cache {format_bytes(a.kv_cache_bytes)} "
+                 f"({a.batch} x {a.context_tokens} tokens, {format_bytes(tot['kv_bytes_per_token'])}/token) · "
                  f"{tot['memory_bound_time_fraction']:.0%} of the time in memory-bound layers")
-    lines.append(f"attention core {_time(tot['attention_time_s'])} vs linear layers {_time(tot['linear_time_s'])}")
+    lines.append(f"attention core {format_time(tot['attention_time_s'])} vs linear layers {format_time(tot['linear_time_s'])}")
     for note in a.notes:
         lines.append(f"note: {note}")
     lines += ["", "conventions:"] + [f"  - {c}" for c in CONVENTIONS]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from edgellm.errors import EdgeLLMError, InvalidParameterError
+from edgellm.util import cache_dir
 
 T = 1e12
 G = 1e9
@@ -291,9 +292,6 @@ def load_hardware_file(path: Path | str) -> Hardware:
 
 
 # ---- this machine ---------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "edgellm"
 
 
 def local_cache_path() -> Path:

@@ -35,7 +35,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgellm.roofline.analyze import Analysis, LayerResult
     from edgellm.roofline.hardware import Hardware
 
-BLOCK_SIZE = 16            # KV-cache block size, as edgellm.llm uses
 DEFAULT_REPEATS = 5
 
 
@@ -228,7 +227,7 @@ def time_phase(loaded, phase: str, seq_len: int, repeats: int = DEFAULT_REPEATS)
     tokens, or one decode step with ``seq_len`` tokens already in the KV cache."""
     import torch
 
-    from edgellm.kv.cache import KVCache
+    from edgellm.kv.cache import BLOCK_SIZE, KVCache
     from edgellm.runtime.model_runner import ModelRunner, SeqChunk
 
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -495,7 +494,7 @@ def _load_average() -> float:
 
 # ---- output -----------------------------------------------------------------------------------------
 def format_table(report: dict) -> str:
-    from edgellm.roofline.analyze import _bytes, _si, _time
+    from edgellm.roofline.analyze import format_bytes, format_si, format_time
 
     eng = report["engine"]
     fmts = ", ".join(f"{k} {v}" for k, v in eng["matrices"].items())
@@ -506,7 +505,7 @@ def format_table(report: dict) -> str:
         f"median of {report['repeats']} repeats, {eng['threads']} thread{'' if eng['threads'] == 1 else 's'}",
         f"hardware: {report['hardware']} — {hw['bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s, peaks "
         + ", ".join(f"{k} {v / 1e12:,.3g} TOPS" for k, v in hw["peak_ops_per_s"].items()),
-        f"engine formats: {fmts}; float32 activations and KV cache; weights {_bytes(eng['weight_bytes'])}",
+        f"engine formats: {fmts}; float32 activations and KV cache; weights {format_bytes(eng['weight_bytes'])}",
     ]
     head = (f"{'engine op':<18}{'x':>3}{'ops':>10}{'bytes':>11}{'ops/B':>7}{'bound':>8}{'predicted':>11}"
             f"{'measured':>11}{'GB/s':>8}{'GOP/s':>8}{'of roof':>9}")
@@ -515,20 +514,20 @@ def format_table(report: dict) -> str:
         what = "prompt tokens" if ph["phase"] == "prefill" else "tokens in the KV cache"
         lines += ["", f"{ph['phase'].upper()} — {ph['seq_len']} {what}", head, "-" * len(head)]
         for r in ph["layers"]:
-            lines.append(f"{r['name']:<18}{r['count']:>3}{_si(r['ops']):>10}{_bytes(r['memory_bytes']):>11}"
-                         f"{r['arithmetic_intensity']:>7.3g}{r['bound']:>8}{_time(r['time_s']):>11}"
-                         f"{_time(r['measured_time_s']):>11}{r['achieved_bytes_per_s'] / 1e9:>8.2f}"
+            lines.append(f"{r['name']:<18}{r['count']:>3}{format_si(r['ops']):>10}{format_bytes(r['memory_bytes']):>11}"
+                         f"{r['arithmetic_intensity']:>7.3g}{r['bound']:>8}{format_time(r['time_s']):>11}"
+                         f"{format_time(r['measured_time_s']):>11}{r['achieved_bytes_per_s'] / 1e9:>8.2f}"
                          f"{r['achieved_ops_per_s'] / 1e9:>8.2f}{r['roofline_fraction']:>9.1%}")
         lines += ["-" * len(head),
-                  f"{'sum of parts':<18}{'':>3}{_si(tot['ops']):>10}{_bytes(tot['memory_bytes']):>11}{'':>7}{'':>8}"
-                  f"{_time(tot['time_s']):>11}{_time(tot['measured_sum_of_parts_s']):>11}"
+                  f"{'sum of parts':<18}{'':>3}{format_si(tot['ops']):>10}{format_bytes(tot['memory_bytes']):>11}{'':>7}{'':>8}"
+                  f"{format_time(tot['time_s']):>11}{format_time(tot['measured_sum_of_parts_s']):>11}"
                   f"{tot['memory_bytes'] / tot['measured_sum_of_parts_s'] / 1e9:>8.2f}"
                   f"{tot['ops'] / tot['measured_sum_of_parts_s'] / 1e9:>8.2f}"
                   f"{tot['roofline_fraction_sum_of_parts']:>9.1%}",
-                  f"op-by-op pass {_time(tot['op_by_op_pass_s'])}, of which {_time(tot['overhead_s'])} "
+                  f"op-by-op pass {format_time(tot['op_by_op_pass_s'])}, of which {format_time(tot['overhead_s'])} "
                   f"({tot['overhead_fraction']:.1%}) between the timed ops (Python, loop, clock)",
-                  f"engine step (ModelRunner.run, {tot['engine_path']}): {_time(tot['engine_step_s'])} "
-                  f"= {tot['roofline_fraction_engine_step']:.1%} of the roofline's {_time(tot['time_s'])}; "
+                  f"engine step (ModelRunner.run, {tot['engine_path']}): {format_time(tot['engine_step_s'])} "
+                  f"= {tot['roofline_fraction_engine_step']:.1%} of the roofline's {format_time(tot['time_s'])}; "
                   f"{tot['measured_tokens_per_s']:,.1f} tokens/s measured vs {tot['predicted_tokens_per_s']:,.1f} "
                   f"predicted"]
     lines += ["", "q/k/v, gate/up and projection+residual are fused in the engine: their rows compare with the "

@@ -42,41 +42,19 @@ import torch
 
 from edgellm.errors import ContextOverflowError, EdgeLLMError, InvalidParameterError
 from edgellm.kv.block_manager import BlockManager
-from edgellm.kv.cache import KVCache
+from edgellm.kv.cache import BLOCK_SIZE, KVCache
 from edgellm.kv.offload import OffloadStore
 from edgellm.runtime.model_runner import ModelRunner, SeqChunk
 from edgellm.runtime.scheduler import (DONE, PREEMPT_RECOMPUTE, PREEMPT_SWAP, RUNNING, Chunk, Scheduler,
                                        Sequence)
 from edgellm.runtime.session import Phase, PhaseClock, Session, TurnResult
+from edgellm.util import parse_size
 from edgellm.sampling import FINISH_LENGTH, Sampler, SamplingParams, SequenceHistory, StopChecker
 
 log = logging.getLogger("edgellm.engine")
 
 FINISH_CANCELLED = "cancelled"
 FINISH_ERROR = "error"
-
-_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
-          "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3, "gib": 1024 ** 3, "t": 1024 ** 4,
-          "tb": 1024 ** 4, "tib": 1024 ** 4}
-
-
-def parse_size(value: int | float | str, name: str = "size") -> int:
-    """Bytes from ``512MB``, ``2GB``, ``1.5GiB``, ``65536`` or an int (K/M/G count in powers of 1024)."""
-    if isinstance(value, bool):
-        raise InvalidParameterError(f"{name} must be a size such as '512MB', got {value!r}",
-                                    "write a number of bytes or a size with a unit: 512MB, 2GB")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value) or value < 0:
-            raise InvalidParameterError(f"{name} must be a non-negative size, got {value!r}",
-                                        "write a number of bytes or a size with a unit: 512MB, 2GB")
-        return int(value)
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*", value)
-        if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    raise InvalidParameterError(f"{name} {value!r} is not a size",
-                                "write a number of bytes or a size with a unit: 512MB, 2GB, 1.5GiB")
-
 
 # ---------------------------------------------------------------------------------------------
 # Requests and their handles
@@ -248,7 +226,7 @@ class StepStats:
 # The engine
 # ---------------------------------------------------------------------------------------------
 class Engine:
-    def __init__(self, model_or_llm: Any = None, kv_memory: int | str = "256MB", block_size: int = 16,
+    def __init__(self, model_or_llm: Any = None, kv_memory: int | str = "256MB", block_size: int = BLOCK_SIZE,
                  max_batch_tokens: int = 512, max_batch_seqs: int = 256, host_memory: int | str | None = None,
                  disk_dir: str | None = None, disk_memory: int | str | None = None,
                  idle_retire_s: float | None = None, preemption: str = PREEMPT_RECOMPUTE,

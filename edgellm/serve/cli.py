@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgellm.errors import InvalidParameterError
-    from edgellm.runtime.engine import parse_size
+    from edgellm.util import parse_size
 
     if not 0 < args.port < 65536:
         raise InvalidParameterError(f"--port must be between 1 and 65535, got {args.port}", "pass e.g. --port 8000")

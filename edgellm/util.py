@@ -1,0 +1,82 @@
+"""Small facts about this process and machine that several parts of edgellm need, in one place:
+where edgellm caches files, how much memory the process holds, and sizes written by people."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import resource
+import sys
+from pathlib import Path
+
+from edgellm.errors import InvalidParameterError
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/edgellm`` (``~/.cache/edgellm`` when the variable is unset or empty)."""
+    base = os.environ.get("XDG_CACHE_HOME") or ""
+    root = Path(base) if base else Path.home() / ".cache"
+    return root / "edgellm"
+
+
+# ---- memory of this process --------------------------------------------------------------------
+def proc_status_mb(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS, VmHWM) in MiB; NaN where there is none."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def rss_now_mb() -> float:
+    """Resident memory of this process now, in MiB (NaN where /proc is missing)."""
+    return proc_status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """The most resident memory this process ever held, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024   # bytes on macOS, KiB on Linux
+
+
+def hwm_mb() -> float:
+    """VmHWM: the peak resident memory since the process started or since :func:`reset_hwm`."""
+    return proc_status_mb("VmHWM")
+
+
+def reset_hwm() -> None:
+    """Restart VmHWM from the current RSS (Linux), so later peaks exclude what came before."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+# ---- sizes written by people ---------------------------------------------------------------------
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
+          "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3, "gib": 1024 ** 3, "t": 1024 ** 4,
+          "tb": 1024 ** 4, "tib": 1024 ** 4}
+
+
+def parse_size(value: int | float | str, name: str = "size") -> int:
+    """Bytes from ``512MB``, ``2GB``, ``1.5GiB``, ``65536`` or an int (K/M/G count in powers of 1024)."""
+    if isinstance(value, bool):
+        raise InvalidParameterError(f"{name} must be a size such as '512MB', got {value!r}",
+                                    "write a number of bytes or a size with a unit: 512MB, 2GB")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0:
+            raise InvalidParameterError(f"{name} must be a non-negative size, got {value!r}",
+                                        "write a number of bytes or a size with a unit: 512MB, 2GB")
+        return int(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise InvalidParameterError(f"{name} {value!r} is not a size",
+                                "write a number of bytes or a size with a unit: 512MB, 2GB, 1.5GiB")
