@@ -1,66 +1,26 @@
 """LLM: load a model and generate from one prompt at a time (the offline path of the CLI).
 
-This is the plain prefill-then-decode loop with timings; the multi-session runtime
-(``edgellm.runtime.engine``) runs the same model runner under a scheduler.
+A thin facade over :class:`edgellm.runtime.engine.Engine`: each ``generate`` call is one engine
+request, run through the same admission, scheduler, model runner, sampler and output processing
+as the server's requests, so what ``edgellm generate`` and ``edgellm bench`` measure is what
+``edgellm serve`` runs. The LLM owns one engine whose KV pool grows to the largest request seen.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
-from edgellm.errors import ContextOverflowError, InvalidParameterError
-from edgellm.kv.cache import BLOCK_SIZE, KVCache
+from edgellm.kv.cache import BLOCK_SIZE, KVCache, kv_dtype_name
 from edgellm.loading.load import LoadedModel, load_model
-from edgellm.runtime.model_runner import ModelRunner, SeqChunk
-from edgellm.sampling import Sampler, SamplingParams, SequenceHistory, StopChecker
+from edgellm.runtime.engine import Engine
+from edgellm.runtime.input import check_params, encode_prompt
+from edgellm.runtime.types import Completion, Request
+from edgellm.sampling import SamplingParams
+from edgellm.util import set_threads
 
 # Prompt tokens per forward pass: bounds the transient activations of a long prompt.
 PREFILL_CHUNK = 512
-
-
-@dataclass
-class Completion:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str
-    ttft_s: float
-    prefill_s: float
-    decode_s: float
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
-
-    @property
-    def decode_tok_s(self) -> float:
-        # The first token comes out of prefill; decode made the rest.
-        n = self.completion_tokens - 1
-        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason,
-                "ttft_s": self.ttft_s, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
-                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
-
-
-def set_threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise InvalidParameterError(f"--threads must be at least 1, got {threads}", "pass a positive count")
-        torch.set_num_threads(threads)
 
 
 class LLM:
@@ -69,8 +29,6 @@ class LLM:
                  keep=(), kv_dtype="fp32"):
         """``weights``: a precision format to convert the matrices to at load time (``--keep``
         patterns stay at 16 bits); ``kv_dtype``: the KV cache precision (fp32, fp16, bf16, fp8, int8)."""
-        from edgellm.kv.cache import kv_dtype_name
-
         set_threads(threads)
         self.kv_dtype = kv_dtype_name(kv_dtype)
         self.loaded = loaded or load_model(model, dtype, use_native)
@@ -80,79 +38,40 @@ class LLM:
             self.loaded = convert_weights(self.loaded, weights, keep)
         self.cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
-        self._cache: KVCache | None = None
+        self._engine: Engine | None = None
 
-    def _kv_cache(self, num_blocks: int) -> KVCache:
-        """A cache of at least ``num_blocks`` blocks, kept between calls: a fresh one per request
-        cost ~7 ms of zeroing for a 512-token prompt (profiled) and new pages each time."""
-        if self._cache is None or self._cache.num_blocks < num_blocks:
-            self._cache = None   # free the old one before allocating its successor
-            self._cache = KVCache(self.cfg, num_blocks, BLOCK_SIZE, self.kv_dtype)
-        return self._cache
+    def engine(self, n_tokens: int = 1) -> Engine:
+        """This LLM's engine, its KV pool holding at least ``n_tokens`` tokens. A pool is sized to
+        the requests seen rather than to the whole context window: ``KVCache`` zeroes its memory,
+        and SmolLM2's 8k-token fp32 window would take 360 MB."""
+        blocks = math.ceil(n_tokens / BLOCK_SIZE)
+        if self._engine is None or self._engine.num_blocks < blocks:
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None   # free the old pool before allocating its successor
+            pool = blocks * KVCache.bytes_per_block(self.cfg, BLOCK_SIZE, self.kv_dtype)
+            self._engine = Engine(self, kv_memory=pool, host_memory=0, max_batch_tokens=PREFILL_CHUNK)
+        return self._engine
 
-    def encode_prompt(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
-        if chat:
-            messages = ([{"role": "system", "content": system}] if system else []) + \
-                       [{"role": "user", "content": prompt}]
-            return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
-        return self.tokenizer.encode(prompt)
-
-    def check_fits(self, n_prompt: int) -> None:
-        ctx = self.cfg.context_length
-        if n_prompt == 0:
-            raise InvalidParameterError("the prompt is empty", "give at least one token of prompt")
-        if n_prompt >= ctx:
-            raise ContextOverflowError(
-                f"the prompt has {n_prompt} tokens but the model's context window is {ctx}",
-                f"shorten the prompt to fewer than {ctx} tokens")
+    def encode_prompt(self, prompt, chat: bool = False, system: str | None = None) -> list[int]:
+        return encode_prompt(self.tokenizer, self.cfg.vocab_size, prompt, chat, system)
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, chat: bool = False,
-                 on_text: Callable[[str], None] | None = None) -> Completion:
-        """Generate one completion; ``on_text`` receives text pieces as they are decided."""
-        params = params or SamplingParams()
-        t0 = time.perf_counter()
-        ids = list(prompt) if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
-        self.check_fits(len(ids))
-        budget = min(params.max_tokens, self.cfg.context_length - len(ids))
-        cache = self._kv_cache(math.ceil((len(ids) + budget) / BLOCK_SIZE))
-        runner = ModelRunner(self.loaded.model, cache)
-        slots = slice(0, cache.num_blocks * BLOCK_SIZE)   # one sequence: its blocks are contiguous
-        sampler = Sampler()
-        history = SequenceHistory(ids, self.cfg.vocab_size)
-        stop = StopChecker(params.stop, params.stop_token_ids, self.tokenizer.eog_ids, params.ignore_eos, budget)
-        decoder = self.tokenizer.incremental_decoder()
-        out_ids, logprobs, tops, pieces = [], [], [], []
+                 on_text: Callable[[str], None] | None = None, system: str | None = None) -> Completion:
+        """Generate one completion; ``on_text`` receives text pieces as they are decided.
 
-        # Prefill, in chunks for long prompts; the last chunk yields the first token's logits.
-        t_start = time.perf_counter()
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            chunk = ids[start:start + PREFILL_CHUNK]
-            logits = runner.run([SeqChunk(chunk, start, slots, want_logits=start + len(chunk) == len(ids))])
-        t_prefill = time.perf_counter()
-        ttft = None
-        pos = len(ids)
-        while True:
-            s = sampler.sample(logits, [params], [history])
-            tok = s.token_ids[0]
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            history.append(tok)
-            out_ids.append(tok)
-            if params.logprobs:
-                logprobs.append(s.logprobs[0])
-                tops.append(s.top_logprobs[0] or [])
-            upd = stop.step(tok, decoder.add(tok))
-            if upd.text:
-                pieces.append(upd.text)
-                if on_text:
-                    on_text(upd.text)
-            if upd.finished:
-                break
-            logits = runner.run([SeqChunk([tok], pos, slots)])
-            pos += 1
-        t_end = time.perf_counter()
-        # An end-of-sequence or stop token stays in token_ids (it was generated) but not in the text.
-        return Completion(text="".join(pieces), token_ids=out_ids, prompt_tokens=len(ids),
-                          finish_reason=stop.finish_reason or "length", ttft_s=ttft,
-                          prefill_s=t_prefill - t_start, decode_s=t_end - t0 - ttft,
-                          logprobs=logprobs, top_logprobs=tops)
+        Each call computes its whole prompt (the prefix cache is cleared first), so repeated calls
+        are independent and their timings comparable; sessions (``Engine.session``) reuse KV."""
+        params = check_params(params or SamplingParams())
+        ids = self.encode_prompt(prompt, chat, system)
+        room = max(1, min(params.max_tokens, self.cfg.context_length - len(ids)))
+        engine = self.engine(len(ids) + room)
+        engine.clear_prefix_cache()
+        handle = engine.submit(Request(prompt=ids, params=params))
+        for event in handle.events():
+            if event.text and on_text is not None:
+                on_text(event.text)
+        r = handle.result()
+        return Completion(text=r.text, token_ids=r.token_ids, prompt_tokens=r.prompt_tokens,
+                          finish_reason=r.finish_reason, ttft_s=r.ttft_s, prefill_s=r.prefill_s,
+                          decode_s=r.decode_s, logprobs=r.logprobs, top_logprobs=r.top_logprobs)

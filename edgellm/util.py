@@ -80,3 +80,14 @@ def parse_size(value: int | float | str, name: str = "size") -> int:
             return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     raise InvalidParameterError(f"{name} {value!r} is not a size",
                                 "write a number of bytes or a size with a unit: 512MB, 2GB, 1.5GiB")
+
+
+def set_threads(threads: int | None) -> None:
+    """Set PyTorch's (and so the kernels') thread count; None leaves the default."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InvalidParameterError(f"--threads must be at least 1, got {threads}", "pass a positive count")
+    import torch  # here, not at the top: the CLI's --help must not wait for torch
+
+    torch.set_num_threads(threads)

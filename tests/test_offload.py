@@ -12,7 +12,7 @@ from edgellm.kv.cache import KVCache
 from edgellm.kv.offload import OffloadStore, OffloadWarning
 from edgellm.llm import LLM
 from edgellm.runtime.engine import Engine
-from edgellm.runtime.session import Phase
+from edgellm.runtime.types import Phase
 from edgellm.sampling import SamplingParams
 
 BS = 4

@@ -72,11 +72,11 @@ def test_agreement_with_itself_and_with_a_degraded_model(tiny):
 
     _, loaded = tiny
     prompts = [loaded.tokenizer.encode(p) for p in ("The capital of France is", "def f(x):", "Once upon a time")]
-    refs = greedy_continuations(loaded.model, loaded.config, prompts, 8)
-    same = agreement(loaded.model, loaded.config, prompts, refs)
+    refs = greedy_continuations(loaded, prompts, 8)
+    same = agreement(loaded, prompts, refs)
     assert same["agreement"] == 1.0 and same["top1_agreement"] == 1.0
     ternary = convert_weights(loaded, "ternary")
-    worse = agreement(ternary.model, ternary.config, prompts, refs)
+    worse = agreement(ternary, prompts, refs)
     assert worse["top1_agreement"] < 0.9
 
 

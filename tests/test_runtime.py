@@ -12,9 +12,10 @@ import torch
 from edgellm.errors import ContextOverflowError, InvalidParameterError
 from edgellm.kv.cache import KVCache
 from edgellm.llm import LLM
-from edgellm.runtime.engine import Engine, Request, parse_size
+from edgellm.runtime.engine import Engine
+from edgellm.runtime.types import Phase, Request
+from edgellm.util import parse_size
 from edgellm.runtime.scheduler import common_prefix
-from edgellm.runtime.session import Phase
 from edgellm.sampling import SamplingParams
 
 N = 4   # tokens generated per request: short, to stay fast

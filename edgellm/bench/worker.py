@@ -15,6 +15,10 @@ and exit status 2; any other failure ``{"event": "error", "kind": "crash", ...}`
 Protocol lines go to the original stdout only: the worker points file descriptor 1 at stderr,
 so that whatever a library prints (llama.cpp logs, transformers warnings) cannot corrupt them.
 
+``ours`` runs ``LLM.generate``, a facade over the ``Engine`` that ``edgellm serve`` runs: one
+request through the same admission, scheduler, model runner, sampler and output processing, its
+prompt computed in full each run (the facade clears the prefix cache first).
+
 Timing conventions, the same for every engine (all wall clock, ``time.perf_counter``):
 
 * ``prefill_s``: the forward pass over the prompt ids (to the last position's logits);

@@ -94,7 +94,7 @@ def _load(args):
 
 
 def _finish_load(args):
-    from edgellm.llm import set_threads
+    from edgellm.util import set_threads
     from edgellm.loading.load import load_model
 
     set_threads(args.threads)
@@ -170,9 +170,9 @@ def _run_agreement(args) -> int:
     from edgellm.quant.convert import convert_weights
     from edgellm.loading.load import load_model
     reference_model = convert_weights(load_model(args.model), "float32")
-    refs = greedy_continuations(reference_model.model, cfg, ids, args.tokens)
+    refs = greedy_continuations(reference_model, ids, args.tokens)
     del reference_model
-    r = agreement(loaded.model, cfg, ids, refs, kv)
+    r = agreement(loaded, ids, refs, kv)
     r.pop("continuations")
     out = {**r, "weights": args.weights or loaded.dtype, "keep": args.keep, "kv_dtype": kv,
            "model": loaded.source.name}
@@ -229,10 +229,10 @@ def _worker() -> None:
     res.update(perplexity=p.perplexity, ppl_tokens=p.tokens, ppl_seconds=p.seconds)
     prompts = [loaded.tokenizer.encode(s) for s in job["prompts"]]
     if job["references"] is None:
-        res["references"] = greedy_continuations(loaded.model, loaded.config, prompts, job["tokens"], job["kv_dtype"])
+        res["references"] = greedy_continuations(loaded, prompts, job["tokens"], job["kv_dtype"])
         res.update(agreement=1.0, top1_agreement=1.0)
     else:
-        a = agreement(loaded.model, loaded.config, prompts, job["references"], job["kv_dtype"])
+        a = agreement(loaded, prompts, job["references"], job["kv_dtype"])
         res.update(agreement=a["agreement"], top1_agreement=a["top1_agreement"])
     res.update(measure_speed(loaded, job["kv_dtype"], ids, job["prompt_tokens"], job["gen_tokens"], job["repeats"]))
     res["rss_peak_bytes"] = int(peak_rss_mb() * 2**20)
@@ -312,7 +312,7 @@ def _run_report(args) -> int:
 
 def _run_speed(args) -> int:
     from edgellm.kv.cache import _storage_dtype, kv_dtype_name
-    from edgellm.llm import set_threads
+    from edgellm.util import set_threads
     from edgellm.loading.load import load_model
     from edgellm.quality import interleaved_speed, read_corpus
     from edgellm.quant.convert import convert_weights, peek_config, prepare

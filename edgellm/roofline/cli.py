@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.roofline.zoo import resolve_model
 
     if args.threads is not None:
-        from edgellm.llm import set_threads
+        from edgellm.util import set_threads
 
         set_threads(args.threads)
     if args.measure:

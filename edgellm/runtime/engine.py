@@ -2,7 +2,7 @@
 
 ::
 
-    engine = Engine(LLM(), kv_memory="256MB", host_memory="1GB", disk_dir="/tmp/kv", idle_retire_s=600)
+    engine = Engine("smollm2-135m", kv_memory="256MB", host_memory="1GB", disk_dir="/tmp/kv", idle_retire_s=600)
     s = engine.session(system="You are terse.", sampling=SamplingParams.greedy(max_tokens=64))
     for piece in s.send("Hello!"):          # streams the reply
         print(piece, end="")
@@ -20,6 +20,11 @@ with ``call_soon_threadsafe``) only tokenises, validates and enqueues. A handle'
 on a thread-safe queue; ``handle.cancel()`` takes effect at the start of the next step, which
 frees the request's blocks.
 
+The engine is split the way its data flows: ``input.py`` (encode, admit), this module's core
+(schedule -> run -> sample), ``output.py`` (detokenise, stop strings, logprobs, results); the
+types they share are in ``types.py`` and the user's handles (``Session``, ``RequestHandle``) in
+``session.py``.
+
 Admission (at ``submit``, in the caller's thread, nothing else disturbed): an empty prompt or a
 bad parameter raises ``InvalidParameterError``; a prompt at or beyond the model's context, or
 needing more blocks than the whole pool has, raises ``ContextOverflowError``. ``max_tokens`` is
@@ -29,202 +34,52 @@ capped to what fits both (finish reason ``length``).
 from __future__ import annotations
 
 import logging
-import math
-import queue
-import re
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence as Seq
+from typing import Any
 
-import torch
-
-from edgellm.errors import ContextOverflowError, EdgeLLMError, InvalidParameterError
+from edgellm.errors import InvalidParameterError
 from edgellm.kv.block_manager import BlockManager
 from edgellm.kv.cache import BLOCK_SIZE, KVCache
 from edgellm.kv.offload import OffloadStore
+from edgellm.runtime.input import InputProcessor, check_params
 from edgellm.runtime.model_runner import ModelRunner, SeqChunk
-from edgellm.runtime.scheduler import (DONE, PREEMPT_RECOMPUTE, PREEMPT_SWAP, RUNNING, Chunk, Scheduler,
-                                       Sequence)
-from edgellm.runtime.session import Phase, PhaseClock, Session, TurnResult
-from edgellm.util import parse_size
-from edgellm.sampling import FINISH_LENGTH, Sampler, SamplingParams, SequenceHistory, StopChecker
+from edgellm.runtime.output import append_token, build_result, stop_checker
+from edgellm.runtime.scheduler import Scheduler
+from edgellm.runtime.session import RequestHandle, Session
+from edgellm.runtime.types import (
+    DONE,
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    PREEMPT_RECOMPUTE,
+    PREEMPT_SWAP,
+    Chunk,
+    Phase,
+    Request,
+    Sequence,
+    StepStats,
+    TokenEvent,
+    TurnResult,
+)
+from edgellm.sampling import Sampler, SamplingParams, SequenceHistory
+from edgellm.util import parse_size, set_threads
 
 log = logging.getLogger("edgellm.engine")
 
-FINISH_CANCELLED = "cancelled"
-FINISH_ERROR = "error"
 
-# ---------------------------------------------------------------------------------------------
-# Requests and their handles
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Request:
-    """What to generate: ``prompt`` as text, token ids or chat messages (list of dicts).
+def resolve_model(model: Any) -> tuple[Any, str]:
+    """(LoadedModel, KV dtype name) from an ``LLM`` (anything with ``.loaded``), a ``LoadedModel``,
+    or a model spec (a path or registry name; None: the default model)."""
+    from edgellm.loading.load import LoadedModel, load_model
 
-    Text is encoded plainly, or as a one-message chat when ``chat`` is true. ``session`` (set by
-    ``Session.send``) makes it the session's next turn. ``sample_index`` tells apart the n
-    completions of one seeded request. ``on_event(TokenEvent)`` is called from the engine's
-    thread for every event (keep it short).
-    """
-
-    prompt: str | list[int] | list[dict]
-    params: SamplingParams | None = None
-    chat: bool = False
-    session: Session | None = None
-    sample_index: int = 0
-    on_event: Callable[["TokenEvent"], None] | None = None
-    new_messages: list[dict] | None = None   # the turn's messages (sessions)
+    if isinstance(model, LoadedModel):
+        return model, "fp32"
+    if hasattr(model, "loaded"):
+        return model.loaded, getattr(model, "kv_dtype", "fp32")
+    return load_model(model), "fp32"
 
 
-@dataclass
-class TokenEvent:
-    """One generated token (``token_id``), the text it released (maybe ""), and on the last event
-    ``finished`` with ``finish_reason`` and the whole ``result``; ``error`` when the engine failed."""
-
-    token_id: int | None
-    text: str
-    finished: bool = False
-    finish_reason: str | None = None
-    logprob: float | None = None
-    top_logprobs: list | None = None
-    result: TurnResult | None = None
-    error: BaseException | None = None
-
-
-class RequestHandle:
-    """A submitted request: iterate for text pieces, ``events()`` for tokens, ``result()`` to wait,
-    ``cancel()`` to stop it (its blocks are freed at the next step). Thread-safe."""
-
-    def __init__(self, engine: "Engine", request: Request, n_prompt: int):
-        self.engine = engine
-        self.request = request
-        self.prompt_tokens = n_prompt
-        self._events: queue.Queue[TokenEvent] = queue.Queue()
-        self._done = threading.Event()
-        self._result: TurnResult | None = None
-        self._error: BaseException | None = None
-        self.cancel_requested = False
-        self.seq: Sequence | None = None
-
-    # engine side
-    def _emit(self, ev: TokenEvent) -> None:
-        if ev.finished:
-            self._result, self._error = ev.result, ev.error
-        self._events.put(ev)
-        cb = self.request.on_event
-        if cb is not None:
-            try:
-                cb(ev)
-            except Exception:   # a consumer's bug must not stop the engine
-                log.exception("on_event callback failed")
-        if ev.finished:
-            self._done.set()
-
-    # caller side
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
-        """Every event in order, until the finishing one (raises the engine's error, if any)."""
-        while True:
-            ev = self._next_event(timeout)
-            if ev.error is not None:
-                raise ev.error
-            yield ev
-            if ev.finished:
-                return
-
-    def __iter__(self) -> Iterator[str]:
-        for ev in self.events():
-            if ev.text:
-                yield ev.text
-
-    def _next_event(self, timeout: float | None) -> TokenEvent:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                return self._events.get_nowait()
-            except queue.Empty:
-                pass
-            if self.engine.running_in_background:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    return self._events.get(timeout=left if left is not None else 0.5)
-                except queue.Empty:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise TimeoutError("no event from the engine in time") from None
-                    continue
-            if not self.engine.step() and self._events.empty():
-                if self.done:
-                    continue
-                raise RuntimeError("the engine has no work but this request is not finished")
-            if deadline is not None and time.monotonic() >= deadline and self._events.empty():
-                raise TimeoutError("no event from the engine in time")
-
-    def result(self, timeout: float | None = None) -> TurnResult:
-        """Wait for the end (driving the engine when it has no thread of its own)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._done.is_set():
-            if self.engine.running_in_background:
-                left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-                if left <= 0:
-                    raise TimeoutError("the request did not finish in time")
-                self._done.wait(left)
-            else:
-                if not self.engine.step() and not self._done.is_set():
-                    raise RuntimeError("the engine has no work but this request is not finished")
-                if deadline is not None and time.monotonic() >= deadline and not self._done.is_set():
-                    raise TimeoutError("the request did not finish in time")
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-    def text(self) -> str:
-        return self.result().text
-
-    def cancel(self) -> None:
-        """Stop generating; the request finishes with reason ``cancelled`` within a step."""
-        self.cancel_requested = True
-        self.engine._post(("cancel", self))
-
-
-# ---------------------------------------------------------------------------------------------
-# Step accounting
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class StepStats:
-    steps: int = 0
-    forward_s: float = 0.0
-    sample_s: float = 0.0
-    schedule_s: float = 0.0
-    total_s: float = 0.0
-    by_kind: dict = field(default_factory=lambda: {k: {"steps": 0, "s": 0.0, "decode_tokens": 0, "prefill_tokens": 0}
-                                                   for k in ("decode", "prefill", "mixed")})
-    max_batch_rows: int = 0
-
-    def add(self, n_decode: int, n_prefill: int, seconds: float) -> None:
-        kind = "mixed" if n_decode and n_prefill else ("decode" if n_decode else "prefill")
-        k = self.by_kind[kind]
-        k["steps"] += 1
-        k["s"] += seconds
-        k["decode_tokens"] += n_decode
-        k["prefill_tokens"] += n_prefill
-
-    def to_dict(self) -> dict:
-        d = {"steps": self.steps, "forward_s": self.forward_s, "sample_s": self.sample_s,
-             "schedule_s": self.schedule_s, "total_s": self.total_s, "max_batch_rows": self.max_batch_rows,
-             "by_kind": {k: dict(v) for k, v in self.by_kind.items()}}
-        dec = self.by_kind["decode"]
-        d["decode_only_tok_s"] = dec["decode_tokens"] / dec["s"] if dec["s"] > 0 else 0.0
-        return d
-
-
-# ---------------------------------------------------------------------------------------------
-# The engine
-# ---------------------------------------------------------------------------------------------
 class Engine:
     def __init__(self, model_or_llm: Any = None, kv_memory: int | str = "256MB", block_size: int = BLOCK_SIZE,
                  max_batch_tokens: int = 512, max_batch_seqs: int = 256, host_memory: int | str | None = None,
@@ -237,9 +92,6 @@ class Engine:
         none); ``disk_dir``: the disk tier's folder (none by default), ``disk_memory`` its budget;
         ``idle_retire_s``: retire sessions idle that long; ``preemption``: "recompute" or "swap";
         ``kv_dtype``: the pool's precision (a name or torch dtype; default: the LLM's ``kv_dtype``)."""
-        from edgellm.llm import LLM, set_threads
-        from edgellm.loading.load import LoadedModel
-
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise InvalidParameterError(f"block_size must be a positive integer, got {block_size!r}",
                                         "use 16 (the default)")
@@ -259,19 +111,12 @@ class Engine:
         host_bytes = pool_bytes if host_memory is None else parse_size(host_memory, "host_memory")
         disk_bytes = None if disk_memory is None else parse_size(disk_memory, "disk_memory")
 
-        if isinstance(model_or_llm, LLM):
-            set_threads(threads)
-            self.llm = model_or_llm
-        elif isinstance(model_or_llm, LoadedModel):
-            self.llm = LLM(loaded=model_or_llm, threads=threads)
-        else:
-            self.llm = LLM(model_or_llm, threads=threads)
-        self.loaded = self.llm.loaded
-        self.cfg = self.llm.cfg
-        self.tokenizer = self.llm.tokenizer
-
+        set_threads(threads)
+        self.loaded, default_kv_dtype = resolve_model(model_or_llm)
+        self.cfg = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
         if kv_dtype is None:
-            kv_dtype = getattr(self.llm, "kv_dtype", torch.float32)
+            kv_dtype = default_kv_dtype
         self.block_size = block_size
         self.kv_bytes_per_block = KVCache.bytes_per_block(self.cfg, block_size, kv_dtype)
         num_blocks = pool_bytes // self.kv_bytes_per_block
@@ -284,6 +129,8 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, block_size, copy_block=self._copy_block)
         self.store = OffloadStore(host_bytes, disk_dir, disk_bytes)
         self.runner = ModelRunner(self.loaded.model, self.cache)
+        self.input = InputProcessor(self.tokenizer, self.cfg.context_length, self.cfg.vocab_size,
+                                    num_blocks * block_size, block_size, self.kv_bytes_per_block)
         self.sampler = Sampler(seed=seed)
         self.max_batch_tokens = max_batch_tokens
         self.idle_retire_s = idle_retire_s
@@ -319,6 +166,14 @@ class Engine:
     @property
     def kv_bytes_per_token(self) -> float:
         return self.kv_bytes_per_block / self.block_size
+
+    def kv_bytes(self, n_tokens: int) -> int:
+        """Bytes of KV that ``n_tokens`` tokens take in whole blocks."""
+        return self.kv_bytes_per_block * self.block_manager.blocks_for(n_tokens)
+
+    def kv_tier(self, session: Session) -> str:
+        """Where a session's KV is: "pool", "host", "disk", or "none"."""
+        return self.scheduler.kv_tier(session)
 
     def _copy_block(self, src: int, dst: int) -> None:
         self.cache.import_blocks([dst], self.cache.export_blocks([src]))
@@ -396,59 +251,22 @@ class Engine:
             return self.block_manager.clear_cache()
 
     # ---- submission ----------------------------------------------------------------------------
-    def _encode(self, req: Request) -> list[int]:
-        p = req.prompt
-        if isinstance(p, str):
-            if req.chat:
-                return self.tokenizer.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
-            return self.tokenizer.encode(p)
-        if isinstance(p, (list, tuple)) and p and all(isinstance(m, dict) for m in p):
-            return self.tokenizer.encode_chat(list(p), add_generation_prompt=True)
-        if isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            ids = [int(t) for t in p]
-            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-            if bad:
-                raise InvalidParameterError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})",
-                                            "pass ids produced by this model's tokenizer")
-            return ids
-        raise InvalidParameterError(f"a prompt must be text, token ids or chat messages, got {type(p).__name__}",
-                                    "pass a str, a list of ints or a list of {'role', 'content'} dicts")
-
-    def check_admission(self, n_prompt: int, what: str = "the prompt") -> None:
-        """Raise unless a prompt of ``n_prompt`` tokens can ever run (context and pool)."""
-        ctx = self.cfg.context_length
-        if n_prompt == 0:
-            raise InvalidParameterError(f"{what} is empty", "give at least one token of prompt")
-        if n_prompt >= ctx:
-            raise ContextOverflowError(f"{what} has {n_prompt} tokens but the model's context window is {ctx}",
-                                       f"shorten it to fewer than {ctx} tokens (or start a new session)")
-        if n_prompt >= self.pool_tokens:
-            need = self.block_manager.blocks_for(n_prompt + 1)
-            raise ContextOverflowError(
-                f"{what} has {n_prompt} tokens, which need {need} KV blocks of {self.block_size} tokens, but the "
-                f"whole KV pool holds {self.num_blocks} blocks ({self.pool_tokens} tokens, "
-                f"{self.num_blocks * self.kv_bytes_per_block / 2 ** 20:.0f} MiB)",
-                f"raise kv_memory to at least {math.ceil(need * self.kv_bytes_per_block / 2 ** 20) + 1}MB, "
-                f"or shorten the prompt (or start a new session)")
-
     def submit(self, request: Request) -> RequestHandle:
         """Queue a request (thread-safe); returns its handle. Bad input raises here, nothing queued."""
+        t_submit = time.perf_counter()   # the request's arrival: TTFT counts tokenising too
         self._check_open()
         params = request.params or (request.session.sampling if request.session else SamplingParams())
-        if not isinstance(params, SamplingParams):
-            raise InvalidParameterError(f"params must be SamplingParams, got {type(params).__name__}",
-                                        "build them with edgellm.sampling.SamplingParams(...)")
-        params.validate()
-        if params.n != 1:
-            raise InvalidParameterError(f"the engine runs one completion per request, got n={params.n}",
-                                        "submit the prompt n times with sample_index 0..n-1")
-        request.params = params
-        ids = self._encode(request)
-        self.check_admission(len(ids), "the conversation" if request.session else "the prompt")
-        max_tokens = min(params.max_tokens, self.cfg.context_length - len(ids), self.pool_tokens - len(ids))
+        request.params = check_params(params)
+        ids = self.input.encode(request.prompt, request.chat, request.system)
+        max_tokens = self.input.budget(len(ids), params.max_tokens,
+                                       what="the conversation" if request.session else "the prompt")
         handle = RequestHandle(self, request, len(ids))
-        self._post(("submit", handle, ids, max_tokens, time.perf_counter()))
+        self._post(("submit", handle, ids, max_tokens, t_submit))
         return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        """Stop a request; it finishes with reason ``cancelled`` at the start of the next step."""
+        self._post(("cancel", handle))
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  chat: bool = False) -> list[TurnResult]:
@@ -499,26 +317,21 @@ class Engine:
 
     def _enqueue(self, handle: RequestHandle, ids: list[int], max_tokens: int, t_submit: float) -> None:
         req = handle.request
-        if handle.cancel_requested:
-            handle._emit(TokenEvent(None, "", True, FINISH_CANCELLED, result=self._empty_result(handle, ids)))
-            if req.session is not None:
-                req.session._busy = False
-            return
         session = req.session
+        if handle.cancel_requested or (session is not None and session.retired):
+            handle.deliver(TokenEvent(None, "", True, FINISH_CANCELLED, result=self._empty_result(handle, ids)))
+            if session is not None:
+                session.end_turn()
+            return
         if session is None:
             session = self._new_session(None, req.params, ephemeral=True)
-        elif session.retired:
-            handle._emit(TokenEvent(None, "", True, FINISH_CANCELLED, result=self._empty_result(handle, ids)))
-            session._busy = False
-            return
         params = req.params
         self._arrivals += 1
         seq = Sequence(
             request=req, session=session, arrival=self._arrivals, prompt_ids=ids, params=params,
             max_tokens=max_tokens,
             history=SequenceHistory(ids, self.cfg.vocab_size, sample_index=req.sample_index),
-            stop=StopChecker(params.stop, params.stop_token_ids, self.tokenizer.eog_ids, params.ignore_eos,
-                             max_tokens),
+            stop=stop_checker(params, self.tokenizer.eog_ids, max_tokens),
             decoder=self.tokenizer.incremental_decoder(), handle=handle,
             prefill_phase=Phase.FOLLOWUP_PREFILL if session.turns > 0 else Phase.PREFILL, t_submit=t_submit)
         handle.seq = seq
@@ -600,32 +413,24 @@ class Engine:
         st.add(n_decode, n_prefill, t3 - t1)
         return True
 
-    def _sample(self, wanting: list[Chunk], logits: torch.Tensor) -> None:
+    def _sample(self, wanting: list[Chunk], logits) -> None:
         seqs = [c.seq for c in wanting]
         out = self.sampler.sample(logits, [s.params for s in seqs], [s.history for s in seqs])
         now = time.perf_counter()
         for row, seq in enumerate(seqs):
             tok = out.token_ids[row]
-            seq.history.append(tok)
-            seq.out_ids.append(tok)
-            s = seq.session
-            s.clock.tokens["generated"] += 1
-            if seq.t_first_token is None:
-                seq.t_first_token = now
-            if s.phase != Phase.DECODE:
-                s.clock.to(Phase.DECODE, now)
             lp = top = None
             if seq.params.wants_logprobs:
                 lp, top = out.logprobs[row], out.top_logprobs[row] or []
-                seq.logprobs.append(lp)
-                seq.top_logprobs.append(top)
-            upd = seq.stop.step(tok, seq.decoder.add(tok))
-            if upd.text:
-                seq.pieces.append(upd.text)
+            upd = append_token(seq, tok, lp, top, now)
+            s = seq.session
+            s.clock.tokens["generated"] += 1
+            if s.phase != Phase.DECODE:
+                s.clock.to(Phase.DECODE, now)
             if upd.finished:
                 self._finish(seq, upd.finish_reason, last=(tok, upd.text, lp, top))
             else:
-                seq.handle._emit(TokenEvent(tok, upd.text, logprob=lp, top_logprobs=top))
+                seq.handle.deliver(TokenEvent(tok, upd.text, logprob=lp, top_logprobs=top))
 
     def _finish(self, seq: Sequence, reason: str, last: tuple | None = None, retire: bool = True,
                 error: BaseException | None = None) -> None:
@@ -633,21 +438,7 @@ class Engine:
         self.scheduler.remove(seq)
         seq.t_end = now
         s = seq.session
-        if reason in (FINISH_CANCELLED, FINISH_ERROR):
-            tail = seq.stop.flush()
-            if tail:
-                seq.pieces.append(tail)
-        text = "".join(seq.pieces)
-        first = seq.t_first_token
-        result = TurnResult(
-            text=text, token_ids=list(seq.out_ids), prompt_tokens=len(seq.prompt_ids), finish_reason=reason,
-            ttft_s=(first - seq.t_submit) if first else 0.0,
-            prefill_s=(first - seq.t_scheduled) if first and seq.t_scheduled else 0.0,
-            decode_s=(now - first) if first else 0.0, logprobs=seq.logprobs, top_logprobs=seq.top_logprobs,
-            cached_tokens=seq.cached_tokens or 0, computed_prompt_tokens=seq.computed_prompt,
-            preemptions=seq.preemptions,
-            queue_s=(seq.t_scheduled - seq.t_submit) if seq.t_scheduled else now - seq.t_submit,
-            session_id=None if s.ephemeral else s.id)
+        result = build_result(seq, reason, now, None if s.ephemeral else s.id)
         # The session keeps the KV of what was computed (its next turn reuses it).
         self.block_manager.trim(s.kv)
         s.active_seq = None
@@ -658,13 +449,13 @@ class Engine:
         if not s.ephemeral:
             s.results.append(result)
             s.messages = s.messages + [dict(m) for m in (seq.request.new_messages or [])] + \
-                [{"role": "assistant", "content": text}]
-            s.clock.to(self.scheduler._idle_phase(s), now)
-        s._busy = False
+                [{"role": "assistant", "content": result.text}]
+            s.clock.to(self.scheduler.idle_phase(s), now)
+        s.end_turn()
         if s.ephemeral and retire:
             self._retire(s, "finished")
         ev_tok, ev_text, lp, top = last if last else (None, "", None, None)
-        seq.handle._emit(TokenEvent(ev_tok, ev_text, True, reason, lp, top, result=result, error=error))
+        seq.handle.deliver(TokenEvent(ev_tok, ev_text, True, reason, lp, top, result=result, error=error))
 
     def _fail(self, seqs: list[Sequence], err: BaseException) -> None:
         log.error("engine step failed: %s", err)
@@ -742,7 +533,7 @@ class Engine:
         with self._lock:
             self._drain_inbox()
             while n is None or moved < n:
-                victim = self.scheduler._lru_idle(exclude=None)
+                victim = self.scheduler.lru_idle(exclude=None)
                 if victim is None:
                     break
                 self.scheduler.offload(victim)

@@ -31,17 +31,28 @@ from __future__ import annotations
 
 import bisect
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from edgellm.kv.block_manager import BlockManager, KVSequence, OutOfBlocks
+from edgellm.kv.block_manager import BlockManager, OutOfBlocks
 from edgellm.kv.cache import KVCache
 from edgellm.kv.offload import DISK, HOST, OffloadStore
-from edgellm.runtime.session import (TIER_DISK, TIER_HOST, TIER_NONE, TIER_POOL, Phase, Session)
-from edgellm.sampling import SamplingParams, SequenceHistory, StopChecker
+from edgellm.runtime.types import (
+    DONE,
+    PREEMPT_RECOMPUTE,
+    PREEMPT_SWAP,
+    RUNNING,
+    TIER_DISK,
+    TIER_HOST,
+    TIER_NONE,
+    TIER_POOL,
+    WAITING,
+    Chunk,
+    Phase,
+    Sequence,
+)
 
-WAITING, RUNNING, DONE = "waiting", "running", "done"
-PREEMPT_RECOMPUTE, PREEMPT_SWAP = "recompute", "swap"
+if TYPE_CHECKING:
+    from edgellm.runtime.session import Session
 
 
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:
@@ -54,72 +65,6 @@ def common_prefix(a: list[int], b: list[int], limit: int) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-@dataclass
-class Sequence:
-    """One request in flight: a prompt (for a session: the whole conversation rendered) and its output."""
-
-    request: object                 # edgellm.runtime.engine.Request
-    session: Session
-    arrival: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    history: SequenceHistory
-    stop: StopChecker
-    decoder: object
-    handle: object = None           # edgellm.runtime.engine.RequestHandle
-    prefill_phase: Phase = Phase.PREFILL
-    out_ids: list[int] = field(default_factory=list)
-    pieces: list[str] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list = field(default_factory=list)
-    status: str = WAITING
-    cached_tokens: int | None = None
-    computed_prompt: int = 0
-    preemptions: int = 0
-    cancelled: bool = False
-    t_submit: float = field(default_factory=time.perf_counter)
-    t_scheduled: float | None = None
-    t_first_token: float | None = None
-    t_end: float | None = None
-
-    def __lt__(self, other: "Sequence") -> bool:   # bisect by priority
-        return self.arrival < other.arrival
-
-    @property
-    def kv(self) -> KVSequence:
-        return self.session.kv
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.out_ids)
-
-    @property
-    def num_pending(self) -> int:
-        return self.num_tokens - self.kv.num_tokens
-
-    def all_tokens(self) -> list[int]:
-        return self.prompt_ids + self.out_ids
-
-    def pending(self, limit: int) -> list[int]:
-        start, p = self.kv.num_tokens, len(self.prompt_ids)
-        toks = self.prompt_ids[start:start + limit] if start < p else []
-        rest = limit - len(toks)
-        if rest > 0:
-            o = max(0, start - p)
-            toks = toks + self.out_ids[o:o + rest]
-        return toks
-
-
-@dataclass
-class Chunk:
-    seq: Sequence
-    tokens: list[int]
-    start: int
-    want_logits: bool
-    phase: Phase
 
 
 class Scheduler:
@@ -241,7 +186,7 @@ class Scheduler:
         """Make ``need`` blocks available: offload idle sessions (LRU), then preempt running
         sequences of lower priority than ``requester`` (when allowed)."""
         while self.bm.num_available < need:
-            victim = self._lru_idle(exclude=requester.session)
+            victim = self.lru_idle(exclude=requester.session)
             if victim is not None:
                 self.offload(victim)
                 continue
@@ -253,10 +198,10 @@ class Scheduler:
             return False
         return True
 
-    def _lru_idle(self, exclude: Session) -> Session | None:
+    def lru_idle(self, exclude: Session) -> Session | None:
         best = None
         for s in self.sessions():
-            if s is exclude or s.kv_tier != TIER_POOL or not s.kv.blocks or s.retired:
+            if s is exclude or self.kv_tier(s) != TIER_POOL or not s.kv.blocks or s.retired:
                 continue
             seq = getattr(s, "active_seq", None)
             if seq is not None and seq.status == RUNNING:
@@ -288,20 +233,26 @@ class Scheduler:
         if phase is not None:
             session.clock.to(phase)
         elif session.phase in (Phase.INACTIVE, Phase.OFFLOADED_HOST, Phase.OFFLOADED_DISK):
-            session.clock.to(self._idle_phase(session))
+            session.clock.to(self.idle_phase(session))
 
     def _sync_tiers(self, by_key: dict[str, Session]) -> None:
         """Entries that spilled from host to disk: their sessions' phase follows."""
         for key in self.store.entries:
             s = by_key.get(key)
             if s is not None and s.phase in (Phase.OFFLOADED_HOST, Phase.OFFLOADED_DISK):
-                s.clock.to(self._idle_phase(s))
+                s.clock.to(self.idle_phase(s))
         self.bm.offloaded_host = self.store.blocks_in(HOST)
         self.bm.offloaded_disk = self.store.blocks_in(DISK)
 
-    @staticmethod
-    def _idle_phase(s: Session) -> Phase:
-        return {TIER_HOST: Phase.OFFLOADED_HOST, TIER_DISK: Phase.OFFLOADED_DISK}.get(s.kv_tier, Phase.INACTIVE)
+    def kv_tier(self, s: Session) -> str:
+        """Where a session's KV is: the pool, an offload tier, or nowhere (recomputed when needed)."""
+        tier = self.store.tier(s.key)
+        if tier is not None:
+            return TIER_HOST if tier == HOST else TIER_DISK
+        return TIER_POOL if s.kv.blocks else TIER_NONE
+
+    def idle_phase(self, s: Session) -> Phase:
+        return {TIER_HOST: Phase.OFFLOADED_HOST, TIER_DISK: Phase.OFFLOADED_DISK}.get(self.kv_tier(s), Phase.INACTIVE)
 
     def _drop(self, session: Session) -> None:
         """Forget a session's KV (its next turn recomputes the history)."""
@@ -355,7 +306,7 @@ class Scheduler:
         """Ready a waiting sequence's KV: restore it, keep the longest prefix of its tokens it
         holds, take what the prefix cache has. False when the blocks to restore are not there."""
         s = seq.session
-        if s.kv_tier in (TIER_HOST, TIER_DISK):
+        if self.kv_tier(s) in (TIER_HOST, TIER_DISK):
             if not self._restore(seq):
                 return False
         kv = s.kv

@@ -28,93 +28,20 @@ engine sums them over all sessions (``Engine.stats()``).
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from enum import Enum
 from typing import TYPE_CHECKING, Iterator
 
 from edgellm.errors import InvalidParameterError
-from edgellm.llm import Completion
+from edgellm.runtime.types import Phase, PhaseClock, Request, TokenEvent, TurnResult
 from edgellm.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from edgellm.kv.block_manager import KVSequence
-    from edgellm.runtime.engine import Engine, RequestHandle
 
-
-class Phase(str, Enum):
-    WAITING = "waiting"
-    PREFILL = "prefill"
-    DECODE = "decode"
-    INACTIVE = "inactive"
-    FOLLOWUP_PREFILL = "followup_prefill"
-    PREEMPTED = "preempted"
-    OFFLOADED_HOST = "offloaded_host"
-    OFFLOADED_DISK = "offloaded_disk"
-    RETIRED = "retired"
-
-
-# Where a session's KV is: in the pool, in an offload tier, or nowhere (recomputed when needed).
-TIER_POOL, TIER_HOST, TIER_DISK, TIER_NONE = "pool", "host", "disk", "none"
-
-MAX_TRANSITIONS = 10_000   # a session keeps its most recent transitions only
-
-
-class PhaseClock:
-    """The phase of one session, every transition timestamped, time and tokens per phase."""
-
-    def __init__(self, phase: Phase = Phase.INACTIVE, now: float | None = None):
-        now = time.perf_counter() if now is None else now
-        self.phase = phase
-        self.since = now
-        self.created = now
-        self.seconds: dict[Phase, float] = {p: 0.0 for p in Phase}
-        self.tokens: Counter = Counter()   # "prefill", "followup_prefill", "decode", "generated", "reused", ...
-        self.transitions: list[tuple[float, Phase, Phase]] = []
-
-    def to(self, phase: Phase, now: float | None = None) -> None:
-        now = time.perf_counter() if now is None else now
-        if phase == self.phase:
-            return
-        self.seconds[self.phase] += now - self.since
-        self.transitions.append((now, self.phase, phase))
-        if len(self.transitions) > MAX_TRANSITIONS:
-            del self.transitions[: len(self.transitions) - MAX_TRANSITIONS]
-        self.phase, self.since = phase, now
-
-    def phase_seconds(self, now: float | None = None) -> dict[str, float]:
-        """Seconds spent in each phase, the current one counted up to now."""
-        now = time.perf_counter() if now is None else now
-        out = {p.value: s for p, s in self.seconds.items()}
-        if self.phase != Phase.RETIRED:
-            out[self.phase.value] += now - self.since
-        return out
-
-
-@dataclass
-class TurnResult(Completion):
-    """One finished request (a session's turn or an offline prompt).
-
-    Beyond :class:`edgellm.llm.Completion`: ``cached_tokens`` -- prompt tokens whose KV was
-    already held (the session's own history or the shared prefix cache) and not computed;
-    ``computed_prompt_tokens`` -- prompt tokens the forward passes actually computed (more than
-    ``prompt_tokens - cached_tokens`` only after a preemption or a dropped offload);
-    ``preemptions``; ``queue_s`` -- submission to first scheduled step.
-    """
-
-    cached_tokens: int = 0
-    computed_prompt_tokens: int = 0
-    preemptions: int = 0
-    queue_s: float = 0.0
-    session_id: int | None = None
-
-    def to_dict(self) -> dict:
-        d = super().to_dict()
-        d.update(cached_tokens=self.cached_tokens, computed_prompt_tokens=self.computed_prompt_tokens,
-                 preemptions=self.preemptions, queue_s=self.queue_s, session_id=self.session_id)
-        return d
+log = logging.getLogger("edgellm.engine")
 
 
 class Session:
@@ -123,9 +50,12 @@ class Session:
     ``send(text)`` queues the next user turn and returns a handle that streams the reply's text
     when iterated (``for piece in s.send("hi"): ...``); ``.result()`` waits for the whole
     :class:`TurnResult`. ``close()`` retires the session. One turn at a time.
+
+    The engine keeps the conversation's state here (``kv``, ``clock``, ``messages``, ...); the
+    handle talks to the engine only through its public methods.
     """
 
-    def __init__(self, engine: "Engine", sid: int, system: str | None, sampling: SamplingParams | None,
+    def __init__(self, engine, sid: int, system: str | None, sampling: SamplingParams | None,
                  ephemeral: bool = False):
         from edgellm.kv.block_manager import KVSequence
 
@@ -159,10 +89,7 @@ class Session:
     @property
     def kv_tier(self) -> str:
         """Where the KV is: "pool", "host", "disk", or "none" (nothing held: recomputed if needed)."""
-        tier = self.engine.store.tier(self.key)
-        if tier is not None:
-            return TIER_HOST if tier == "host" else TIER_DISK
-        return TIER_POOL if self.kv.blocks else TIER_NONE
+        return self.engine.kv_tier(self)
 
     @property
     def busy(self) -> bool:
@@ -176,7 +103,7 @@ class Session:
     @property
     def kv_bytes(self) -> int:
         """Bytes of KV this session's tokens take (shared prefix blocks counted in full)."""
-        return self.engine.kv_bytes_per_block * self.engine.block_manager.blocks_for(self.kv.num_tokens)
+        return self.engine.kv_bytes(self.kv.num_tokens)
 
     @property
     def transitions(self) -> list[tuple[float, Phase, Phase]]:
@@ -199,8 +126,18 @@ class Session:
     def send_messages(self, new_messages: list[dict], params: SamplingParams | None = None, *,
                       on_event=None) -> "RequestHandle":
         """Append messages (user, tool...) to the conversation and generate the assistant's reply."""
-        from edgellm.runtime.engine import Request
+        self.begin_turn()
+        try:
+            messages = self.messages + [dict(m) for m in new_messages]
+            req = Request(prompt=messages, params=params or self.sampling, chat=True, session=self,
+                          new_messages=list(new_messages), on_event=on_event)
+            return self.engine.submit(req)
+        except BaseException:
+            self.end_turn()
+            raise
 
+    def begin_turn(self) -> None:
+        """Mark a turn in flight (one at a time); raises if the session is retired or busy."""
         with self._lock:
             if self.retired:
                 raise InvalidParameterError(
@@ -210,15 +147,11 @@ class Session:
                 raise InvalidParameterError(f"session {self.id} is still answering its previous turn",
                                             "wait for (or cancel) the previous reply before sending the next turn")
             self._busy = True
-        try:
-            messages = self.messages + [dict(m) for m in new_messages]
-            req = Request(prompt=messages, params=params or self.sampling, chat=True, session=self,
-                          new_messages=list(new_messages), on_event=on_event)
-            return self.engine.submit(req)
-        except BaseException:
-            with self._lock:
-                self._busy = False
-            raise
+
+    def end_turn(self) -> None:
+        """The turn in flight is over (finished, cancelled or refused): the next may be sent."""
+        with self._lock:
+            self._busy = False
 
     def chat(self, text: str, params: SamplingParams | None = None) -> TurnResult:
         """Send a turn and wait for the whole reply."""
@@ -238,7 +171,103 @@ class Session:
         return f"Session(id={self.id}, phase={self.phase.value}, kv_tokens={self.kv_tokens}, tier={self.kv_tier})"
 
 
-def iter_text(handle: "RequestHandle") -> Iterator[str]:
-    for ev in handle.events():
-        if ev.text:
-            yield ev.text
+class RequestHandle:
+    """A submitted request: iterate for text pieces, ``events()`` for tokens, ``result()`` to wait,
+    ``cancel()`` to stop it (its blocks are freed at the next step). Thread-safe.
+
+    Without a background thread in the engine, waiting on a handle runs engine steps in the
+    caller's thread (other requests advance in the same steps)."""
+
+    def __init__(self, engine, request: Request, n_prompt: int):
+        self.engine = engine
+        self.request = request
+        self.prompt_tokens = n_prompt
+        self._events: queue.Queue[TokenEvent] = queue.Queue()
+        self._done = threading.Event()
+        self._result: TurnResult | None = None
+        self._error: BaseException | None = None
+        self.cancel_requested = False
+        self.seq = None          # the engine's Sequence for it, once queued
+
+    # engine side
+    def deliver(self, ev: TokenEvent) -> None:
+        """Called by the engine for each event of this request, in order."""
+        if ev.finished:
+            self._result, self._error = ev.result, ev.error
+        self._events.put(ev)
+        cb = self.request.on_event
+        if cb is not None:
+            try:
+                cb(ev)
+            except Exception:   # a consumer's bug must not stop the engine
+                log.exception("on_event callback failed")
+        if ev.finished:
+            self._done.set()
+
+    # caller side
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
+        """Every event in order, until the finishing one (raises the engine's error, if any)."""
+        while True:
+            ev = self._next_event(timeout)
+            if ev.error is not None:
+                raise ev.error
+            yield ev
+            if ev.finished:
+                return
+
+    def __iter__(self) -> Iterator[str]:
+        for ev in self.events():
+            if ev.text:
+                yield ev.text
+
+    def _next_event(self, timeout: float | None) -> TokenEvent:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return self._events.get_nowait()
+            except queue.Empty:
+                pass
+            if self.engine.running_in_background:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    return self._events.get(timeout=left if left is not None else 0.5)
+                except queue.Empty:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError("no event from the engine in time") from None
+                    continue
+            if not self.engine.step() and self._events.empty():
+                if self.done:
+                    continue
+                raise RuntimeError("the engine has no work but this request is not finished")
+            if deadline is not None and time.monotonic() >= deadline and self._events.empty():
+                raise TimeoutError("no event from the engine in time")
+
+    def result(self, timeout: float | None = None) -> TurnResult:
+        """Wait for the end (driving the engine when it has no thread of its own)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done.is_set():
+            if self.engine.running_in_background:
+                left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if left <= 0:
+                    raise TimeoutError("the request did not finish in time")
+                self._done.wait(left)
+            else:
+                if not self.engine.step() and not self._done.is_set():
+                    raise RuntimeError("the engine has no work but this request is not finished")
+                if deadline is not None and time.monotonic() >= deadline and not self._done.is_set():
+                    raise TimeoutError("the request did not finish in time")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def text(self) -> str:
+        return self.result().text
+
+    def cancel(self) -> None:
+        """Stop generating; the request finishes with reason ``cancelled`` within a step."""
+        self.cancel_requested = True
+        self.engine.cancel(self)

@@ -38,7 +38,9 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from edgellm.errors import ContextOverflowError, EdgeLLMError
-from edgellm.runtime.engine import Engine, Request, RequestHandle, TokenEvent
+from edgellm.runtime.engine import Engine
+from edgellm.runtime.session import RequestHandle
+from edgellm.runtime.types import Request, TokenEvent
 from edgellm.sampling import SamplingParams
 from edgellm.serve import openai_api as oa
 from edgellm.serve.metrics import Metrics
@@ -118,31 +120,14 @@ class ServerState:
         self.in_flight += count
 
     def budget(self, n_prompt: int, max_tokens: int | None, what: str) -> int:
-        """``max_tokens`` for a prompt of ``n_prompt`` tokens, or a 400 if they do not fit."""
-        ctx = self.engine.cfg.context_length
-        pool = self.engine.pool_tokens
-        limit = min(ctx, pool)
-        if n_prompt == 0:
-            raise oa.invalid(PARAM_OF[what], f"{what} is empty: it encodes to no token")
-        room = limit - n_prompt
-        if max_tokens is None:
-            if room < 1:
-                raise self._overflow(n_prompt, 1, what)
-            return room
-        if n_prompt + max_tokens > limit:
-            raise self._overflow(n_prompt, max_tokens, what)
-        return max_tokens
-
-    def _overflow(self, n_prompt: int, max_tokens: int, what: str) -> ApiError:
-        ctx, pool = self.engine.cfg.context_length, self.engine.pool_tokens
-        if n_prompt + max_tokens > ctx:
-            msg = (f"This model's maximum context length is {ctx} tokens, but {n_prompt + max_tokens} were requested "
-                   f"({n_prompt} in {what}, {max_tokens} for the completion). Shorten {what} or lower max_tokens.")
-        else:
-            msg = (f"{what} ({n_prompt} tokens) plus max_tokens ({max_tokens}) needs {n_prompt + max_tokens} tokens "
-                   f"of KV cache, but the server's KV pool holds {pool} tokens. Lower max_tokens, shorten {what}, "
-                   f"or restart the server with a larger --kv-memory.")
-        return ApiError(400, msg, param=PARAM_OF[what], code="context_length_exceeded")
+        """``max_tokens`` for a prompt of ``n_prompt`` tokens (the engine's admission rule, strict as
+        OpenAI's API is: asking for more than fits is refused), or a 400 naming the field."""
+        try:
+            return self.engine.input.budget(n_prompt, max_tokens, strict=True, what=what)
+        except ContextOverflowError as err:
+            raise ApiError(400, api_message(err), param=PARAM_OF[what], code="context_length_exceeded") from None
+        except EdgeLLMError as err:
+            raise oa.invalid(PARAM_OF[what], api_message(err)) from None
 
     # ---- submission ----------------------------------------------------------------------------
     def submit(self, prompts: list[list[int]], n: int, params: SamplingParams, session=None,
@@ -184,6 +169,11 @@ class ServerState:
 # ---------------------------------------------------------------------------------------------
 # Plumbing: errors, bodies, auth, SSE
 # ---------------------------------------------------------------------------------------------
+def api_message(err: EdgeLLMError) -> str:
+    """An engine error as one line of an API error message: the problem, then the fix."""
+    return f"{err.problem}. Fix: {err.fix}." if err.fix else err.problem
+
+
 def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -309,20 +299,14 @@ def sampling_params(spec_sampling: dict, max_tokens: int, logprobs: bool, top_lo
 
 def encode_spec(state: ServerState, spec: GenerationSpec) -> tuple[list[list[int]], int]:
     """Token ids of each prompt and the ``max_tokens`` they all fit."""
-    tok = state.engine.tokenizer
+    encode = state.engine.input.encode
     if spec.kind == "chat":
-        prompts = [tok.encode_chat(spec.prompts[0], add_generation_prompt=True)]
+        prompts = [encode(spec.prompts[0])]
     else:
-        prompts = []
-        vocab = state.engine.cfg.vocab_size
-        for p in spec.prompts:
-            if isinstance(p, str):
-                prompts.append(tok.encode(p))
-            else:
-                bad = [t for t in p if not 0 <= t < vocab]
-                if bad:
-                    raise oa.invalid("prompt", f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-                prompts.append(list(p))
+        try:
+            prompts = [encode(p) for p in spec.prompts]
+        except EdgeLLMError as err:
+            raise oa.invalid("prompt", api_message(err)) from None
     what = "the messages" if spec.kind == "chat" else "the prompt"
     max_tokens = min(state.budget(len(ids), spec.max_tokens, what) for ids in prompts)
     return prompts, max_tokens
@@ -533,7 +517,7 @@ async def post_message(state: ServerState, request: HttpRequest) -> Response:
                        param="session_id", code="session_busy")
     sampling = session_sampling(body, state.session_defaults.get(sid))
     new = [{"role": "user", "content": content}]
-    ids = state.engine.tokenizer.encode_chat(s.messages + new, add_generation_prompt=True)
+    ids = state.engine.input.encode(s.messages + new)
     max_tokens = state.budget(len(ids), sampling.pop("max_tokens", None), "the conversation")
     sampling.setdefault("temperature", 0.0)
     params = SamplingParams(max_tokens=max_tokens, **sampling)

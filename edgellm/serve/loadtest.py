@@ -155,7 +155,8 @@ def offline_peer(model: str, kv_memory: str, threads: int | None, prompts: list[
 
     import torch
 
-    from edgellm.runtime.engine import Engine, Request
+    from edgellm.runtime.engine import Engine
+    from edgellm.runtime.types import Request
     from edgellm.sampling import SamplingParams
 
     if threads:
