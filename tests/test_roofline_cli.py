@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-import edgellm.cli
+import edgellm.cli.main
 from edgellm.errors import EdgeLLMError
 from edgellm.roofline import hardware as hwmod
 from edgellm.roofline import measure
@@ -21,12 +21,12 @@ from edgellm.roofline.zoo import ZOO, resolve_model, zoo_config
 def only_analyze(monkeypatch, tmp_path):
     """Run the real dispatcher with only this command registered (other commands are other modules'),
     and keep the local-hardware cache in a temporary folder."""
-    monkeypatch.setattr(edgellm.cli, "COMMANDS", {"analyze": edgellm.cli.COMMANDS["analyze"]})
+    monkeypatch.setattr(edgellm.cli.main, "COMMANDS", {"analyze": edgellm.cli.main.COMMANDS["analyze"]})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 def run(capsys, *argv):
-    code = edgellm.cli.main(["analyze", *argv])
+    code = edgellm.cli.main.main(["analyze", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 

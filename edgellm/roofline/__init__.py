@@ -3,6 +3,6 @@
 Modules: ``zoo`` (models), ``hardware`` (chips, files, this machine), ``layers`` (ops and bytes per
 layer), ``analyze`` (roofline, totals, memory planner, crossover, formatting), ``measure`` (this
 machine's micro-benchmark; measured next to predicted), ``profile`` (the engine timed op by op:
-``edgellm analyze --measure``), ``plot`` (figures), ``cli`` (``edgellm analyze``).
+``edgellm analyze --measure``), ``plot`` (figures). The command, ``edgellm analyze``, is :mod:`edgellm.cli.analyze`.
 Nothing heavy is imported here, so ``edgellm --help`` stays fast.
 """
