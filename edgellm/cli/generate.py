@@ -7,7 +7,7 @@ import json
 import sys
 
 from edgellm.cli.common import (add_model_arguments, add_precision_arguments, add_sampling_arguments,
-                                     check_precision, sampling_params)
+                                check_precision, sampling_params)
 
 HELP = "generate a completion for one prompt, streamed as it is produced"
 
