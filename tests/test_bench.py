@@ -15,7 +15,7 @@ import json
 import pytest
 
 from edgellm.bench import harness, worker
-from edgellm.cli import main
+from edgellm.cli.main import main
 from edgellm.errors import InvalidParameterError
 
 REQUIRED = ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "decode_ceiling_tok_s",

@@ -12,7 +12,7 @@ from tiny_model import write_tiny_llama
 
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgellm.cli", *args], input=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "edgellm", *args], input=stdin, capture_output=True,
                           text=True, timeout=300)
 
 

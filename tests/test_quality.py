@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgellm.cli import main
+from edgellm.cli.main import main
 from edgellm.kv.cache import KVCache
 from edgellm.layers.attention import AttentionBatch
 from edgellm.quality import agreement, greedy_continuations, match_fraction, perplexity

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgellm.cli import main
+from edgellm.cli.main import main
 from edgellm.layers.attention import AttentionBatch
 from edgellm.kv.cache import KVCache
 from tiny_model import write_tiny_llama
@@ -89,7 +89,7 @@ def test_gguf_output_bit_exact_with_gguf_package(tiny, tmp_path, capsys):
 def test_cli_round_trip_generates(tiny, tmp_path):
     """The real command line: quantize, then generate from the file (and at load time)."""
     out = tmp_path / "m.safetensors"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "edgellm.cli", *a], capture_output=True, text=True,  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "edgellm", *a], capture_output=True, text=True,  # noqa: E731
                                     timeout=300)
     q = run("quantize", "--model", str(tiny), "--format", "int4", "--out", str(out), "--json")
     assert q.returncode == 0, q.stderr

@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-import edgellm.cli
+import edgellm.cli.main
 from edgellm.errors import EdgeLLMError
 from edgellm.roofline import hardware as hwmod
 from edgellm.roofline import measure
-from edgellm.roofline.analyze import analyze
+from edgellm.roofline.analyze import analyze, compare, format_comparison
 from edgellm.roofline.hardware import HARDWARE, load_hardware_file, resolve_hardware
 from edgellm.roofline.zoo import ZOO, resolve_model, zoo_config
 
@@ -21,12 +21,12 @@ from edgellm.roofline.zoo import ZOO, resolve_model, zoo_config
 def only_analyze(monkeypatch, tmp_path):
     """Run the real dispatcher with only this command registered (other commands are other modules'),
     and keep the local-hardware cache in a temporary folder."""
-    monkeypatch.setattr(edgellm.cli, "COMMANDS", {"analyze": edgellm.cli.COMMANDS["analyze"]})
+    monkeypatch.setattr(edgellm.cli.main, "COMMANDS", {"analyze": edgellm.cli.main.COMMANDS["analyze"]})
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 def run(capsys, *argv):
-    code = edgellm.cli.main(["analyze", *argv])
+    code = edgellm.cli.main.main(["analyze", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -232,15 +232,15 @@ def test_micro_benchmark_runs_quickly():
 def test_measured_next_to_predicted():
     a = analyze(zoo_config("SmolLM2-135M"), HARDWARE["A6000"], "decode", 1, 64)
     predicted = {layer.name: layer.time_s for layer in a.layers}
-    rows = measure.compare(a, {"q_proj": 2 * predicted["q_proj"], "lm_head": predicted["lm_head"]})
+    rows = compare(a, {"q_proj": 2 * predicted["q_proj"], "lm_head": predicted["lm_head"]})
     assert [r.name for r in rows] == ["q_proj", "lm_head"]
     assert rows[0].roofline_fraction == pytest.approx(0.5)
     assert rows[1].roofline_fraction == pytest.approx(1.0)
     q = next(layer for layer in a.layers if layer.name == "q_proj")
     assert rows[0].achieved_bytes_per_s == pytest.approx(q.memory_bytes / (2 * q.time_s))
-    assert "q_proj" in measure.format_comparison(rows)
+    assert "q_proj" in format_comparison(rows)
     with pytest.raises(EdgeLLMError, match="not in the analysis"):
-        measure.compare(a, {"attention_block": 1.0})
+        compare(a, {"attention_block": 1.0})
 
 
 def test_measure_refuses_a_chip_other_than_this_machine(capsys):

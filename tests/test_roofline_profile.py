@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-import edgellm.cli
+import edgellm.cli.main
 from edgellm.kv.cache import KVCache
 from edgellm.layers.attention import self_attention
 from edgellm.loading.load import load_model
@@ -185,13 +185,13 @@ def test_default_model_measured_on_this_machine(smollm2):
 # ---- the command ---------------------------------------------------------------------------------
 @pytest.fixture
 def cli(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(edgellm.cli, "COMMANDS", {"analyze": edgellm.cli.COMMANDS["analyze"]})
+    monkeypatch.setattr(edgellm.cli.main, "COMMANDS", {"analyze": edgellm.cli.main.COMMANDS["analyze"]})
     chip = tmp_path / "chip.json"
     chip.write_text(json.dumps(TEST_CHIP))
 
     def run(*argv, hardware=True):
         extra = ["--hardware", str(chip)] if hardware else []
-        code = edgellm.cli.main(["analyze", "--measure", *extra, *argv])
+        code = edgellm.cli.main.main(["analyze", "--measure", *extra, *argv])
         out, err = capsys.readouterr()
         return code, out, err
     return run

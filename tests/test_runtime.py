@@ -319,7 +319,7 @@ def test_chat_command_reuses_the_conversation(smollm2_path):
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-m", "edgellm.cli", "chat", "--model", str(smollm2_path), "--threads", "2",
+    p = subprocess.run([sys.executable, "-m", "edgellm", "chat", "--model", str(smollm2_path), "--threads", "2",
                         "--temperature", "0", "--max-tokens", "3", "--stats", "--kv-memory", "16MB"],
                        input="Name a colour.\nAnd a fruit?\n/exit\n", capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -347,7 +347,7 @@ def test_sessions_bench_small_run(llm):
 
 
 def test_bench_sessions_scenario_bad_input(capsys):
-    from edgellm.cli import main
+    from edgellm.cli.main import main
 
     assert main(["bench", "--scenario", "sessions", "--repeat", "0"]) == 2
     err = capsys.readouterr().err

@@ -410,7 +410,7 @@ def test_live_page_in_chromium_chat_streams_and_phases_change(browser, server):
 
 
 def test_cli_refuses_bad_options_before_loading(capsys):
-    from edgellm.cli import main
+    from edgellm.cli.main import main
 
     assert main(["serve", "--max-queue", "0"]) == 2
     assert "--max-queue" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """`edgellm bench`: our engine against the machine's decode ceiling and against peer engines.
 
-* :mod:`edgellm.bench.cli` -- the command's arguments and its text / JSON report;
+* :mod:`edgellm.cli.bench` -- the command's arguments and its text / JSON report;
 * :mod:`edgellm.bench.harness` -- the parent side: starts one worker process per engine, runs the
   repeats interleaved across engines, takes medians and ratios;
 * :mod:`edgellm.bench.worker` -- one engine (ours, HF transformers, llama.cpp, or the memory

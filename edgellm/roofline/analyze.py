@@ -1,4 +1,5 @@
-"""The roofline of a model on a chip: per-layer figures, totals, the memory planner, the crossover.
+"""The roofline of a model on a chip: per-layer figures, totals, the memory planner, the crossover,
+and measured per-layer times next to the predicted ones (:func:`compare`).
 
 ``analyze(cfg, hw, phase, ...)`` places every layer of :mod:`edgellm.roofline.layers` under the
 roofline of a :class:`~edgellm.roofline.hardware.Hardware`: attainable ops/s = min(peak,
@@ -19,6 +20,7 @@ from edgellm.errors import InvalidParameterError
 from edgellm.roofline.hardware import Hardware
 from edgellm.roofline.layers import (ATTENTION_CORE, BLOCK_LINEARS, CONVENTIONS, Bits, LayerCost,
                                      model_layers, validate_bits)
+from edgellm.roofline.measure import MeasuredRates
 
 PLAN_BITS = (32, 16, 8, 4)
 DEFAULT_RESERVE = 0.10     # share of memory the planner keeps for activations, runtime and fragmentation
@@ -449,3 +451,52 @@ def format_json(obj: dict) -> str:
         return x
 
     return json.dumps(clean(obj), indent=2)
+
+
+# ---- measured next to predicted -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Comparison(MeasuredRates):
+    name: str
+    predicted_s: float
+    measured_s: float
+    ops: float
+    memory_bytes: float
+    bound: str
+    attainable_ops_per_s: float
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "predicted_s": self.predicted_s, "measured_s": self.measured_s,
+                "ops": self.ops, "memory_bytes": self.memory_bytes, "bound": self.bound,
+                "achieved_ops_per_s": self.achieved_ops_per_s, "achieved_bytes_per_s": self.achieved_bytes_per_s,
+                "roofline_fraction": self.roofline_fraction}
+
+
+def compare(analysis: Analysis, measured_s: Mapping[str, float]) -> list[Comparison]:
+    """Rows for each analysed layer that has a measured time (seconds for the whole model: all blocks).
+
+    ``measured_s`` is keyed by the analysis' layer names (``q_proj``, ``qk_matmul``, ``lm_head``...);
+    layers without a measurement are left out, and a name the analysis lacks is an error.
+    """
+    by_name = {layer.name: layer for layer in analysis.layers}
+    unknown = sorted(set(measured_s) - set(by_name))
+    if unknown:
+        raise InvalidParameterError(f"measured layers not in the analysis: {', '.join(unknown)}",
+                                    f"layer names: {', '.join(by_name)}")
+    rows = []
+    for name, layer in by_name.items():
+        if name in measured_s:
+            rows.append(Comparison(name=name, predicted_s=layer.time_s, measured_s=float(measured_s[name]),
+                                   ops=layer.ops, memory_bytes=layer.memory_bytes, bound=layer.bound,
+                                   attainable_ops_per_s=layer.attainable_ops_per_s))
+    return rows
+
+
+def format_comparison(rows: list[Comparison]) -> str:
+    head = f"{'layer':<16}{'predicted':>12}{'measured':>12}{'achieved':>14}{'achieved':>12}{'of roofline':>13}"
+    unit = f"{'':<16}{'ms':>12}{'ms':>12}{'GOP/s':>14}{'GB/s':>12}{'':>13}"
+    lines = [head, unit]
+    for r in rows:
+        lines.append(f"{r.name:<16}{r.predicted_s * 1e3:>12.3f}{r.measured_s * 1e3:>12.3f}"
+                     f"{r.achieved_ops_per_s / 1e9:>14.2f}{r.achieved_bytes_per_s / 1e9:>12.2f}"
+                     f"{r.roofline_fraction:>12.0%} ")
+    return "\n".join(lines)

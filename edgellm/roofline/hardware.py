@@ -21,7 +21,6 @@ An operation is one multiply or one add, so a multiply-add counts as two.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -6,11 +6,13 @@ Two parts:
   large tensor copy (bytes read + bytes written per second) and matrix-multiply peaks in fp32, bf16
   and int8 (``torch._int_mm``, where it runs), with torch's current thread count. The result is in
   the hardware-file format of :mod:`edgellm.roofline.hardware`, which caches it.
-* :func:`compare` — given measured per-layer times (seconds, for the whole model, keyed by the
-  analysis' layer names, e.g. from another engine's profiler), the rows of a measured-vs-predicted
-  table: measured time, achieved ops/s and bytes/s, and the fraction of the roofline reached.
-  Timing edgellm's own engine, whose ops fuse several analyzer layers, is
-  :mod:`edgellm.roofline.profile` (``edgellm analyze --measure``).
+* :class:`MeasuredRates` — achieved ops/s and bytes/s and the fraction of the roofline reached,
+  for a measured row: :func:`edgellm.roofline.analyze.compare` (measured per-layer times from
+  another engine's profiler) and :mod:`edgellm.roofline.profile` (``edgellm analyze --measure``:
+  edgellm's own engine, whose ops fuse several analyzer layers) build their rows on it.
+
+Nothing from the rest of :mod:`edgellm.roofline` is imported here: :mod:`~edgellm.roofline.hardware`
+calls the micro-benchmark, and the analysis reads the rates.
 """
 
 from __future__ import annotations
@@ -19,11 +21,7 @@ import datetime as _dt
 import os
 import platform
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping
-
-if TYPE_CHECKING:  # pragma: no cover
-    from edgellm.roofline.analyze import Analysis
+from typing import Callable
 
 
 # ---- the micro-benchmark ------------------------------------------------------------------------
@@ -130,7 +128,7 @@ def measure_local(budget_s: float = 3.0) -> dict:
     }
 
 
-# ---- measured next to predicted -------------------------------------------------------------------
+# ---- the rates of a measured row ------------------------------------------------------------------
 class MeasuredRates:
     """Achieved rates of something with ``ops``, ``memory_bytes``, ``predicted_s`` and ``measured_s``."""
 
@@ -146,53 +144,3 @@ class MeasuredRates:
     def roofline_fraction(self) -> float:
         """Predicted (roofline) time / measured time: 1.0 means the layer runs at the roofline."""
         return self.predicted_s / self.measured_s if self.measured_s > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class Comparison(MeasuredRates):
-    name: str
-    predicted_s: float
-    measured_s: float
-    ops: float
-    memory_bytes: float
-    bound: str
-    attainable_ops_per_s: float
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "predicted_s": self.predicted_s, "measured_s": self.measured_s,
-                "ops": self.ops, "memory_bytes": self.memory_bytes, "bound": self.bound,
-                "achieved_ops_per_s": self.achieved_ops_per_s, "achieved_bytes_per_s": self.achieved_bytes_per_s,
-                "roofline_fraction": self.roofline_fraction}
-
-
-def compare(analysis: "Analysis", measured_s: Mapping[str, float]) -> list[Comparison]:
-    """Rows for each analysed layer that has a measured time (seconds for the whole model: all blocks).
-
-    ``measured_s`` is keyed by the analysis' layer names (``q_proj``, ``qk_matmul``, ``lm_head``...);
-    layers without a measurement are left out, and a name the analysis lacks is an error.
-    """
-    from edgellm.errors import InvalidParameterError
-
-    by_name = {layer.name: layer for layer in analysis.layers}
-    unknown = sorted(set(measured_s) - set(by_name))
-    if unknown:
-        raise InvalidParameterError(f"measured layers not in the analysis: {', '.join(unknown)}",
-                                    f"layer names: {', '.join(by_name)}")
-    rows = []
-    for name, layer in by_name.items():
-        if name in measured_s:
-            rows.append(Comparison(name=name, predicted_s=layer.time_s, measured_s=float(measured_s[name]),
-                                   ops=layer.ops, memory_bytes=layer.memory_bytes, bound=layer.bound,
-                                   attainable_ops_per_s=layer.attainable_ops_per_s))
-    return rows
-
-
-def format_comparison(rows: list[Comparison]) -> str:
-    head = f"{'layer':<16}{'predicted':>12}{'measured':>12}{'achieved':>14}{'achieved':>12}{'of roofline':>13}"
-    unit = f"{'':<16}{'ms':>12}{'ms':>12}{'GOP/s':>14}{'GB/s':>12}{'':>13}"
-    lines = [head, unit]
-    for r in rows:
-        lines.append(f"{r.name:<16}{r.predicted_s * 1e3:>12.3f}{r.measured_s * 1e3:>12.3f}"
-                     f"{r.achieved_ops_per_s / 1e9:>14.2f}{r.achieved_bytes_per_s / 1e9:>12.2f}"
-                     f"{r.roofline_fraction:>12.0%} ")
-    return "\n".join(lines)

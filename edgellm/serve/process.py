@@ -36,7 +36,7 @@ class ServerProcess:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="edgellm-serve-", suffix=".log", delete=False)
 
     def start(self) -> "ServerProcess":
-        cmd = [sys.executable, "-m", "edgellm.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "edgellm", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--log-level", "warning", *self.args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ))
         deadline = time.monotonic() + self.startup_timeout

@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=5, help="timed repeats per engine; medians are reported (default 5)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="our engine's compute dtype (default auto)")
-    from edgellm.commands.common import add_precision_arguments
+    from edgellm.cli.common import add_precision_arguments
     add_precision_arguments(p)   # --weights, --keep, --kv-dtype: our engine only
     p.add_argument("--peers", default="",
                    help="comma-separated peer engines measured in the same run: transformers, llama.cpp")
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.scenario == "sessions":
         return _run_sessions(args)
     from edgellm.bench.harness import BenchOptions, format_report, parse_peers, run_bench
-    from edgellm.commands.common import check_precision
+    from edgellm.cli.common import check_precision
 
     check_precision(args)
     steps = args.profile_decode

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from edgellm.commands.common import add_model_arguments
+from edgellm.cli.common import add_model_arguments
 
 HELP = ("serve a model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions), a sessions API, "
         "Prometheus metrics (/metrics) and a live page (/)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgellm.commands.common import add_model_arguments, add_sampling_arguments, sampling_params
+from edgellm.cli.common import add_model_arguments, add_sampling_arguments, sampling_params
 
 HELP = "chat with a model in the terminal (history kept; /exit to leave, /reset to start over)"
 

@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _load(args):
     """Validate everything cheap first (nothing is loaded yet); the config and the KV dtype name."""
-    from edgellm.commands.common import check_precision
+    from edgellm.cli.common import check_precision
     from edgellm.kv.cache import kv_dtype_name
     from edgellm.quant.convert import peek_config
 
@@ -242,7 +242,7 @@ def _worker() -> None:
 def _run_job(job: dict) -> dict:
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-c", "from edgellm.commands.eval import _worker; _worker()"],
+    proc = subprocess.run([sys.executable, "-m", "edgellm.cli.eval"],
                           input=json.dumps(job), capture_output=True, text=True)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
@@ -360,3 +360,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_command == "agreement":
         return _run_agreement(args)
     return _run_report(args)
+
+
+if __name__ == "__main__":   # one configuration of `edgellm eval report`, in its own process (_run_job)
+    _worker()

@@ -1,4 +1,4 @@
-"""The `edgellm` command: one subcommand per job, each in the module that owns the concept.
+"""The `edgellm` command: one subcommand per job, each in its own module of :mod:`edgellm.cli`.
 
 Each command module exposes ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
 Only the module of the command being run is imported, and modules keep heavy imports (torch)
@@ -16,13 +16,13 @@ from edgellm.errors import EdgeLLMError
 
 # command name -> (module that implements it, one-line summary for `edgellm --help`)
 COMMANDS = {
-    "generate": ("edgellm.commands.generate", "generate a completion for one prompt, streamed"),
-    "chat": ("edgellm.commands.chat", "chat with a model in the terminal"),
-    "bench": ("edgellm.bench.cli", "measure prefill/decode speed and memory, against peers"),
-    "analyze": ("edgellm.roofline.cli", "roofline analysis: per-layer compute vs memory bounds"),
-    "quantize": ("edgellm.commands.quantize", "convert a model's weights to another precision format"),
-    "eval": ("edgellm.commands.eval", "measure a model's quality (perplexity, greedy agreement)"),
-    "serve": ("edgellm.serve.cli", "OpenAI-compatible HTTP server with sessions and metrics"),
+    "generate": ("edgellm.cli.generate", "generate a completion for one prompt, streamed"),
+    "chat": ("edgellm.cli.chat", "chat with a model in the terminal"),
+    "bench": ("edgellm.cli.bench", "measure prefill/decode speed and memory, against peers"),
+    "analyze": ("edgellm.cli.analyze", "roofline analysis: per-layer compute vs memory bounds"),
+    "quantize": ("edgellm.cli.quantize", "convert a model's weights to another precision format"),
+    "eval": ("edgellm.cli.eval", "measure a model's quality (perplexity, greedy agreement)"),
+    "serve": ("edgellm.cli.serve", "OpenAI-compatible HTTP server with sessions and metrics"),
 }
 
 
