@@ -940,43 +940,15 @@ class IncrementalDecoder:
 
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """GGUF metadata as plain Python values.
-
-    Uses ``edgellm.loading.gguf.read_gguf`` when that module exists, else gguf's GGUFReader.
-    """
+    """GGUF metadata as plain Python values (read by :func:`edgellm.loading.gguf.read_gguf`)."""
     from edgellm.errors import ModelNotFoundError
+    # Here, not at the top: the GGUF reader imports torch, which a tokenizer alone does not need.
+    from edgellm.loading.gguf import read_gguf
 
     path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"GGUF file {str(path)!r} does not exist", fix="check the path")
-    try:
-        from edgellm.loading.gguf import read_gguf  # type: ignore[import-not-found]
-    except ImportError:
-        read_gguf = None
-    if read_gguf is not None:
-        return dict(read_gguf(path).metadata)
-    return _read_metadata_with_gguf_py(path)
-
-
-def _read_metadata_with_gguf_py(path: Path) -> dict[str, Any]:
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as e:  # noqa: BLE001
-        raise ModelFormatError(f"{path} is not a readable GGUF file: {e}", fix="re-download the model") from e
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            value = field.contents()
-        except Exception:  # noqa: BLE001 - skip a value we cannot represent
-            continue
-        if hasattr(value, "tolist"):
-            value = value.tolist()
-        meta[key] = value
-    return meta
+    return dict(read_gguf(path).metadata)
 
 
 __all__ = [
