@@ -66,11 +66,18 @@ def _kill_at(proc: subprocess.Popen, at_s: float) -> None:
         proc.send_signal(signal.SIGKILL)
     proc.wait()
     # The compilers a killed build started keep running on their own; end them so they do not
-    # load a shared machine (each child runs in its own session, so its group is only its own).
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    # load a shared machine. Each child runs in its own session, and ninja puts every compiler in
+    # a process group of its own, so they are found by session id, not by group.
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == proc.pid:  # fields after "(comm)": state ppid pgrp session ...
+            try:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 @pytest.fixture(scope="session")
