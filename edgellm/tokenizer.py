@@ -60,7 +60,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
-from edgellm.errors import InvalidParameterError, ModelFormatError, UnsupportedModelError
+from edgellm.errors import InvalidParameterError, ModelFormatError, ModelNotFoundError, UnsupportedModelError
 from edgellm.util import cache_dir
 
 # GGUF token types (llama.cpp's llama_token_type)
@@ -473,7 +473,7 @@ class Tokenizer:
         default_add_bos: bool,
         strip_leading_space: bool,
         kind: str,
-    ) -> "_GGUFBackend":
+    ) -> _GGUFBackend:
         """Add the special tokens and the BOS/EOS post-processor to ``backend``."""
         ids = cls._special_ids_from_meta(meta, len(tokens))
         special, plain = cls._added_tokens(tokens, types, keys)
@@ -495,7 +495,7 @@ class Tokenizer:
 
     @classmethod
     def _from_gguf_parts(
-        cls, meta: Mapping[str, Any], tokens: list[str], types: list[int], parts: "_GGUFBackend"
+        cls, meta: Mapping[str, Any], tokens: list[str], types: list[int], parts: _GGUFBackend
     ) -> "Tokenizer":
         ids = cls._special_ids_from_meta(meta, len(tokens))
         special_ids = {i for i, ty in enumerate(types) if ty == TOKEN_CONTROL}
@@ -516,7 +516,7 @@ class Tokenizer:
         )
 
     @classmethod
-    def _from_gguf_bpe(cls, meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> "_GGUFBackend":
+    def _from_gguf_bpe(cls, meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> _GGUFBackend:
         alphabet = frozenset(unicode_to_byte())
         to_bytes = _byte_level_translation()
         keys: list[str] = []
@@ -562,7 +562,7 @@ class Tokenizer:
         return cls._finish_gguf(backend, meta, tokens, types, keys, pieces, False, False, "bpe")
 
     @classmethod
-    def _from_gguf_spm(cls, meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> "_GGUFBackend":
+    def _from_gguf_spm(cls, meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> _GGUFBackend:
         # llama.cpp's defaults for SentencePiece files that name no special tokens
         defaults = {
             "tokenizer.ggml.unknown_token_id": 0,
@@ -966,7 +966,6 @@ class IncrementalDecoder:
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     """GGUF metadata as plain Python values (read by :func:`edgellm.loading.gguf.read_gguf`)."""
-    from edgellm.errors import ModelNotFoundError
     # Here, not at the top: the GGUF reader imports torch, which a tokenizer alone does not need.
     from edgellm.loading.gguf import read_gguf
 

@@ -18,7 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from edgellm.kernels.build import KernelBuildError, build_lock, cpu_supports_avx2, have_compiler
+from edgellm.kernels.build import (
+    KernelBuildError,
+    build_lock,
+    cpu_supports_avx2,
+    have_compiler,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +51,7 @@ def _env(cache: Path, **extra: str) -> dict[str, str]:
 def _start(cache: Path, timeout: float = 600, **extra: str) -> list[str]:
     """Run START to the end; return its RESULT fields."""
     proc = subprocess.run([sys.executable, "-c", START], env=_env(cache, **extra), capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stderr
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, f"no RESULT line; stdout={proc.stdout!r} stderr={proc.stderr[-2000:]!r}"
@@ -87,7 +92,7 @@ def built_cache(tmp_path_factory) -> Path:
         pytest.skip("needs an AVX2 CPU and a C++ compiler")
     cache = tmp_path_factory.mktemp("cache")
     proc = subprocess.run([sys.executable, "-m", "edgellm.kernels.build"], env=_env(cache),
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=1800, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "native kernels built:" in proc.stdout, proc.stdout
     assert "RuntimeWarning" not in proc.stderr, proc.stderr
@@ -98,19 +103,19 @@ def test_lock_dies_with_its_holder(tmp_path):
     lock = tmp_path / "kernels" / "x.lock"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time\n"
-         "from pathlib import Path\n"
-         "from edgellm.kernels.build import build_lock\n"
-         f"with build_lock(Path({str(lock)!r}), 5):\n"
-         "    print('held', flush=True)\n"
-         "    time.sleep(600)\n"],
+         ("import sys, time\n"
+          "from pathlib import Path\n"
+          "from edgellm.kernels.build import build_lock\n"
+          f"with build_lock(Path({str(lock)!r}), 5):\n"
+          "    print('held', flush=True)\n"
+          "    time.sleep(600)\n")],
         env=_env(tmp_path), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         # While it lives, the lock holds, and waiting for it ends with a message saying what to do.
-        with pytest.raises(KernelBuildError, match=r"another edgellm process is compiling.*waited.*EDGELLM_NATIVE=0"):
-            with build_lock(lock, timeout_s=0.5):
-                pass
+        with pytest.raises(KernelBuildError, match=r"another edgellm process is compiling.*waited.*EDGELLM_NATIVE=0"), \
+                build_lock(lock, timeout_s=0.5):
+            pass
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -134,7 +139,7 @@ def test_second_start_neither_compiles_nor_locks(built_cache):
     assert Path(file).is_relative_to(kernels)
     # The set-up command run again finds the module and builds nothing either.
     proc = subprocess.run([sys.executable, "-m", "edgellm.kernels.build"], env=_env(built_cache),
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0 and "already built" in proc.stdout, proc.stdout + proc.stderr
     assert _snapshot(kernels) == before
     assert not list(kernels.glob(".*.tmp-*"))

@@ -70,7 +70,12 @@ def _load(path: Path):
 @lru_cache(maxsize=1)
 def native():
     """The compiled kernel module, or None (with a warning saying why) if it cannot be had."""
-    from edgellm.kernels.build import KernelBuildError, build, have_compiler, module_path
+    from edgellm.kernels.build import (
+        KernelBuildError,
+        build,
+        have_compiler,
+        module_path,
+    )
 
     global _how
     reason = unavailable_reason()
