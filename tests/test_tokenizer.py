@@ -266,6 +266,61 @@ def test_chatml_fallback_without_template(smollm2_path):
 
 
 # ------------------------------------------------------------------------------------------
+# the cache of built GGUF tokenizers (a start reads it instead of rebuilding 49k tokens)
+
+
+def _cache_files(root):
+    return sorted((root / "edgellm" / "tokenizers").glob("*.json"))
+
+
+def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> None:
+    for text in TEXTS + SMOLLM_DIGIT_SPACE_TEXTS:
+        assert a.encode(text) == b.encode(text), text
+        assert a.encode(text, add_special_tokens=False) == b.encode(text, add_special_tokens=False), text
+    assert a._pieces == b._pieces
+    assert (a.bos_id, a.eos_id, a.eog_ids, a.special_ids) == (b.bos_id, b.eos_id, b.eog_ids, b.special_ids)
+    assert a.chat_template == b.chat_template
+
+
+def test_gguf_tokenizer_cache_gives_the_built_tokenizer(smollm2_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    meta = read_gguf_metadata(smollm2_path)
+    built = Tokenizer.from_gguf_metadata(meta)
+    (entry,) = _cache_files(tmp_path)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("rebuilt although the cache holds this vocabulary")
+
+    monkeypatch.setattr(Tokenizer, "_from_gguf_bpe", no_build)
+    cached = Tokenizer.from_gguf_metadata(meta)
+    _same_tokenizer(cached, built)
+    assert _cache_files(tmp_path) == [entry]
+    assert not list(entry.parent.glob(".*.tmp"))  # the atomic write left no temporary file
+
+
+def test_gguf_tokenizer_cache_damaged_or_stale(smollm2_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    meta = read_gguf_metadata(smollm2_path)
+    built = Tokenizer.from_gguf_metadata(meta)
+    (entry,) = _cache_files(tmp_path)
+    entry.write_text(entry.read_text(encoding="utf-8")[:1000], encoding="utf-8")  # cut short, as by a full disk
+    _same_tokenizer(Tokenizer.from_gguf_metadata(meta), built)
+    assert len(entry.read_text(encoding="utf-8")) > 1000  # rewritten whole
+    # Changed tokenizer metadata is another entry, never the old one.
+    flipped = not meta.get("tokenizer.ggml.add_bos_token", False)
+    other = Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.add_bos_token": flipped})
+    assert len(_cache_files(tmp_path)) == 2
+    assert (other.encode("hi")[0] == other.bos_id) == flipped
+    assert (built.encode("hi")[0] == built.bos_id) != flipped
+
+
+def test_small_vocabularies_are_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    Tokenizer.from_gguf_metadata(_byte_level_meta("gpt2"))
+    assert _cache_files(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------
 # incremental decoding
 
 
