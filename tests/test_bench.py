@@ -59,7 +59,8 @@ def test_memory_breakdown_adds_up_to_the_peak(tiny_run):
     mem = tiny_run["memory"]
     parts = ("runtime_mb", "weights_mb", "other_load_mb", "kv_mb", "generation_mb")
     assert sum(mem[k] for k in parts) == pytest.approx(mem["run_peak_mb"])
-    assert mem["run_peak_mb"] <= tiny_run["peak_rss_mb"] + 1   # the process peak includes loading (VmHWM vs ru_maxrss: ~0.1 MB apart)
+    # the process peak includes loading (VmHWM vs ru_maxrss: ~0.1 MB apart)
+    assert mem["run_peak_mb"] <= tiny_run["peak_rss_mb"] + 1
     assert mem["weights_mb"] == pytest.approx(tiny_run["model"]["weight_bytes"] / 2**20)
     # 20 tokens of fp32 KV for 30 layers x 3 KV heads x 64 dims x (K, V) x 4 bytes, worked by hand
     assert mem["kv_mb"] == pytest.approx(20 * 30 * 3 * 64 * 2 * 4 / 2**20)
