@@ -94,10 +94,8 @@ def test_names():
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_path):
-    from edgellm.loading.load import load_model
-
-    return load_model(str(smollm2_path))
+def smollm2(smollm2_llm):
+    return smollm2_llm.loaded      # the session's model: load_model's defaults, not changed by these tests
 
 
 def test_real_model_with_each_kv_dtype(smollm2):
