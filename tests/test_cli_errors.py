@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import json
 import subprocess
 import sys
 
@@ -83,6 +83,15 @@ def test_invalid_sampling_parameter(smollm2_path, flag, value, needle):
 def test_tiny_random_model_generates(tmp_path, smollm2_path):
     """The same tiny file used above loads and runs when nothing is wrong with it."""
     path = write_tiny_llama(tmp_path / "ok.gguf", smollm2_path)
-    proc = run_cli("generate", "--model", str(path), "--prompt", "hello", "--max-tokens", "4", "--json")
+    proc = run_cli("generate", "--model", str(path), "--prompt", "hello", "--max-tokens", "4", "--temperature", "0",
+                   "--json")
     assert proc.returncode == 0, proc.stderr
-    assert '"completion_tokens": 4' in proc.stdout or '"finish_reason": "stop"' in proc.stdout
+    out = json.loads(proc.stdout)
+    # the same greedy request in this process, on the same file: the command prints its result
+    from edgellm.llm import LLM
+    from edgellm.sampling import SamplingParams
+
+    ref = LLM(str(path)).generate("hello", SamplingParams.greedy(max_tokens=4))
+    assert (out["token_ids"], out["text"], out["finish_reason"]) == (ref.token_ids, ref.text, ref.finish_reason)
+    assert out["completion_tokens"] == len(ref.token_ids) and out["prompt_tokens"] == ref.prompt_tokens
+    assert ref.finish_reason == ("length" if len(ref.token_ids) == 4 else "stop")

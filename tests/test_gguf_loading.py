@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -26,11 +25,13 @@ def smollm2(smollm2_path) -> GGUFFile:
     return read_gguf(smollm2_path)
 
 
-def test_real_file_loads_fast_and_lazily(smollm2_path):
-    t0 = time.perf_counter()
+def test_real_file_loads_lazily(smollm2_path):
+    """Opening the file reads the header only: the tensors stay on disk (the pages of the file this
+    process holds grow by far less than the file's size; no timing)."""
+    before = _file_rss_kib()
     f = read_gguf(smollm2_path)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 3.0, f"reading the header took {elapsed:.2f}s"
+    grown = _file_rss_kib() - before
+    assert grown * 1024 < f.file_size / 8, f"{grown / 1024:.0f} MiB of the file became resident"
     assert f.file_size == smollm2_path.stat().st_size
     assert f.version == 3 and f.alignment == 32
     t = f.tensors["token_embd.weight"]

@@ -8,7 +8,7 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from edgellm.kernels import native
-from edgellm.layers.weights import GGUFBlockWeight, NATIVE_MAX_ROWS
+from edgellm.layers.weights import NATIVE_MAX_ROWS, GGUFBlockWeight
 from edgellm.loading.gguf import read_gguf
 
 ext = native()

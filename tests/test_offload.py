@@ -10,7 +10,6 @@ import torch
 
 from edgellm.kv.cache import KVCache
 from edgellm.kv.offload import OffloadStore, OffloadWarning
-from edgellm.llm import LLM
 from edgellm.runtime.engine import Engine
 from edgellm.runtime.types import Phase
 from edgellm.sampling import SamplingParams
@@ -29,15 +28,10 @@ def greedy(n: int = N) -> SamplingParams:
 
 
 @pytest.fixture(scope="module")
-def llm(smollm2_path) -> LLM:
-    torch.set_num_threads(2)
-    return LLM(str(smollm2_path))
-
-
-@pytest.fixture(scope="module")
-def expected(llm):
+def expected(smollm2_llm):
     """The conversation run on the single-sequence path: both turns' token ids and the pool size
     (in blocks of BS) that holds the first turn and the pressure prompt, but not both."""
+    llm = smollm2_llm
     msgs = [{"role": "system", "content": SYSTEM}]
     out = []
     for text in TURNS:

@@ -102,16 +102,12 @@ def test_generate_produces_reference_greedy_tokens(engine, reference_runs):
     assert c.token_ids == ref_tokens
 
 
-@pytest.fixture(scope="module")
-def default_llm(smollm2_path):
-    return LLM(str(smollm2_path))   # what `edgellm generate` runs without options (dtype auto)
-
-
 @pytest.mark.parametrize("prompt,chat", PROMPTS)
-def test_default_path_gives_the_reference_greedy_tokens(default_llm, reference_runs, prompt, chat):
-    ids = default_llm.encode_prompt(prompt, chat=chat)
+def test_default_path_gives_the_reference_greedy_tokens(llm, reference_runs, prompt, chat):
+    # the shared LLM is what `edgellm generate` runs without options (dtype auto)
+    ids = llm.encode_prompt(prompt, chat=chat)
     ref_tokens, _ = reference_runs(ids, STEPS)
-    c = default_llm.generate(ids, SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True))
+    c = llm.generate(ids, SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True))
     assert c.token_ids == ref_tokens
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from edgellm.cli.main import main
-from edgellm.layers.attention import AttentionBatch
 from edgellm.kv.cache import KVCache
+from edgellm.layers.attention import AttentionBatch
 from tiny_model import write_tiny_llama
 
 

@@ -204,8 +204,7 @@ def test_ternary_packing_layout():
 @pytest.mark.parametrize("name,ggml_type", [("q8_0", "Q8_0"), ("q4_0", "Q4_0"), ("q4_1", "Q4_1"),
                                             ("q5_0", "Q5_0")])
 def test_gguf_formats_bit_exact_with_gguf_package(name, ggml_type):
-    from gguf import GGMLQuantizationType
-    from gguf import quants
+    from gguf import GGMLQuantizationType, quants
 
     from edgellm.quant import gguf_blocks
 
@@ -224,8 +223,7 @@ def test_gguf_formats_bit_exact_with_gguf_package(name, ggml_type):
 
 @pytest.mark.parametrize("name,ggml_type,fallback", [("q4_k", "Q4_K", "Q5_0"), ("q6_k", "Q6_K", "Q8_0")])
 def test_k_quants_decode_with_gguf_package_and_fall_back(name, ggml_type, fallback):
-    from gguf import GGMLQuantizationType
-    from gguf import quants
+    from gguf import GGMLQuantizationType, quants
 
     from edgellm.quant import gguf_blocks
 

@@ -10,12 +10,13 @@ the roofline); speed is reported by the command, never asserted.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
 import edgellm.cli.main
-from edgellm.kv.cache import KVCache
+from edgellm.kv.cache import BLOCK_SIZE, KVCache
 from edgellm.layers.attention import self_attention
 from edgellm.loading.load import load_model
 from edgellm.roofline import profile
@@ -41,17 +42,17 @@ def tiny(tiny_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_path):
-    return load_model(str(smollm2_path))
+def smollm2(smollm2_llm):
+    return smollm2_llm.loaded      # the session's model: load_model's defaults, not changed by these tests
 
 
 def _engine_and_ops(loaded, seq_len: int):
     """(engine logits, op-by-op logits, engine cache, op-by-op cache) for a prefill then one decode step."""
     cfg, model = loaded.config, loaded.model
     ids = profile.prompt_ids(loaded.tokenizer, seq_len + 1)
-    n_blocks = -(-(seq_len + 1) // profile.BLOCK_SIZE)
-    slots = slice(0, n_blocks * profile.BLOCK_SIZE)
-    caches = [KVCache(cfg, n_blocks, profile.BLOCK_SIZE) for _ in range(2)]
+    n_blocks = -(-(seq_len + 1) // BLOCK_SIZE)
+    slots = slice(0, n_blocks * BLOCK_SIZE)
+    caches = [KVCache(cfg, n_blocks, BLOCK_SIZE) for _ in range(2)]
     runner = ModelRunner(model, caches[0])
     out = {"engine": [], "ops": []}
     with torch.inference_mode():
@@ -78,8 +79,8 @@ def test_rope_write_then_attend_is_self_attention(tiny):
     H, KVH, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     gen = torch.Generator().manual_seed(0)
     n_blocks = 2
-    slots = slice(0, n_blocks * profile.BLOCK_SIZE)
-    caches = [KVCache(cfg, n_blocks, profile.BLOCK_SIZE) for _ in range(2)]
+    slots = slice(0, n_blocks * BLOCK_SIZE)
+    caches = [KVCache(cfg, n_blocks, BLOCK_SIZE) for _ in range(2)]
     for new, start in ((12, 0), (1, 12)):                  # a prefill, then a decode step after it
         step = profile.build_step([SeqChunk(list(range(new)), start, slots)])
         rope = tiny.model.rope.tables(step.positions)
@@ -98,7 +99,6 @@ def tiny_report(tiny):
 
 def test_report_structure_and_sanity(tiny_report):
     assert tiny_report["measured"] is True and tiny_report["batch"] == 1 and tiny_report["seq_len"] == 16
-    assert tiny_report["load_average"] >= 0
     assert [p["phase"] for p in tiny_report["phases"]] == ["prefill", "decode"]
     keys = {"name", "ops", "memory_bytes", "arithmetic_intensity", "attainable_ops_per_s", "bound", "time_s",
             "measured_time_s", "achieved_bytes_per_s", "achieved_ops_per_s", "roofline_fraction", "layers"}
@@ -120,6 +120,24 @@ def test_report_structure_and_sanity(tiny_report):
         assert t["measured_sum_of_parts_s"] == pytest.approx(sum(r["measured_time_s"] for r in rows))
         assert t["op_by_op_pass_s"] > 0 and t["engine_step_s"] > 0 and 0 <= t["overhead_s"] < t["op_by_op_pass_s"]
         assert t["measured_tokens_per_s"] > 0 and len(ph["samples"]["engine_s"]) == 2
+
+
+@pytest.mark.parametrize("readings,cores,busy", [((1.5, 9.5), 4, "load average 9.5 on 4 cores"),
+                                                 ((0.5, 1.0), 4, None),
+                                                 ((3.0, 2.0), 2, "load average 3.0 on 2 cores")])
+def test_load_average_is_the_busier_reading_and_a_busy_machine_is_noted(tiny, monkeypatch, readings, cores, busy):
+    """The OS's 1-minute load average read before and after the timing (given here): the report keeps
+    the larger, and says the machine was busy when it exceeds the core count."""
+    left = list(readings)
+    monkeypatch.setattr(os, "getloadavg", lambda: (left.pop(0) if len(left) > 1 else left[0], 0.0, 0.0))
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    report = profile.measure_model(tiny, hardware_from_dict(TEST_CHIP), seq_len=16, repeats=1)
+    assert report["load_average"] == max(readings)
+    said = [n for n in report["notes"] if n.startswith("the machine was busy")]
+    if busy is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and said[0].startswith(f"the machine was busy ({busy})"), said
 
 
 def test_weight_bytes_and_ops_by_hand(tiny_report, tiny):

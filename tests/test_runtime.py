@@ -1,21 +1,19 @@
 """The runtime on the real default model: sessions, continuous batching, prefix reuse, preemption,
-admission. Greedy outputs are compared with ``LLM.generate`` -- the independent single-sequence
-path -- token for token."""
+admission. Greedy outputs are compared token for token with the same prompt run alone
+(``LLM.generate``, whose tokens tests/test_parity.py checks against HF transformers)."""
 
 from __future__ import annotations
 
 import threading
 
 import pytest
-import torch
 
 from edgellm.errors import ContextOverflowError, InvalidParameterError
 from edgellm.kv.cache import KVCache
-from edgellm.llm import LLM
 from edgellm.runtime.engine import Engine
-from edgellm.runtime.types import Phase, Request
-from edgellm.util import parse_size
 from edgellm.runtime.scheduler import common_prefix
+from edgellm.runtime.types import Phase, PhaseClock, Request
+from edgellm.util import parse_size
 from edgellm.sampling import SamplingParams
 
 N = 4   # tokens generated per request: short, to stay fast
@@ -42,13 +40,7 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def llm(smollm2_path) -> LLM:
-    torch.set_num_threads(2)
-    return LLM(str(smollm2_path))
-
-
-@pytest.fixture(scope="module")
-def ref(llm):
+def ref(smollm2_llm):
     """Greedy tokens of the single-sequence path, memoised: ref(prompt_or_ids, n)."""
     memo: dict = {}
 
@@ -56,7 +48,7 @@ def ref(llm):
         key = tuple(prompt) if isinstance(prompt, list) else prompt
         have = memo.get(key)
         if have is None or (len(have) < n and len(have) == have_n[key]):
-            have = llm.generate(prompt, SamplingParams.greedy(max_tokens=max(n, N))).token_ids
+            have = smollm2_llm.generate(prompt, SamplingParams.greedy(max_tokens=max(n, N))).token_ids
             memo[key] = have
             have_n[key] = max(n, N)
         return have[:n]
@@ -286,8 +278,10 @@ def test_stats_aggregate_phases(llm):
     s = eng.session(system="Be brief.")
     s.send("Hi", greedy(2)).result()
     st = eng.stats()
-    assert st["phase_s"]["prefill"] > 0 and st["phase_s"]["decode"] >= 0
+    # 2 tokens: the first from the prefill, the second from one decode step of one token
+    assert st["phase_s"]["prefill"] > 0 and st["phase_s"]["decode"] > 0
     assert st["tokens"]["prefill"] == s.results[0].prompt_tokens
+    assert st["tokens"]["decode"] == 1
     assert st["tokens"]["generated"] == 2
     assert st["sessions"]["by_phase"] == {"inactive": 1}
     assert st["blocks"]["used"] == len(s.kv.blocks)
@@ -296,6 +290,22 @@ def test_stats_aggregate_phases(llm):
     st = eng.stats()
     assert st["sessions"]["retired"] == 1 and st["blocks"]["used"] == 0
     assert st["tokens"]["generated"] == 2          # retired sessions stay in the totals
+
+
+def test_phase_clock_by_hand():
+    """Time per phase from given timestamps: each phase gets the span until the next transition,
+    the current one counts up to `now`, and a retired session stops counting."""
+    c = PhaseClock(Phase.WAITING, now=10.0)
+    c.to(Phase.PREFILL, now=10.5)
+    c.to(Phase.DECODE, now=11.25)
+    c.to(Phase.DECODE, now=11.5)                # no transition: the same phase
+    c.to(Phase.INACTIVE, now=13.0)
+    got = c.phase_seconds(now=14.0)
+    assert (got["waiting"], got["prefill"], got["decode"], got["inactive"]) == (0.5, 0.75, 1.75, 1.0)
+    assert [(t, a.value, b.value) for t, a, b in c.transitions] == [
+        (10.5, "waiting", "prefill"), (11.25, "prefill", "decode"), (13.0, "decode", "inactive")]
+    c.to(Phase.RETIRED, now=15.0)
+    assert c.phase_seconds(now=100.0)["inactive"] == 2.0 and c.phase_seconds(now=100.0)["retired"] == 0.0
 
 
 def test_idle_sessions_retire(llm):
