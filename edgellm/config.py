@@ -163,7 +163,11 @@ class ModelConfig:
                                    "use the config.json that came with the model's weights")
         n_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
-        rs = cfg.get("rope_scaling") or {}
+        # transformers >= 5 writes theta and the scaling inside "rope_parameters"; older files
+        # (and the hub's Llama-3.1 config.json) keep them at the top level as "rope_theta"/"rope_scaling".
+        rope = cfg.get("rope_parameters") or {}
+        rs = cfg.get("rope_scaling") or rope
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
         scaling = None
         if rs.get("rope_type", rs.get("type")) == "llama3":
             scaling = RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]),
@@ -178,7 +182,7 @@ class ModelConfig:
             ffn_size=int(cfg["intermediate_size"]),
             vocab_size=int(cfg["vocab_size"]),
             context_length=int(cfg.get("max_position_embeddings", 4096)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_theta=float(theta),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),

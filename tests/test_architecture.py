@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("runtime",),                                       # engine, scheduler, sessions
     ("llm",),                                           # the single-sequence public API
     ("serve", "bench", "roofline", "quality"),          # applications built on the engine
-    ("cli", "commands", "edgellm"),                     # the command line and the package root
+    ("cli", "commands", "__main__", "edgellm"),         # the command line and the package root
 ]
 
 PACKAGE = "edgellm"
