@@ -26,7 +26,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/edgellm generate --chat --prompt "$(PROMPT)" --max-tokens 96 --stats
 
+# ruff (lint and import order) first: it takes a second; tests/test_architecture.py (no import
+# cycles, no private names across modules, layers only import downwards) runs with the suite.
 test: setup
+	$(BIN)/ruff check edgellm tests
 	$(BIN)/python -m pytest -q
 
 test-slow: setup
