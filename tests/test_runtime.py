@@ -13,8 +13,8 @@ from edgellm.kv.cache import KVCache
 from edgellm.runtime.engine import Engine
 from edgellm.runtime.scheduler import common_prefix
 from edgellm.runtime.types import Phase, PhaseClock, Request
-from edgellm.util import parse_size
 from edgellm.sampling import SamplingParams
+from edgellm.util import parse_size
 
 N = 4   # tokens generated per request: short, to stay fast
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
-from edgellm.errors import EdgeLLMError, InvalidParameterError
 import edgellm.errors as errors_mod
+from edgellm.errors import EdgeLLMError, InvalidParameterError
 
 OURS = "ours"
 MEMBW = "membw"
@@ -449,7 +449,7 @@ def format_report(s: dict, out: TextIO) -> None:
             rows.append((name, p, None))
     w(f"  {'engine':<13}{'prefill tok/s':>14}{'decode tok/s':>14}{'TTFT s':>10}{'peak RSS MB':>13}"
       f"{'of ceiling':>12}{'other jobs':>12}\n")
-    for name, r, rr in rows:
+    for name, r, _ in rows:
         w(f"  {name:<13}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>14.1f}{r['ttft_s']:>10.3f}"
           f"{r['peak_rss_mb']:>13.0f}{100 * r['ceiling_fraction']:>11.1f}%{r.get('others_cores') or 0:>7.1f} cores\n")
     if len(runs) > 1:

@@ -94,8 +94,8 @@ def _load(args):
 
 
 def _finish_load(args):
-    from edgellm.util import set_threads
     from edgellm.loading.load import load_model
+    from edgellm.util import set_threads
 
     set_threads(args.threads)
     loaded = load_model(args.model)
@@ -167,8 +167,8 @@ def _run_agreement(args) -> int:
     prompts = _prompts(args.prompts)
     loaded = _finish_load(args)
     ids = [loaded.tokenizer.encode(p) for p in prompts]
-    from edgellm.quant.convert import convert_weights
     from edgellm.loading.load import load_model
+    from edgellm.quant.convert import convert_weights
     reference_model = convert_weights(load_model(args.model), "float32")
     refs = greedy_continuations(reference_model, ids, args.tokens)
     del reference_model
@@ -312,10 +312,10 @@ def _run_report(args) -> int:
 
 def _run_speed(args) -> int:
     from edgellm.kv.cache import _storage_dtype, kv_dtype_name
-    from edgellm.util import set_threads
     from edgellm.loading.load import load_model
     from edgellm.quality import interleaved_speed, read_corpus
     from edgellm.quant.convert import convert_weights, peek_config, prepare
+    from edgellm.util import set_threads
 
     _, cfg = peek_config(args.model)
     weights = [w.strip() for w in args.weights.split(",") if w.strip()]

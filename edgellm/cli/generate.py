@@ -6,8 +6,13 @@ import argparse
 import json
 import sys
 
-from edgellm.cli.common import (add_model_arguments, add_precision_arguments, add_sampling_arguments,
-                                check_precision, sampling_params)
+from edgellm.cli.common import (
+    add_model_arguments,
+    add_precision_arguments,
+    add_sampling_arguments,
+    check_precision,
+    sampling_params,
+)
 
 HELP = "generate a completion for one prompt, streamed as it is produced"
 

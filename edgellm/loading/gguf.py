@@ -391,7 +391,7 @@ def _parse(path: Path, mm: mmap.mmap, size: int, allow_unsupported: bool) -> GGU
                                    data=whole[start:end], offset=start)
 
     spans.sort()
-    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+    for (s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise _fmt_err(path, f"tensor '{n0}' ({e0 - s0} bytes by its shape and type) overlaps "
                                  f"tensor '{n1}': its shape does not match the bytes stored for it")

@@ -18,8 +18,15 @@ from typing import Mapping
 from edgellm.config import ModelConfig
 from edgellm.errors import InvalidParameterError
 from edgellm.roofline.hardware import Hardware
-from edgellm.roofline.layers import (ATTENTION_CORE, BLOCK_LINEARS, CONVENTIONS, Bits, LayerCost,
-                                     model_layers, validate_bits)
+from edgellm.roofline.layers import (
+    ATTENTION_CORE,
+    BLOCK_LINEARS,
+    CONVENTIONS,
+    Bits,
+    LayerCost,
+    model_layers,
+    validate_bits,
+)
 from edgellm.roofline.measure import MeasuredRates
 
 PLAN_BITS = (32, 16, 8, 4)
@@ -259,8 +266,8 @@ def crossover_table(cfg: ModelConfig, hw: Hardware, batch: int = 1, weight_bits:
 
 
 def format_crossover(cfg: ModelConfig, hw: Hardware, rows: list[dict], batch: int) -> str:
-    lines = [f"Context at which attention (qk_matmul + softmax + sv_matmul, or fused) costs as much as the "
-             f"block's linear layers", f"model {cfg.name} · hardware {hw.name} · batch {batch}",
+    lines = ["Context at which attention (qk_matmul + softmax + sv_matmul, or fused) costs as much as the "
+             "block's linear layers", f"model {cfg.name} · hardware {hw.name} · batch {batch}",
              "(prefill: prompt length; decode: tokens already in the KV cache)", "",
              f"{'phase':<9}{'attention':<11}{'by time on this hardware':>26}{'by ops':>12}"]
     for r in rows:
