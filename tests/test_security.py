@@ -115,7 +115,7 @@ def test_stop_checker_matches_a_brute_force_reference():
 
     from edgellm.sampling import StopChecker
     rng = random.Random(0)
-    for trial in range(400):
+    for _ in range(400):
         stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
         checker = StopChecker(stops)
         seen = ""
@@ -140,3 +140,172 @@ def test_stop_checker_never_holds_more_than_the_longest_stop():
         assert checker.pending == "a" * min(i, 200)
     assert checker.feed_text("b").stop_reason == stop
     assert checker.emitted == "a" * 800
+
+
+# ---------------------------------------------------------------------------------------------
+# 3, 5. The server: sessions bounded and private, bodies checked, keys, metrics, finish reasons
+# ---------------------------------------------------------------------------------------------
+KEY_A, KEY_B = "sk-security-a", "sk-security-b"
+A = {"Authorization": f"Bearer {KEY_A}"}
+B = {"Authorization": f"Bearer {KEY_B}"}
+MAX_SESSIONS = 4
+MODEL = "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path):
+    from edgellm.serve.process import ServerProcess
+    with ServerProcess(["--model", MODEL, "--api-key", KEY_A, "--api-key", KEY_B, "--max-sessions",
+                        str(MAX_SESSIONS), "--kv-memory", "64MB", "--threads", "2"]) as s:
+        yield s
+        assert s.alive, "the server died during the tests"
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    import httpx
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def post(http, path, body, headers=A, content_type="application/json"):
+    import json
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    hdrs = {**headers, **({"Content-Type": content_type} if content_type else {})}
+    return http.post(path, content=data, headers=hdrs)
+
+
+def assert_error(resp, status, param=None, code=None):
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+
+
+def delete_all(http, headers):
+    for sess in http.get("/v1/sessions", headers=headers).json()["data"]:
+        http.delete(f"/v1/sessions/{sess['id']}", headers=headers)
+
+
+def test_sessions_are_private_to_their_key_with_unguessable_ids(http):
+    import re
+    mine = [post(http, "/v1/sessions", {"system": "Be brief."}).json()["id"] for _ in range(2)]
+    for sid in mine:
+        assert re.fullmatch(r"sess_[A-Za-z0-9_-]{24,}", sid), sid    # token_urlsafe, not a counter
+    assert len(set(mine)) == 2
+    theirs = post(http, "/v1/sessions", {}, headers=B).json()["id"]
+    sid = mine[0]
+    assert_error(http.get(f"/v1/sessions/{sid}", headers=B), 404, code="session_not_found")
+    assert_error(post(http, f"/v1/sessions/{sid}/messages", {"content": "hi", "stream": False}, headers=B), 404)
+    assert_error(http.delete(f"/v1/sessions/{sid}", headers=B), 404)
+    assert http.get(f"/v1/sessions/{sid}", headers=A).status_code == 200      # still there for its owner
+    assert sorted(x["id"] for x in http.get("/v1/sessions", headers=A).json()["data"]) == sorted(mine)
+    assert [x["id"] for x in http.get("/v1/sessions", headers=B).json()["data"]] == [theirs]
+    delete_all(http, A)
+    delete_all(http, B)
+
+
+def test_session_count_is_capped(http):
+    made = [post(http, "/v1/sessions", {}, headers=A if i % 2 else B) for i in range(MAX_SESSIONS)]
+    assert all(r.status_code == 201 for r in made)
+    full = post(http, "/v1/sessions", {})
+    assert_error(full, 429, code="too_many_sessions")
+    assert int(full.headers["Retry-After"]) >= 1
+    http.delete(f"/v1/sessions/{made[1].json()['id']}", headers=A)
+    again = post(http, "/v1/sessions", {})
+    assert again.status_code == 201
+    delete_all(http, A)
+    delete_all(http, B)
+
+
+def test_session_system_prompt_is_admitted_at_creation(http, smollm2_path):
+    from edgellm.tokenizer import Tokenizer
+    tok = Tokenizer.from_gguf(smollm2_path)
+    system = "hello " * 9000
+    assert len(tok.encode(system)) > 8192            # beyond SmolLM2's context window
+    assert_error(post(http, "/v1/sessions", {"system": system}), 400, param="system", code="context_length_exceeded")
+    assert http.get("/v1/sessions", headers=A).json()["data"] == []
+
+
+def test_concurrent_deletes_of_one_session(server):
+    import asyncio
+
+    import httpx
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            statuses = []
+            for _ in range(3):
+                sid = (await c.post("/v1/sessions", json={"max_tokens": 200}, headers=A)).json()["id"]
+                # a turn in progress: closing the session then waits for an engine step
+                async with c.stream("POST", f"/v1/sessions/{sid}/messages", headers=A,
+                                    json={"content": "Tell me a long story.", "stream": True}) as turn:
+                    async for line in turn.aiter_lines():
+                        if line.startswith("data: "):
+                            break
+                    rs = await asyncio.gather(*(c.delete(f"/v1/sessions/{sid}", headers=A) for _ in range(2)))
+                statuses.append(sorted(r.status_code for r in rs))
+                for r in rs:
+                    assert r.headers["content-type"].startswith("application/json"), r.text
+            return statuses
+
+    assert asyncio.run(run()) == [[200, 404]] * 3
+
+
+def test_lone_surrogates_are_a_json_400(http):
+    body = '{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}'
+    assert_error(post(http, "/v1/chat/completions", body), 400, code="invalid_json")
+    body = '{"model": "%s", "\\udc00x": 1, "messages": [{"role": "user", "content": "hi"}]}' % MODEL
+    assert_error(post(http, "/v1/chat/completions", body), 400, code="invalid_json")
+    assert_error(post(http, "/v1/sessions", '{"system": "a\\udfffb"}'), 400, code="invalid_json")
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None])
+def test_post_bodies_must_be_json(http, ctype):
+    body = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}' % MODEL
+    assert_error(post(http, "/v1/chat/completions", body, content_type=ctype), 415, code="unsupported_media_type")
+    assert_error(post(http, "/v1/sessions", "{}", content_type=ctype), 415)
+    assert post(http, "/v1/chat/completions", body, content_type="application/json; charset=utf-8").status_code == 200
+
+
+def test_metrics_need_the_key(http):
+    assert_error(http.get("/metrics"), 401, code="invalid_api_key")
+    r = http.get("/metrics", headers=B)
+    assert r.status_code == 200 and "edgellm_engine_steps" in r.text
+    assert http.get("/health").status_code == 200          # health stays open
+
+
+def test_cancelled_turn_reports_abort_not_stop(http):
+    import json
+    import threading
+    sid = post(http, "/v1/sessions", {"max_tokens": 400}).json()["id"]
+    done, deleted = [], []
+    body = {"content": "Write a very long story about a dragon and a knight.", "stream": True}
+    with http.stream("POST", f"/v1/sessions/{sid}/messages", json=body, headers=A) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if ev["type"] == "delta" and not deleted:
+                t = threading.Thread(target=lambda: deleted.append(http.delete(f"/v1/sessions/{sid}", headers=A)))
+                t.start()
+                t.join()
+            elif ev["type"] == "done":
+                done.append(ev)
+    assert deleted[0].status_code == 200
+    assert len(done) == 1 and done[0]["usage"]["completion_tokens"] < 400
+    assert done[0]["finish_reason"] == "abort"
+
+
+def test_api_key_with_whitespace_is_refused_at_start(capsys):
+    from edgellm.cli.main import main
+    assert main(["serve", "--api-key", "sk-key "]) == 2
+    err = capsys.readouterr().err
+    assert "whitespace" in err and "--api-key" in err
+    assert main(["serve", "--api-key", " "]) == 2
+    assert main(["serve", "--max-sessions", "0"]) == 2
+    assert "--max-sessions" in capsys.readouterr().err

@@ -62,7 +62,7 @@ def user(text):
 
 
 def metrics(http) -> str:
-    return http.get("/metrics").text
+    return http.get("/metrics", headers=AUTH).text
 
 
 def wait_idle(http, timeout=10.0) -> str:

@@ -324,9 +324,14 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
+
+
 def finish_reason(reason: str) -> str:
-    # The engine's "cancelled" never reaches a client that is still listening, except on shutdown.
-    return reason if reason in ("stop", "length") else "stop"
+    """The engine's finish reason as the API reports it. A request cancelled while its client
+    still listens (its session deleted, the server shutting down) reports ``"abort"`` (vLLM's
+    name), never a normal ``"stop"``."""
+    return FINISH_REASONS.get(reason, reason)
 
 
 def chat_logprob_entries(token_text, ids: list[int], lps: list[float], tops: list) -> list[dict]:
