@@ -309,3 +309,16 @@ def test_api_key_with_whitespace_is_refused_at_start(capsys):
     assert main(["serve", "--api-key", " "]) == 2
     assert main(["serve", "--max-sessions", "0"]) == 2
     assert "--max-sessions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field,value", [("repetition_penalty", 1e-50), ("repetition_penalty", 1000.0),
+                                         ("top_k", 2 ** 40), ("stop", ["x" * 200, "y" * 57])])
+def test_server_refuses_out_of_range_sampling(http, field, value):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, field: value}
+    assert_error(post(http, "/v1/chat/completions", body), 400, param=field)
+    sid = post(http, "/v1/sessions", {}).json()["id"]
+    assert_error(post(http, f"/v1/sessions/{sid}/messages", {"content": "hi", "stream": False, field: value}),
+                 400, param=field)
+    http.delete(f"/v1/sessions/{sid}", headers=A)
+    ok = {**body, field: {"repetition_penalty": 1.3, "top_k": 40, "stop": ["x" * 200, "y" * 56]}[field]}
+    assert post(http, "/v1/chat/completions", ok).status_code == 200
