@@ -557,6 +557,8 @@ class SampleOutput:
 def unsamplable_rows(logits: torch.Tensor) -> list[int]:
     """Rows of (penalised) ``logits`` [B, V] with nothing to sample from: a NaN or +inf anywhere
     (softmax is then NaN) or every entry -inf."""
+    if bool(torch.isfinite(logits).all()):     # the usual case: one pass
+        return []
     bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1) | torch.isneginf(logits).all(dim=-1)
     return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
 
