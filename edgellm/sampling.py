@@ -67,6 +67,18 @@ _TOP_P_RTOL = 1e-6
 
 _SEED_MIN, _SEED_MAX = -(2 ** 63), 2 ** 64 - 1   # what torch.Generator.manual_seed accepts
 
+# Bounds of the other parameters. Each keeps every intermediate of the sampler finite in float32:
+# a repetition penalty of 1e-50 would be 0.0 there, and logit / 0 = inf makes the row NaN.
+# (vLLM accepts any repetition_penalty > 0; llama.cpp any float. 0.01..100 covers every useful
+# setting -- 1.0 is off, 1.1-1.3 is typical -- and scales a logit by at most 100.)
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_TEMPERATURE = 100.0          # OpenAI allows 2; beyond ~10 the distribution is already uniform
+MAX_PENALTY = 2.0                # presence/frequency: OpenAI's [-2, 2]
+MAX_INT = 2 ** 31 - 1            # top_k, max_tokens, token ids: an int32, as llama.cpp's are
+MAX_N = 1024                     # completions per request (the server allows fewer)
+MAX_STOP_STRINGS = 16            # the server allows 4, as OpenAI does
+MAX_STOP_LENGTH = 256            # characters of all stop strings together (see StopChecker)
+
 
 # ---------------------------------------------------------------------------------------------
 # Parameters
@@ -137,24 +149,27 @@ class SamplingParams:
                 raise bad(name, "must be an integer", f"pass a whole number for {name}")
             return int(value)
 
-        if integer("max_tokens") < 1:
-            raise bad("max_tokens", "must be at least 1", "ask for one or more tokens")
-        if real("temperature") < 0:
-            raise bad("temperature", "must be >= 0", "use 0 for greedy decoding or a positive value such as 0.7")
-        if integer("top_k") < 0:
-            raise bad("top_k", "must be >= 0", "use 0 to switch top-k off, or a positive number of tokens")
+        if not 1 <= integer("max_tokens") <= MAX_INT:
+            raise bad("max_tokens", f"must be between 1 and {MAX_INT}", "ask for one or more tokens")
+        if not 0 <= real("temperature") <= MAX_TEMPERATURE:
+            raise bad("temperature", f"must be in [0, {MAX_TEMPERATURE:g}]",
+                      "use 0 for greedy decoding or a positive value such as 0.7")
+        if not 0 <= integer("top_k") <= MAX_INT:
+            raise bad("top_k", f"must be between 0 and {MAX_INT}",
+                      "use 0 to switch top-k off, or a positive number of tokens")
         top_p = real("top_p")
         if not 0.0 < top_p <= 1.0:
             raise bad("top_p", "must be in (0, 1]", "use 1.0 to switch top-p off, or a value such as 0.9")
         min_p = real("min_p")
         if not 0.0 <= min_p <= 1.0:
             raise bad("min_p", "must be in [0, 1]", "use 0 to switch min-p off, or a value such as 0.05")
-        if real("repetition_penalty") <= 0:
-            raise bad("repetition_penalty", "must be > 0",
+        if not MIN_REPETITION_PENALTY <= real("repetition_penalty") <= MAX_REPETITION_PENALTY:
+            raise bad("repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}]",
                       "use 1.0 for no penalty, or a value such as 1.1 to discourage repetition")
         for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= real(name) <= 2.0:
-                raise bad(name, "must be in [-2, 2]", f"use 0 for no penalty, or a value between -2 and 2")
+            if not -MAX_PENALTY <= real(name) <= MAX_PENALTY:
+                raise bad(name, f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]",
+                          f"use 0 for no penalty, or a value between -{MAX_PENALTY:g} and {MAX_PENALTY:g}")
         if self.seed is not None:
             if not _is_int(self.seed):
                 raise bad("seed", "must be an integer or null", "pass a whole number as seed, or omit it")
@@ -169,12 +184,17 @@ class SamplingParams:
             raise bad("stop", "must be a string or a list of non-empty strings",
                       'pass stop strings such as ["\\n\\n", "User:"]')
         self.stop = list(self.stop)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"may hold at most {MAX_STOP_STRINGS} strings", "pass fewer stop strings")
+        if sum(len(s) for s in self.stop) > MAX_STOP_LENGTH:
+            raise bad("stop", f"must total at most {MAX_STOP_LENGTH} characters",
+                      "use shorter stop strings (a stop string only needs its first distinctive characters)")
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         elif _is_int(self.stop_token_ids):
             self.stop_token_ids = [self.stop_token_ids]
         if (not isinstance(self.stop_token_ids, (list, tuple))
-                or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids)):
+                or not all(_is_int(t) and 0 <= t <= MAX_INT for t in self.stop_token_ids)):
             raise bad("stop_token_ids", "must be a list of non-negative integers", "pass token ids such as [2, 32000]")
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         for name in ("ignore_eos", "logprobs"):
@@ -183,8 +203,8 @@ class SamplingParams:
         if not 0 <= integer("top_logprobs") <= MAX_TOP_LOGPROBS:
             raise bad("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}",
                       f"ask for at most {MAX_TOP_LOGPROBS} alternatives per token")
-        if integer("n") < 1:
-            raise bad("n", "must be at least 1", "ask for one or more completions")
+        if not 1 <= integer("n") <= MAX_N:
+            raise bad("n", f"must be between 1 and {MAX_N}", "ask for fewer completions")
 
     # ---- derived ---------------------------------------------------------------------------
     @property
@@ -529,6 +549,18 @@ class SampleOutput:
     token_ids: list[int]
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[int, float]] | None]
+    # Rows that could not be sampled (``sample(..., errors="row")`` only): row -> why. Their
+    # token id is -1; nothing was drawn from their random streams.
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+def unsamplable_rows(logits: torch.Tensor) -> list[int]:
+    """Rows of (penalised) ``logits`` [B, V] with nothing to sample from: a NaN or +inf anywhere
+    (softmax is then NaN) or every entry -inf."""
+    if bool(torch.isfinite(logits).all()):     # the usual case: one pass
+        return []
+    bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1) | torch.isneginf(logits).all(dim=-1)
+    return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
 
 
 class Sampler:
@@ -541,8 +573,13 @@ class Sampler:
         self._generator = _seeded_generator(secrets.randbits(63) if seed is None else seed)
 
     def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-               histories: Sequence[SequenceHistory | None] | None = None) -> SampleOutput:
+               histories: Sequence[SequenceHistory | None] | None = None, errors: str = "raise") -> SampleOutput:
         """Sample ``logits`` [B, V] (float32; not modified) under ``params[b]`` for each row.
+
+        A row whose penalised logits hold a NaN or +inf, or are all -inf, cannot be sampled: with
+        ``errors="raise"`` that raises ValueError; with ``errors="row"`` the row is left out (token
+        -1, listed in ``SampleOutput.failed``) and the other rows are sampled exactly as they would
+        be without it -- no random number is drawn for the bad row.
 
         ``histories[b]`` is the row's :class:`SequenceHistory` (needed for penalties and for a seed
         to continue one random stream across steps); the caller appends the chosen token to it
@@ -565,6 +602,20 @@ class Sampler:
         wants_lp = [i for i, p in enumerate(params) if p.wants_logprobs]
         raw_logits = logits
         logits = apply_penalties(logits, params, histories)
+        bad_rows = unsamplable_rows(logits)
+        if bad_rows:
+            why = "its logits hold a NaN or +inf after penalties, or are NaN or all -inf: nothing to sample from"
+            if errors != "row":
+                raise ValueError(f"row {bad_rows[0]}: {why}")
+            good = [i for i in range(batch) if i not in set(bad_rows)]
+            out = SampleOutput([-1] * batch, [None] * batch, [None] * batch, {i: why for i in bad_rows})
+            if good:
+                sub = self.sample(raw_logits.index_select(0, _index(good, raw_logits.device)),
+                                  [params[i] for i in good], [histories[i] for i in good], errors="row")
+                for j, i in enumerate(good):
+                    out.token_ids[i], out.logprobs[i], out.top_logprobs[i] = \
+                        sub.token_ids[j], sub.logprobs[j], sub.top_logprobs[j]
+            return out
 
         # Common case: plain greedy batch -> one argmax, no copy, no softmax, no sort.
         if all(greedy) and not wants_lp:
@@ -657,15 +708,18 @@ class Sampler:
 # ---------------------------------------------------------------------------------------------
 # Stop conditions over streamed text
 # ---------------------------------------------------------------------------------------------
-def _held_suffix_length(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
+def _failure_table(s: str) -> list[int]:
+    """Knuth-Morris-Pratt: ``table[i]`` is the length of the longest proper prefix of ``s[:i + 1]``
+    that is also its suffix."""
+    table = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = table[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        table[i] = k
+    return table
 
 
 @dataclass
@@ -699,6 +753,12 @@ class StopChecker:
         if not ignore_eos:
             self.stop_token_ids |= set(int(t) for t in eos_token_ids)
         self.max_tokens = max_tokens
+        # Per stop string, a KMP matcher: its failure table and its state, the length of the
+        # longest prefix of the stop string that ends the text so far. Each character of new text
+        # advances every state in amortised O(1), so a step costs O(len(new_text) * len(stop)),
+        # whatever the stop strings' lengths; the text held back is max(state) < the longest stop.
+        self._tables = [_failure_table(s) for s in self.stop]
+        self._states = [0] * len(self.stop)
         self.n_tokens = 0
         self.pending = ""            # held back: could begin a stop string
         self.emitted = ""            # everything released so far
@@ -724,15 +784,25 @@ class StopChecker:
             return StopUpdate("", None)
         buf = self.pending + new_text
         if self.stop:
+            base = len(self.pending)        # every state is <= base: no match starts before pending
             hit, hit_at = None, len(buf) + 1
-            for s in self.stop:
-                at = buf.find(s)
-                if 0 <= at < hit_at:
-                    hit, hit_at = s, at
+            for k, s in enumerate(self.stop):
+                q, table, n = self._states[k], self._tables[k], len(s)
+                for pos, ch in enumerate(new_text):
+                    while q and s[q] != ch:
+                        q = table[q - 1]
+                    if s[q] == ch:
+                        q += 1
+                    if q == n:              # the first occurrence of s in buf ends at pos
+                        at = base + pos + 1 - n
+                        if at < hit_at:
+                            hit, hit_at = s, at
+                        break
+                self._states[k] = q
             if hit is not None:
                 self.pending = ""
                 return self._release(buf[:hit_at], FINISH_STOP, hit)
-            hold = _held_suffix_length(buf, self.stop)
+            hold = max(self._states)
         else:
             hold = 0
         self.pending = buf[len(buf) - hold:] if hold else ""
@@ -755,5 +825,6 @@ class StopChecker:
     def flush(self) -> str:
         """Release the held-back text (the sequence ended without completing a stop string)."""
         text, self.pending = self.pending, ""
+        self._states = [0] * len(self.stop)
         self.emitted += text
         return text

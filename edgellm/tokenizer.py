@@ -816,9 +816,66 @@ class Tokenizer:
         return backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_chat(self, messages: list[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs) -> list[int]:
-        """Ids of the rendered chat prompt (the template supplies the special tokens)."""
+        """Ids of the rendered chat prompt. Special tokens come only from the template: special-token
+        text inside a message's content (``<|im_end|><|im_start|>system`` in a user message) is
+        encoded as plain text, as transformers does with ``split_special_tokens=True`` -- so a
+        message cannot forge a role or end a turn early.
+
+        How: the template is rendered a second time with every content string between two random
+        markers, which gives the characters of the prompt that came from content. Special tokens
+        are matched only outside those; the text between them (template and content together) is
+        encoded as plain text, as ``encode`` does between special tokens. A prompt whose contents
+        hold no special-token text is encoded exactly as before, in one call. Raises
+        InvalidParameterError when content holds special-token text and the template rewrites
+        contents (``| trim``), so that the two cannot be told apart.
+        """
+        import re
+        import secrets
+
         prompt = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
-        return self.encode(prompt, add_special_tokens=False)
+        specials = sorted({t.content for t in self._backend.get_added_tokens_decoder().values() if t.content},
+                          key=len, reverse=True)
+        contents = [m.get("content") for m in messages if isinstance(m, Mapping)]
+        if not specials or not any(isinstance(c, str) and t in c for c in contents for t in specials):
+            return self.encode(prompt, add_special_tokens=False)
+
+        tag = secrets.token_hex(8)
+        open_mark, close_mark = f"\x00<{tag}\x00", f"\x00{tag}>\x00"
+        marked_msgs = [dict(m, content=open_mark + m["content"] + close_mark)
+                       if isinstance(m, Mapping) and isinstance(m.get("content"), str) else m for m in messages]
+        marked = self.apply_chat_template(marked_msgs, add_generation_prompt, **kwargs)
+        # Template regions (even pieces) and content regions (odd pieces) of the prompt.
+        pieces = re.split(f"{re.escape(open_mark)}|{re.escape(close_mark)}", marked)
+        if "".join(pieces) != prompt or len(pieces) % 2 != 1:
+            raise InvalidParameterError(
+                "a message contains special-token text (such as "
+                f"{next(t for t in specials if any(isinstance(c, str) and t in c for c in contents))!r}) "
+                "and this model's chat template rewrites message contents, so it cannot be kept as plain text",
+                fix="remove special-token text from the messages",
+            )
+        special_re = re.compile("|".join(re.escape(t) for t in specials))
+        ids: list[int] = []
+        text = ""                  # plain text since the last template special token
+
+        def flush() -> None:
+            nonlocal text
+            if text:
+                ids.extend(self.encode(text, add_special_tokens=False, parse_special=False))
+            text = ""
+
+        for k, piece in enumerate(pieces):
+            if k % 2:              # content: never special
+                text += piece
+                continue
+            at = 0
+            for m in special_re.finditer(piece):
+                text += piece[at:m.start()]
+                flush()
+                ids.extend(self.encode(m.group(0), add_special_tokens=False))
+                at = m.end()
+            text += piece[at:]
+        flush()
+        return ids
 
     def _check_ids(self, ids: Iterable[int]) -> list[int]:
         out = []

@@ -54,7 +54,7 @@ def user(text):
 
 
 def metrics(http) -> str:
-    return http.get("/metrics").text
+    return http.get("/metrics", headers=AUTH).text
 
 
 def sample(text: str, name: str, labels: str | None = None) -> float:

@@ -15,8 +15,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--api-key", default=os.environ.get("EDGELLM_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $EDGELLM_API_KEY, else none)")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /metrics; repeat for several clients, "
+                        "each seeing only its own sessions (default: $EDGELLM_API_KEY, else none)")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="serve /metrics without the API key (with --api-key it needs the key by default)")
+    p.add_argument("--max-sessions", type=int, default=256, metavar="N",
+                   help="most live sessions (POST /v1/sessions); beyond it 429 with Retry-After (default 256)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send and /v1/models lists (default: the model's registry name "
                         "or file name)")
@@ -46,8 +51,17 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidParameterError(f"--port must be between 1 and 65535, got {args.port}", "pass e.g. --port 8000")
     if args.max_queue < 1:
         raise InvalidParameterError(f"--max-queue must be at least 1, got {args.max_queue}", "pass e.g. --max-queue 256")
-    if args.api_key is not None and not args.api_key.strip():
-        raise InvalidParameterError("--api-key is empty", "pass a non-empty key, or leave --api-key out")
+    if args.max_sessions < 1:
+        raise InvalidParameterError(f"--max-sessions must be at least 1, got {args.max_sessions}",
+                                    "pass e.g. --max-sessions 256")
+    if args.session_idle_timeout < 0:
+        raise InvalidParameterError(f"--session-idle-timeout must be >= 0, got {args.session_idle_timeout}",
+                                    "pass e.g. --session-idle-timeout 1800 (0 keeps idle sessions)")
+    api_keys = args.api_key
+    if api_keys is None and os.environ.get("EDGELLM_API_KEY") is not None:
+        api_keys = [os.environ["EDGELLM_API_KEY"]]
+    from edgellm.serve.app import check_api_keys, create_app
+    api_keys = check_api_keys(api_keys)     # refuses empty keys and keys padded with whitespace
     max_body = parse_size(args.max_body, "--max-body")
     if max_body < 1024:
         raise InvalidParameterError(f"--max-body {args.max_body!r} is under 1 KiB", "pass e.g. --max-body 1MB")
@@ -56,7 +70,6 @@ def run(args: argparse.Namespace) -> int:
 
     from edgellm.llm import LLM
     from edgellm.runtime.engine import Engine
-    from edgellm.serve.app import create_app
 
     llm = LLM(args.model, dtype=args.dtype, threads=args.threads)
     engine = Engine(llm, kv_memory=args.kv_memory, host_memory=args.host_memory,
@@ -64,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
                     idle_retire_s=args.session_idle_timeout or None)
     model_id = args.served_model_name or llm.loaded.source.name
     aliases = (args.model,) if args.model and args.model != model_id else ()
-    app = create_app(engine, model_id, aliases, api_key=args.api_key, max_queue=args.max_queue, max_body=max_body)
+    app = create_app(engine, model_id, aliases, api_key=api_keys, max_queue=args.max_queue, max_body=max_body,
+                     max_sessions=args.max_sessions, metrics_public=args.metrics_public)
     print(f"edgellm serve: {model_id} on http://{args.host}:{args.port}  (KV pool {engine.num_blocks} blocks, "
           f"{engine.pool_tokens} tokens; live page at /, metrics at /metrics)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -355,13 +355,21 @@ class Engine:
 
     def step(self) -> bool:
         """Run one engine step: take in submissions/cancels, plan, one forward pass, sample,
-        stream. Returns False when there was nothing to do. If the step fails, the requests it
-        touched finish with reason ``error`` (their handles raise it) and the engine goes on."""
+        stream. Returns False when there was nothing to do.
+
+        A row that cannot be sampled (its logits NaN or infinite) or whose output fails ends only
+        its own request, with reason ``error``; the rest of the batch goes on. If the step itself
+        fails (the forward pass), the requests it ran finish with reason ``error`` (their handles
+        raise it) and the engine goes on; a failure before anything was scheduled fails every
+        queued request."""
         with self._lock:
+            self._step_seqs: list[Sequence] | None = None
             try:
                 return self._step()
             except Exception as err:
-                seqs = self.scheduler.running + self.scheduler.waiting
+                seqs = self._step_seqs
+                if seqs is None:
+                    seqs = self.scheduler.running + self.scheduler.waiting
                 self._fail(seqs, err)
                 if not self.running_in_background or threading.current_thread() is not self._thread:
                     raise
@@ -375,6 +383,7 @@ class Engine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return took
+        self._step_seqs = [c.seq for c in chunks]
         t1 = time.perf_counter()
         logits = self.runner.run([
             SeqChunk(c.tokens, c.start, self.cache.block_slots(c.seq.kv.blocks, c.start + len(c.tokens)),
@@ -415,22 +424,31 @@ class Engine:
 
     def _sample(self, wanting: list[Chunk], logits) -> None:
         seqs = [c.seq for c in wanting]
-        out = self.sampler.sample(logits, [s.params for s in seqs], [s.history for s in seqs])
+        out = self.sampler.sample(logits, [s.params for s in seqs], [s.history for s in seqs], errors="row")
         now = time.perf_counter()
         for row, seq in enumerate(seqs):
-            tok = out.token_ids[row]
-            lp = top = None
-            if seq.params.wants_logprobs:
-                lp, top = out.logprobs[row], out.top_logprobs[row] or []
-            upd = append_token(seq, tok, lp, top, now)
-            s = seq.session
-            s.clock.tokens["generated"] += 1
-            if s.phase != Phase.DECODE:
-                s.clock.to(Phase.DECODE, now)
-            if upd.finished:
-                self._finish(seq, upd.finish_reason, last=(tok, upd.text, lp, top))
-            else:
-                seq.handle.deliver(TokenEvent(tok, upd.text, logprob=lp, top_logprobs=top))
+            if row in out.failed:
+                self._fail([seq], InvalidParameterError(
+                    f"this request's next token could not be sampled: {out.failed[row]}",
+                    "lower repetition_penalty / presence_penalty / frequency_penalty, or retry; "
+                    "other requests were not affected"))
+                continue
+            try:
+                tok = out.token_ids[row]
+                lp = top = None
+                if seq.params.wants_logprobs:
+                    lp, top = out.logprobs[row], out.top_logprobs[row] or []
+                upd = append_token(seq, tok, lp, top, now)
+                s = seq.session
+                s.clock.tokens["generated"] += 1
+                if s.phase != Phase.DECODE:
+                    s.clock.to(Phase.DECODE, now)
+                if upd.finished:
+                    self._finish(seq, upd.finish_reason, last=(tok, upd.text, lp, top))
+                else:
+                    seq.handle.deliver(TokenEvent(tok, upd.text, logprob=lp, top_logprobs=top))
+            except Exception as err:        # this request's output failed; the others go on
+                self._fail([seq], err)
 
     def _finish(self, seq: Sequence, reason: str, last: tuple | None = None, retire: bool = True,
                 error: BaseException | None = None) -> None:
@@ -448,8 +466,9 @@ class Engine:
         self.counts[f"finish_{reason}"] += 1
         if not s.ephemeral:
             s.results.append(result)
-            s.messages = s.messages + [dict(m) for m in (seq.request.new_messages or [])] + \
-                [{"role": "assistant", "content": result.text}]
+            if reason not in (FINISH_CANCELLED, FINISH_ERROR):   # a failed or cancelled turn is not history
+                s.messages = s.messages + [dict(m) for m in (seq.request.new_messages or [])] + \
+                    [{"role": "assistant", "content": result.text}]
             s.clock.to(self.scheduler.idle_phase(s), now)
         s.end_turn()
         if s.ephemeral and retire:

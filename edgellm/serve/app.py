@@ -23,13 +23,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import hmac
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -37,7 +39,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from edgellm.errors import ContextOverflowError, EdgeLLMError
+from edgellm.errors import ContextOverflowError, EdgeLLMError, InvalidParameterError
 from edgellm.runtime.engine import Engine
 from edgellm.runtime.session import RequestHandle
 from edgellm.runtime.types import Request, TokenEvent
@@ -51,7 +53,9 @@ log = logging.getLogger("edgellm.serve")
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 1 << 20          # 1 MiB: a full 8k-token conversation is ~40 kB of JSON
 RETRY_AFTER_S = 1
-PARAM_OF = {"the messages": "messages", "the prompt": "prompt", "the conversation": "content"}
+DEFAULT_MAX_SESSIONS = 256
+PARAM_OF = {"the messages": "messages", "the prompt": "prompt", "the conversation": "content",
+            "the system prompt": "system"}
 
 
 @dataclass
@@ -86,17 +90,21 @@ class Batch:
 class ServerState:
     """What the handlers share: the engine, the served names, limits, sessions, metrics."""
 
-    def __init__(self, engine: Engine, model_id: str, aliases: tuple[str, ...], api_key: str | None,
-                 max_queue: int, max_body: int):
+    def __init__(self, engine: Engine, model_id: str, aliases: tuple[str, ...], api_keys: tuple[str, ...],
+                 max_queue: int, max_body: int, max_sessions: int = DEFAULT_MAX_SESSIONS,
+                 metrics_public: bool = False):
         self.engine = engine
         self.model_id = model_id
         self.served = {model_id, *aliases}
-        self.api_key = api_key
+        self.api_keys = tuple(k.encode("utf-8", "surrogateescape") for k in api_keys)   # empty: no authentication
         self.max_queue = max_queue
         self.max_body = max_body
+        self.max_sessions = max_sessions
+        self.metrics_public = metrics_public or not api_keys
         self.in_flight = 0          # engine requests submitted and not finished (loop thread only)
         self.sessions: dict[str, Any] = {}         # API id -> engine Session
         self.session_defaults: dict[str, dict] = {}  # API id -> its sampling defaults
+        self.session_owner: dict[str, str | None] = {}  # API id -> who created it (a key's fingerprint)
         self.metrics = Metrics(engine, lambda: self.in_flight)
         self.started = int(time.time())
 
@@ -174,8 +182,45 @@ def api_message(err: EdgeLLMError) -> str:
     return f"{err.problem}. Fix: {err.fix}." if err.fix else err.problem
 
 
+def printable(text: str) -> str:
+    """``text`` with lone UTF-16 surrogates (which UTF-8 cannot carry) written as ``\\udxxx``."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    body = err.body()
+    body["error"] = {k: printable(v) if isinstance(v, str) else v for k, v in body["error"].items()}
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """The first string (key or value) of parsed JSON that holds a lone surrogate, or None."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return v
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return None
+
+
+JSON_TYPES = ("application/json",)
+
+
+def check_json_content_type(request: HttpRequest) -> None:
+    """A body must be declared JSON: browsers send text/plain or form bodies cross-site without a
+    preflight, so accepting them would let any web page drive a server on localhost."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in JSON_TYPES:
+        raise ApiError(415, f"the request body must be sent as 'Content-Type: application/json', got "
+                            f"{ctype or 'no content type'!r}", code="unsupported_media_type")
 
 
 async def read_json(request: HttpRequest, max_body: int) -> dict:
@@ -191,6 +236,7 @@ async def read_json(request: HttpRequest, max_body: int) -> dict:
             raise too_big
     if not data:
         raise ApiError(400, "the request has no body: send a JSON object", code="invalid_json")
+    check_json_content_type(request)
     try:
         body = json.loads(data)
     except (ValueError, RecursionError) as err:
@@ -198,18 +244,42 @@ async def read_json(request: HttpRequest, max_body: int) -> dict:
                        code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {oa._type_name(body)}", code="invalid_json")
+    bad = lone_surrogate(body)
+    if bad is not None:
+        raise ApiError(400, f"the request body holds a lone UTF-16 surrogate escape (in {printable(bad)[:80]!r}), "
+                            "which is not text; send valid Unicode", code="invalid_json")
     return body
 
 
-def check_auth(state: ServerState, request: HttpRequest) -> None:
-    if state.api_key is None:
-        return
+def check_auth(state: ServerState, request: HttpRequest) -> str | None:
+    """Who is calling: the fingerprint of the API key the request carries (None when the server
+    has no key). Raises 401 without a valid key."""
+    if not state.api_keys:
+        return None
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+    given = token.strip().encode("utf-8", "surrogateescape")
+    # Compare with every key (no early exit), so the time taken does not say which one matched.
+    matched = [hmac.compare_digest(given, k) for k in state.api_keys]
+    if scheme.lower() != "bearer" or not any(matched):
         raise ApiError(401, "Incorrect or missing API key: send the server's key as 'Authorization: Bearer KEY'"
                        if header else "Missing API key: send 'Authorization: Bearer KEY' (the server's --api-key)",
                        code="invalid_api_key")
+    return hashlib.sha256(state.api_keys[matched.index(True)]).hexdigest()[:16]
+
+
+def check_api_keys(api_key: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The server's API keys, refused when empty or padded with whitespace (a client never sends
+    the padding, so such a key would never match)."""
+    keys = (api_key,) if isinstance(api_key, str) else tuple(api_key or ())
+    for k in keys:
+        if not isinstance(k, str) or not k.strip():
+            raise InvalidParameterError("an API key is empty", "pass a non-empty key, or leave --api-key out")
+        if k != k.strip():
+            raise InvalidParameterError(f"the API key {k.strip()[:4]!r}... starts or ends with whitespace, so no "
+                                        "client's 'Authorization: Bearer KEY' header could match it",
+                                        "remove the whitespace from --api-key / $EDGELLM_API_KEY")
+    return keys
 
 
 def sse(obj: Any) -> bytes:
@@ -459,6 +529,7 @@ def session_view(state: ServerState, sid: str, s) -> dict:
     last = s.results[-1].to_dict() if s.results else None
     if last is not None:
         last.pop("token_ids", None)
+        last["session_id"] = sid
     return {"id": sid, "object": "session", "phase": st["phase"], "kv_tier": st["kv_tier"], "turns": st["turns"],
             "kv_tokens": st["kv_tokens"], "kv_bytes": st["kv_bytes"], "phase_seconds": st["phase_s"],
             "phase_tokens": st["tokens"], "messages": len(s.messages), "last_turn": last}
@@ -472,8 +543,15 @@ async def locked(state: ServerState, fn: Callable, *args):
     return await asyncio.to_thread(run)
 
 
-def find_session(state: ServerState, sid: str):
+def owner_of(request: HttpRequest) -> str | None:
+    return getattr(request.state, "owner", None)
+
+
+def find_session(state: ServerState, sid: str, request: HttpRequest):
+    """The caller's session ``sid``; 404 if there is none -- or it belongs to another API key."""
     s = state.sessions.get(sid)
+    if s is not None and state.session_owner.get(sid) != owner_of(request):
+        s = None
     if s is None:
         raise ApiError(404, f"no session '{sid}': unknown, deleted, or retired after --session-idle-timeout "
                             f"(create one with POST /v1/sessions)", param="session_id", code="session_not_found")
@@ -489,19 +567,33 @@ async def create_session(state: ServerState, request: HttpRequest) -> Response:
     if system is not None and not isinstance(system, str):
         raise oa.invalid("system", f"'system' must be a string, got {oa._type_name(system)}", "invalid_type")
     defaults = session_sampling(body)
+    if system:      # tokenised and admitted now, not at the first message
+        ids = state.engine.input.encode([{"role": "system", "content": system}])
+        state.budget(len(ids), None, "the system prompt")
     for old in [k for k, v in state.sessions.items() if v.retired]:   # retired while idle: forget them
-        del state.sessions[old]
-        state.session_defaults.pop(old, None)
+        forget_session(state, old)
+    if len(state.sessions) >= state.max_sessions:
+        raise ApiError(429, f"the server holds its maximum of {state.max_sessions} sessions (--max-sessions); "
+                            "delete sessions you no longer need, or retry after idle ones retire "
+                            "(--session-idle-timeout)", code="too_many_sessions", type="rate_limit_exceeded",
+                       headers={"Retry-After": str(RETRY_AFTER_S)})
     s = state.engine.session(system=system)
-    sid = f"sess_{s.id}"
+    sid = "sess_" + secrets.token_urlsafe(18)     # unguessable: 144 random bits
     state.sessions[sid] = s
     state.session_defaults[sid] = defaults
+    state.session_owner[sid] = owner_of(request)
     return JSONResponse(await locked(state, session_view, state, sid, s), status_code=201)
+
+
+def forget_session(state: ServerState, sid: str):
+    state.session_defaults.pop(sid, None)
+    state.session_owner.pop(sid, None)
+    return state.sessions.pop(sid, None)
 
 
 async def post_message(state: ServerState, request: HttpRequest) -> Response:
     sid = request.path_params["sid"]
-    s = find_session(state, sid)
+    s = find_session(state, sid, request)
     body = await read_json(request, state.max_body)
     oa.check_fields(body, MESSAGE_FIELDS, {})
     content = body.get("content")
@@ -532,6 +624,7 @@ async def post_message(state: ServerState, request: HttpRequest) -> Response:
 async def turn_summary(state: ServerState, sid: str, s, r) -> dict:
     turn = r.to_dict()
     turn.pop("token_ids", None)
+    turn["session_id"] = sid
     return {"type": "done", "message": {"role": "assistant", "content": r.text},
             "finish_reason": oa.finish_reason(r.finish_reason),
             "usage": oa.usage(r.prompt_tokens, len(r.token_ids), r.cached_tokens), "turn": turn,
@@ -554,22 +647,24 @@ async def stream_session(state: ServerState, sid: str, s, batch: Batch):
 
 async def get_session(state: ServerState, request: HttpRequest) -> Response:
     sid = request.path_params["sid"]
-    s = find_session(state, sid)
+    s = find_session(state, sid, request)
     return JSONResponse(await locked(state, session_view, state, sid, s))
 
 
 async def list_sessions(state: ServerState, request: HttpRequest) -> Response:
-    items = list(state.sessions.items())
+    """The caller's live sessions (with an API key, only those its key created)."""
+    owner = owner_of(request)
+    items = [(sid, s) for sid, s in state.sessions.items()
+             if state.session_owner.get(sid) == owner and not s.retired]
     data = await locked(state, lambda: [session_view(state, sid, s) for sid, s in items])
     return JSONResponse({"object": "list", "data": data})
 
 
 async def delete_session(state: ServerState, request: HttpRequest) -> Response:
     sid = request.path_params["sid"]
-    s = find_session(state, sid)
+    s = find_session(state, sid, request)
+    forget_session(state, sid)          # before any await: a second DELETE now finds nothing (404)
     await asyncio.to_thread(s.close)
-    del state.sessions[sid]
-    state.session_defaults.pop(sid, None)
     view = await locked(state, session_view, state, sid, s)
     return JSONResponse({"id": sid, "object": "session.deleted", "deleted": True, "session": view})
 
@@ -590,6 +685,7 @@ async def health(state: ServerState, request: HttpRequest) -> Response:
 
 
 async def metrics(state: ServerState, request: HttpRequest) -> Response:
+    """Prometheus text; with an API key, only for callers that send it (unless --metrics-public)."""
     data = await asyncio.to_thread(state.metrics.render)
     return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -616,7 +712,7 @@ def endpoint(state: ServerState, handler, name: str, auth: bool = True):
     async def wrapped(request: HttpRequest) -> Response:
         try:
             if auth:
-                check_auth(state, request)
+                request.state.owner = check_auth(state, request)
             response = await handler(state, request)
         except ApiError as err:
             response = error_response(err)
@@ -634,10 +730,20 @@ def endpoint(state: ServerState, handler, name: str, auth: bool = True):
     return wrapped
 
 
-def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (), api_key: str | None = None,
-               max_queue: int = 256, max_body: int = DEFAULT_MAX_BODY, close_engine: bool = True) -> Starlette:
-    """The server over ``engine`` (started by the app's lifespan; closed at shutdown if ``close_engine``)."""
-    state = ServerState(engine, model_id, tuple(a for a in aliases if a), api_key, max_queue, max_body)
+def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
+               api_key: str | Sequence[str] | None = None, max_queue: int = 256, max_body: int = DEFAULT_MAX_BODY,
+               close_engine: bool = True, max_sessions: int = DEFAULT_MAX_SESSIONS,
+               metrics_public: bool = False) -> Starlette:
+    """The server over ``engine`` (started by the app's lifespan; closed at shutdown if ``close_engine``).
+
+    ``api_key``: one key or several (each client's sessions are private to its key); None: no
+    authentication. ``max_sessions``: live sessions at most (429 beyond). ``metrics_public``:
+    serve /metrics without a key (it always is when there is no key)."""
+    if not isinstance(max_sessions, int) or max_sessions < 1:
+        raise InvalidParameterError(f"max_sessions must be a positive integer, got {max_sessions!r}",
+                                    "pass e.g. --max-sessions 256")
+    state = ServerState(engine, model_id, tuple(a for a in aliases if a), check_api_keys(api_key), max_queue,
+                        max_body, max_sessions, metrics_public)
 
     def ep(handler, name, auth=True):
         return endpoint(state, handler, name, auth)
@@ -653,7 +759,7 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (), api
         Route("/v1/sessions/{sid}/messages", ep(post_message, "sessions_message"), methods=["POST"]),
         Route("/v1/runtime", ep(runtime, "runtime"), methods=["GET"]),
         Route("/health", ep(health, "health", auth=False), methods=["GET"]),
-        Route("/metrics", ep(metrics, "metrics", auth=False), methods=["GET"]),
+        Route("/metrics", ep(metrics, "metrics", auth=not state.metrics_public), methods=["GET"]),
         Route("/", ep(index, "index", auth=False), methods=["GET"]),
     ]
 

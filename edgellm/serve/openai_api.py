@@ -27,6 +27,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from edgellm.sampling import MAX_INT, MAX_REPETITION_PENALTY, MAX_STOP_LENGTH, MIN_REPETITION_PENALTY
+
 MAX_N = 16                  # completions per request
 MAX_STOP = 4                # stop strings, as OpenAI allows
 MAX_TOP_LOGPROBS_CHAT = 20
@@ -157,6 +159,9 @@ def get_stop(body: dict) -> list[str]:
         raise invalid("stop", f"'stop' may hold at most {MAX_STOP} strings, got {len(v)}")
     if any(s == "" for s in v):
         raise invalid("stop", "'stop' strings must not be empty")
+    if sum(len(s) for s in v) > MAX_STOP_LENGTH:
+        raise invalid("stop", f"'stop' strings may total at most {MAX_STOP_LENGTH} characters, got "
+                              f"{sum(len(s) for s in v)}; use shorter stop strings")
     return v
 
 
@@ -198,9 +203,9 @@ def _sampling_fields(body: dict) -> dict:
     return dict(
         temperature=get_num(body, "temperature", 1.0, 0.0, 2.0),
         top_p=get_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        top_k=get_int(body, "top_k", 0, 0) if body.get("top_k") != -1 else 0,   # vLLM's -1 = off
+        top_k=get_int(body, "top_k", 0, 0, MAX_INT) if body.get("top_k") != -1 else 0,   # vLLM's -1 = off
         min_p=get_num(body, "min_p", 0.0, 0.0, 1.0),
-        repetition_penalty=get_num(body, "repetition_penalty", 1.0, 0.0, lo_open=True),
+        repetition_penalty=get_num(body, "repetition_penalty", 1.0, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY),
         presence_penalty=get_num(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=get_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
         seed=get_int(body, "seed", None, -(2 ** 63), 2 ** 64 - 1),
@@ -319,9 +324,14 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
+
+
 def finish_reason(reason: str) -> str:
-    # The engine's "cancelled" never reaches a client that is still listening, except on shutdown.
-    return reason if reason in ("stop", "length") else "stop"
+    """The engine's finish reason as the API reports it. A request cancelled while its client
+    still listens (its session deleted, the server shutting down) reports ``"abort"`` (vLLM's
+    name), never a normal ``"stop"``."""
+    return FINISH_REASONS.get(reason, reason)
 
 
 def chat_logprob_entries(token_text, ids: list[int], lps: list[float], tops: list) -> list[dict]:
