@@ -147,6 +147,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.step_stats = StepStats()
+        self._step_seqs: list[Sequence] | None = None   # the sequences of the step in progress
         self.counts: Counter = Counter()
         self._retired_phase_s: Counter = Counter()
         self._retired_tokens: Counter = Counter()
@@ -363,7 +364,7 @@ class Engine:
         raise it) and the engine goes on; a failure before anything was scheduled fails every
         queued request."""
         with self._lock:
-            self._step_seqs: list[Sequence] | None = None
+            self._step_seqs = None
             try:
                 return self._step()
             except Exception as err:

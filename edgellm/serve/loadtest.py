@@ -118,7 +118,7 @@ def after_state(url: str, headers: dict, timeout: float = 10.0) -> dict:
     """Wait until nothing is in flight; report KV blocks and server health."""
     deadline = time.monotonic() + timeout
     while True:
-        text = httpx.get(url + "/metrics", timeout=30).text
+        text = httpx.get(url + "/metrics", headers=headers, timeout=30).text
         in_flight = metric(text, "edgellm_requests_in_flight")
         if in_flight == 0 or time.monotonic() > deadline:
             break
