@@ -108,7 +108,7 @@ class ServerState:
         self.metrics = Metrics(engine, lambda: self.in_flight)
         self.started = int(time.time())
 
-    @functools.lru_cache(maxsize=65536)
+    @functools.lru_cache(maxsize=65536)   # noqa: B019 -- one ServerState per server, alive as long as it
     def token_text(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id])
 
