@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from edgellm.errors import InvalidParameterError, UnsupportedModelError
-from edgellm.layers.weights import DenseWeight
+from edgellm.dtypes import FLOAT8_HALF_FACTOR, float8_as_half
 from edgellm.quant import fp8, int4, int8, ternary
-from edgellm.quant.formats import parse_format
+from edgellm.quant.convert import convert_matrix
+from edgellm.quant.dense import DenseWeight
+from edgellm.quant.registry import parse_format
 
 RNG = np.random.default_rng(0)
 
@@ -170,7 +172,7 @@ def test_fp8_half_bits_exact():
     for variant, dtype in (("e4m3", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)):
         vals, codes = fp8_values(variant)
         f8 = torch.tensor(codes, dtype=torch.uint8).view(dtype)
-        half = fp8._half_bits(f8.view(1, -1), variant).double().numpy()[0] / fp8._HALF_FACTOR[variant]
+        half = float8_as_half(f8.view(1, -1), variant).double().numpy()[0] / FLOAT8_HALF_FACTOR[variant]
         np.testing.assert_array_equal(half, vals)
 
 
@@ -213,7 +215,7 @@ def test_gguf_formats_bit_exact_with_gguf_package(name, ggml_type):
     want = quants.quantize(w, GGMLQuantizationType[ggml_type])
     # the bytes a GGUF file gets
     np.testing.assert_array_equal(gguf_blocks.quantize(w, ggml_type).reshape(-1), np.asarray(want).reshape(-1))
-    conv = parse_format(name).convert(DenseWeight(torch.from_numpy(w)))
+    conv = convert_matrix(parse_format(name), DenseWeight(torch.from_numpy(w)))
     np.testing.assert_array_equal(conv.raw.numpy().reshape(-1), np.asarray(want).reshape(-1))   # held as is
     x = torch.randn(5, 256)
     ref = torch.from_numpy(quants.dequantize(want, GGMLQuantizationType[ggml_type]).reshape(w.shape))
@@ -234,7 +236,7 @@ def test_k_quants_decode_with_gguf_package_and_fall_back(name, ggml_type, fallba
     deq = quants.dequantize(raw.reshape(32, -1), GGMLQuantizationType[ggml_type])
     np.testing.assert_array_equal(gguf_blocks.dequantize(raw, ggml_type, w.shape).numpy(), deq)
     amp = np.abs(w).reshape(32, -1, 256).max(-1, keepdims=True)       # per super-block of 256
-    conv = parse_format(name).convert(DenseWeight(torch.from_numpy(w)))
+    conv = convert_matrix(parse_format(name), DenseWeight(torch.from_numpy(w)))
     from edgellm.kernels import native
     # with the native kernels K-quants are held repacked (per-32 constants multiplied out), exactly
     assert conv.format == (ggml_type + "R" if native() is not None else ggml_type)
@@ -245,7 +247,7 @@ def test_k_quants_decode_with_gguf_package_and_fall_back(name, ggml_type, fallba
     assert rel.max() < (0.08 if ggml_type == "Q4_K" else 0.02), rel.max()
     # rows that are not a multiple of 256 take llama.cpp's fallback type
     assert parse_format(name).type_for_width(576) == fallback
-    narrow = parse_format(name).convert(DenseWeight(torch.from_numpy(_rand(32, 576))))
+    narrow = convert_matrix(parse_format(name), DenseWeight(torch.from_numpy(_rand(32, 576))))
     assert narrow.format == fallback
 
 
@@ -275,7 +277,7 @@ def _check_matmul(W, x_rows=(1, 3, 8, 17)) -> None:
 @pytest.mark.parametrize("name", ALL_FORMATS)
 def test_fast_matmul_random(name):
     w = torch.from_numpy(_rand(1536, 512, seed=11))   # > one slab: exercises the slab loop too
-    W = parse_format(name).convert(DenseWeight(w))
+    W = convert_matrix(parse_format(name), DenseWeight(w))
     _check_matmul(W)
 
 
@@ -288,7 +290,7 @@ def test_fast_matmul_real_weights(name, smollm2_path):
         w = gf.tensors[tensor].dequantize()
         if rows:
             w = w[:rows]
-        W = parse_format(name).convert(DenseWeight(w.contiguous()))
+        W = convert_matrix(parse_format(name), DenseWeight(w.contiguous()))
         _check_matmul(W, (1, 4, 16))
 
 
@@ -296,7 +298,7 @@ def test_int4_odd_shapes_fall_back():
     """N not a multiple of 16 (no kernel) or of 64 (layout not read back): still right."""
     for n in (40, 80):
         w = torch.from_numpy(_rand(n, 64, seed=n))
-        W = parse_format("int4").convert(DenseWeight(w))
+        W = convert_matrix(parse_format("int4"), DenseWeight(w))
         _check_matmul(W)
         assert torch.equal(W.packed.q, int4.quantize(w).q)
 

@@ -10,7 +10,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="a .gguf file, a Hugging Face model folder, or a registry name "
                         "(default: smollm2-135m; see `edgellm generate --list-models`)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute precision: auto keeps GGUF Q4_0/Q4_1/Q8_0 weights quantised and computes "
+                   help="compute precision: auto keeps GGUF Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K weights quantised and computes "
                         "in float32; bfloat16 holds every matrix as bf16 (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
 

@@ -218,7 +218,7 @@ def _worker() -> None:
     if fmt == "auto":
         res["file_bytes"] = loaded.file_bytes
     elif job["file_size"]:
-        from edgellm.quant.formats import parse_format
+        from edgellm.quant.registry import parse_format
         ext = ".gguf" if parse_format(fmt).gguf_type else ".safetensors"
         with tempfile.TemporaryDirectory(prefix="edgellm-report-") as tmp:
             out = os.path.join(tmp, "model" + ext)

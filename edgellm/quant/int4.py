@@ -31,7 +31,8 @@ from functools import lru_cache
 
 import torch
 
-from edgellm.quant.formats import QuantizedWeight
+from edgellm.quant.base import QuantizedWeight, Weight
+from edgellm.quant.registry import register
 
 
 @dataclass
@@ -135,6 +136,8 @@ def kernel_available() -> bool:
 class Int4Weight(QuantizedWeight):
     """Holds the kernel's packed layout (+ bf16 scales/zeros); decodes through the int4 kernel."""
 
+    kind = "int4"
+
     def __init__(self, packed: Int4Packed):
         n, k = packed.shape
         self.shape = (n, k)
@@ -166,21 +169,22 @@ class Int4Weight(QuantizedWeight):
         scale, zero = self._scale_zero(slice(None))
         return Int4Packed(q, scale.contiguous(), None if zero is None else zero.contiguous(), self.group)
 
-    def _codes(self, r0: int, r1: int) -> torch.Tensor:
+    def codes(self, r0: int, r1: int) -> torch.Tensor:
+        """uint8 codes (0..15) of rows r0..r1."""
         if self._q is not None:
             return unpack_nibbles(self._q[r0:r1])
         b0, b1 = r0 // 64, -(-r1 // 64)
         return _unpack_kernel_layout(self._kp, b0, b1, self.shape[1])[r0 - b0 * 64: r1 - b0 * 64]
 
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
         if not self._kernel:
-            return self._slab_matmul(x, torch.float32)
+            return self.prefill(x, torch.float32)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self._kp, self.group,
                                                            self._sz).float()
 
-    def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+    def dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         scale, zero = self._scale_zero(slice(r0, r1))
-        return _dequant_codes(self._codes(r0, r1), scale, zero, self.group).to(dtype)
+        return _dequant_codes(self.codes(r0, r1), scale, zero, self.group).to(dtype)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         index = index.reshape(-1)
@@ -203,3 +207,14 @@ class Int4Weight(QuantizedWeight):
         if self._q is not None:
             total += self._q.numel()
         return total
+
+
+def _convert(w: Weight, fmt, segments=None) -> Weight:
+    return Int4Weight(quantize(w.dequantize(), fmt.group, fmt.symmetric))
+
+
+def _load(params: dict, parts: dict[str, torch.Tensor]) -> Weight:
+    return Int4Weight(Int4Packed.from_tensors(parts, params))
+
+
+register("int4", _convert, _load)
