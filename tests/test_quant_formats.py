@@ -3,6 +3,8 @@ fast matmuls against dequantise-then-matmul (random and real SmolLM2 weights), f
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -295,7 +297,7 @@ def test_fast_matmul_real_weights(name, smollm2_path):
 
 
 def test_int4_odd_shapes_fall_back():
-    """N not a multiple of 16 (no kernel) or of 64 (layout not read back): still right."""
+    """N not a multiple of 16 (no kernel) or of the layout's row block (not read back): still right."""
     for n in (40, 80):
         w = torch.from_numpy(_rand(n, 64, seed=n))
         W = convert_matrix(parse_format("int4"), DenseWeight(w))
@@ -303,13 +305,50 @@ def test_int4_odd_shapes_fall_back():
         assert torch.equal(W.packed.q, int4.quantize(w).q)
 
 
+def _np_int4_from_nibbles(p) -> np.ndarray:
+    """An int4 matrix from its plain nibbles and scales, in numpy (independent of the kernel layout)."""
+    b = p.q.numpy()
+    q = np.stack([b & 15, b >> 4], axis=-1).reshape(b.shape[0], -1).astype(np.float32)
+    n, k = q.shape
+    s = p.scale.float().numpy()[..., None]
+    z = 0 if p.zero is None else p.zero.float().numpy()[..., None]
+    return ((q - 8).reshape(n, k // p.group, p.group) * s + z).reshape(n, k)
+
+
 def test_int4_kernel_layout_probe():
-    assert int4.kernel_layout_known()      # torch 2.13's layout; if it changes, the fallback keeps working
+    """PyTorch's int4pack layout holds rows in blocks of four float vectors: 64 with AVX512, 32
+    with AVX2 only (torch 2.13 on an AMD EPYC). The probe finds the block, so the plain nibbles
+    are not kept as well, and rows read back from the layout equal numpy's decoding of the nibbles."""
+    block = int4.kernel_block_rows()
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert block in (32, 64)
+    if block is None:
+        pytest.skip("int4pack layout unknown on this CPU: test_int4_unknown_layout_falls_back covers it")
     w = torch.from_numpy(_rand(192, 128, seed=2))
     p = int4.quantize(w)
     W = int4.Int4Weight(p)
-    assert W._q is None                    # plain nibbles not kept: read back from the kernel's layout
+    assert W._q is None and W.slab_align == block       # read back from the kernel's layout
     assert torch.equal(W.packed.q, p.q)
+    ref = _np_int4_from_nibbles(p)
+    np.testing.assert_array_equal(W.dequantize().numpy(), ref)
+    idx = torch.tensor([191, 0, block - 1, block, block // 2, 100])
+    np.testing.assert_array_equal(W.rows(idx).numpy(), ref[idx.numpy()])
+    _check_matmul(W, (1, 8, 9, 70))
+
+
+def test_int4_unknown_layout_falls_back(monkeypatch):
+    """Where the probe does not recognise the layout, the plain nibbles are kept and read instead:
+    the same values and products."""
+    w = torch.from_numpy(_rand(192, 128, seed=2))
+    p = int4.quantize(w)
+    monkeypatch.setattr(int4, "kernel_block_rows", lambda: None)
+    W = int4.Int4Weight(p)
+    assert W._q is not None and W.slab_align == 1
+    ref = _np_int4_from_nibbles(p)
+    np.testing.assert_array_equal(W.dequantize().numpy(), ref)
+    x = torch.randn(9, 128)
+    y = W.matmul(x)
+    assert float((y - x @ torch.from_numpy(ref).T).abs().max()) < 2e-2 * float(y.abs().max())
 
 
 # ---------------------------------------------------------------------------------------------

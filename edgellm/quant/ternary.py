@@ -14,7 +14,7 @@ elements j, j + K/4, j + K/2 and j + 3K/4 in bits 0-1, 2-3, 4-5 and 6-7 (so each
 one contiguous quarter of the row); ``scale`` float32 [N] (equal within a tensor when per tensor).
 
 Matmul (:func:`TernaryWeight` picks): where PyTorch's int4 kernel applies (rows a multiple of
-64, width of 32), the values are held as int4 codes with unit group scales and the absmean
+its layout's row block, 64 or 32 with AVX2 only; width of 32), the values are held as int4 codes with unit group scales and the absmean
 scale is applied to the output (:class:`TernaryInt4Weight`: one kernel pass, as fast as int4,
 4.5 bits a weight in memory). Elsewhere the 2-bit packing stays in memory
 (:class:`TernaryPlanesWeight`): a plane ``(codes >> 2j) & 3`` is an int8 matrix of codes for a
@@ -97,7 +97,8 @@ def TernaryWeight(packed: TernaryPacked) -> QuantizedWeight:
     """The fastest in-memory form of a ternary matrix: :class:`TernaryInt4Weight` where PyTorch's
     int4 kernel can run it, else :class:`TernaryPlanesWeight`."""
     n, k = packed.shape
-    if int4.kernel_available() and n % 64 == 0 and k % 32 == 0 and int4.kernel_layout_known():
+    block = int4.kernel_block_rows() if int4.kernel_available() else None
+    if block and n % block == 0 and k % 32 == 0:
         return TernaryInt4Weight(packed)
     return TernaryPlanesWeight(packed)
 
