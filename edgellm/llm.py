@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from edgellm.kv.cache import BLOCK_SIZE, KVCache, kv_dtype_name
+from edgellm.dtypes import kv_dtype_name
+from edgellm.kv.cache import BLOCK_SIZE, KVCache
 from edgellm.loading.load import LoadedModel, load_model
 from edgellm.runtime.engine import Engine
 from edgellm.runtime.input import check_params, encode_prompt

@@ -8,8 +8,9 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from edgellm.kernels import native
-from edgellm.layers.weights import NATIVE_MAX_ROWS, GGUFBlockWeight
 from edgellm.loading.gguf import read_gguf
+from edgellm.quant.base import DECODE_MAX_ROWS
+from edgellm.quant.gguf_weights import GGUFBlockWeight
 
 ext = native()
 pytestmark = pytest.mark.skipif(ext is None, reason="native kernels unavailable on this machine")
@@ -26,7 +27,7 @@ def _random_blocks(fmt: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, t
 
 
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "Q5_0"])
-@pytest.mark.parametrize("rows", [1, 3, NATIVE_MAX_ROWS, 37])
+@pytest.mark.parametrize("rows", [1, 3, DECODE_MAX_ROWS, 37])
 def test_block_matmul_matches_dequantise_then_matmul(fmt, rows):
     raw, ref = _random_blocks(fmt, n=96, k=160, seed=rows)
     w = GGUFBlockWeight(raw, fmt, 160)
@@ -59,7 +60,7 @@ def _random_kquant(fmt: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, t
 
 
 @pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K"])
-@pytest.mark.parametrize("rows", [1, 3, NATIVE_MAX_ROWS, 37])
+@pytest.mark.parametrize("rows", [1, 3, DECODE_MAX_ROWS, 37])
 def test_repacked_kquants_match_the_reference(fmt, rows):
     """K-quants repacked for the kernels: matmul within float32 rounding of gguf-py's weights,
     dequantised rows bit for bit (native and pure-PyTorch readers)."""

@@ -51,7 +51,7 @@ def engine(request, smollm2_path):
     """The default fast path (native block kernels) and the pure-PyTorch float32 path."""
     llm = LLM(str(smollm2_path), dtype="float32", use_native=request.param == "native")
     if request.param == "native":
-        from edgellm.layers.weights import GGUFBlockWeight
+        from edgellm.quant.gguf_weights import GGUFBlockWeight
 
         if not isinstance(llm.loaded.model.weights.blocks[0].qkv, GGUFBlockWeight):
             pytest.skip("native kernels unavailable on this machine")

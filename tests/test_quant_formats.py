@@ -3,14 +3,18 @@ fast matmuls against dequantise-then-matmul (random and real SmolLM2 weights), f
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 import torch
 
 from edgellm.errors import InvalidParameterError, UnsupportedModelError
-from edgellm.layers.weights import DenseWeight
+from edgellm.dtypes import FLOAT8_HALF_FACTOR, float8_as_half
 from edgellm.quant import fp8, int4, int8, ternary
-from edgellm.quant.formats import parse_format
+from edgellm.quant.convert import convert_matrix
+from edgellm.quant.dense import DenseWeight
+from edgellm.quant.registry import parse_format
 
 RNG = np.random.default_rng(0)
 
@@ -170,7 +174,7 @@ def test_fp8_half_bits_exact():
     for variant, dtype in (("e4m3", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)):
         vals, codes = fp8_values(variant)
         f8 = torch.tensor(codes, dtype=torch.uint8).view(dtype)
-        half = fp8._half_bits(f8.view(1, -1), variant).double().numpy()[0] / fp8._HALF_FACTOR[variant]
+        half = float8_as_half(f8.view(1, -1), variant).double().numpy()[0] / FLOAT8_HALF_FACTOR[variant]
         np.testing.assert_array_equal(half, vals)
 
 
@@ -212,7 +216,7 @@ def test_gguf_formats_bit_exact_with_gguf_package(name, ggml_type):
     want = quants.quantize(w, GGMLQuantizationType[ggml_type])
     # the bytes a GGUF file gets
     np.testing.assert_array_equal(gguf_blocks.quantize(w, ggml_type).reshape(-1), np.asarray(want).reshape(-1))
-    conv = parse_format(name).convert(DenseWeight(torch.from_numpy(w)))
+    conv = convert_matrix(parse_format(name), DenseWeight(torch.from_numpy(w)))
     np.testing.assert_array_equal(conv.raw.numpy().reshape(-1), np.asarray(want).reshape(-1))   # held as is
     x = torch.randn(5, 256)
     ref = torch.from_numpy(quants.dequantize(want, GGMLQuantizationType[ggml_type]).reshape(w.shape))
@@ -232,7 +236,7 @@ def test_k_quants_decode_with_gguf_package_and_fall_back(name, ggml_type, fallba
     deq = quants.dequantize(raw.reshape(32, -1), GGMLQuantizationType[ggml_type])
     np.testing.assert_array_equal(gguf_blocks.dequantize(raw, ggml_type, w.shape).numpy(), deq)
     amp = np.abs(w).reshape(32, -1, 256).max(-1, keepdims=True)       # per super-block of 256
-    conv = parse_format(name).convert(DenseWeight(torch.from_numpy(w)))
+    conv = convert_matrix(parse_format(name), DenseWeight(torch.from_numpy(w)))
     from edgellm.kernels import native
     # with the native kernels K-quants are held repacked (per-32 constants multiplied out), exactly
     assert conv.format == (ggml_type + "R" if native() is not None else ggml_type)
@@ -243,7 +247,7 @@ def test_k_quants_decode_with_gguf_package_and_fall_back(name, ggml_type, fallba
     assert rel.max() < (0.08 if ggml_type == "Q4_K" else 0.02), rel.max()
     # rows that are not a multiple of 256 take llama.cpp's fallback type
     assert parse_format(name).type_for_width(576) == fallback
-    narrow = parse_format(name).convert(DenseWeight(torch.from_numpy(_rand(32, 576))))
+    narrow = convert_matrix(parse_format(name), DenseWeight(torch.from_numpy(_rand(32, 576))))
     assert narrow.format == fallback
 
 
@@ -273,7 +277,7 @@ def _check_matmul(W, x_rows=(1, 3, 8, 17)) -> None:
 @pytest.mark.parametrize("name", ALL_FORMATS)
 def test_fast_matmul_random(name):
     w = torch.from_numpy(_rand(1536, 512, seed=11))   # > one slab: exercises the slab loop too
-    W = parse_format(name).convert(DenseWeight(w))
+    W = convert_matrix(parse_format(name), DenseWeight(w))
     _check_matmul(W)
 
 
@@ -286,26 +290,63 @@ def test_fast_matmul_real_weights(name, smollm2_path):
         w = gf.tensors[tensor].dequantize()
         if rows:
             w = w[:rows]
-        W = parse_format(name).convert(DenseWeight(w.contiguous()))
+        W = convert_matrix(parse_format(name), DenseWeight(w.contiguous()))
         _check_matmul(W, (1, 4, 16))
 
 
 def test_int4_odd_shapes_fall_back():
-    """N not a multiple of 16 (no kernel) or of 64 (layout not read back): still right."""
+    """N not a multiple of 16 (no kernel) or of the layout's row block (not read back): still right."""
     for n in (40, 80):
         w = torch.from_numpy(_rand(n, 64, seed=n))
-        W = parse_format("int4").convert(DenseWeight(w))
+        W = convert_matrix(parse_format("int4"), DenseWeight(w))
         _check_matmul(W)
         assert torch.equal(W.packed.q, int4.quantize(w).q)
 
 
+def _np_int4_from_nibbles(p) -> np.ndarray:
+    """An int4 matrix from its plain nibbles and scales, in numpy (independent of the kernel layout)."""
+    b = p.q.numpy()
+    q = np.stack([b & 15, b >> 4], axis=-1).reshape(b.shape[0], -1).astype(np.float32)
+    n, k = q.shape
+    s = p.scale.float().numpy()[..., None]
+    z = 0 if p.zero is None else p.zero.float().numpy()[..., None]
+    return ((q - 8).reshape(n, k // p.group, p.group) * s + z).reshape(n, k)
+
+
 def test_int4_kernel_layout_probe():
-    assert int4.kernel_layout_known()      # torch 2.13's layout; if it changes, the fallback keeps working
+    """PyTorch's int4pack layout holds rows in blocks of four float vectors: 64 with AVX512, 32
+    with AVX2 only (torch 2.13 on an AMD EPYC). The probe finds the block, so the plain nibbles
+    are not kept as well, and rows read back from the layout equal numpy's decoding of the nibbles."""
+    block = int4.kernel_block_rows()
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert block in (32, 64)
+    if block is None:
+        pytest.skip("int4pack layout unknown on this CPU: test_int4_unknown_layout_falls_back covers it")
     w = torch.from_numpy(_rand(192, 128, seed=2))
     p = int4.quantize(w)
     W = int4.Int4Weight(p)
-    assert W._q is None                    # plain nibbles not kept: read back from the kernel's layout
+    assert W._q is None and W.slab_align == block       # read back from the kernel's layout
     assert torch.equal(W.packed.q, p.q)
+    ref = _np_int4_from_nibbles(p)
+    np.testing.assert_array_equal(W.dequantize().numpy(), ref)
+    idx = torch.tensor([191, 0, block - 1, block, block // 2, 100])
+    np.testing.assert_array_equal(W.rows(idx).numpy(), ref[idx.numpy()])
+    _check_matmul(W, (1, 8, 9, 70))
+
+
+def test_int4_unknown_layout_falls_back(monkeypatch):
+    """Where the probe does not recognise the layout, the plain nibbles are kept and read instead:
+    the same values and products."""
+    w = torch.from_numpy(_rand(192, 128, seed=2))
+    p = int4.quantize(w)
+    monkeypatch.setattr(int4, "kernel_block_rows", lambda: None)
+    W = int4.Int4Weight(p)
+    assert W._q is not None and W.slab_align == 1
+    ref = _np_int4_from_nibbles(p)
+    np.testing.assert_array_equal(W.dequantize().numpy(), ref)
+    x = torch.randn(9, 128)
+    y = W.matmul(x)
+    assert float((y - x @ torch.from_numpy(ref).T).abs().max()) < 2e-2 * float(y.abs().max())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -217,7 +217,7 @@ def profile_decode(llm, ids: list[int], steps: int) -> dict:
     afterwards; a matmul method calling another counts once.
     """
     import edgellm.models.llama as llama_mod
-    from edgellm.layers.weights import Weight
+    from edgellm.quant.base import Weight
     from edgellm.runtime.model_runner import ModelRunner
     from edgellm.sampling import SamplingParams
 

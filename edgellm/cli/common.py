@@ -10,7 +10,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="a .gguf file, a Hugging Face model folder, or a registry name "
                         "(default: smollm2-135m; see `edgellm generate --list-models`)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute precision: auto keeps GGUF Q4_0/Q4_1/Q8_0 weights quantised and computes "
+                   help="compute precision: auto keeps GGUF Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K weights quantised and computes "
                         "in float32; bfloat16 holds every matrix as bf16 (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
 
@@ -52,9 +52,9 @@ def check_precision(args: argparse.Namespace):
     """Refuse a bad --weights/--keep/--kv-dtype before the model is loaded (reads only headers).
     Returns the model's config when it had to read it (with --weights), else None."""
     from edgellm.errors import InvalidParameterError
-    from edgellm.kv.cache import _storage_dtype, kv_dtype_name
+    from edgellm.dtypes import kv_dtype_name, kv_storage_dtype
 
-    _storage_dtype(kv_dtype_name(args.kv_dtype))   # unknown name, or fp8 on a torch without float8
+    kv_storage_dtype(kv_dtype_name(args.kv_dtype))   # unknown name, or fp8 on a torch without float8
     if args.keep and not args.weights:
         raise InvalidParameterError("--keep needs --weights", "add --weights FORMAT (e.g. --weights int4)")
     if args.weights:

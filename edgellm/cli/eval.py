@@ -86,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _load(args):
     """Validate everything cheap first (nothing is loaded yet); the config and the KV dtype name."""
     from edgellm.cli.common import check_precision
-    from edgellm.kv.cache import kv_dtype_name
+    from edgellm.dtypes import kv_dtype_name
     from edgellm.quant.convert import peek_config
 
     cfg = check_precision(args) or peek_config(args.model)[1]
@@ -218,7 +218,7 @@ def _worker() -> None:
     if fmt == "auto":
         res["file_bytes"] = loaded.file_bytes
     elif job["file_size"]:
-        from edgellm.quant.formats import parse_format
+        from edgellm.quant.registry import parse_format
         ext = ".gguf" if parse_format(fmt).gguf_type else ".safetensors"
         with tempfile.TemporaryDirectory(prefix="edgellm-report-") as tmp:
             out = os.path.join(tmp, "model" + ext)
@@ -267,7 +267,7 @@ def format_table(rows: list[dict], base_ppl: float | None) -> str:
 
 
 def _run_report(args) -> int:
-    from edgellm.kv.cache import kv_dtype_name
+    from edgellm.dtypes import kv_dtype_name
     from edgellm.quality import PROMPTS, check_window, read_corpus
     from edgellm.quant.convert import peek_config, prepare
 
@@ -311,7 +311,7 @@ def _run_report(args) -> int:
 
 
 def _run_speed(args) -> int:
-    from edgellm.kv.cache import _storage_dtype, kv_dtype_name
+    from edgellm.dtypes import kv_dtype_name, kv_storage_dtype
     from edgellm.loading.load import load_model
     from edgellm.quality import interleaved_speed, read_corpus
     from edgellm.quant.convert import convert_weights, peek_config, prepare
@@ -321,7 +321,7 @@ def _run_speed(args) -> int:
     weights = [w.strip() for w in args.weights.split(",") if w.strip()]
     kvs = [kv_dtype_name(k.strip()) for k in args.kv_dtypes.split(",") if k.strip()]
     for k in kvs:
-        _storage_dtype(k)
+        kv_storage_dtype(k)
     for w in weights:
         fmt, keep = _split_weights(w)
         if fmt != "auto":

@@ -5,7 +5,8 @@ of blocks (its block table); attention writes new keys/values to their slots and
 sequence's history through the slots of its positions. Who owns which block is the block
 manager's business (``edgellm.kv.block_manager``); this module only holds the tensors.
 
-Precision (``dtype``: a torch dtype or a name, as ``--kv-dtype`` takes them):
+Precision (``dtype``: a torch dtype or a name, as ``--kv-dtype`` takes them; the names are
+:data:`edgellm.dtypes.KV_DTYPES`):
 
 ==============  ==========================================================  ================
 name            storage                                                     bytes / element
@@ -30,55 +31,15 @@ from __future__ import annotations
 import torch
 
 from edgellm.config import ModelConfig
-from edgellm.errors import InvalidParameterError, UnsupportedModelError
+from edgellm.dtypes import KV_FLOAT8, FLOAT8_HALF_FACTOR, float8_as_half, kv_dtype_name, kv_storage_dtype
 
 #: tokens per KV block: the unit of allocation, sharing and offload everywhere in edgellm
 BLOCK_SIZE = 16
 
-_FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_ALIASES = {"float32": "fp32", "f32": "fp32", "float16": "fp16", "f16": "fp16", "half": "fp16",
-            "bfloat16": "bf16", "fp8-e4m3": "fp8", "fp8_e4m3": "fp8", "e4m3": "fp8", "fp8_e5m2": "fp8-e5m2",
-            "e5m2": "fp8-e5m2", "q8": "int8"}
-#: names --kv-dtype accepts
-KV_DTYPES = ("fp32", "fp16", "bf16", "fp8", "fp8-e5m2", "int8")
 # largest code of each scaled format
 _QMAX = {"int8": 127.0, "fp8": 448.0, "fp8-e5m2": 57344.0}
 _SCALE_DTYPE = torch.float16
 _SCALE_MIN = 2.0 ** -24         # smallest float16 (subnormal): a scale never rounds to zero
-
-
-def kv_dtype_name(dtype) -> str:
-    """Canonical name (``fp32``, ``fp16``, ``bf16``, ``int8``, ``fp8``, ``fp8-e5m2``) of a KV dtype
-    given as a name or a torch dtype; InvalidParameterError if unknown."""
-    if isinstance(dtype, torch.dtype):
-        for name, d in _FLOAT.items():
-            if d == dtype:
-                return name
-        if dtype == torch.int8:
-            return "int8"
-        if dtype == getattr(torch, "float8_e4m3fn", None):
-            return "fp8"
-        if dtype == getattr(torch, "float8_e5m2", None):
-            return "fp8-e5m2"
-        raise InvalidParameterError(f"KV cache dtype {dtype} is not supported", "use one of: " + ", ".join(KV_DTYPES))
-    key = str(dtype).strip().lower().removeprefix("torch.")
-    key = _ALIASES.get(key, key)
-    if key not in KV_DTYPES:
-        raise InvalidParameterError(f"unknown KV cache dtype {dtype!r}", "use one of: " + ", ".join(KV_DTYPES))
-    return key
-
-
-def _storage_dtype(name: str) -> torch.dtype:
-    if name in _FLOAT:
-        return _FLOAT[name]
-    if name == "int8":
-        return torch.int8
-    attr = "float8_e4m3fn" if name == "fp8" else "float8_e5m2"
-    dt = getattr(torch, attr, None)
-    if dt is None:
-        raise UnsupportedModelError(f"this PyTorch ({torch.__version__}) has no torch.{attr} for an fp8 KV cache",
-                                    "use --kv-dtype int8 (same size) or fp16")
-    return dt
 
 
 class KVCache:
@@ -87,7 +48,7 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.kv_dtype = kv_dtype_name(dtype)
-        self.dtype = _storage_dtype(self.kv_dtype)   # what ``data`` holds
+        self.dtype = kv_storage_dtype(self.kv_dtype)   # what ``data`` holds
         self.scaled = self.kv_dtype in _QMAX
         slots = num_blocks * block_size
         # [layer, k|v, slot, kv_head, head_dim]: one tensor, so a block's bytes across all layers
@@ -99,7 +60,7 @@ class KVCache:
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int = 16, dtype=torch.float32) -> int:
         name = kv_dtype_name(dtype)
-        element = torch.empty((), dtype=_storage_dtype(name)).element_size()
+        element = torch.empty((), dtype=kv_storage_dtype(name)).element_size()
         per_head = cfg.head_dim * element + (2 if name in _QMAX else 0)
         return cfg.n_layers * 2 * block_size * cfg.n_kv_heads * per_head
 
@@ -132,10 +93,9 @@ class KVCache:
             s = scale.float()
         else:
             # torch's float8 -> float cast is a scalar loop; widen through half bits instead.
-            from edgellm.quant.fp8 import _HALF_FACTOR, _half_bits
-            variant = "e4m3" if self.kv_dtype == "fp8" else "e5m2"
-            vals = _half_bits(codes, variant).float()
-            s = scale.float() / _HALF_FACTOR[variant]
+            variant = KV_FLOAT8[self.kv_dtype]
+            vals = float8_as_half(codes, variant).float()
+            s = scale.float() / FLOAT8_HALF_FACTOR[variant]
         return (vals * s[..., None]).to(dtype)
 
     # ---- access -----------------------------------------------------------------------------

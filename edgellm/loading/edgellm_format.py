@@ -92,29 +92,19 @@ def tokenizer_from_info(info: dict):
 
 
 def weight_from_parts(params: dict, parts: dict[str, torch.Tensor]):
-    """Rebuild one matrix's Weight from its params and tensors."""
-    from edgellm.layers.weights import DenseWeight
-    from edgellm.quant.formats import gguf_weight
+    """Rebuild one matrix's Weight from its params and tensors (what ``Weight.parts()`` gave)."""
+    from edgellm.dtypes import FLOAT_DTYPES
+    from edgellm.quant.builtin import entry
 
     kind = params["format"]
-    if kind in ("float32", "bfloat16", "float16"):
-        return DenseWeight(parts["weight"].to(getattr(torch, kind)))
-    if kind == "int8":
-        from edgellm.quant import int8
-        return int8.Int8Weight(int8.Int8Packed.from_tensors(parts, params))
-    if kind == "int4":
-        from edgellm.quant import int4
-        return int4.Int4Weight(int4.Int4Packed.from_tensors(parts, params))
-    if kind == "fp8":
-        from edgellm.quant import fp8
-        return fp8.FP8Weight(fp8.FP8Packed.from_tensors(parts, params))
-    if kind == "ternary":
-        from edgellm.quant import ternary
-        return ternary.TernaryWeight(ternary.TernaryPacked.from_tensors(parts, params))
-    if kind == "gguf":
-        return gguf_weight(parts["raw"].to(torch.uint8), params["ggml_type"], int(params["shape"][1]))
-    raise UnsupportedModelError(f"matrix format {kind!r} is unknown to this edgellm",
-                                "re-create the file with this version's `edgellm quantize`")
+    try:   # a dense matrix is saved under its dtype's name, not as "dense"
+        fmt = entry("dense" if kind in FLOAT_DTYPES else kind) if kind != "dense" else None
+    except KeyError:
+        fmt = None
+    if fmt is None:
+        raise UnsupportedModelError(f"matrix format {kind!r} is unknown to this edgellm",
+                                    "re-create the file with this version's `edgellm quantize`")
+    return fmt.load(params, parts)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

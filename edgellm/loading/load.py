@@ -34,11 +34,12 @@ def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = 
     ``use_native=False`` skips the native kernels (every matrix dequantised to float32): the
     path of machines where they cannot be built, kept reachable for tests.
     """
-    from edgellm.loading.weights import _dtype, load_gguf_weights, load_hf_weights, read_hf_config
+    from edgellm.dtypes import compute_dtype
+    from edgellm.loading.weights import load_gguf_weights, load_hf_weights, read_hf_config
 
     heap.tune_for_inference()
     dtype = "float32" if dtype == "auto" else dtype
-    _dtype(dtype)  # refuse an unknown dtype before reading anything
+    compute_dtype(dtype)  # refuse an unknown dtype before reading anything
     t0 = time.perf_counter()
     src = resolve_model(spec)
     if src.kind == "gguf":

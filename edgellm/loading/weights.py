@@ -1,8 +1,9 @@
 """Turn a GGUF file or a Hugging Face folder into the model's weights, in the chosen format.
 
-``dtype="float32"`` (the default) keeps GGUF Q4_0/Q4_1/Q8_0 matrices as their raw blocks, read
-by the native kernels, and dequantises other block types to float32; ``"bfloat16"`` holds every
-matrix as bf16. Norm weights and biases are always float32.
+``dtype="float32"`` (the default) keeps GGUF matrices of a type the native kernels read
+(:data:`edgellm.kernels.NATIVE_FORMATS`: Q4_0, Q4_1, Q5_0, Q8_0 as they are; Q4_K and Q6_K repacked
+exactly as Q4_KR / Q6_KR) as their raw blocks, and dequantises other block types to float32;
+``"bfloat16"`` holds every matrix as bf16. Norm weights and biases are always float32.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ import torch
 from tqdm import tqdm
 
 from edgellm.config import ModelConfig
-from edgellm.errors import ModelFormatError, UnsupportedModelError
+from edgellm.dtypes import compute_dtype
+from edgellm.errors import ModelFormatError
 from edgellm.kernels import NATIVE_FORMATS, native
-from edgellm.layers.weights import DenseWeight, GGUFBlockWeight, Weight, concat_rows
 from edgellm.loading.gguf import GGUFFile
 from edgellm.models.llama import BlockWeights, ModelWeights
 from edgellm.quant import gguf_blocks, repack
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from edgellm.quant.base import CONVERT_ROWS, Weight, concat_rows
+from edgellm.quant.dense import DenseWeight
+from edgellm.quant.gguf_weights import GGUFBlockWeight
 
 def _rope_unpermute_rows(n_rows: int, n_heads: int) -> torch.Tensor:
     """Row order that turns llama.cpp's q/k layout (adjacent-pair RoPE) back into HF's (rotate-half).
@@ -86,19 +87,15 @@ class _GGUFSource:
         return DenseWeight(dense.to(self.dtype))
 
 
-# Rows converted at a time (Q5_0 -> Q8_0): bounds the unpacked temporaries of a large matrix.
-_SLAB_ROWS = 2048
-
-
 def _q5_0_as_q8_0(data, n_rows: int, n_cols: int) -> torch.Tensor:
     """Q5_0 blocks (w = d * (q - 16), q in 0..31) rewritten as Q8_0 blocks (w = d * q8) losslessly:
     the same fp16 scale, and q - 16 fits in int8. Costs 34 instead of 22 bytes per 32 weights.
-    Rows go a slab at a time: unpacking a 136M-weight embedding at once took ~650 MB of temporaries."""
+    Rows go CONVERT_ROWS at a time: unpacking a 136M-weight embedding at once took ~650 MB of temporaries."""
     n_blocks = n_cols // 32
     rows = np.asarray(data).reshape(n_rows, -1)
     out = torch.empty(n_rows, n_blocks, 34, dtype=torch.uint8)
-    for r0 in range(0, n_rows, _SLAB_ROWS):
-        r1 = min(n_rows, r0 + _SLAB_ROWS)
+    for r0 in range(0, n_rows, CONVERT_ROWS):
+        r1 = min(n_rows, r0 + CONVERT_ROWS)
         d, q = gguf_blocks.unpack_q5_0(rows[r0:r1], r1 - r0, n_cols)
         out[r0:r1, :, :2] = d.contiguous().view(torch.uint8).view(r1 - r0, n_blocks, 2)
         out[r0:r1, :, 2:] = (q.to(torch.int16) - 16).to(torch.int8).view(torch.uint8).view(r1 - r0, n_blocks, 32)
@@ -203,11 +200,11 @@ def _build(src, cfg: ModelConfig, label: str) -> ModelWeights:
 
 def load_gguf_weights(gf: GGUFFile, cfg: ModelConfig, dtype: str = "float32", use_native: bool = True) -> ModelWeights:
     """``use_native=False`` dequantises every matrix (the path taken where the kernels can't build)."""
-    return _build(_GGUFSource(gf, cfg, _dtype(dtype), use_native), cfg, gf.path.name)
+    return _build(_GGUFSource(gf, cfg, compute_dtype(dtype), use_native), cfg, gf.path.name)
 
 
 def load_hf_weights(folder: Path, cfg: ModelConfig, dtype: str = "float32") -> ModelWeights:
-    return _build(_HFSource(folder, _dtype(dtype)), cfg, folder.name)
+    return _build(_HFSource(folder, compute_dtype(dtype)), cfg, folder.name)
 
 
 def read_hf_config(folder: Path) -> ModelConfig:
@@ -219,9 +216,3 @@ def read_hf_config(folder: Path) -> ModelConfig:
     except json.JSONDecodeError as err:
         raise ModelFormatError(f"{path}: not valid JSON ({err})", "restore the model's original config.json")
     return ModelConfig.from_hf_config(data, name=folder.name)
-
-
-def _dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise UnsupportedModelError(f"dtype '{name}' is not supported", f"use one of: {', '.join(DTYPES)}")
-    return DTYPES[name]

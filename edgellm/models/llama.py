@@ -21,7 +21,7 @@ from edgellm.kernels import native
 from edgellm.kernels.threads import ThreadChooser
 from edgellm.layers.attention import AttentionBatch, self_attention
 from edgellm.layers.rope import RotaryEmbedding
-from edgellm.layers.weights import Weight
+from edgellm.quant.base import Weight
 
 #: decode batches up to this many sequences take the fused native step
 FUSED_DECODE_MAX_ROWS = 16
@@ -118,7 +118,7 @@ class LlamaModel:
 
 def _native_block_args(weights: ModelWeights):
     """Arguments of the native decode path, or None when some block matrix has another format."""
-    from edgellm.layers.weights import GGUFBlockWeight
+    from edgellm.quant.gguf_weights import GGUFBlockWeight
 
     if native() is None:
         return None

@@ -11,24 +11,36 @@
 GGUF output is made from the source GGUF's own tensors, in their own (llama.cpp) row order, so
 q/k need no re-permutation and each row is quantised exactly as the in-memory conversion does
 (quantisation is row-wise); the source's metadata is copied with ``general.file_type`` set.
+
+Format names are parsed by :mod:`edgellm.quant.registry`; a matrix is converted by the format's
+registered entry (:mod:`edgellm.quant.builtin`). Matrices are named as in GGUF, after fusion:
+``token_embd``, ``output`` (alias ``lm_head``), ``blk.N.attn_qkv`` (answers to
+``attn_q``/``attn_k``/``attn_v`` too), ``blk.N.attn_output``, ``blk.N.ffn_gate_up``
+(``ffn_gate``/``ffn_up``), ``blk.N.ffn_down``. ``--keep`` patterns select matrices left at 16 bits
+(bfloat16): a name, a prefix (``blk.0`` = the whole first block; ``blk.-1`` = the last), or a shell
+glob (``blk.*.ffn_down``). A pattern that matches nothing is an error. With tied embeddings
+``token_embd`` and ``output`` are one matrix: keeping either keeps it.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import re
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from edgellm.errors import InvalidParameterError
-from edgellm.layers.weights import DenseWeight, GGUFBlockWeight, Weight
-from edgellm.quant.formats import (GGUFSlabWeight, WeightFormat, check_model, model_layers, parse_format,
-                                   parse_keep, resolve_keep)
+from edgellm.quant.base import Weight
+from edgellm.quant.builtin import entry
+from edgellm.quant.dense import DenseWeight
+from edgellm.quant.registry import WeightFormat, parse_format
 
 KEEP_DTYPE = torch.bfloat16
 
@@ -37,9 +49,15 @@ FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q
               "Q6_K": 18, "BF16": 32}
 
 
+def convert_matrix(fmt: WeightFormat, w: Weight, segments: list[int] | None = None) -> Weight:
+    """``w`` in format ``fmt``. ``segments``: row counts of the tensors fused into ``w`` (q/k/v,
+    gate/up), so a per-tensor scale stays per original tensor."""
+    return entry(fmt.kind).convert(w, fmt, segments)
+
+
 def _keep_weight(w: Weight, fmt: WeightFormat) -> Weight:
     if fmt.kind == "dense" and fmt.dtype == torch.float32:
-        return fmt.convert(w)          # "keep at 16 bits" never lowers a float32 model
+        return convert_matrix(fmt, w)          # "keep at 16 bits" never lowers a float32 model
     if isinstance(w, DenseWeight) and w.tensor.dtype in (torch.bfloat16, torch.float16):
         return w
     return DenseWeight(w.dequantize().to(KEEP_DTYPE))
@@ -54,7 +72,7 @@ def convert_model_weights(weights, cfg, fmt: WeightFormat, kept: set[str], progr
     def conv(name: str, w: Weight) -> Weight:
         if name in kept:
             return _keep_weight(w, fmt)
-        return fmt.convert(w, list(layers[name].segments))
+        return convert_matrix(fmt, w, list(layers[name].segments))
 
     iterator = range(len(weights.blocks))
     if progress:
@@ -107,6 +125,72 @@ def weight_formats(weights) -> dict[str, int]:
     for m in mats:
         out[m.format] = out.get(m.format, 0) + 1
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# matrix names and --keep
+
+@dataclass(frozen=True)
+class Layer:
+    name: str                     # "blk.3.attn_qkv"
+    shape: tuple[int, int]        # [N, K]
+    segments: tuple[int, ...]     # row counts of the fused tensors ((N,) when not fused)
+    aliases: tuple[str, ...]      # other names that select it ("blk.3.attn_q", ...)
+
+
+def model_layers(cfg) -> list[Layer]:
+    """The weight matrices of a model with this config, in ModelWeights order."""
+    H, Q, KV, Fs = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.ffn_size
+    tied = cfg.tie_embeddings
+    out = [Layer("token_embd", (cfg.vocab_size, H), (cfg.vocab_size,),
+                 ("embed", "embed_tokens") + (("output", "lm_head") if tied else ()))]
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        out += [
+            Layer(p + "attn_qkv", (Q + 2 * KV, H), (Q, KV, KV), (p + "attn_q", p + "attn_k", p + "attn_v")),
+            Layer(p + "attn_output", (H, Q), (H,), (p + "attn_o",)),
+            Layer(p + "ffn_gate_up", (2 * Fs, H), (Fs, Fs), (p + "ffn_gate", p + "ffn_up")),
+            Layer(p + "ffn_down", (H, Fs), (H,), ()),
+        ]
+    if not tied:
+        out.append(Layer("output", (cfg.vocab_size, H), (cfg.vocab_size,), ("lm_head",)))
+    return out
+
+
+def parse_keep(keep) -> list[str]:
+    """``--keep`` values (repeatable, comma-separated) as a flat list of patterns."""
+    if keep is None:
+        return []
+    if isinstance(keep, str):
+        keep = [keep]
+    return [p.strip() for item in keep for p in str(item).split(",") if p.strip()]
+
+
+def resolve_keep(keep, cfg) -> set[str]:
+    """Names of the matrices the ``--keep`` patterns select; InvalidParameterError for a pattern
+    that selects nothing."""
+    layers = model_layers(cfg)
+    chosen: set[str] = set()
+    for pattern in parse_keep(keep):
+        p = pattern.lower().removesuffix(".weight")
+        p = re.sub(r"^(blk|layers?|model\.layers)\.(-\d+)", lambda m: f"blk.{cfg.n_layers + int(m.group(2))}", p)
+        p = re.sub(r"^(layers?|model\.layers)\.", "blk.", p)
+        hits = {ly.name for ly in layers
+                if any(fnmatch.fnmatchcase(n, p) or n.startswith(p + ".") for n in (ly.name, *ly.aliases))}
+        if not hits:
+            raise InvalidParameterError(
+                f"--keep {pattern!r} matches no weight matrix of this model",
+                f"name matrices as token_embd, lm_head, blk.N (0..{cfg.n_layers - 1}), blk.N.attn_qkv, "
+                "blk.N.attn_output, blk.N.ffn_gate_up, blk.N.ffn_down, or globs like 'blk.*.ffn_down'")
+        chosen |= hits
+    return chosen
+
+
+def check_model(fmt: WeightFormat, cfg, kept: set[str]) -> None:
+    """Refuse the conversion of this model to ``fmt`` before any work, with the first bad matrix."""
+    for ly in model_layers(cfg):
+        if ly.name not in kept:
+            fmt.check_width(ly.name, ly.shape[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,28 +320,6 @@ def _write_gguf(path: Path, cfg, fmt: WeightFormat, kept: set[str], out: Path, p
     return {"container": "gguf", "tensor_types": types}
 
 
-def weight_parts(w: Weight) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(params, tensors) that :func:`edgellm.loading.edgellm_format.weight_from_parts` rebuilds."""
-    from edgellm.quant.fp8 import FP8Weight
-    from edgellm.quant.int4 import Int4Weight
-    from edgellm.quant.int8 import Int8Weight
-    from edgellm.quant.ternary import TernaryInt4Weight, TernaryPlanesWeight
-
-    shape = [int(s) for s in w.shape]
-    if isinstance(w, DenseWeight):
-        return {"format": str(w.tensor.dtype).removeprefix("torch."), "shape": shape}, {"weight": w.tensor}
-    if isinstance(w, (GGUFBlockWeight, GGUFSlabWeight)):
-        return {"format": "gguf", "ggml_type": w.ggml_type, "shape": shape}, {"raw": w.raw}
-    kinds = {Int8Weight: "int8", Int4Weight: "int4", FP8Weight: "fp8", TernaryInt4Weight: "ternary",
-             TernaryPlanesWeight: "ternary"}
-    for cls, kind in kinds.items():
-        if isinstance(w, cls):
-            p = w.packed
-            return {"format": kind, "shape": shape, **p.params()}, p.tensors()
-    # any other Weight: store it dequantised
-    return {"format": "float32", "shape": shape}, {"weight": w.dequantize()}
-
-
 def _tokenizer_info(src) -> dict:
     if src.kind == "gguf":
         from edgellm.loading.gguf import read_gguf
@@ -284,7 +346,7 @@ def save_edgellm(out: Path, weights, cfg, fmt_name: str, keep, tokenizer_info: d
     layers: dict[str, dict] = {}
 
     def put(name: str, w: Weight) -> None:
-        params, parts = weight_parts(w)
+        params, parts = w.parts()
         layers[name] = params
         for part, t in parts.items():
             tensors[f"{name}.{part}"] = t.contiguous()

@@ -17,11 +17,12 @@ with zero point (4.25 symmetric, 4.125 at group 128 symmetric).
 
 Compute: PyTorch's ``aten._weight_int4pack_mm_for_cpu`` with bf16 activations (its fp32 path is
 ~30x slower): 1.6 ms for the 49152x576 lm_head against 9.9 ms for fp32 (one thread). Its weight
-layout (``_convert_weight_to_int4pack_for_cpu``) is what stays in memory; for N a multiple of 64
-it is [N/64, K, 32] bytes, byte (b, k, r) holding row 64b+r in the low and 64b+32+r in the high
-nibble, which :func:`_unpack_kernel_layout` reads back for embedding rows and prefill slabs (a
-probe checks the layout once; other shapes also keep the plain nibbles). Prefill dequantises
-slabs of rows and calls BLAS.
+layout (``_convert_weight_to_int4pack_for_cpu``) is what stays in memory: blocks of B rows,
+[N/B, K, B/2] bytes, byte (b, k, r) holding row Bb+r in the low and Bb+B/2+r in the high nibble.
+PyTorch sizes B as four float vectors: 64 with AVX512, 32 with AVX2 only (seen on an AMD EPYC).
+:func:`kernel_block_rows` finds B once by a probe, and :func:`unpack_kernel_layout` reads codes
+back for embedding rows and prefill slabs; where the probe fails, or N is not a multiple of B,
+the plain nibbles are kept as well. Prefill dequantises slabs of rows and calls BLAS.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from functools import lru_cache
 
 import torch
 
-from edgellm.quant.formats import QuantizedWeight
+from edgellm.quant.base import QuantizedWeight, Weight
+from edgellm.quant.registry import register
 
 
 @dataclass
@@ -108,22 +110,25 @@ def dequantize(p: Int4Packed) -> torch.Tensor:
     return _dequant_codes(unpack_nibbles(p.q), p.scale, p.zero, p.group)
 
 
-def _unpack_kernel_layout(kp: torch.Tensor, b0: int, b1: int, k: int) -> torch.Tensor:
-    """Codes of rows 64*b0 .. 64*b1 from the CPU int4pack layout ([N/64, K, 32] bytes)."""
-    v = kp.view(-1, k, 32)[b0:b1]
-    return torch.stack([v & 15, v >> 4], dim=1).transpose(2, 3).reshape((b1 - b0) * 64, k)
+def unpack_kernel_layout(kp: torch.Tensor, b0: int, b1: int, k: int, block: int) -> torch.Tensor:
+    """Codes of rows block*b0 .. block*b1 from the CPU int4pack layout ([N/block, K, block/2] bytes)."""
+    v = kp.view(-1, k, block // 2)[b0:b1]
+    return torch.stack([v & 15, v >> 4], dim=1).transpose(2, 3).reshape((b1 - b0) * block, k)
 
 
 @lru_cache(maxsize=1)
-def kernel_layout_known() -> bool:
-    """Whether this torch lays out int4pack weights as :func:`_unpack_kernel_layout` reads them."""
+def kernel_block_rows() -> int | None:
+    """Rows per block of this torch's int4pack layout as :func:`unpack_kernel_layout` reads it
+    (64 with AVX512, 32 with AVX2), or None when neither reads back a probe's codes."""
     try:
         g = torch.Generator().manual_seed(0)
         codes = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.int32)
         kp = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        return kp.numel() == 128 * 32 and torch.equal(_unpack_kernel_layout(kp, 0, 2, 64).int(), codes)
     except Exception:
-        return False
+        return None
+    if kp.numel() != 128 * 32:
+        return None
+    return next((b for b in (64, 32) if torch.equal(unpack_kernel_layout(kp, 0, 128 // b, 64, b).int(), codes)), None)
 
 
 @lru_cache(maxsize=1)
@@ -135,6 +140,8 @@ def kernel_available() -> bool:
 class Int4Weight(QuantizedWeight):
     """Holds the kernel's packed layout (+ bf16 scales/zeros); decodes through the int4 kernel."""
 
+    kind = "int4"
+
     def __init__(self, packed: Int4Packed):
         n, k = packed.shape
         self.shape = (n, k)
@@ -144,13 +151,16 @@ class Int4Weight(QuantizedWeight):
         self._kernel = kernel_available() and n % 16 == 0 and k % 2 == 0
         self._q = None          # plain nibbles, kept only when the kernel layout can't be read back
         self._kp = None
+        self._block = kernel_block_rows() if self._kernel else None
         zero = packed.zero if packed.zero is not None else torch.zeros_like(packed.scale)
         # [K/group, N, 2]: (scale, zero) per group and output channel, as the kernel wants them.
         self._sz = torch.stack([packed.scale, zero], dim=-1).transpose(0, 1).contiguous()
         if self._kernel:
             codes = unpack_nibbles(packed.q).to(torch.int32)
             self._kp = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        if not (self._kernel and n % 64 == 0 and kernel_layout_known()):
+        if self._block and n % self._block == 0:
+            self.slab_align = self._block     # a slab never splits a block of the layout
+        else:
             self._q = packed.q.contiguous()
             self.slab_align = 1
 
@@ -161,26 +171,29 @@ class Int4Weight(QuantizedWeight):
 
     @property
     def packed(self) -> Int4Packed:
-        q = self._q if self._q is not None else pack_nibbles(_unpack_kernel_layout(self._kp, 0, self.shape[0] // 64,
-                                                                                  self.shape[1]))
+        n, k = self.shape
+        q = self._q if self._q is not None else \
+            pack_nibbles(unpack_kernel_layout(self._kp, 0, n // self._block, k, self._block))
         scale, zero = self._scale_zero(slice(None))
         return Int4Packed(q, scale.contiguous(), None if zero is None else zero.contiguous(), self.group)
 
-    def _codes(self, r0: int, r1: int) -> torch.Tensor:
+    def codes(self, r0: int, r1: int) -> torch.Tensor:
+        """uint8 codes (0..15) of rows r0..r1."""
         if self._q is not None:
             return unpack_nibbles(self._q[r0:r1])
-        b0, b1 = r0 // 64, -(-r1 // 64)
-        return _unpack_kernel_layout(self._kp, b0, b1, self.shape[1])[r0 - b0 * 64: r1 - b0 * 64]
+        bl = self._block
+        b0, b1 = r0 // bl, -(-r1 // bl)
+        return unpack_kernel_layout(self._kp, b0, b1, self.shape[1], bl)[r0 - b0 * bl: r1 - b0 * bl]
 
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
         if not self._kernel:
-            return self._slab_matmul(x, torch.float32)
+            return self.prefill(x, torch.float32)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self._kp, self.group,
                                                            self._sz).float()
 
-    def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+    def dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         scale, zero = self._scale_zero(slice(r0, r1))
-        return _dequant_codes(self._codes(r0, r1), scale, zero, self.group).to(dtype)
+        return _dequant_codes(self.codes(r0, r1), scale, zero, self.group).to(dtype)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         index = index.reshape(-1)
@@ -188,10 +201,11 @@ class Int4Weight(QuantizedWeight):
         if self._q is not None:
             codes = unpack_nibbles(self._q.index_select(0, index))
         else:
-            v = self._kp.view(-1, k, 32)
-            r = index % 64
-            b = v[index // 64, :, r % 32]                   # [T, K]
-            codes = torch.where((r < 32)[:, None], b & 15, b >> 4)
+            half = self._block // 2
+            v = self._kp.view(-1, k, half)
+            r = index % self._block
+            b = v[index // self._block, :, r % half]        # [T, K]
+            codes = torch.where((r < half)[:, None], b & 15, b >> 4)
         scale, zero = self._scale_zero(index)
         return _dequant_codes(codes, scale, zero, self.group)
 
@@ -203,3 +217,14 @@ class Int4Weight(QuantizedWeight):
         if self._q is not None:
             total += self._q.numel()
         return total
+
+
+def _convert(w: Weight, fmt, segments=None) -> Weight:
+    return Int4Weight(quantize(w.dequantize(), fmt.group, fmt.symmetric))
+
+
+def _load(params: dict, parts: dict[str, torch.Tensor]) -> Weight:
+    return Int4Weight(Int4Packed.from_tensors(parts, params))
+
+
+register("int4", _convert, _load)

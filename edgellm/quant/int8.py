@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from edgellm.quant.formats import QuantizedWeight
+from edgellm.quant.base import QuantizedWeight, Weight, slab_matmul, slab_rows
+from edgellm.quant.registry import register
 
 
 @dataclass
@@ -55,6 +56,7 @@ def dequantize(p: Int8Packed) -> torch.Tensor:
 
 class Int8Weight(QuantizedWeight):
     format_name = "int8"
+    kind = "int8"
 
     def __init__(self, packed: Int8Packed):
         if packed.q.data_ptr() % 64:   # aten._weight_int8pack_mm crashes on a misaligned weight
@@ -63,27 +65,17 @@ class Int8Weight(QuantizedWeight):
         self.shape = tuple(packed.q.shape)
         self._ones = torch.ones(self.shape[0], dtype=torch.bfloat16)
 
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.packed.q, self._ones)
         return y.float().mul_(self.packed.scale)
 
-    def _slab_matmul(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # Scales applied to the output: the slab is a plain cast of q, one pass fewer.
-        from edgellm.quant.formats import slab_rows
-        import torch.nn.functional as F
+        q = self.packed.q
+        return slab_matmul(x.to(dtype), self.shape[0], slab_rows(self.shape[1], 2), lambda r0, r1: q[r0:r1].to(dtype),
+                           self.packed.scale)
 
-        n, k = self.shape
-        xx = x.to(dtype)
-        step = slab_rows(k, 2)
-        if n <= step:
-            return F.linear(xx, self.packed.q.to(dtype)).float().mul_(self.packed.scale)
-        out = torch.empty(x.shape[0], n, dtype=torch.float32)
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            out[:, r0:r1] = F.linear(xx, self.packed.q[r0:r1].to(dtype))
-        return out.mul_(self.packed.scale)
-
-    def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+    def dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         return (self.packed.q[r0:r1].float() * self.packed.scale[r0:r1, None]).to(dtype)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
@@ -93,3 +85,14 @@ class Int8Weight(QuantizedWeight):
     @property
     def nbytes(self) -> int:
         return self.packed.q.numel() + self.packed.scale.numel() * 4 + self._ones.numel() * 2
+
+
+def _convert(w: Weight, fmt, segments=None) -> Weight:
+    return Int8Weight(quantize(w.dequantize()))
+
+
+def _load(params: dict, parts: dict[str, torch.Tensor]) -> Weight:
+    return Int8Weight(Int8Packed.from_tensors(parts, params))
+
+
+register("int8", _convert, _load)

@@ -20,11 +20,10 @@ from __future__ import annotations
 import torch
 
 from edgellm.quant import gguf_blocks
+from edgellm.quant.base import CONVERT_ROWS
 
 REPACKED = {"Q4_K": "Q4_KR", "Q6_K": "Q6_KR"}
 BLOCK_BYTES = {"Q4_KR": 24, "Q6_KR": 40}
-# Rows repacked at a time: bounds the unpacked temporaries of a large matrix (an embedding).
-_ROWS = 2048
 
 
 def _f32_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +54,9 @@ def repack(raw, ggml_type: str, n_rows: int, n_cols: int) -> torch.Tensor:
     """Raw Q4_K / Q6_K rows (uint8 ``[n_rows, bytes]`` or flat) -> repacked uint8 ``[n_rows, bytes]``."""
     fn = {"Q4_K": _repack_q4_k, "Q6_K": _repack_q6_k}[ggml_type]
     rows = torch.as_tensor(raw).view(n_rows, -1)
-    parts = [fn(rows[r:r + _ROWS], min(_ROWS, n_rows - r), n_cols) for r in range(0, n_rows, _ROWS)]
+    # CONVERT_ROWS at a time: bounds the unpacked temporaries of a large matrix (an embedding)
+    parts = [fn(rows[r:r + CONVERT_ROWS], min(CONVERT_ROWS, n_rows - r), n_cols)
+             for r in range(0, n_rows, CONVERT_ROWS)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -14,7 +14,7 @@ elements j, j + K/4, j + K/2 and j + 3K/4 in bits 0-1, 2-3, 4-5 and 6-7 (so each
 one contiguous quarter of the row); ``scale`` float32 [N] (equal within a tensor when per tensor).
 
 Matmul (:func:`TernaryWeight` picks): where PyTorch's int4 kernel applies (rows a multiple of
-64, width of 32), the values are held as int4 codes with unit group scales and the absmean
+its layout's row block, 64 or 32 with AVX2 only; width of 32), the values are held as int4 codes with unit group scales and the absmean
 scale is applied to the output (:class:`TernaryInt4Weight`: one kernel pass, as fast as int4,
 4.5 bits a weight in memory). Elsewhere the 2-bit packing stays in memory
 (:class:`TernaryPlanesWeight`): a plane ``(codes >> 2j) & 3`` is an int8 matrix of codes for a
@@ -27,9 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from edgellm.quant.formats import QuantizedWeight, slab_rows
+from edgellm.quant import int4
+from edgellm.quant.base import QuantizedWeight, Weight, slab_matmul, slab_rows
+from edgellm.quant.registry import register
 
 EPS = 1e-8
 
@@ -95,10 +96,9 @@ def dequantize(p: TernaryPacked) -> torch.Tensor:
 def TernaryWeight(packed: TernaryPacked) -> QuantizedWeight:
     """The fastest in-memory form of a ternary matrix: :class:`TernaryInt4Weight` where PyTorch's
     int4 kernel can run it, else :class:`TernaryPlanesWeight`."""
-    from edgellm.quant import int4
-
     n, k = packed.shape
-    if int4.kernel_available() and n % 64 == 0 and k % 32 == 0 and int4.kernel_layout_known():
+    block = int4.kernel_block_rows() if int4.kernel_available() else None
+    if block and n % block == 0 and k % 32 == 0:
         return TernaryInt4Weight(packed)
     return TernaryPlanesWeight(packed)
 
@@ -111,9 +111,9 @@ class TernaryInt4Weight(QuantizedWeight):
     memory this form takes 4.5 bits a weight (codes + the kernel's per-32 scale/zero), the price
     of the speed."""
 
-    def __init__(self, packed: TernaryPacked):
-        from edgellm.quant import int4
+    kind = "ternary"
 
+    def __init__(self, packed: TernaryPacked):
         n, k = packed.shape
         self.shape = (n, k)
         self.per_channel = packed.per_channel
@@ -125,17 +125,17 @@ class TernaryInt4Weight(QuantizedWeight):
 
     @property
     def packed(self) -> TernaryPacked:
-        t = self._int4._codes(0, self.shape[0]).to(torch.int16) - 8
+        t = self._int4.codes(0, self.shape[0]).to(torch.int16) - 8
         return TernaryPacked(pack(t), self.scale, self.per_channel)
 
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
-        return self._int4._decode(x).mul_(self.scale)
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._int4.decode(x).mul_(self.scale)
 
-    def _slab_matmul(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self._int4._slab_matmul(x, dtype).mul_(self.scale)
+    def prefill(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self._int4.prefill(x, dtype).mul_(self.scale)
 
-    def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-        return (self._int4._dequant_rows(r0, r1, torch.float32) * self.scale[r0:r1, None]).to(dtype)
+    def dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        return (self._int4.dequant_rows(r0, r1, torch.float32) * self.scale[r0:r1, None]).to(dtype)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         index = index.reshape(-1)
@@ -150,6 +150,7 @@ class TernaryPlanesWeight(QuantizedWeight):
     """Ternary matrix kept at 2 bits a weight in memory, multiplied through four int8 planes."""
 
     slab_align = 1
+    kind = "ternary"
 
     def __init__(self, packed: TernaryPacked):
         self.packed = packed
@@ -157,7 +158,7 @@ class TernaryPlanesWeight(QuantizedWeight):
         self.format_name = "ternary-channel" if packed.per_channel else "ternary"
         self._ones = torch.ones(self.shape[0], dtype=torch.bfloat16)
 
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.shape
         q = k // 4
         xb = x.to(torch.bfloat16)
@@ -180,17 +181,12 @@ class TernaryPlanesWeight(QuantizedWeight):
                     acc.add_(y)
         return out.sub_(total).mul_(self.packed.scale)
 
-    def _slab_matmul(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        n, k = self.shape
-        xx = x.to(dtype)
-        step = slab_rows(k, 2, 64)
-        out = torch.empty(x.shape[0], n, dtype=torch.float32)
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            out[:, r0:r1] = F.linear(xx, unpack_codes(self.packed.codes[r0:r1]).to(dtype) - 1)
-        return out.mul_(self.packed.scale)
+    def prefill(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        codes = self.packed.codes
+        return slab_matmul(x.to(dtype), self.shape[0], slab_rows(self.shape[1], 2, 64),
+                           lambda r0, r1: unpack_codes(codes[r0:r1]).to(dtype) - 1, self.packed.scale)
 
-    def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+    def dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
         codes = unpack_codes(self.packed.codes[r0:r1])
         return ((codes.float() - 1.0) * self.packed.scale[r0:r1, None]).to(dtype)
 
@@ -202,3 +198,14 @@ class TernaryPlanesWeight(QuantizedWeight):
     @property
     def nbytes(self) -> int:
         return self.packed.codes.numel() + self.packed.scale.numel() * 4 + self._ones.numel() * 2
+
+
+def _convert(w: Weight, fmt, segments=None) -> Weight:
+    return TernaryWeight(quantize(w.dequantize(), per_channel=fmt.per_channel, segments=segments))
+
+
+def _load(params: dict, parts: dict[str, torch.Tensor]) -> Weight:
+    return TernaryWeight(TernaryPacked.from_tensors(parts, params))
+
+
+register("ternary", _convert, _load)

@@ -1,0 +1,136 @@
+"""GGUF block matrices kept as their raw blocks: read by the native kernels where there is one
+(:data:`edgellm.kernels.NATIVE_FORMATS`: Q4_0, Q4_1, Q8_0, Q5_0, and Q4_K / Q6_K repacked as
+Q4_KR / Q6_KR), else dequantised slab by slab for every matmul."""
+
+from __future__ import annotations
+
+import torch
+
+from edgellm.kernels import NATIVE_FORMATS, native
+from edgellm.quant import gguf_blocks, repack
+from edgellm.quant.base import (BLOCK_SLAB_BYTES, BLOCK_SLAB_MIN_ROWS, DECODE_MAX_ROWS, QuantizedWeight, Weight,
+                                list_shape, slab_matmul, slab_rows)
+from edgellm.quant.registry import register
+
+
+class GGUFBlockWeight(Weight):
+    """Raw GGUF blocks of a type in NATIVE_FORMATS, read directly by the native kernels.
+
+    ``raw`` is a uint8 tensor [N, bytes_per_row]: each row holds K/32 blocks, so rows can be
+    permuted, sliced and concatenated (fusing q/k/v) without touching the bits.
+    """
+
+    def __init__(self, raw: torch.Tensor, ggml_type: str, n_cols: int):
+        if ggml_type not in NATIVE_FORMATS:
+            raise ValueError(f"no native kernel for {ggml_type}")
+        self.raw = raw.contiguous()
+        self.ggml_type = ggml_type
+        self.code = NATIVE_FORMATS[ggml_type]
+        self.shape = (raw.shape[0], n_cols)
+        self._ext = native()
+        if self._ext is None:
+            raise RuntimeError("GGUFBlockWeight needs the native kernels")
+        # float32 rows per prefill slab
+        self._step = slab_rows(n_cols, 4, align=1, budget=BLOCK_SLAB_BYTES, minimum=BLOCK_SLAB_MIN_ROWS)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.shape
+        x = x.float()
+        if x.shape[0] <= DECODE_MAX_ROWS:
+            return self._ext.block_matmul(x, self.raw, self.code, n)
+        return slab_matmul(x, n, self._step, lambda r0, r1: self._ext.block_dequant(self.raw, self.code, n, k, r0, r1))
+
+    def matmul_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= DECODE_MAX_ROWS and x.dtype == torch.float32:
+            return self._ext.block_matmul_add(x, self.raw, self.code, self.shape[0], residual)
+        return residual + self.matmul(x)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        picked = self.raw.index_select(0, index)
+        return self._ext.block_dequant(picked, self.code, picked.shape[0], self.shape[1], 0, picked.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    @property
+    def format(self) -> str:
+        return self.ggml_type
+
+    def parts(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        return {"format": "gguf", "ggml_type": self.ggml_type, "shape": list_shape(self)}, {"raw": self.raw}
+
+    @classmethod
+    def concat(cls, weights: list[Weight]) -> Weight | None:
+        first = weights[0]
+        if any(w.ggml_type != first.ggml_type for w in weights):
+            return None
+        return GGUFBlockWeight(torch.cat([w.raw for w in weights]), first.ggml_type, first.shape[1])
+
+
+class GGUFSlabWeight(QuantizedWeight):
+    """Raw GGUF blocks of a type without a native kernel (Q4_K, Q6_K, Q5_1, ...), or any type
+    where the native kernels are unavailable: every matmul dequantises slabs of rows with
+    :func:`edgellm.quant.gguf_blocks.dequantize` and calls BLAS. Correct and compact in memory,
+    but decode pays a full dequantisation per token (see docs/precision.md for the speed)."""
+
+    slab_align = 1
+    kind = "gguf"
+
+    def __init__(self, raw: torch.Tensor, ggml_type: str, n_cols: int):
+        self.raw = raw.contiguous()
+        self.ggml_type = ggml_type
+        self.shape = (raw.shape[0], n_cols)
+        self.format_name = ggml_type
+
+    def dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_raw(self.raw[r0:r1], self.ggml_type, self.shape[1]).to(dtype)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prefill(x, torch.float32)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        return dequantize_raw(self.raw.index_select(0, index.reshape(-1)), self.ggml_type, self.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel()
+
+    def parts(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        return {"format": "gguf", "ggml_type": self.ggml_type, "shape": list_shape(self)}, {"raw": self.raw}
+
+
+def dequantize_raw(raw: torch.Tensor, ggml_type: str, n_cols: int) -> torch.Tensor:
+    """Raw rows of a GGUF block type (or a repacked one) -> float32 [rows, n_cols]."""
+    if ggml_type in repack.BLOCK_BYTES:   # saved from a repacked weight, read where no kernel is
+        return repack.dequantize(raw, ggml_type, n_cols)
+    return gguf_blocks.dequantize(raw, ggml_type, (raw.shape[0], n_cols))
+
+
+def gguf_weight(raw: torch.Tensor, ggml_type: str, n_cols: int) -> Weight:
+    """The fastest Weight for raw GGUF rows: the native kernel if there is one, else slabs.
+
+    Q4_K and Q6_K are repacked for the kernels (edgellm/quant/repack.py), exactly.
+    """
+    if native() is not None:
+        if ggml_type in NATIVE_FORMATS:
+            return GGUFBlockWeight(raw, ggml_type, n_cols)
+        if ggml_type in repack.REPACKED:
+            return GGUFBlockWeight(repack.repack(raw, ggml_type, raw.shape[0], n_cols), repack.REPACKED[ggml_type], n_cols)
+    return GGUFSlabWeight(raw, ggml_type, n_cols)
+
+
+def _convert(w: Weight, fmt, segments=None) -> Weight:
+    t = fmt.type_for_width(w.shape[1])
+    if isinstance(w, (GGUFBlockWeight, GGUFSlabWeight)) and w.ggml_type == t:
+        return w          # already these blocks: requantising could only lose
+    dense = w.dequantize()
+    raw = torch.from_numpy(gguf_blocks.quantize(dense, t)).view(dense.shape[0], -1)
+    return gguf_weight(raw, t, dense.shape[1])
+
+
+def _load(params: dict, parts: dict[str, torch.Tensor]) -> Weight:
+    return gguf_weight(parts["raw"].to(torch.uint8), params["ggml_type"], int(params["shape"][1]))
+
+
+register("gguf", _convert, _load)
