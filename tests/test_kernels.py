@@ -94,7 +94,7 @@ def test_a_kquant_model_runs_natively_and_exactly(tmp_path, smollm2_path, fmt):
     fast, exact = LLM(str(path)), LLM(str(path), use_native=False)
     blocks = fast.loaded.model.weights.blocks
     assert {b.gate_up.format for b in blocks} == {fmt + "R"}
-    assert fast.loaded.model._native_blocks is not None          # the fused decode step applies
+    assert fast.loaded.model.has_fused_decode                   # the fused decode step applies
     ids = list(range(100, 140))
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=True)
     a, b = fast.generate(ids, params), exact.generate(ids, params)
@@ -131,27 +131,30 @@ def test_fused_decode_step_matches_the_per_op_path(smollm2_path, kv_dtype, lengt
     """One decode step through the single native call (all blocks, attention split over position
     ranges when there are few sequences) against the model's per-op PyTorch path, on the same
     cache: same logits and the same keys/values written."""
-    import copy
-
     from edgellm.kv.cache import KVCache
     from edgellm.loading.load import load_model
+    from edgellm.models.trace import Trace
     from edgellm.runtime.model_runner import ModelRunner, SeqChunk
 
-    fused = load_model(str(smollm2_path)).model
-    assert fused._native_blocks is not None
-    per_op = copy.copy(fused)
-    per_op._native_blocks = None
+    model = load_model(str(smollm2_path)).model
+    assert model.has_fused_decode
     span = 320
-    cache = KVCache(fused.cfg, len(lengths) * span // 16, 16, kv_dtype)
+    cache = KVCache(model.cfg, len(lengths) * span // 16, 16, kv_dtype)
     slots = [torch.arange(i * span, (i + 1) * span) for i in range(len(lengths))]
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(100, 40000, (n,), generator=gen).tolist() for n in lengths]
-    ModelRunner(per_op, cache).run([SeqChunk(p, 0, s) for p, s in zip(prompts, slots)])
+    ModelRunner(model, cache).run([SeqChunk(p, 0, s) for p, s in zip(prompts, slots)])
     step = [SeqChunk([1234 + i], n, s) for i, (n, s) in enumerate(zip(lengths, slots))]
-    other = KVCache(fused.cfg, cache.num_blocks, 16, kv_dtype)
+    other = KVCache(model.cfg, cache.num_blocks, 16, kv_dtype)
     other.data.copy_(cache.data)
-    want = ModelRunner(per_op, cache).run(step)
-    got = ModelRunner(fused, other).run(step)
+    per_op = ModelRunner(model, cache, trace=Trace(), fused_decode=False)
+    fused = ModelRunner(model, other, trace=Trace())
+    want = per_op.run(step)
+    got = fused.run(step)
+    # the trace says which path each runner took
+    assert [op for op, _, _ in fused.trace.steps[0].ops] == ["embedding", "rope", "decode_blocks", "final_norm",
+                                                            "lm_head"]
+    assert "decode_blocks" not in per_op.trace.steps[0].totals()
     assert torch.allclose(got, want, atol=2e-3, rtol=0), (got - want).abs().max()
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     # keys/values written: equal up to float32 rounding, or one float16 step of values up to ~20

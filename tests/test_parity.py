@@ -137,7 +137,7 @@ def test_qwen2_matches_transformers():
     blocks = llm.loaded.model.weights.blocks
     # every block matrix stays quantised (Q4_K/Q6_K repacked, Q5_0 as is) and decode takes the fused step
     assert {m.format for b in blocks for m in (b.qkv, b.o, b.gate_up, b.down)} == {"Q5_0", "Q8_0", "Q4_KR", "Q6_KR"}
-    assert llm.loaded.model._native_blocks is not None
+    assert llm.loaded.model.has_fused_decode
     ids = llm.encode_prompt("Write a Python function that reverses a string.", chat=True)
     ref_tokens, ref_logits = _reference_greedy(ref, ids, 16)
     cache = KVCache(llm.cfg, num_blocks=(len(ids) + 16) // 16 + 1)

@@ -1,8 +1,8 @@
 """`edgellm analyze --measure`: the engine timed op by op next to the roofline.
 
-Correctness is checked against independent references: the engine's own forward pass (the op-by-op
-pass must give its logits and KV cache), ``attention.self_attention`` (the split into RoPE + cache
-write and attention), the GGUF file's tensor sizes read by the ``gguf`` package, and weight bytes and
+Correctness is checked against independent references: the engine's own step (the traced per-layer
+pass must give its logits and KV cache, with every op of every block in the trace once), the GGUF
+file's tensor sizes read by the ``gguf`` package, and weight bytes and
 operations worked by hand for the tiny model. Timings are only checked for sanity (positive, under
 the roofline); speed is reported by the command, never asserted.
 """
@@ -17,8 +17,8 @@ import torch
 
 import edgellm.cli.main
 from edgellm.kv.cache import BLOCK_SIZE, KVCache
-from edgellm.layers.attention import self_attention
 from edgellm.loading.load import load_model
+from edgellm.models.trace import OPS
 from edgellm.roofline import profile
 from edgellm.roofline.hardware import hardware_from_dict
 from edgellm.runtime.model_runner import ModelRunner, SeqChunk
@@ -46,50 +46,57 @@ def smollm2(smollm2_llm):
     return smollm2_llm.loaded      # the session's model: load_model's defaults, not changed by these tests
 
 
-def _engine_and_ops(loaded, seq_len: int):
-    """(engine logits, op-by-op logits, engine cache, op-by-op cache) for a prefill then one decode step."""
+def _engine_and_traced(loaded, seq_len: int):
+    """Engine and traced logits for a prefill then one decode step, their caches and the traced runner."""
     cfg, model = loaded.config, loaded.model
     ids = profile.prompt_ids(loaded.tokenizer, seq_len + 1)
     n_blocks = -(-(seq_len + 1) // BLOCK_SIZE)
     slots = slice(0, n_blocks * BLOCK_SIZE)
     caches = [KVCache(cfg, n_blocks, BLOCK_SIZE) for _ in range(2)]
-    runner = ModelRunner(model, caches[0])
-    out = {"engine": [], "ops": []}
+    runner, traced = ModelRunner(model, caches[0]), profile.traced_runner(model, caches[1])
+    out = {"engine": [], "traced": [], "path": []}
     with torch.inference_mode():
         for chunk in (SeqChunk(ids[:seq_len], 0, slots), SeqChunk([ids[seq_len]], seq_len, slots)):
             out["engine"].append(runner.run([chunk]))
-            out["ops"].append(profile.forward_by_ops(model, caches[1], profile.build_step([chunk]), {}))
-    return out, caches
+            out["traced"].append(traced.run([chunk]))
+    out["path"] = profile.engine_path(runner, SeqChunk([ids[seq_len]], seq_len, slots))
+    return out, caches, traced.trace
 
 
 @pytest.mark.parametrize("which", ["tiny", "smollm2"])
-def test_op_by_op_pass_gives_the_engines_logits_and_cache(which, request):
+def test_traced_pass_gives_the_engines_logits_and_cache(which, request):
     loaded = request.getfixturevalue(which)
-    out, (c_engine, c_ops) = _engine_and_ops(loaded, 20)
-    for engine, ops in zip(out["engine"], out["ops"]):      # prefill, then decode
-        assert engine.shape == ops.shape == (1, loaded.config.vocab_size)
-        torch.testing.assert_close(ops, engine, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(c_ops.data, c_engine.data, atol=1e-5, rtol=1e-5)
+    out, (c_engine, c_traced), trace = _engine_and_traced(loaded, 20)
+    for engine, traced in zip(out["engine"], out["traced"]):      # prefill, then decode
+        assert engine.shape == traced.shape == (1, loaded.config.vocab_size)
+        torch.testing.assert_close(traced, engine, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(c_traced.data, c_engine.data, atol=1e-5, rtol=1e-5)
     if which == "smollm2":   # its decode step really took the all-blocks native call
-        assert "native" in profile.engine_path(loaded.model, "decode")
+        assert "native" in out["path"]
 
 
-def test_rope_write_then_attend_is_self_attention(tiny):
-    cfg = tiny.config
-    H, KVH, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    gen = torch.Generator().manual_seed(0)
-    n_blocks = 2
-    slots = slice(0, n_blocks * BLOCK_SIZE)
-    caches = [KVCache(cfg, n_blocks, BLOCK_SIZE) for _ in range(2)]
-    for new, start in ((12, 0), (1, 12)):                  # a prefill, then a decode step after it
-        step = profile.build_step([SeqChunk(list(range(new)), start, slots)])
-        rope = tiny.model.rope.tables(step.positions)
-        qkv = torch.randn(new, (H + 2 * KVH) * D, generator=gen)
-        want = self_attention(qkv, rope, caches[0], 1, step.batch, H, KVH)
-        q = profile.rope_and_cache_write(qkv, rope, caches[1], 1, step.batch, H, KVH)
-        got = profile.attend(q, caches[1], 1, step.batch)
-        torch.testing.assert_close(got, want)
-        torch.testing.assert_close(caches[1].data, caches[0].data)
+def test_the_trace_holds_every_op_of_every_block_once_in_order(tiny):
+    """The op scopes the profiler reads: per step, the embedding and the cos/sin look-up, then each
+    block's nine ops (layer 0, 1, ...), then the final norm and the lm_head; names are the profiler's."""
+    _, _, trace = _engine_and_traced(tiny, 12)
+    block_ops = [op.name for op in profile.ENGINE_OPS if op.per_block]
+    want = [("embedding", None), ("rope", None)] + [(op, i) for i in range(tiny.config.n_layers) for op in block_ops] \
+        + [("final_norm", None), ("lm_head", None)]
+    assert [s.tokens for s in trace.steps] == [12, 1]
+    for step in trace.steps:
+        assert [(op, layer) for op, layer, _ in step.ops] == want
+        assert all(sec >= 0 for _, _, sec in step.ops)
+        assert sum(sec for _, _, sec in step.ops) <= step.seconds
+    assert [op.name for op in profile.ENGINE_OPS] == [op for op in OPS if op != "decode_blocks"]
+
+
+def test_trace_callback_sees_each_op_as_it_ends(tiny):
+    seen = []
+    cache = KVCache(tiny.config, 1, BLOCK_SIZE)
+    runner = profile.traced_runner(tiny.model, cache)
+    runner.trace.callback = lambda op, layer, seconds: seen.append((op, layer))
+    runner.run([SeqChunk([5, 6, 7], 0, slice(0, BLOCK_SIZE))])
+    assert seen == [(op, layer) for op, layer, _ in runner.trace.steps[0].ops] and len(seen) > 10
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +238,7 @@ def test_cli_json_csv_table_plot(cli, tiny_path, tmp_path):
     code, out, _ = cli("--model", str(tiny_path), "--seq-len", "8", "--repeat", "1", "--phase", "prefill",
                        "--attention", "unfused")
     assert code == 0 and "PREFILL" in out and "DECODE" not in out and "engine step" in out
+    assert "block by block" in out         # a prefill never takes the fused decode call
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -344,7 +344,7 @@ def test_chat_command_reuses_the_conversation(smollm2_path):
 def test_sessions_bench_small_run(llm):
     """The benchmark's own bookkeeping on a tiny run: every decode step of 2 sessions counted, a
     follow-up turn of about 20 new tokens, KV bytes per session from the model's shape."""
-    from edgellm.runtime.sessions_bench import run_sessions_bench
+    from edgellm.bench.sessions import run_sessions_bench
 
     r = run_sessions_bench(llm=llm, concurrency=(1, 2), decode_tokens=3, histories=(40,), users=0, repeat=1,
                            profile=False, threads=None, kv_memory="4MB")
@@ -354,6 +354,18 @@ def test_sessions_bench_small_run(llm):
     per_token = 2 * llm.cfg.n_layers * llm.cfg.n_kv_heads * llm.cfg.head_dim * 4
     assert r["kv_bytes_per_token"] == per_token
     assert f["session_kv_bytes"] == per_token * 16 * -(-f["history_tokens"] // 16)
+
+
+def test_sessions_bench_profile_times_both_paths(llm):
+    """The decode-batch profile reads the model's op scopes: every figure positive, the fused call
+    timed at every batch size where the model has it (the per-layer blocks are the rest)."""
+    from edgellm.bench.sessions import profile_decode_batch
+
+    rows = profile_decode_batch(llm, [1, 3], context=20, repeat=1)
+    assert [r["batch"] for r in rows] == [1, 3]
+    assert llm.loaded.model.has_fused_decode
+    for r in rows:
+        assert r["per_layer_ms"] > 0 and r["lm_head_ms"] > 0 and r["fused_ms"] > 0
 
 
 def test_bench_sessions_scenario_bad_input(capsys):

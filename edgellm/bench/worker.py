@@ -181,121 +181,59 @@ class OursEngine:
         return profile_decode(self.llm, self.ids, steps)
 
 
-MATMUL_METHODS = ("matmul", "matmul_add")     # Weight methods that run a matrix-multiply kernel
+#: the model's attention calls, timed as the trace's "rope" (RoPE + KV write) and "attention" ops of a block
+ATTENTION_FUNCTIONS = ["write_kv", "attend"]
 
 
-def _weight_methods(base) -> list[tuple[type, str]]:
-    """(class, method name) for every concrete matmul-like method defined on ``base`` or a subclass."""
-    out, todo, seen = [], [base], set()
-    while todo:
-        cls = todo.pop()
-        if cls in seen:
-            continue
-        seen.add(cls)
-        for name, fn in cls.__dict__.items():
-            if (name in MATMUL_METHODS or name.startswith("matmul_")) and callable(fn) \
-                    and not getattr(fn, "__isabstractmethod__", False):
-                out.append((cls, name))
-        todo.extend(cls.__subclasses__())
+def _split_step(step) -> dict:
+    """One traced forward pass's time by kind: the matrix-multiply ops (the lm_head also apart),
+    attention (per-block RoPE + KV write and attention), the fused all-blocks call."""
+    from edgellm.models.trace import MATMUL_OPS
+
+    out = {"tokens": step.tokens, "total": step.seconds, "matmul": 0.0, "lm_head": 0.0, "attention": 0.0,
+           "blocks": 0.0, "matmul_calls": 0}
+    for op, layer, seconds in step.ops:
+        if op in MATMUL_OPS:
+            out["matmul"] += seconds
+            out["matmul_calls"] += 1
+            if op == "lm_head":
+                out["lm_head"] += seconds
+        elif op in ("rope", "attention") and layer is not None:   # the cos/sin look-up is "other"
+            out["attention"] += seconds
+        elif op == "decode_blocks":
+            out["blocks"] += seconds
     return out
 
 
-def _attention_functions(model_module) -> list[str]:
-    """Names, in the model module, of the functions it imported from ``edgellm.layers.attention``."""
-    return [name for name, obj in vars(model_module).items()
-            if callable(obj) and not isinstance(obj, type)
-            and getattr(obj, "__module__", "") == "edgellm.layers.attention"]
+def _traced_generation(llm, ids: list[int], steps: int):
+    """Greedy generation of ``steps + 1`` tokens on an Engine whose runner traces every forward pass;
+    returns (the trace, the request's result)."""
+    from edgellm.kv.cache import BLOCK_SIZE, KVCache
+    from edgellm.models.trace import Trace
+    from edgellm.runtime.engine import Engine
+    from edgellm.sampling import SamplingParams
+
+    n_new = min(steps + 1, llm.cfg.context_length - len(ids))
+    blocks = -(-(len(ids) + n_new) // BLOCK_SIZE) + 1
+    engine = Engine(llm, kv_memory=blocks * KVCache.bytes_per_block(llm.cfg, BLOCK_SIZE, llm.kv_dtype))
+    try:
+        engine.runner.trace = Trace()
+        result = engine.generate([ids], SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True))[0]
+        return engine.runner.trace, result
+    finally:
+        engine.close()
 
 
 def profile_decode(llm, ids: list[int], steps: int) -> dict:
     """Time ``steps`` decode steps after a prefill of ``ids``, splitting each step's time into the
-    matrix-multiply kernels (every ``Weight.matmul`` / ``matmul_add``; the lm_head separately),
-    attention (the attention function the model calls: RoPE, KV write, gather, attention proper)
-    and the rest of the forward pass (Python, norms, SiLU, embedding look-up, small tensors), plus
-    the time outside the forward pass (greedy pick, detokenisation, the generate loop). The timers
-    are monkeypatched onto the classes and the model module of this process only, and removed
-    afterwards; a matmul method calling another counts once.
+    matrix-multiply kernels (the projections; the lm_head separately), attention (RoPE, KV write,
+    attention proper), the fused all-blocks native call where decode takes it, and the rest of the
+    forward pass (Python, norms, SiLU, embedding look-up, small tensors), plus the time outside the
+    forward pass (greedy pick, detokenisation, the engine's loop). All from the trace of the model's
+    op scopes (``edgellm.models.trace``), on an engine of its own sharing the model.
     """
-    import edgellm.models.llama as llama_mod
-    from edgellm.quant.base import Weight
-    from edgellm.runtime.model_runner import ModelRunner
-    from edgellm.sampling import SamplingParams
-
-    clock = time.perf_counter
-    acc = {"matmul": 0.0, "lm_head": 0.0, "attention": 0.0, "blocks": 0.0, "matmul_calls": 0}
-    depth = [0]
-    forwards: list[dict] = []
-    lm_head = llm.loaded.model.weights.lm_head
-    saved: list[tuple[object, str, object]] = []
-
-    def timed_matmul(orig):
-        def wrapper(self, *a, **k):
-            if depth[0]:
-                return orig(self, *a, **k)
-            depth[0] += 1
-            t = clock()
-            try:
-                return orig(self, *a, **k)
-            finally:
-                dt = clock() - t
-                depth[0] -= 1
-                acc["matmul"] += dt
-                acc["matmul_calls"] += 1
-                if self is lm_head:
-                    acc["lm_head"] += dt
-        return wrapper
-
-    def timed_attention(orig):
-        def wrapper(*a, **k):
-            t = clock()
-            try:
-                return orig(*a, **k)
-            finally:
-                acc["attention"] += clock() - t
-        return wrapper
-
-    orig_run = ModelRunner.run
-
-    def timed_run(self, chunks):
-        before = dict(acc)
-        t = clock()
-        out = orig_run(self, chunks)
-        total = clock() - t
-        forwards.append({"tokens": sum(len(c.token_ids) for c in chunks), "total": total,
-                         **{k: acc[k] - before[k] for k in acc}})
-        return out
-
-    attn_names = _attention_functions(llama_mod)
-    for cls, name in _weight_methods(Weight):
-        orig = cls.__dict__[name]
-        saved.append((cls, name, orig))
-        setattr(cls, name, timed_matmul(orig))
-    for name in attn_names:
-        orig = getattr(llama_mod, name)
-        saved.append((llama_mod, name, orig))
-        setattr(llama_mod, name, timed_attention(orig))
-    saved.append((ModelRunner, "run", orig_run))
-    ModelRunner.run = timed_run
-    # The fused decode path: every block's matmuls, norms and attention in one native call.
-    if hasattr(llama_mod.LlamaModel, "_decode_blocks_native"):
-        orig_blocks = llama_mod.LlamaModel._decode_blocks_native
-        saved.append((llama_mod.LlamaModel, "_decode_blocks_native", orig_blocks))
-
-        def timed_blocks(self, *a, **k):
-            t = clock()
-            try:
-                return orig_blocks(self, *a, **k)
-            finally:
-                acc["blocks"] += clock() - t
-        llama_mod.LlamaModel._decode_blocks_native = timed_blocks
-    try:
-        n_new = min(steps + 1, llm.cfg.context_length - len(ids))
-        c = llm.generate(ids, SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True))
-    finally:
-        for owner, attr, value in reversed(saved):
-            setattr(owner, attr, value)
-
-    decode = [f for f in forwards if f["tokens"] == 1]
+    trace, c = _traced_generation(llm, ids, steps)
+    decode = [_split_step(s) for s in trace.steps if s.tokens == 1]
     if not decode:
         return {"event": "profile", "steps": 0}
     total = sum(f["total"] for f in decode)
@@ -317,7 +255,7 @@ def profile_decode(llm, ids: list[int], steps: int) -> dict:
         "blocks_ms_median": 1e3 * med(f["blocks"] for f in decode),
         "other_ms_median": 1e3 * med(f["total"] - f["matmul"] - f["attention"] - f["blocks"] for f in decode),
         "matmul_calls_per_step": decode[0]["matmul_calls"],
-        "attention_functions": attn_names,
+        "attention_functions": ATTENTION_FUNCTIONS,
         # fractions of the whole per-token time (they add up to 1)
         "fractions": {
             "matmul": matmul / token_time,

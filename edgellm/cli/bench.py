@@ -2,7 +2,7 @@
 this machine, and (``--peers``) the same measurements of HF transformers and llama.cpp.
 
 ``--scenario sessions`` measures the multi-session runtime instead
-(:mod:`edgellm.runtime.sessions_bench`): aggregate decode throughput at several concurrencies,
+(:mod:`edgellm.bench.sessions`): aggregate decode throughput at several concurrencies,
 follow-up time to first token against history length, KV memory per session, and N users with
 think time between turns, broken down by phase.
 
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_sessions(args: argparse.Namespace) -> int:
     from edgellm.errors import InvalidParameterError
-    from edgellm.runtime.sessions_bench import format_report, run_sessions_bench
+    from edgellm.bench.sessions import format_report, run_sessions_bench
 
     for name, value, low in (("--repeat", args.repeat, 1), ("--users", args.users, 0), ("--threads", args.threads, 1)):
         if value < low:

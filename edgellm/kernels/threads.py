@@ -1,6 +1,6 @@
 """How many threads a fused decode step should use, chosen from the step times it sees.
 
-A fused decode step (``LlamaModel._decode_blocks_native``) runs every block in one parallel
+A fused decode step (``LlamaModel.decode_blocks_fused``) runs every block in one parallel
 region with four barriers a layer: about 120 a step for SmolLM2. On an idle machine two threads
 beat one. When other processes compete for the cores, a thread that reaches a barrier waits for
 a partner the OS has descheduled, and each of those waits costs a time slice: measured here at a
@@ -10,6 +10,7 @@ they slow down markedly it times a few steps with one thread and keeps whichever
 from one thread it probes the full count again now and then, so it returns once the load is gone.
 
 Step times are compared only between steps of the same batch size (more sequences, more work).
+The ModelRunner applies the chooser to each fused step it runs (``runner.thread_chooser``).
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 The runner lays every sequence's new tokens end to end ([T, ...], no padding) and describes the
 step in an ``AttentionBatch``: where each token's key/value goes (``write_slots``) and, per
-sequence, which cache slots hold its history. Decode rows (one new token each) are attended in
-one batched call over padded histories; prefill chunks (several new tokens) one sequence at a
-time, with a causal mask offset by the tokens already cached.
+sequence, which cache slots hold its history. Attention is two calls, so that a trace can time
+them apart: :func:`write_kv` (RoPE, then k and v into the cache) and :func:`attend`. Decode rows
+(one new token each) are attended in one batched call over padded histories; prefill chunks
+(several new tokens) one sequence at a time, with a causal mask offset by the tokens already cached.
 """
 
 from __future__ import annotations
@@ -83,27 +84,30 @@ def _concat_slots(parts: list):
     return torch.cat([_as_index(p) for p in parts])
 
 
-def self_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, layer: int,
-                   batch: AttentionBatch, n_heads: int, n_kv_heads: int) -> torch.Tensor:
-    """qkv: [T, (H + 2 KVH) * D], the fused projection of the new tokens. Applies RoPE, stores
-    k and v in the cache, attends, and returns [T, H * D]."""
+def write_kv(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, layer: int,
+             batch: AttentionBatch, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """The first half of attention: RoPE on q and k, k and v into the cache at ``batch.write_slots``.
+    Returns q, [T, H, D]."""
     T = qkv.shape[0]
     D = cache.cfg.head_dim
     ext = native() if cache.dtype == torch.float32 else None
     if ext is not None:  # fused: RoPE + cache write in one call
         kc, vc = cache.data[layer, 0], cache.data[layer, 1]
-        q = ext.rope_qkv_write(qkv, rope[0].view(T, D), rope[1].view(T, D), kc, vc, batch.write_index,
-                               n_heads, n_kv_heads)
-    else:
-        q, k, v = qkv.split([n_heads * D, n_kv_heads * D, n_kv_heads * D], dim=-1)
-        q = apply_rope(q.view(T, n_heads, D), *rope)
-        k = apply_rope(k.view(T, n_kv_heads, D), *rope)
-        cache.write(layer, batch.write_slots, k, v.reshape(T, n_kv_heads, D))
-    return _attend(q, cache, layer, batch, ext)
+        return ext.rope_qkv_write(qkv, rope[0].view(T, D), rope[1].view(T, D), kc, vc, batch.write_index,
+                                  n_heads, n_kv_heads)
+    q, k, v = qkv.split([n_heads * D, n_kv_heads * D, n_kv_heads * D], dim=-1)
+    q = apply_rope(q.view(T, n_heads, D), *rope)
+    k = apply_rope(k.view(T, n_kv_heads, D), *rope)
+    cache.write(layer, batch.write_slots, k, v.reshape(T, n_kv_heads, D))
+    return q
 
 
-def _attend(q: torch.Tensor, cache: KVCache, layer: int, batch: AttentionBatch, ext) -> torch.Tensor:
+def attend(q: torch.Tensor, cache: KVCache, layer: int, batch: AttentionBatch) -> torch.Tensor:
+    """The second half of attention: q [T, H, D] over the cached keys and values of each token's
+    sequence (written by :func:`write_kv`, this step's included). Returns [T, H * D]."""
     T, H, D = q.shape
+    # The native kernels read a float32 cache only; other cache formats dequantise in cache.read.
+    ext = native() if cache.dtype == torch.float32 else None
     if not batch.prefills and ext is not None:  # decode-only step: the common case
         return ext.decode_attention(q, cache.data[layer, 0], cache.data[layer, 1], batch.decode_index,
                                     batch.decode_lens)

@@ -2,15 +2,14 @@
 
 One forward pass serves prefill and decode alike: tokens of every sequence in the step are laid
 end to end ([T]), each with its position, and attention reads and writes the KV cache through
-the step's ``AttentionBatch``. Only the rows whose next token is wanted go through the final
+the step's ``AttentionBatch``. A decode-only step can instead run every block in one native call
+(:meth:`LlamaModel.decode_blocks_fused`); the runner chooses. Only the rows whose next token is wanted go through the final
 norm and the vocabulary projection (a 49k x 576 matrix is the largest single read per token).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import time
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +18,10 @@ from edgellm.config import ModelConfig
 from edgellm.kv.cache import KVCache
 from edgellm.kernels import native
 from edgellm.kernels.threads import ThreadChooser
-from edgellm.layers.attention import AttentionBatch, self_attention
+from edgellm.layers.attention import AttentionBatch, attend, write_kv
 from edgellm.layers.rope import RotaryEmbedding
+from edgellm.models.trace import Trace
 from edgellm.quant.base import Weight
-
-#: decode batches up to this many sequences take the fused native step
-FUSED_DECODE_MAX_ROWS = 16
-
 
 @dataclass
 class BlockWeights:
@@ -57,63 +53,132 @@ class ModelWeights:
 
 
 class LlamaModel:
+    """The forward pass as public parts, which a runner composes: :meth:`embed`, then either
+    :meth:`forward_layers` (any step) or :meth:`decode_blocks_fused` (a decode-only step, see
+    :meth:`fused_decode_supported`), then :meth:`logits`. Which of the two, and on how many threads,
+    is the runner's choice (``edgellm.runtime.model_runner``). Each part takes an optional
+    :class:`~edgellm.models.trace.Trace` and marks its ops in it."""
+
     def __init__(self, cfg: ModelConfig, weights: ModelWeights):
         self.cfg = cfg
         self.weights = weights
         self.rope = RotaryEmbedding(cfg)
         self._native_blocks = _native_block_args(weights)
-        self._threads = ThreadChooser(torch.get_num_threads())
-
-    @property
-    def thread_chooser(self) -> ThreadChooser:
-        """The decode step's thread policy (its ``steps_by_threads`` says what ran)."""
-        return self._threads
+        # Transitional: the runners of this model share this chooser by default, because
+        # LLM.generate builds a runner per request and the policy's history must outlive it (and
+        # the bench reads its step counts here). The runner, not the model, applies it.
+        self.thread_chooser = ThreadChooser(torch.get_num_threads())
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
-                cache: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
-        """tokens, positions: [T]. Returns float32 logits [len(logit_rows), vocab]."""
-        h = self.weights.embed.rows(tokens)
-        rope = self.rope.tables(positions)
-        # The fused native step streams the quantised weights once for all rows, which wins while
-        # the batch is small (memory-bound); with many rows the per-layer path's dequantise-then-
-        # BLAS matmuls do the arithmetic faster (measured 2.4x at 64 rows).
-        if (self._native_blocks is not None and not batch.prefills and tokens.shape[0] <= FUSED_DECODE_MAX_ROWS
-                and cache.dtype in (torch.float32, torch.float16)):
-            self._decode_blocks_native(h, rope, batch, cache)
-        else:
-            for i, block in enumerate(self.weights.blocks):
-                h = self._block(h, rope, block, batch, cache, i)
-        h = h.index_select(0, logit_rows)
-        h = F.rms_norm(h, (self.cfg.hidden_size,), self.weights.final_norm, self.cfg.rms_norm_eps)
-        return self.weights.lm_head.matmul(h)
+                cache: KVCache, logit_rows: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
+        """tokens, positions: [T]. Returns float32 logits [len(logit_rows), vocab]. Always the
+        per-layer path (callers that want the fused decode step go through a ModelRunner)."""
+        h = self.embed(tokens, trace)
+        h = self.forward_layers(h, self.rope_tables(positions, trace), batch, cache, trace)
+        return self.logits(h, logit_rows, trace)
 
     __call__ = forward
 
-    def _decode_blocks_native(self, h: torch.Tensor, rope, batch: AttentionBatch, cache: KVCache) -> None:
-        """Every block of a decode-only step in one native call (one parallel region); updates h."""
+    def embed(self, tokens: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
+        """The tokens' embedding rows, [T, hidden] float32."""
+        if trace is not None:
+            trace.begin()
+        h = self.weights.embed.rows(tokens)
+        if trace is not None:
+            trace.end("embedding", None)
+        return h
+
+    def rope_tables(self, positions: torch.Tensor, trace: Trace | None = None):
+        """cos/sin of the positions, looked up once per pass (traced as part of "rope")."""
+        if trace is not None:
+            trace.begin()
+        rope = self.rope.tables(positions)
+        if trace is not None:
+            trace.end("rope", None)
+        return rope
+
+    def logits(self, h: torch.Tensor, logit_rows: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
+        """The final norm and vocabulary projection of the rows ``logit_rows`` of h."""
+        if trace is not None:
+            trace.begin()
+        h = F.rms_norm(h.index_select(0, logit_rows), (self.cfg.hidden_size,), self.weights.final_norm,
+                       self.cfg.rms_norm_eps)
+        if trace is not None:
+            trace.end("final_norm", None)
+        out = self.weights.lm_head.matmul(h)
+        if trace is not None:
+            trace.end("lm_head", None)
+        return out
+
+    def forward_layers(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
+                       cache: KVCache, trace: Trace | None = None) -> torch.Tensor:
+        """Every block, one after the other, op by op (prefill, mixed and large decode steps)."""
+        if trace is not None:
+            trace.begin()
+        for i, block in enumerate(self.weights.blocks):
+            h = self.block(h, rope, block, batch, cache, i, trace)
+        return h
+
+    @property
+    def has_fused_decode(self) -> bool:
+        """Whether every block matrix is in a format the fused native decode step reads."""
+        return self._native_blocks is not None
+
+    def fused_decode_supported(self, batch: AttentionBatch, cache: KVCache) -> bool:
+        """Whether :meth:`decode_blocks_fused` can run this step: native blocks, decode rows only,
+        a float32 or float16 cache."""
+        return (self._native_blocks is not None and not batch.prefills
+                and cache.dtype in (torch.float32, torch.float16))
+
+    def decode_blocks_fused(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
+                            cache: KVCache, threads: int, trace: Trace | None = None) -> None:
+        """Every block of a decode-only step in one native call (one parallel region of ``threads``
+        threads); updates h in place. Only where :meth:`fused_decode_supported` says so."""
         cfg = self.cfg
         tensors, formats, biases = self._native_blocks
         T = h.shape[0]
-        if self._threads.max_threads != torch.get_num_threads():   # the caller changed the setting
-            self._threads = ThreadChooser(torch.get_num_threads())
-        threads = self._threads.threads(T)
-        start = time.perf_counter()
+        if trace is not None:
+            trace.begin()
         native().decode_blocks(h, tensors, formats, biases, rope[0].view(T, -1), rope[1].view(T, -1), cache.data,
                                batch.write_index, batch.decode_index, batch.decode_lens,
                                cfg.n_heads, cfg.n_kv_heads, cfg.ffn_size, cfg.rms_norm_eps, threads)
-        self._threads.record(T, threads, time.perf_counter() - start)
+        if trace is not None:
+            trace.end("decode_blocks", None)
 
-    def _block(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], w: BlockWeights,
-               batch: AttentionBatch, cache: KVCache, layer: int) -> torch.Tensor:
+    def block(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], w: BlockWeights,
+              batch: AttentionBatch, cache: KVCache, layer: int, trace: Trace | None = None) -> torch.Tensor:
+        """One transformer block; each op ends with a mark in ``trace`` (a None check when off)."""
         cfg = self.cfg
         x = F.rms_norm(h, (cfg.hidden_size,), w.attn_norm, cfg.rms_norm_eps)
+        if trace is not None:
+            trace.end("attn_norm", layer)
         qkv = w.qkv.matmul(x)
         if w.qkv_bias is not None:
             qkv = qkv + w.qkv_bias
-        attn = self_attention(qkv, rope, cache, layer, batch, cfg.n_heads, cfg.n_kv_heads)
+        if trace is not None:
+            trace.end("qkv_proj", layer)
+        q = write_kv(qkv, rope, cache, layer, batch, cfg.n_heads, cfg.n_kv_heads)
+        if trace is not None:
+            trace.end("rope", layer)
+        attn = attend(q, cache, layer, batch)
+        if trace is not None:
+            trace.end("attention", layer)
         h = w.o.matmul_add(attn, h)
+        if trace is not None:
+            trace.end("o_proj+attn_add", layer)
         x = F.rms_norm(h, (cfg.hidden_size,), w.ffn_norm, cfg.rms_norm_eps)
-        return w.down.matmul_add(_silu_mul(w.gate_up.matmul(x)), h)
+        if trace is not None:
+            trace.end("ffn_norm", layer)
+        gate_up = w.gate_up.matmul(x)
+        if trace is not None:
+            trace.end("gate_up_proj", layer)
+        act = silu_mul(gate_up)
+        if trace is not None:
+            trace.end("mlp_act", layer)
+        h = w.down.matmul_add(act, h)
+        if trace is not None:
+            trace.end("down_proj+ffn_add", layer)
+        return h
 
 
 def _native_block_args(weights: ModelWeights):
@@ -136,7 +201,8 @@ def _native_block_args(weights: ModelWeights):
     return tensors, formats, biases
 
 
-def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the stacked [.., 2 * ffn] projection."""
     ext = native()
     if ext is not None and gate_up.dtype == torch.float32:
         return ext.silu_mul(gate_up)

@@ -1,14 +1,13 @@
 """`edgellm analyze --measure`: the real engine timed op by op on this machine, next to the roofline.
 
-How it measures. :func:`forward_by_ops` runs the engine's forward pass (``LlamaModel.forward`` with
-``_block`` per layer) as the same sequence of calls on the same objects — each block's real
-``Weight.matmul`` / ``matmul_add`` (quantised matrices as loaded), ``F.rms_norm``, the fused RoPE +
-KV-cache write, ``attention._attend``, ``llama._silu_mul`` — with a clock around every call. A test
-checks that it returns the engine's logits, so no op is left out or counted twice. Each op type's
-time is summed over the blocks of one forward pass; the median over ``repeats`` forward passes is
-reported. The engine's own step (``ModelRunner.run``) is timed in the same loop, interleaved with
-the op-by-op passes: in decode it runs every block in one native call (``decode_blocks``), which
-cannot be split by layer, hence the op-by-op path for the per-layer figures.
+How it measures. The engine's own forward pass runs with a trace on (``edgellm.models.trace``): the
+model marks the end of each op it runs (embedding, the norms, the fused q/k/v matrix, RoPE + KV-cache
+write, attention, ...), and the trace records each op's time per block. That pass runs through a
+``ModelRunner`` held to the per-layer path (``fused_decode=False``): in decode the engine runs every
+block in one native call (``decode_blocks``), which cannot be split by layer. Each op type's time is
+summed over the blocks of one forward pass; the median over ``repeats`` passes is reported. The
+engine's own step (``ModelRunner.run``, no trace) is timed in the same loop, interleaved with the
+traced passes; the path it takes is read from one traced call of it.
 
 The prediction is the analyzer's (:func:`edgellm.roofline.analyze.analyze`) with the engine's real
 formats: the bytes per weight element of each matrix from its ``Weight.nbytes`` (Q4_1 = 0.625,
@@ -24,7 +23,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from edgellm.errors import InvalidParameterError
 from edgellm.roofline.measure import MeasuredRates
@@ -57,7 +56,7 @@ ENGINE_OPS = (
     EngineOp("rope", ("rope",), "RoPE on q and k + K/V cache write in one native call (rope_qkv_write); "
                                 "plus the cos/sin table look-up once per forward"),
     EngineOp("attention", ("qk_matmul", "softmax", "sv_matmul"),
-             "attention._attend: prefill: PyTorch flash SDPA per sequence (K/V heads repeated for GQA); "
+             "attention.attend: prefill: PyTorch flash SDPA per sequence (K/V heads repeated for GQA); "
              "decode: native decode_attention"),
     EngineOp("o_proj+attn_add", ("o_proj", "attn_add"), "o.matmul_add: projection and residual add fused"),
     EngineOp("ffn_norm", ("ffn_norm",), "F.rms_norm"),
@@ -69,16 +68,17 @@ ENGINE_OPS = (
 )
 
 MEASURE_CONVENTIONS = [
-    "measured: the engine's forward pass re-run op by op on the same objects (same weights, kernels, KV cache) "
-    "with a clock around each call; an op type's time is summed over the blocks of one pass, median of repeats",
+    "measured: the engine's forward pass on its per-layer path with a trace on (the model marks the end of each "
+    "op); an op type's time is summed over the blocks of one pass, median of repeats",
     "the engine fuses q/k/v into one matrix, gate/up into one, and each projection with its residual add: such a "
     "row is compared with the SUM of the analyzer's layers it does the work of",
     "predicted: the analyzer with the engine's formats: bytes per weight element from Weight.nbytes "
     "(Q4_1 0.625, Q8_0 1.0625, float32 4), float32 activations and KV cache, fp32 compute peak",
     "roofline_fraction = predicted time / measured time (1.0: the op runs at the roofline); "
     "achieved bytes/s and ops/s = the predicted bytes and ops over the measured time",
-    "engine step: ModelRunner.run timed whole (in decode all blocks run in one native call, so it can be "
-    "faster than the sum of the op-by-op parts); overhead = median over passes of (pass time - its timed ops)",
+    "engine step: ModelRunner.run timed whole, no trace (in decode all blocks run in one native call, so it can "
+    "be faster than the sum of the per-op parts); overhead = median over passes of (traced pass time - the sum "
+    "of its op scopes): the runner's step inputs and calls outside the scopes",
 ]
 
 # A paragraph of ordinary English, tokenised and repeated to make prompts of any length.
@@ -86,101 +86,28 @@ _PROMPT_TEXT = ("The river ran past the old mill, where the miller kept his acco
                 "counted every sack of grain twice before the carts left for the market in the town. ")
 
 
-# ---- the engine's forward pass, op by op --------------------------------------------------------
-@dataclass
-class Step:
-    """One forward pass's inputs, built as ``ModelRunner.run`` builds them."""
+# ---- the engine's forward pass, traced ---------------------------------------------------------------
+def traced_runner(model, cache):
+    """A runner on the per-layer path with a trace on: the real forward pass, every op of every block
+    marked (the fused decode call runs all blocks at once and cannot be split by layer)."""
+    from edgellm.models.trace import Trace
+    from edgellm.runtime.model_runner import ModelRunner
 
-    chunks: list
-    tokens: "torch.Tensor"
-    positions: "torch.Tensor"
-    batch: object              # AttentionBatch
-    logit_rows: "torch.Tensor"
+    return ModelRunner(model, cache, trace=Trace(), fused_decode=False)
 
 
-def build_step(chunks: list) -> Step:
-    from edgellm.runtime.model_runner import step_inputs
+def engine_path(runner, chunk) -> str:
+    """Which path the engine's runner takes for ``chunk``: one traced call says."""
+    from edgellm.models.trace import Trace
 
-    return Step(chunks, *step_inputs(chunks))
-
-
-class _Clock:
-    """Calls ``fn(*args)``; with ``into`` given, adds its wall time to ``into[name]``."""
-
-    def __init__(self, into: dict[str, float] | None):
-        self.into = into
-
-    def __call__(self, name: str, fn: Callable, *args):
-        if self.into is None:
-            return fn(*args)
-        t = time.perf_counter()
-        out = fn(*args)
-        self.into[name] = self.into.get(name, 0.0) + time.perf_counter() - t
-        return out
-
-
-def rope_and_cache_write(qkv, rope, cache, layer: int, batch, n_heads: int, n_kv_heads: int):
-    """The first half of ``attention.self_attention``: RoPE on q and k, k and v into the cache; returns q."""
-    import torch
-
-    from edgellm.kernels import native
-    from edgellm.layers.rope import apply_rope
-
-    T = qkv.shape[0]
-    D = cache.cfg.head_dim
-    ext = native() if cache.dtype == torch.float32 else None
-    if ext is not None:
-        return ext.rope_qkv_write(qkv, rope[0].view(T, D), rope[1].view(T, D), cache.data[layer, 0],
-                                  cache.data[layer, 1], batch.write_index, n_heads, n_kv_heads)
-    q, k, v = qkv.split([n_heads * D, n_kv_heads * D, n_kv_heads * D], dim=-1)
-    q = apply_rope(q.view(T, n_heads, D), *rope)
-    k = apply_rope(k.view(T, n_kv_heads, D), *rope)
-    cache.write(layer, batch.write_slots, k, v.reshape(T, n_kv_heads, D))
-    return q
-
-
-def attend(q, cache, layer: int, batch):
-    """The second half of ``attention.self_attention``: attention over the cache; returns [T, H * D]."""
-    import torch
-
-    from edgellm.kernels import native
-    from edgellm.layers.attention import _attend
-
-    return _attend(q, cache, layer, batch, native() if cache.dtype == torch.float32 else None)
-
-
-def forward_by_ops(model, cache, step: Step, times: dict[str, float] | None = None):
-    """``model.forward`` for ``step`` as separate calls (the per-layer path, never the all-blocks native
-    decode call); with ``times``, adds each op type's wall time to it. Returns the logits."""
-    import torch.nn.functional as F
-
-    from edgellm.models.llama import _silu_mul
-
-    cfg, w = model.cfg, model.weights
-    norm = (cfg.hidden_size,)
-    clock = _Clock(times)
-
-    def qkv_proj(b, x):
-        qkv = b.qkv.matmul(x)
-        return qkv + b.qkv_bias if b.qkv_bias is not None else qkv
-
-    def final_norm(h):
-        return F.rms_norm(h.index_select(0, step.logit_rows), norm, w.final_norm, cfg.rms_norm_eps)
-
-    h = clock("embedding", w.embed.rows, step.tokens)
-    rope = clock("rope", model.rope.tables, step.positions)
-    for i, b in enumerate(w.blocks):
-        x = clock("attn_norm", F.rms_norm, h, norm, b.attn_norm, cfg.rms_norm_eps)
-        qkv = clock("qkv_proj", qkv_proj, b, x)
-        q = clock("rope", rope_and_cache_write, qkv, rope, cache, i, step.batch, cfg.n_heads, cfg.n_kv_heads)
-        o = clock("attention", attend, q, cache, i, step.batch)
-        h = clock("o_proj+attn_add", b.o.matmul_add, o, h)
-        x = clock("ffn_norm", F.rms_norm, h, norm, b.ffn_norm, cfg.rms_norm_eps)
-        gu = clock("gate_up_proj", b.gate_up.matmul, x)
-        a = clock("mlp_act", _silu_mul, gu)
-        h = clock("down_proj+ffn_add", b.down.matmul_add, a, h)
-    h = clock("final_norm", final_norm, h)
-    return clock("lm_head", w.lm_head.matmul, h)
+    runner.trace = Trace()
+    try:
+        runner.run([chunk])
+    finally:
+        trace, runner.trace = runner.trace, None
+    if "decode_blocks" in trace.steps[0].totals():
+        return "all blocks in one native call (decode_blocks)"
+    return "block by block (LlamaModel.block)"
 
 
 # ---- timing a phase --------------------------------------------------------------------------------
@@ -190,8 +117,8 @@ class PhaseTiming:
     seq_len: int
     repeats: int
     op_s: dict[str, float]            # median over repeats of each op type's time in one forward pass
-    by_ops_s: float                   # median wall time of the whole op-by-op pass
-    between_ops_s: float              # median over passes of (pass time - the sum of its timed ops)
+    by_ops_s: float                   # median wall time of the whole traced (per-layer) pass
+    between_ops_s: float              # median over passes of (pass time - the sum of its op scopes)
     engine_s: float                   # median wall time of ModelRunner.run
     engine_path: str
     samples: dict[str, list[float]] = field(default_factory=dict)
@@ -216,14 +143,8 @@ def check_seq_len(cfg, phase: str | None, seq_len: int) -> None:
             f"model's context window is {cfg.context_length}", f"pass --seq-len {cfg.context_length - 1} or less")
 
 
-def engine_path(model, phase: str) -> str:
-    if phase == "decode" and getattr(model, "_native_blocks", None) is not None:
-        return "all blocks in one native call (decode_blocks)"
-    return "block by block (LlamaModel._block)"
-
-
 def time_phase(loaded, phase: str, seq_len: int, repeats: int = DEFAULT_REPEATS) -> PhaseTiming:
-    """Time the engine's step and its op-by-op pass for one sequence: a prefill of ``seq_len`` prompt
+    """Time the engine's step and its traced per-layer pass for one sequence: a prefill of ``seq_len`` prompt
     tokens, or one decode step with ``seq_len`` tokens already in the KV cache."""
     import torch
 
@@ -245,25 +166,24 @@ def time_phase(loaded, phase: str, seq_len: int, repeats: int = DEFAULT_REPEATS)
         if seq_len:   # fill the cache with a real prompt's keys and values
             runner.run([SeqChunk(ids[:seq_len], 0, slots, want_logits=False)])
         chunk = SeqChunk([ids[seq_len]], seq_len, slots)
-    step = build_step([chunk])
+    traced = traced_runner(model, cache)
     engine, by_ops, per_op = [], [], []
     clock = time.perf_counter
     with torch.inference_mode():
-        runner.run([chunk])                       # warm-up: first-call allocations, caches
-        forward_by_ops(model, cache, step)
+        path = engine_path(runner, chunk)         # also the warm-up: first-call allocations, caches
+        traced.run([chunk])
         for _ in range(repeats):                  # interleaved, so load on the machine hits both alike
             t = clock()
             runner.run([chunk])
             engine.append(clock() - t)
-            times: dict[str, float] = {}
             t = clock()
-            forward_by_ops(model, cache, step, times)
+            traced.run([chunk])
             by_ops.append(clock() - t)
-            per_op.append(times)
+            per_op.append(traced.trace.steps[-1].totals())
     med = statistics.median
     op_s = {op.name: med(t[op.name] for t in per_op) for op in ENGINE_OPS}
     between = med(whole - sum(t.values()) for whole, t in zip(by_ops, per_op))
-    return PhaseTiming(phase, seq_len, repeats, op_s, med(by_ops), between, med(engine), engine_path(model, phase),
+    return PhaseTiming(phase, seq_len, repeats, op_s, med(by_ops), between, med(engine), path,
                        samples={"engine_s": engine, "by_ops_s": by_ops})
 
 
@@ -525,7 +445,7 @@ def format_table(report: dict) -> str:
                   f"{tot['ops'] / tot['measured_sum_of_parts_s'] / 1e9:>8.2f}"
                   f"{tot['roofline_fraction_sum_of_parts']:>9.1%}",
                   f"op-by-op pass {format_time(tot['op_by_op_pass_s'])}, of which {format_time(tot['overhead_s'])} "
-                  f"({tot['overhead_fraction']:.1%}) between the timed ops (Python, loop, clock)",
+                  f"({tot['overhead_fraction']:.1%}) outside the op scopes (step inputs, calls)",
                   f"engine step (ModelRunner.run, {tot['engine_path']}): {format_time(tot['engine_step_s'])} "
                   f"= {tot['roofline_fraction_engine_step']:.1%} of the roofline's {format_time(tot['time_s'])}; "
                   f"{tot['measured_tokens_per_s']:,.1f} tokens/s measured vs {tot['predicted_tokens_per_s']:,.1f} "

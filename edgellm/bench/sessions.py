@@ -15,7 +15,7 @@ Four measurements on one loaded model (default: the default model), medians of `
    (so that idle sessions are offloaded to host memory and disk); per-phase wall time summed over
    sessions, tokens per phase, what the engine's steps were, first-token latencies.
 
-``python -m edgellm.runtime.sessions_bench [--quick] [--json]``; ``edgellm bench --scenario
+``python -m edgellm.bench.sessions [--quick] [--json]``; ``edgellm bench --scenario
 sessions`` calls :func:`run_sessions_bench`.
 """
 
@@ -236,47 +236,51 @@ def bench_users(llm, users: int, duration_s: float, think_s: float, max_tokens: 
 
 def profile_decode_batch(llm, batches: list[int], context: int = 64, repeat: int = 5, log=None) -> list[dict]:
     """Where a decode step of B sequences goes: the transformer blocks on the fused native path
-    (what a decode-only step runs), the same blocks on the per-layer path (what a step with a
-    prefill chunk runs: the native kernel up to 8 rows, dequantise + sgemm above), and the
-    vocabulary projection. Medians of ``repeat`` calls, ``context`` cached tokens per sequence."""
+    (what a decode-only step runs, up to the runner's FUSED_DECODE_MAX_ROWS: measured at every B
+    here, which is how that limit was chosen), the same blocks on the per-layer path (what a step
+    with a prefill chunk runs: the native kernel up to 8 rows, dequantise + sgemm above), and the
+    vocabulary projection. Medians of ``repeat`` calls of the model's parts, timed by a trace of
+    their op scopes, ``context`` cached tokens per sequence."""
     import torch
 
     from edgellm.kv.cache import KVCache
     from edgellm.layers.attention import AttentionBatch
 
     model = llm.loaded.model
-    w = model.weights
     cache = KVCache(llm.cfg, -(-max(batches) * context // 16), 16)
-
-    def med_ms(fn) -> float:
-        times = []
-        for _ in range(repeat):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return 1000 * _median(times)
-
+    threads = torch.get_num_threads()
     out = []
     with torch.inference_mode():
         for b in batches:
             batch = AttentionBatch.build([(1, context, torch.arange(i * context, (i + 1) * context)) for i in range(b)])
-            h0 = w.embed.rows(torch.randint(0, 1000, (b,)))
+            h0 = model.embed(torch.randint(0, 1000, (b,)))
             rope = model.rope.tables(torch.full((b,), context - 1))
-            x = torch.randn(b, llm.cfg.hidden_size)
-
-            def per_layer():
-                h = h0.clone()
-                for i, blk in enumerate(w.blocks):
-                    h = model._block(h, rope, blk, batch, cache, i)
-
-            row = {"batch": b, "lm_head_ms": med_ms(lambda: w.lm_head.matmul(x)), "per_layer_ms": med_ms(per_layer)}
-            row["fused_ms"] = (med_ms(lambda: model._decode_blocks_native(h0.clone(), rope, batch, cache))
-                               if model._native_blocks is not None else float("nan"))
+            rows = torch.arange(b)
+            row = {"batch": b,
+                   "lm_head_ms": _median_ms(lambda t: model.logits(h0, rows, t), repeat, ("lm_head",)),
+                   "per_layer_ms": _median_ms(lambda t: model.forward_layers(h0.clone(), rope, batch, cache, t),
+                                              repeat)}
+            row["fused_ms"] = (_median_ms(lambda t: model.decode_blocks_fused(h0.clone(), rope, batch, cache,
+                                                                              threads, t), repeat)
+                               if model.has_fused_decode else float("nan"))
             if log:
                 log(f"profile: batch {b:3d}: blocks fused {row['fused_ms']:.1f} ms, per-layer {row['per_layer_ms']:.1f} ms, "
                     f"lm_head {row['lm_head_ms']:.1f} ms")
             out.append(row)
     return out
+
+
+def _median_ms(call, repeat: int, ops: tuple[str, ...] | None = None) -> float:
+    """Median over ``repeat`` calls of ``call(trace)`` of the time in its op scopes (only ``ops``, if given)."""
+    from edgellm.models.trace import Trace
+
+    times = []
+    for _ in range(repeat):
+        trace = Trace()
+        trace.begin_step(0)
+        call(trace)
+        times.append(sum(s for op, _, s in trace.steps[0].ops if ops is None or op in ops))
+    return 1000 * _median(times)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +374,7 @@ def format_report(r: dict, out=sys.stdout) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edgellm.runtime.sessions_bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m edgellm.bench.sessions", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
