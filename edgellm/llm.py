@@ -34,7 +34,7 @@ class LLM:
         self.kv_dtype = kv_dtype_name(kv_dtype)
         self.loaded = loaded or load_model(model, dtype, use_native)
         if weights:
-            from edgellm.quant.convert import convert_weights
+            from edgellm.loading.convert import convert_weights
 
             self.loaded = convert_weights(self.loaded, weights, keep)
         self.cfg = self.loaded.config

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from edgellm.config import ModelConfig
-from edgellm.errors import InvalidParameterError
 from edgellm.dtypes import kv_dtype_name
+from edgellm.errors import InvalidParameterError
 from edgellm.kv.cache import KVCache
 
 CFG = ModelConfig(architecture="llama", vocab_size=100, hidden_size=192, n_layers=2, n_heads=3, n_kv_heads=3,

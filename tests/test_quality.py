@@ -68,7 +68,7 @@ def test_agreement_measures():
 
 
 def test_agreement_with_itself_and_with_a_degraded_model(tiny):
-    from edgellm.quant.convert import convert_weights
+    from edgellm.loading.convert import convert_weights
 
     _, loaded = tiny
     prompts = [loaded.tokenizer.encode(p) for p in ("The capital of France is", "def f(x):", "Once upon a time")]

@@ -40,8 +40,8 @@ def _cli(capsys, *args):
                                         ("fp8-e5m2", "safetensors"), ("ternary", "safetensors"),
                                         ("q4_k", "safetensors"), ("q4_0", "gguf"), ("q8_0", "gguf")])
 def test_quantized_file_loads_back_like_load_time_conversion(fmt, suffix, tiny, tmp_path, capsys):
+    from edgellm.loading.convert import convert_weights
     from edgellm.loading.load import load_model
-    from edgellm.quant.convert import convert_weights
 
     out = tmp_path / f"m.{suffix}"
     # (a GGUF loads BF16 matrices as float32, so its kept matrices would compute differently)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from edgellm.errors import InvalidParameterError, UnsupportedModelError
 from edgellm.dtypes import FLOAT8_HALF_FACTOR, float8_as_half
+from edgellm.errors import InvalidParameterError, UnsupportedModelError
+from edgellm.loading.convert import convert_matrix
 from edgellm.quant import fp8, int4, int8, ternary
-from edgellm.quant.convert import convert_matrix
 from edgellm.quant.dense import DenseWeight
 from edgellm.quant.registry import parse_format
 

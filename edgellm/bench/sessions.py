@@ -257,12 +257,15 @@ def profile_decode_batch(llm, batches: list[int], context: int = 64, repeat: int
             rope = model.rope.tables(torch.full((b,), context - 1))
             rows = torch.arange(b)
             row = {"batch": b,
-                   "lm_head_ms": _median_ms(lambda t: model.logits(h0, rows, t), repeat, ("lm_head",)),
-                   "per_layer_ms": _median_ms(lambda t: model.forward_layers(h0.clone(), rope, batch, cache, t),
+                   "lm_head_ms": _median_ms(lambda t, h0=h0, rows=rows: model.logits(h0, rows, t), repeat, ("lm_head",)),
+                   "per_layer_ms": _median_ms(lambda t, h0=h0, rope=rope, batch=batch:
+                                              model.forward_layers(h0.clone(), rope, batch, cache, t),
                                               repeat)}
-            row["fused_ms"] = (_median_ms(lambda t: model.decode_blocks_fused(h0.clone(), rope, batch, cache,
-                                                                              threads, t), repeat)
-                               if model.has_fused_decode else float("nan"))
+
+            def fused(t, h0=h0, rope=rope, batch=batch):
+                return model.decode_blocks_fused(h0.clone(), rope, batch, cache, threads, t)
+
+            row["fused_ms"] = _median_ms(fused, repeat) if model.has_fused_decode else float("nan")
             if log:
                 log(f"profile: batch {b:3d}: blocks fused {row['fused_ms']:.1f} ms, per-layer {row['per_layer_ms']:.1f} ms, "
                     f"lm_head {row['lm_head_ms']:.1f} ms")

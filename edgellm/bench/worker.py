@@ -165,10 +165,11 @@ class OursEngine:
         return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
     def warmup(self) -> None:
+        self.llm.engine(len(self.ids) + self.gen)   # the timed runs' KV pool, allocated before them
         self.llm.generate(self.ids, self._params(min(self.gen, WARMUP_TOKENS)))
 
     def run(self) -> dict:
-        chooser = self.llm.loaded.model.thread_chooser
+        chooser = self.llm.engine().runner.thread_chooser
         before = dict(chooser.steps_by_threads)
         c = self.llm.generate(self.ids, self._params(self.gen))
         # fused decode steps per thread count: fewer than --threads means the contention fallback ran

@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_sessions(args: argparse.Namespace) -> int:
-    from edgellm.errors import InvalidParameterError
     from edgellm.bench.sessions import format_report, run_sessions_bench
+    from edgellm.errors import InvalidParameterError
 
     for name, value, low in (("--repeat", args.repeat, 1), ("--users", args.users, 0), ("--threads", args.threads, 1)):
         if value < low:

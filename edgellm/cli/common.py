@@ -51,14 +51,14 @@ def add_precision_arguments(p: argparse.ArgumentParser) -> None:
 def check_precision(args: argparse.Namespace):
     """Refuse a bad --weights/--keep/--kv-dtype before the model is loaded (reads only headers).
     Returns the model's config when it had to read it (with --weights), else None."""
-    from edgellm.errors import InvalidParameterError
     from edgellm.dtypes import kv_dtype_name, kv_storage_dtype
+    from edgellm.errors import InvalidParameterError
 
     kv_storage_dtype(kv_dtype_name(args.kv_dtype))   # unknown name, or fp8 on a torch without float8
     if args.keep and not args.weights:
         raise InvalidParameterError("--keep needs --weights", "add --weights FORMAT (e.g. --weights int4)")
     if args.weights:
-        from edgellm.quant.convert import peek_config, prepare
+        from edgellm.loading.convert import peek_config, prepare
 
         cfg = peek_config(args.model)[1]
         prepare(cfg, args.weights, args.keep)

@@ -87,7 +87,7 @@ def _load(args):
     """Validate everything cheap first (nothing is loaded yet); the config and the KV dtype name."""
     from edgellm.cli.common import check_precision
     from edgellm.dtypes import kv_dtype_name
-    from edgellm.quant.convert import peek_config
+    from edgellm.loading.convert import peek_config
 
     cfg = check_precision(args) or peek_config(args.model)[1]
     return cfg, kv_dtype_name(args.kv_dtype)
@@ -100,7 +100,7 @@ def _finish_load(args):
     set_threads(args.threads)
     loaded = load_model(args.model)
     if args.weights:
-        from edgellm.quant.convert import convert_weights
+        from edgellm.loading.convert import convert_weights
         loaded = convert_weights(loaded, args.weights, args.keep, progress=not args.json)
     return loaded
 
@@ -167,8 +167,8 @@ def _run_agreement(args) -> int:
     prompts = _prompts(args.prompts)
     loaded = _finish_load(args)
     ids = [loaded.tokenizer.encode(p) for p in prompts]
+    from edgellm.loading.convert import convert_weights
     from edgellm.loading.load import load_model
-    from edgellm.quant.convert import convert_weights
     reference_model = convert_weights(load_model(args.model), "float32")
     refs = greedy_continuations(reference_model, ids, args.tokens)
     del reference_model
@@ -201,9 +201,9 @@ def _worker() -> None:
 
     import torch
 
+    from edgellm.loading.convert import convert_weights, quantize_model
     from edgellm.loading.load import load_model
     from edgellm.quality import agreement, greedy_continuations, measure_speed, perplexity, read_corpus
-    from edgellm.quant.convert import convert_weights, quantize_model
     from edgellm.util import peak_rss_mb, rss_now_mb
 
     job = json.loads(sys.stdin.read())
@@ -268,8 +268,8 @@ def format_table(rows: list[dict], base_ppl: float | None) -> str:
 
 def _run_report(args) -> int:
     from edgellm.dtypes import kv_dtype_name
+    from edgellm.loading.convert import peek_config, prepare
     from edgellm.quality import PROMPTS, check_window, read_corpus
-    from edgellm.quant.convert import peek_config, prepare
 
     _, cfg = peek_config(args.model)
     weights = [w.strip() for w in args.weights.split(",") if w.strip()]
@@ -312,9 +312,9 @@ def _run_report(args) -> int:
 
 def _run_speed(args) -> int:
     from edgellm.dtypes import kv_dtype_name, kv_storage_dtype
+    from edgellm.loading.convert import convert_weights, peek_config, prepare
     from edgellm.loading.load import load_model
     from edgellm.quality import interleaved_speed, read_corpus
-    from edgellm.quant.convert import convert_weights, peek_config, prepare
     from edgellm.util import set_threads
 
     _, cfg = peek_config(args.model)

@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgellm.quant.convert import quantize_model
+    from edgellm.loading.convert import quantize_model
 
     summary = quantize_model(args.model, args.format, args.out, args.keep, progress=not args.json)
     if args.json:

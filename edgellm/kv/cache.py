@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from edgellm.config import ModelConfig
-from edgellm.dtypes import KV_FLOAT8, FLOAT8_HALF_FACTOR, float8_as_half, kv_dtype_name, kv_storage_dtype
+from edgellm.dtypes import FLOAT8_HALF_FACTOR, KV_FLOAT8, float8_as_half, kv_dtype_name, kv_storage_dtype
 
 #: tokens per KV block: the unit of allocation, sharing and offload everywhere in edgellm
 BLOCK_SIZE = 16

@@ -26,6 +26,7 @@ from edgellm.quant.base import CONVERT_ROWS, Weight, concat_rows
 from edgellm.quant.dense import DenseWeight
 from edgellm.quant.gguf_weights import GGUFBlockWeight
 
+
 def _rope_unpermute_rows(n_rows: int, n_heads: int) -> torch.Tensor:
     """Row order that turns llama.cpp's q/k layout (adjacent-pair RoPE) back into HF's (rotate-half).
 
@@ -212,7 +213,7 @@ def read_hf_config(folder: Path) -> ModelConfig:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ModelFormatError(f"{folder}: no config.json", "a Hugging Face model folder needs its config.json")
+        raise ModelFormatError(f"{folder}: no config.json", "a Hugging Face model folder needs its config.json") from None
     except json.JSONDecodeError as err:
-        raise ModelFormatError(f"{path}: not valid JSON ({err})", "restore the model's original config.json")
+        raise ModelFormatError(f"{path}: not valid JSON ({err})", "restore the model's original config.json") from None
     return ModelConfig.from_hf_config(data, name=folder.name)

@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from edgellm.config import ModelConfig
-from edgellm.kv.cache import KVCache
 from edgellm.kernels import native
-from edgellm.kernels.threads import ThreadChooser
+from edgellm.kv.cache import KVCache
 from edgellm.layers.attention import AttentionBatch, attend, write_kv
 from edgellm.layers.rope import RotaryEmbedding
 from edgellm.models.trace import Trace
 from edgellm.quant.base import Weight
+
 
 @dataclass
 class BlockWeights:
@@ -64,10 +64,6 @@ class LlamaModel:
         self.weights = weights
         self.rope = RotaryEmbedding(cfg)
         self._native_blocks = _native_block_args(weights)
-        # Transitional: the runners of this model share this chooser by default, because
-        # LLM.generate builds a runner per request and the policy's history must outlive it (and
-        # the bench reads its step counts here). The runner, not the model, applies it.
-        self.thread_chooser = ThreadChooser(torch.get_num_threads())
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 cache: KVCache, logit_rows: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:

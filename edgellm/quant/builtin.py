@@ -1,7 +1,7 @@
 """The built-in weight formats, loaded: the one module that imports every format module.
 
 Each format module registers itself with :mod:`edgellm.quant.registry` when imported; code that
-converts or rebuilds matrices by format name (:mod:`edgellm.quant.convert`, the edgellm file
+converts or rebuilds matrices by format name (:mod:`edgellm.loading.convert`, the edgellm file
 loader) asks :func:`entry`, which is only reachable once all of them are imported. No format
 module imports this one, so the imports run one way: builtin -> formats -> base, registry.
 """

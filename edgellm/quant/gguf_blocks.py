@@ -571,13 +571,13 @@ def _make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndar
     w = x * x
 
     def attempt(iscale):
-        l = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
-        lf = l.astype(f32)
-        return l, _seqsum(w * x * lf), _seqsum(w * lf * lf)
+        q = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        lf = q.astype(f32)
+        return q, _seqsum(w * x * lf), _seqsum(w * lf * lf)
 
     iscale = (f32(-nmax) / mxs).astype(f32)
-    l, sumlx, suml2 = attempt(iscale)
-    L = l + nmax
+    q, sumlx, suml2 = attempt(iscale)
+    L = q + nmax
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, f32(1)), f32(0)).astype(f32)
     best = scale * sumlx
@@ -585,9 +585,9 @@ def _make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndar
         if is_ == 0:
             continue
         isc = (-(f32(nmax) + f32(0.1) * f32(is_)) / mxs).astype(f32)
-        l, sumlx, suml2 = attempt(isc)
+        q, sumlx, suml2 = attempt(isc)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = np.where(better[:, None], l + nmax, L)
+        L = np.where(better[:, None], q + nmax, L)
         with np.errstate(divide="ignore", invalid="ignore"):
             new_scale = (sumlx / np.where(suml2 > 0, suml2, f32(1))).astype(f32)
         scale = np.where(better, new_scale, scale)

@@ -8,8 +8,16 @@ import torch
 
 from edgellm.kernels import NATIVE_FORMATS, native
 from edgellm.quant import gguf_blocks, repack
-from edgellm.quant.base import (BLOCK_SLAB_BYTES, BLOCK_SLAB_MIN_ROWS, DECODE_MAX_ROWS, QuantizedWeight, Weight,
-                                list_shape, slab_matmul, slab_rows)
+from edgellm.quant.base import (
+    BLOCK_SLAB_BYTES,
+    BLOCK_SLAB_MIN_ROWS,
+    DECODE_MAX_ROWS,
+    QuantizedWeight,
+    Weight,
+    list_shape,
+    slab_matmul,
+    slab_rows,
+)
 from edgellm.quant.registry import register
 
 

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from edgellm.dtypes import FLOAT_DTYPES, float8_dtype, float_name, FLOAT8_TYPES
+from edgellm.dtypes import FLOAT8_TYPES, FLOAT_DTYPES, float8_dtype, float_name
 from edgellm.errors import InvalidParameterError, UnsupportedModelError
 from edgellm.quant import gguf_blocks
 from edgellm.quant.base import Weight

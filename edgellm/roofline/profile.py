@@ -29,7 +29,6 @@ from edgellm.errors import InvalidParameterError
 from edgellm.roofline.measure import MeasuredRates
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
     from edgellm.roofline.analyze import Analysis, LayerResult
     from edgellm.roofline.hardware import Hardware

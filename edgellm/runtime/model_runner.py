@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from edgellm.kernels.threads import ThreadChooser
 from edgellm.kv.cache import KVCache
 from edgellm.layers.attention import AttentionBatch
-from edgellm.kernels.threads import ThreadChooser
 from edgellm.models.llama import LlamaModel
 from edgellm.models.trace import Trace
 
@@ -34,13 +34,14 @@ class SeqChunk:
 
 class ModelRunner:
     """``fused_decode=False`` keeps every step on the per-layer path (a reference for the fused
-    one); ``thread_chooser`` defaults to the one the model's runners share (see LlamaModel)."""
+    one); ``thread_chooser``: the fused step's thread policy (default: a new one for the current
+    torch thread count; it learns from this runner's own step times)."""
 
     def __init__(self, model: LlamaModel, cache: KVCache, thread_chooser: ThreadChooser | None = None,
                  trace: Trace | None = None, fused_decode: bool = True):
         self.model = model
         self.cache = cache
-        self.thread_chooser = thread_chooser or model.thread_chooser
+        self.thread_chooser = thread_chooser or ThreadChooser(torch.get_num_threads())
         self.trace = trace
         self.fused_decode = fused_decode
 
@@ -71,10 +72,7 @@ class ModelRunner:
 
     def _decode_fused(self, h: torch.Tensor, rope, batch: AttentionBatch) -> None:
         if self.thread_chooser.max_threads != torch.get_num_threads():   # the caller changed the setting
-            fresh = ThreadChooser(torch.get_num_threads())
-            if self.thread_chooser is self.model.thread_chooser:   # the shared one: the others follow
-                self.model.thread_chooser = fresh
-            self.thread_chooser = fresh
+            self.thread_chooser = ThreadChooser(torch.get_num_threads())
         rows = h.shape[0]
         threads = self.thread_chooser.threads(rows)
         start = time.perf_counter()

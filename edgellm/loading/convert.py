@@ -65,7 +65,7 @@ def _keep_weight(w: Weight, fmt: WeightFormat) -> Weight:
 
 def convert_model_weights(weights, cfg, fmt: WeightFormat, kept: set[str], progress: bool = False):
     """A new ModelWeights with every matrix in ``fmt`` except the ``kept`` ones (bf16)."""
-    from edgellm.models.llama import BlockWeights, ModelWeights
+    from edgellm.models.llama import ModelWeights
 
     layers = {ly.name: ly for ly in model_layers(cfg)}
 
