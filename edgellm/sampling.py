@@ -557,7 +557,10 @@ class SampleOutput:
 def unsamplable_rows(logits: torch.Tensor) -> list[int]:
     """Rows of (penalised) ``logits`` [B, V] with nothing to sample from: a NaN or +inf anywhere
     (softmax is then NaN) or every entry -inf."""
-    if bool(torch.isfinite(logits).all()):     # the usual case: one pass
+    # The usual case, in one read-only pass (~17 us for 49k logits, against ~140 for isfinite().all()):
+    # the sum is finite only if every entry is (NaN and infinities propagate); a sum that merely
+    # overflows sends the batch to the exact check below.
+    if math.isfinite(float(logits.sum())):
         return []
     bad = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1) | torch.isneginf(logits).all(dim=-1)
     return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
@@ -619,7 +622,9 @@ class Sampler:
 
         # Common case: plain greedy batch -> one argmax, no copy, no softmax, no sort.
         if all(greedy) and not wants_lp:
-            return SampleOutput(logits.argmax(dim=-1).tolist(), [None] * batch, [None] * batch)
+            # max(dim).indices: the first maximum, as argmax, in half argmax's time here (77 vs 150 us
+            # for one row of 49k logits on 2 threads)
+            return SampleOutput(logits.max(dim=-1).indices.tolist(), [None] * batch, [None] * batch)
 
         dev = logits.device
         chosen = torch.empty(batch, dtype=torch.long, device=dev)

@@ -13,7 +13,7 @@ its blocks, and a follow-up turn reuses every block of its conversation.
 
 Block states::
 
-    free     ref == 0, no hash          on the free list, handed out first
+    free     ref == 0, no hash          on the free list, handed out first (lowest id first)
     used     ref >= 1                   in at least one block table
     cached   ref == 0, hash registered  nobody holds it, but its KV is still valid: a later
                                         sequence with the same prefix takes it back; evicted
@@ -31,8 +31,9 @@ gets blocks, and ``edgellm.kv.offload`` holds KV that left the pool.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import struct
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -93,7 +94,10 @@ class BlockManager:
         self.ref = [0] * num_blocks
         self.hash_of: list[bytes | None] = [None] * num_blocks
         self.block_of: dict[bytes, int] = {}
-        self.free: deque[int] = deque(range(num_blocks))
+        # A min-heap: the lowest free id is handed out first, so a sequence alone in the pool gets
+        # consecutive blocks and the runner reads its history as one slice instead of through an
+        # index (KVCache.block_slots).
+        self.free: list[int] = list(range(num_blocks))
         self.cached: OrderedDict[int, None] = OrderedDict()   # ref 0 + hashed, oldest release first
         # Running counters (for stats)
         self.hits = 0          # blocks taken from the prefix cache (by hash)
@@ -134,7 +138,7 @@ class BlockManager:
     def allocate(self) -> int:
         """A block with ref 1 and no hash: from the free list, else the least recently cached."""
         if self.free:
-            b = self.free.popleft()
+            b = heapq.heappop(self.free)
         elif self.cached:
             b, _ = self.cached.popitem(last=False)
             h = self.hash_of[b]
@@ -164,7 +168,7 @@ class BlockManager:
             if self.hash_of[b] is not None:
                 self.cached[b] = None          # newest at the end
             else:
-                self.free.append(b)
+                heapq.heappush(self.free, b)
 
     def lookup(self, h: bytes) -> int | None:
         return self.block_of.get(h)
@@ -180,7 +184,7 @@ class BlockManager:
         n = len(self.cached)
         for b in list(self.cached):
             self._unregister(b)
-            self.free.append(b)
+            heapq.heappush(self.free, b)
         self.cached.clear()
         return n
 

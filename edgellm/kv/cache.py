@@ -169,9 +169,15 @@ class KVCache:
         if self.scales is not None:
             self._block_view(self.scales).index_copy_(2, idx, saved["scale"])
 
-    def block_slots(self, block_table: list[int], length: int) -> torch.Tensor:
-        """Slots of positions 0..length-1 for a sequence with this block table."""
+    def block_slots(self, block_table: list[int], length: int) -> torch.Tensor | slice:
+        """Slots of positions 0..length-1 for a sequence with this block table: a slice when its
+        blocks are consecutive (the common case of a lone sequence in a fresh pool), which spares
+        a decode step building and gathering through an index of its whole history."""
         bs = self.block_size
+        n = -(-length // bs)
+        first = block_table[0] if block_table else 0
+        if block_table[:n] == list(range(first, first + n)):
+            return slice(first * bs, first * bs + length)
         blocks = torch.tensor(block_table, dtype=torch.int64)
         pos = torch.arange(length, dtype=torch.int64)
         return blocks[pos // bs] * bs + pos % bs
