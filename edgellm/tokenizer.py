@@ -226,6 +226,55 @@ def _token_content(tok: Any) -> str | None:
     return None
 
 
+_GGUF_TOKENIZER_KEYS = {
+    # key: (expected, test of one value or of each array item, is an array)
+    "tokenizer.ggml.model": ("a string", lambda v: isinstance(v, str), False),
+    "tokenizer.ggml.pre": ("a string", lambda v: isinstance(v, str), False),
+    "tokenizer.chat_template": ("a string", lambda v: isinstance(v, str), False),
+    "tokenizer.ggml.tokens": ("an array of strings", lambda v: isinstance(v, str), True),
+    "tokenizer.ggml.merges": ("an array of strings ('a b' pairs)", lambda v: isinstance(v, str), True),
+    "tokenizer.ggml.token_type": ("an array of integers",
+                                  lambda v: isinstance(v, int) and not isinstance(v, bool), True),
+    "tokenizer.ggml.scores": ("an array of numbers",
+                              lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), True),
+}
+for _key in ("bos", "eos", "unknown", "padding", "eot", "eom"):
+    _GGUF_TOKENIZER_KEYS[f"tokenizer.ggml.{_key}_token_id"] = (
+        "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool), False)
+for _key in ("add_bos_token", "add_eos_token", "add_space_prefix"):
+    _GGUF_TOKENIZER_KEYS[f"tokenizer.ggml.{_key}"] = ("a boolean", lambda v: isinstance(v, (bool, int)), False)
+del _key
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"an array of {len(value)} item{'s' if len(value) != 1 else ''}"
+    text, kind = repr(value), type(value).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({text if len(text) <= 40 else text[:37] + '...'})"
+
+
+def check_gguf_tokenizer_metadata(meta: Mapping[str, Any]) -> None:
+    """Refuse tokenizer metadata of the wrong type (integer merges, an array for the chat
+    template, ...) with a ModelFormatError naming the key, before anything trips over it."""
+    for key, (expected, ok, is_array) in _GGUF_TOKENIZER_KEYS.items():
+        if key not in meta:
+            continue
+        value = meta[key]
+        if is_array and isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if not ok(item):
+                    raise ModelFormatError(
+                        f"GGUF metadata '{key}' holds {_shown(item)} at item {i}, expected {expected}",
+                        fix="the file's vocabulary is damaged; re-convert the model with llama.cpp's "
+                        "convert_hf_to_gguf.py")
+            continue
+        if not is_array and ok(value):
+            continue
+        raise ModelFormatError(f"GGUF metadata '{key}' is {_shown(value)}, expected {expected}",
+                               fix="the file's metadata is damaged; re-convert the model with llama.cpp's "
+                               "convert_hf_to_gguf.py")
+
+
 # --------------------------------------------------------------------------------------------
 # Chat templates
 
@@ -373,6 +422,7 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> "Tokenizer":
         """Build from a GGUF metadata dict of plain Python values (``tokenizer.ggml.*`` keys)."""
+        check_gguf_tokenizer_metadata(meta)
         model = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
         if tokens is None or model is None:
