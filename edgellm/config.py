@@ -6,10 +6,55 @@ roofline analyzer (to count operations and bytes), so all three agree on what a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from edgellm.errors import ModelFormatError, UnsupportedModelError
+
+_DAMAGED = "the model's metadata is damaged or was written by a broken converter; re-download or re-export the model"
+
+
+def _describe(value: Any) -> str:
+    """How a metadata value looks, for an error message: "a string ('576')", "an array of 3 items"."""
+    if isinstance(value, bool):
+        return f"a boolean ({value})"
+    if isinstance(value, (list, tuple)):
+        return f"an array of {len(value)} item{'s' if len(value) != 1 else ''}"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"a string ({shown!r})"
+    if isinstance(value, float):
+        return f"a float ({value!r})"
+    if isinstance(value, int):
+        return f"the integer {value}"
+    return f"a {type(value).__name__}"
+
+
+def _positive_int(where: str, key: str, value: Any) -> int:
+    """``value`` as a positive integer, or a ModelFormatError naming ``key`` in ``where``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ModelFormatError(f"{where} '{key}' is {_describe(value)}, expected a positive integer", _DAMAGED)
+    if value <= 0:
+        raise ModelFormatError(f"{where} '{key}' is {value}, expected a positive integer", _DAMAGED)
+    return value
+
+
+def _positive_float(where: str, key: str, value: Any) -> float:
+    """``value`` as a finite positive number, or a ModelFormatError naming ``key`` in ``where``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ModelFormatError(f"{where} '{key}' is {_describe(value)}, expected a positive number", _DAMAGED)
+    if not math.isfinite(value) or value <= 0:
+        raise ModelFormatError(f"{where} '{key}' is {value!r}, expected a finite positive number", _DAMAGED)
+    return float(value)
+
+
+def _string(where: str, key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ModelFormatError(f"{where} '{key}' is {_describe(value)}, expected a string", _DAMAGED)
+    return value
 
 # Architectures the Llama-family model runs. Qwen2 adds q/k/v biases; Mistral is Llama-shaped.
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
@@ -61,6 +106,11 @@ class ModelConfig:
             raise ModelFormatError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}",
                 "grouped-query attention needs each KV head shared by the same number of query heads")
+        if self.head_dim % 2:
+            raise ModelFormatError(
+                f"the attention head width is {self.head_dim}, an odd number",
+                "rotary position embeddings rotate pairs of values, so the head width must be even; "
+                "the model's metadata is damaged or the model is not Llama-family")
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -85,6 +135,22 @@ class ModelConfig:
                 total += self.vocab_size * self.hidden_size
         return total
 
+    def check_token_count(self, n_tokens: int, source: str, padded: bool = False) -> None:
+        """Refuse a tokenizer of ``n_tokens`` tokens that does not fit ``vocab_size`` embedding rows:
+        more tokens index past the embedding; in a GGUF file (``padded=False``) fewer tokens leave
+        rows the model can sample but nothing can decode. HF folders (``padded=True``) may pad
+        the embedding past the tokenizer (Qwen2 does), so there only more tokens is refused."""
+        if n_tokens > self.vocab_size:
+            raise ModelFormatError(
+                f"{source}: the tokenizer has {n_tokens} tokens but the model's vocab_size (rows of the token "
+                f"embedding) is {self.vocab_size}: token ids from {self.vocab_size} up have no embedding",
+                "the tokenizer does not belong to these weights; use the model's own files")
+        if n_tokens < self.vocab_size and not padded:
+            raise ModelFormatError(
+                f"{source}: the model's vocab_size (rows of the token embedding) is {self.vocab_size}, larger than "
+                f"its token list of {n_tokens} tokens: ids from {n_tokens} up could be generated but not decoded",
+                "the file's vocabulary is incomplete; re-convert the model with llama.cpp's convert_hf_to_gguf.py")
+
     def kv_bytes_per_token(self, bytes_per_element: float = 2.0) -> float:
         return 2 * self.n_layers * self.kv_size * bytes_per_element
 
@@ -94,11 +160,17 @@ class ModelConfig:
     # ---- constructors --------------------------------------------------------------------
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str] | None = None) -> "ModelConfig":
-        """Build from GGUF key/values (``general.architecture`` and ``<arch>.*`` keys)."""
+        """Build from GGUF key/values (``general.architecture`` and ``<arch>.*`` keys).
+
+        Every value is type-checked: a string, NaN or array where a number belongs raises a
+        ModelFormatError naming the key and what was expected, not a TypeError/ValueError.
+        """
+        where = "GGUF metadata"
         arch = meta.get("general.architecture")
         if arch is None:
             raise ModelFormatError("GGUF file has no 'general.architecture' key",
                                    "the file is not a model GGUF; export it again with llama.cpp's convert script")
+        arch = _string(where, "general.architecture", arch)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture '{arch}' is not supported",
@@ -111,47 +183,71 @@ class ModelConfig:
                                        "the file is incomplete; re-download or re-export the model")
             return meta[full]
 
-        hidden = int(need("embedding_length"))
-        n_heads = int(need("attention.head_count"))
-        n_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_heads))
-        head_dim = int(meta.get(f"{arch}.attention.key_length", meta.get(f"{arch}.rope.dimension_count", 0)) or
-                       hidden // max(n_heads, 1))
-        vocab = meta.get(f"{arch}.vocab_size")
-        if vocab is None:
-            tokens = meta.get("tokenizer.ggml.tokens")
-            vocab = len(tokens) if tokens is not None else 0
+        def count(key: str, default: Any = None) -> int:
+            value = need(key) if default is None else meta.get(f"{arch}.{key}", default)
+            return _positive_int(where, f"{arch}.{key}", value)
+
+        def number(key: str, default: float) -> float:
+            return _positive_float(where, f"{arch}.{key}", meta.get(f"{arch}.{key}", default))
+
+        hidden = count("embedding_length")
+        n_heads = count("attention.head_count")
+        n_kv = count("attention.head_count_kv", n_heads)
+        if f"{arch}.attention.key_length" in meta:
+            head_dim = _even_head_dim(where, f"{arch}.attention.key_length", count("attention.key_length"))
+        elif f"{arch}.rope.dimension_count" in meta:
+            head_dim = _even_head_dim(where, f"{arch}.rope.dimension_count", count("rope.dimension_count"))
+        else:
+            head_dim = _derived_head_dim(where, f"{arch}.embedding_length", hidden,
+                                         f"{arch}.attention.head_count", n_heads)
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if f"{arch}.vocab_size" in meta:
+            vocab = count("vocab_size")
+        elif isinstance(tokens, (list, tuple)):
+            vocab = len(tokens)
+        else:
+            vocab = 0   # refused below, by __post_init__ (or by the tokenizer's own checks first)
         scaling = None
         if meta.get(f"{arch}.rope.scaling.type") == "llama3" or f"{arch}.rope.scaling.low_freq_factor" in meta:
             scaling = RopeScaling(
-                factor=float(meta.get(f"{arch}.rope.scaling.factor", 8.0)),
-                low_freq_factor=float(meta.get(f"{arch}.rope.scaling.low_freq_factor", 1.0)),
-                high_freq_factor=float(meta.get(f"{arch}.rope.scaling.high_freq_factor", 4.0)),
-                original_max_position=int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192)),
+                factor=number("rope.scaling.factor", 8.0),
+                low_freq_factor=number("rope.scaling.low_freq_factor", 1.0),
+                high_freq_factor=number("rope.scaling.high_freq_factor", 4.0),
+                original_max_position=count("rope.scaling.original_context_length", 8192),
             )
+        name = meta.get("general.name", "")
         names = tensor_names or set()
         return cls(
             architecture=arch,
-            n_layers=int(need("block_count")),
+            n_layers=count("block_count"),
             hidden_size=hidden,
             n_heads=n_heads,
             n_kv_heads=n_kv,
             head_dim=head_dim,
-            ffn_size=int(need("feed_forward_length")),
-            vocab_size=int(vocab),
-            context_length=int(need("context_length")),
-            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-            rms_norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            ffn_size=count("feed_forward_length"),
+            vocab_size=vocab,
+            context_length=count("context_length"),
+            rope_theta=number("rope.freq_base", 10000.0),
+            rms_norm_eps=number("attention.layer_norm_rms_epsilon", 1e-5),
             tie_embeddings=bool(names) and "output.weight" not in names,
             qkv_bias=arch == "qwen2" or "blk.0.attn_q.bias" in names,
             rope_scaling=scaling,
-            name=str(meta.get("general.name", "")),
+            name=_string(where, "general.name", name),
         )
 
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], name: str = "") -> "ModelConfig":
-        """Build from a Hugging Face ``config.json`` dictionary."""
+        """Build from a Hugging Face ``config.json`` dictionary (every used field type-checked)."""
+        where = "config.json"
+        if not isinstance(cfg, Mapping):
+            raise ModelFormatError(f"config.json holds {_describe(cfg)}, expected a JSON object",
+                                   "use the config.json that came with the model's weights")
         archs = cfg.get("architectures") or []
-        arch = _HF_ARCHITECTURES.get(archs[0] if archs else "", cfg.get("model_type", ""))
+        if not isinstance(archs, (list, tuple)) or not all(isinstance(a, str) for a in archs):
+            raise ModelFormatError(f"config.json 'architectures' is {_describe(archs)}, expected a list of strings",
+                                   "use the config.json that came with the model's weights")
+        model_type = cfg.get("model_type", "")
+        arch = _HF_ARCHITECTURES.get(archs[0] if archs else "", model_type if isinstance(model_type, str) else "")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture {archs or cfg.get('model_type')!r} is not supported",
@@ -161,31 +257,73 @@ class ModelConfig:
         if missing:
             raise ModelFormatError(f"config.json lacks {', '.join(missing)}",
                                    "use the config.json that came with the model's weights")
-        n_heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
+
+        def count(key: str, default: Any = None) -> int:
+            value = cfg[key] if default is None else (cfg.get(key) if cfg.get(key) is not None else default)
+            return _positive_int(where, key, value)
+
+        n_heads = count("num_attention_heads")
+        hidden = count("hidden_size")
+        if cfg.get("head_dim") is not None:
+            head_dim = _even_head_dim(where, "head_dim", count("head_dim"))
+        else:
+            head_dim = _derived_head_dim(where, "hidden_size", hidden, "num_attention_heads", n_heads)
         # transformers >= 5 writes theta and the scaling inside "rope_parameters"; older files
         # (and the hub's Llama-3.1 config.json) keep them at the top level as "rope_theta"/"rope_scaling".
         rope = cfg.get("rope_parameters") or {}
         rs = cfg.get("rope_scaling") or rope
+        for key, value in (("rope_parameters", rope), ("rope_scaling", rs)):
+            if not isinstance(value, Mapping):
+                raise ModelFormatError(f"config.json '{key}' is {_describe(value)}, expected an object",
+                                       "use the config.json that came with the model's weights")
         theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
         scaling = None
         if rs.get("rope_type", rs.get("type")) == "llama3":
-            scaling = RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]),
-                                  int(rs["original_max_position_embeddings"]))
+            def part(key: str) -> Any:
+                if key not in rs:
+                    raise ModelFormatError(f"config.json 'rope_scaling' (llama3) lacks '{key}'",
+                                           "use the config.json that came with the model's weights")
+                return rs[key]
+
+            scaling = RopeScaling(
+                _positive_float(where, "rope_scaling.factor", part("factor")),
+                _positive_float(where, "rope_scaling.low_freq_factor", part("low_freq_factor")),
+                _positive_float(where, "rope_scaling.high_freq_factor", part("high_freq_factor")),
+                _positive_int(where, "rope_scaling.original_max_position_embeddings",
+                              part("original_max_position_embeddings")))
         return cls(
             architecture=arch,
-            n_layers=int(cfg["num_hidden_layers"]),
+            n_layers=count("num_hidden_layers"),
             hidden_size=hidden,
             n_heads=n_heads,
-            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-            head_dim=int(cfg.get("head_dim") or hidden // n_heads),
-            ffn_size=int(cfg["intermediate_size"]),
-            vocab_size=int(cfg["vocab_size"]),
-            context_length=int(cfg.get("max_position_embeddings", 4096)),
-            rope_theta=float(theta),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            n_kv_heads=count("num_key_value_heads", n_heads),
+            head_dim=head_dim,
+            ffn_size=count("intermediate_size"),
+            vocab_size=count("vocab_size"),
+            context_length=count("max_position_embeddings", 4096),
+            rope_theta=_positive_float(where, "rope_theta", theta),
+            rms_norm_eps=_positive_float(where, "rms_norm_eps", cfg.get("rms_norm_eps", 1e-5)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
             rope_scaling=scaling,
             name=name or str(cfg.get("_name_or_path", "")),
         )
+
+
+def _derived_head_dim(where: str, hidden_key: str, hidden: int, heads_key: str, n_heads: int) -> int:
+    """``hidden // n_heads`` when the file gives no head width; refused when it does not divide."""
+    if hidden % n_heads:
+        raise ModelFormatError(
+            f"{where} '{hidden_key}' = {hidden} is not divisible by '{heads_key}' = {n_heads}, so the "
+            "attention head width is not a whole number",
+            "the model's metadata is damaged; re-download or re-export the model")
+    return _even_head_dim(where, f"{hidden_key}' / '{heads_key}", hidden // n_heads)
+
+
+def _even_head_dim(where: str, key: str, head_dim: int) -> int:
+    if head_dim % 2:
+        raise ModelFormatError(
+            f"{where} '{key}' gives an attention head width of {head_dim}, an odd number",
+            "rotary position embeddings rotate pairs of values, so the head width must be even; "
+            "the model's metadata is damaged or the model is not Llama-family")
+    return head_dim

@@ -46,10 +46,14 @@ This module imports no torch.
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import json
 import os
+import re
+import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
@@ -226,8 +230,168 @@ def _token_content(tok: Any) -> str | None:
     return None
 
 
+_GGUF_TOKENIZER_KEYS = {
+    # key: (expected, test of one value or of each array item, is an array)
+    "tokenizer.ggml.model": ("a string", lambda v: isinstance(v, str), False),
+    "tokenizer.ggml.pre": ("a string", lambda v: isinstance(v, str), False),
+    "tokenizer.chat_template": ("a string", lambda v: isinstance(v, str), False),
+    "tokenizer.ggml.tokens": ("an array of strings", lambda v: isinstance(v, str), True),
+    "tokenizer.ggml.merges": ("an array of strings ('a b' pairs)", lambda v: isinstance(v, str), True),
+    "tokenizer.ggml.token_type": ("an array of integers",
+                                  lambda v: isinstance(v, int) and not isinstance(v, bool), True),
+    "tokenizer.ggml.scores": ("an array of numbers",
+                              lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), True),
+}
+for _key in ("bos", "eos", "unknown", "padding", "eot", "eom"):
+    _GGUF_TOKENIZER_KEYS[f"tokenizer.ggml.{_key}_token_id"] = (
+        "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool), False)
+for _key in ("add_bos_token", "add_eos_token", "add_space_prefix"):
+    _GGUF_TOKENIZER_KEYS[f"tokenizer.ggml.{_key}"] = ("a boolean", lambda v: isinstance(v, (bool, int)), False)
+del _key
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"an array of {len(value)} item{'s' if len(value) != 1 else ''}"
+    text, kind = repr(value), type(value).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({text if len(text) <= 40 else text[:37] + '...'})"
+
+
+def check_gguf_tokenizer_metadata(meta: Mapping[str, Any]) -> None:
+    """Refuse tokenizer metadata of the wrong type (integer merges, an array for the chat
+    template, ...) with a ModelFormatError naming the key, before anything trips over it."""
+    for key, (expected, ok, is_array) in _GGUF_TOKENIZER_KEYS.items():
+        if key not in meta:
+            continue
+        value = meta[key]
+        if is_array and isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                if not ok(item):
+                    raise ModelFormatError(
+                        f"GGUF metadata '{key}' holds {_shown(item)} at item {i}, expected {expected}",
+                        fix="the file's vocabulary is damaged; re-convert the model with llama.cpp's "
+                        "convert_hf_to_gguf.py")
+            continue
+        if not is_array and ok(value):
+            continue
+        raise ModelFormatError(f"GGUF metadata '{key}' is {_shown(value)}, expected {expected}",
+                               fix="the file's metadata is damaged; re-convert the model with llama.cpp's "
+                               "convert_hf_to_gguf.py")
+
+
 # --------------------------------------------------------------------------------------------
 # Chat templates
+
+
+#: Bounds on rendering a chat template (it comes from the model file, so it may be hostile):
+#: wall-clock seconds, and characters of output or of any one string/list it builds.
+CHAT_TEMPLATE_TIME_LIMIT_S = 2.0
+CHAT_TEMPLATE_MAX_CHARS = 8 << 20
+
+_PERCENT_SPEC = re.compile(r"%[#0\- +]*(\d*)(?:\.(\d*))?")
+_FORMAT_SPEC = re.compile(r"\{[^{}]*:[^{}]*?(\d+)(?:\.(\d+))?[^{}]*\}")
+
+
+class _TemplateBoundError(Exception):
+    """A chat template went past a bound of :data:`CHAT_TEMPLATE_TIME_LIMIT_S` or
+    :data:`CHAT_TEMPLATE_MAX_CHARS` (not a jinja2.TemplateError: nothing in jinja2 swallows it)."""
+
+
+def _too_big(what: str) -> _TemplateBoundError:
+    return _TemplateBoundError(f"{what}, more than the {CHAT_TEMPLATE_MAX_CHARS} characters a chat template may build")
+
+
+def _check_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and abs(value) > CHAT_TEMPLATE_MAX_CHARS:
+            raise _too_big(f"a call with the argument {value}")
+
+
+def _check_format_spec(fmt: str, spec: re.Pattern) -> None:
+    for m in spec.finditer(fmt):
+        for digits in m.groups():
+            if digits and int(digits) > CHAT_TEMPLATE_MAX_CHARS:
+                raise _too_big(f"a format field {m.group(0)!r}")
+
+
+def _check_binop(operator: str, left: Any, right: Any) -> None:
+    if operator == "+":
+        if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)) and \
+                len(left) + len(right) > CHAT_TEMPLATE_MAX_CHARS:
+            raise _too_big(f"concatenating {len(left)} and {len(right)} items")
+    elif operator == "*":
+        for seq, n in ((left, right), (right, left)):
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > CHAT_TEMPLATE_MAX_CHARS:
+                raise _too_big(f"repeating {len(seq)} items {n} times")
+        if isinstance(left, int) and isinstance(right, int) and \
+                left.bit_length() + right.bit_length() > 8 * CHAT_TEMPLATE_MAX_CHARS:
+            raise _too_big("a product of two huge integers")
+    elif operator == "**":
+        if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and \
+                right * left.bit_length() > 8 * CHAT_TEMPLATE_MAX_CHARS:
+            raise _too_big(f"the power {left} ** {right}")
+    elif operator == "%" and isinstance(left, str):
+        _check_format_spec(left, _PERCENT_SPEC)
+
+
+def _bounded_join(join):
+    def bounded(parts):
+        parts = [str(p) for p in parts]
+        if sum(len(p) for p in parts) > CHAT_TEMPLATE_MAX_CHARS:
+            raise _too_big(f"joining strings of {sum(len(p) for p in parts)} characters")
+        return join(parts)
+    return bounded
+
+
+def _bounded_filter(func):
+    """A jinja2 filter that refuses huge integer arguments (``center(10**9)``, ``batch(10**9)``)."""
+    skip = 2 if getattr(func, "jinja_pass_arg", None) else 1   # the context (if passed) and the value
+
+    @functools.wraps(func)   # keeps jinja's pass_context/pass_environment marks
+    def bounded(*args, **kwargs):
+        _check_arguments(args[skip:], kwargs)
+        return func(*args, **kwargs)
+    return bounded
+
+
+def _render_bounded(template, variables: Mapping[str, Any]) -> str:
+    """Render ``template`` in this thread, stopped with _TemplateBoundError once it has run
+    :data:`CHAT_TEMPLATE_TIME_LIMIT_S` seconds or written :data:`CHAT_TEMPLATE_MAX_CHARS` characters.
+
+    The time bound is a ``sys.settrace`` hook: called at every Python call made while rendering
+    and at every line of the template's own compiled code (every loop iteration), it raises once
+    the deadline has passed, and the exception unwinds the render like any other. A debugger's or
+    coverage's trace function is set aside during the render and put back after it.
+    """
+    deadline = time.monotonic() + CHAT_TEMPLATE_TIME_LIMIT_S
+    template_file = template.filename or "<template>"   # the co_filename of its compiled code
+
+    def expired() -> _TemplateBoundError:
+        return _TemplateBoundError(f"rendering ran past its time limit of {CHAT_TEMPLATE_TIME_LIMIT_S} s")
+
+    def on_line(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise expired()
+        return on_line
+
+    def on_call(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise expired()
+        return on_line if frame.f_code.co_filename == template_file else None
+
+    out: list[str] = []
+    size = 0
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        for piece in template.generate(**variables):
+            size += len(piece)
+            if size > CHAT_TEMPLATE_MAX_CHARS:
+                raise _too_big(f"output of {size} characters")
+            out.append(piece)
+    finally:
+        sys.settrace(previous)
+    return "".join(out)
 
 
 @lru_cache(maxsize=32)
@@ -259,13 +423,39 @@ def _compile_template(source: str):
     def strftime_now(fmt):
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """The immutable sandbox, plus size bounds on what one C-level operation can build (those
+        run uninterrupted: the time bound of :func:`_render_bounded` only acts between them)."""
+
+        intercepted_binops = frozenset(["+", "*", "**", "%"])   # also keeps them out of constant folding
+
+        def call_binop(self, context, operator, left, right):
+            _check_binop(operator, left, right)
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+            _check_arguments(args, kwargs)
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def wrap_str_format(self, value):
+            wrapped = super().wrap_str_format(value)
+            if wrapped is not None:   # value is some_string.format: its fields' widths are bounded
+                _check_format_spec(value.__self__, _FORMAT_SPEC)
+            return wrapped
+
+    env = BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols]
     )
+    for fname, func in list(env.filters.items()):
+        env.filters[fname] = _bounded_filter(func)
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
-    return env.from_string(source)
+    template = env.from_string(source)
+    # `a ~ b` compiles to a call of the module's str_join, which no sandbox hook sees: bound it here
+    namespace = template.root_render_func.__globals__
+    namespace["str_join"] = _bounded_join(namespace["str_join"])
+    return template
 
 
 def validate_messages(messages: Any) -> list[dict]:
@@ -373,6 +563,7 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> "Tokenizer":
         """Build from a GGUF metadata dict of plain Python values (``tokenizer.ggml.*`` keys)."""
+        check_gguf_tokenizer_metadata(meta)
         model = meta.get("tokenizer.ggml.model")
         tokens = meta.get("tokenizer.ggml.tokens")
         if tokens is None or model is None:
@@ -923,7 +1114,10 @@ class Tokenizer:
         The template is the GGUF's ``tokenizer.chat_template`` or the folder's
         ``tokenizer_config.json`` / ``chat_template.jinja``. A model without one gets the ChatML
         fallback :data:`CHATML_TEMPLATE` (``<|im_start|>role\\ncontent<|im_end|>\\n``); check
-        :attr:`has_chat_template`. Rendering runs in jinja2's immutable sandbox with
+        :attr:`has_chat_template`. The template comes from the model file, so it is untrusted:
+        rendering is bounded in time (:data:`CHAT_TEMPLATE_TIME_LIMIT_S`) and in the size of what it
+        builds (:data:`CHAT_TEMPLATE_MAX_CHARS`); going past either raises ModelFormatError.
+        Rendering runs in jinja2's immutable sandbox with
         ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``strftime_now``, a non-escaping
         ``tojson``, and the variables ``messages``, ``add_generation_prompt``, ``bos_token``,
         ``eos_token``, ``unk_token``, ``pad_token``, ``tools``, ``documents`` plus ``kwargs``.
@@ -948,8 +1142,16 @@ class Tokenizer:
             raise ModelFormatError(
                 f"the model's chat template does not parse: {e}", fix="pass a corrected template"
             ) from e
+        hostile = "the model's chat template is faulty or hostile; pass a corrected template"
         try:
-            return template.render(messages=msgs, add_generation_prompt=add_generation_prompt, **variables)
+            return _render_bounded(template, {"messages": msgs, "add_generation_prompt": add_generation_prompt,
+                                              **variables})
+        except _TemplateBoundError as e:
+            raise ModelFormatError(f"the model's chat template was stopped: {e}", fix=hostile) from None
+        except (RecursionError, OverflowError, MemoryError) as e:
+            raise ModelFormatError(
+                f"the model's chat template failed while rendering ({type(e).__name__}: {e})", fix=hostile
+            ) from None
         except jinja2.TemplateError as e:
             raise InvalidParameterError(
                 f"the chat template rejected the conversation: {e}",

@@ -6,8 +6,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from edgellm.loading.gguf import read_gguf, write_gguf
 from tiny_model import write_tiny_llama
 
 
@@ -95,3 +97,21 @@ def test_tiny_random_model_generates(tmp_path, smollm2_path):
     assert (out["token_ids"], out["text"], out["finish_reason"]) == (ref.token_ids, ref.text, ref.finish_reason)
     assert out["completion_tokens"] == len(ref.token_ids) and out["prompt_tokens"] == ref.prompt_tokens
     assert ref.finish_reason == ("length" if len(ref.token_ids) == 4 else "stop")
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("llama.embedding_length", "64", "llama.embedding_length"),
+    ("tokenizer.ggml.merges", [1, 2, 3], "tokenizer.ggml.merges"),
+])
+def test_metadata_of_the_wrong_type(tmp_path, smollm2_path, key, value, needle):
+    """A string where a number belongs, integers where strings belong: one line naming the key, with
+    the fix, and exit code 2 (it was a traceback: ValueError / AttributeError)."""
+    path = write_tiny_llama(tmp_path / "meta.gguf", smollm2_path)
+    f = read_gguf(path)
+    meta, types = dict(f.metadata), dict(f.metadata_types)
+    meta[key] = value
+    types.pop(key)
+    tensors = [(n, np.array(t.data), t.ggml_type, t.shape) for n, t in f.tensors.items()]
+    write_gguf(path, meta, tensors, metadata_types=types)
+    proc = run_cli("generate", "--model", str(path), "--prompt", "hi")
+    assert_clean_error(proc, needle, "expected", "fix:")

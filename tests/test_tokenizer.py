@@ -11,10 +11,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import sys
+import time
 
 import jinja2.sandbox
 import pytest
 
+from edgellm import tokenizer as tokenizer_module
 from edgellm.errors import InvalidParameterError, ModelFormatError, ModelNotFoundError
 from edgellm.tokenizer import CHATML_TEMPLATE, IncrementalDecoder, Tokenizer, read_gguf_metadata
 
@@ -249,6 +252,86 @@ def test_template_is_sandboxed(smol):
     with pytest.raises(InvalidParameterError, match="unsafe") as info:
         t.apply_chat_template([{"role": "user", "content": "x"}])
     assert isinstance(info.value.__cause__, jinja2.sandbox.SecurityError)
+
+
+# A template comes from the model file: a hostile or broken one is stopped with a clear error,
+# bounded in time (CHAT_TEMPLATE_TIME_LIMIT_S) and in what it builds (CHAT_TEMPLATE_MAX_CHARS).
+_USER = [{"role": "user", "content": "x"}]
+
+
+def _stopped(tok: Tokenizer, template: str, *needles: str) -> float:
+    """Rendering ``template`` raises a ModelFormatError holding the needles; returns the seconds taken."""
+    t = _with_template(tok, template)
+    start = time.monotonic()
+    with pytest.raises(ModelFormatError, match="chat template") as info:
+        t.apply_chat_template(_USER)
+    for needle in needles:
+        assert needle in str(info.value), str(info.value)
+    return time.monotonic() - start
+
+
+def test_template_loop_running_past_the_time_limit(smol, monkeypatch):
+    """Ten billion empty iterations (no call, no output): stopped at the deadline, not hours later."""
+    monkeypatch.setattr(tokenizer_module, "CHAT_TEMPLATE_TIME_LIMIT_S", 0.3)
+    took = _stopped(smol, "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                    "time limit of 0.3 s")
+    assert took < 5, took
+
+
+def test_template_time_limit_restores_the_trace_function(smol, monkeypatch):
+    """The deadline is a sys.settrace hook: a debugger's or coverage's trace function comes back."""
+    monkeypatch.setattr(tokenizer_module, "CHAT_TEMPLATE_TIME_LIMIT_S", 0.3)
+
+    def tracer(frame, event, arg):
+        return None
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        assert _with_template(smol, "{{ messages[0]['content'] }}").apply_chat_template(_USER) == "x"
+        assert sys.gettrace() is tracer
+        _stopped(smol, "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+        assert sys.gettrace() is tracer
+    finally:
+        sys.settrace(previous)
+
+
+@pytest.mark.parametrize("template,needle", [
+    ("{% for i in range(10**9) %}x{% endfor %}", "argument 1000000000"),   # was a raw OverflowError
+    ("{{ 'a' * 10**8 }}", "repeating 1 items 100000000 times"),
+    ("{{ [0] * 10**8 }}", "repeating 1 items"),
+    ("{{ 10 ** (10 ** 8) }}", "the power 10 ** 100000000"),
+    ("{{ '%0999999999d' % 1 }}", "format field '%0999999999'"),
+    ("{{ '{:0999999999}'.format(1) }}", "format field '{:0999999999}'"),
+    ("{{ 'x' | center(10**9) }}", "argument 1000000000"),
+    ("{{ 'x'.ljust(10**9) }}", "argument 1000000000"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "joining strings"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+     "concatenating"),
+])
+def test_template_building_something_huge(smol, monkeypatch, template, needle):
+    """Refused by the size bound before the one C-level operation that would build it (which the
+    time bound could not interrupt): so it is quick even with a generous time limit."""
+    monkeypatch.setattr(tokenizer_module, "CHAT_TEMPLATE_TIME_LIMIT_S", 60.0)
+    took = _stopped(smol, template, needle, "characters a chat template may build")
+    assert took < 10, took
+
+
+def test_template_output_bound(smol, monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "CHAT_TEMPLATE_MAX_CHARS", 1000)
+    assert len(_with_template(smol, "{% for i in range(90) %}0123456789{% endfor %}").apply_chat_template(_USER)) == 900
+    _stopped(smol, "{% for i in range(110) %}0123456789{% endfor %}", "output of 1010 characters")
+
+
+def test_template_endless_recursion(smol):
+    _stopped(smol, "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError")
+
+
+def test_template_bounds_leave_ordinary_arithmetic_alone(smol):
+    t = _with_template(smol, "{{ 2 ** 10 }}|{{ 'ab' * 2 }}|{{ '%3d' % 7 }}|{{ '{:>4}'.format('x') }}|{{ [1] + [2] }}|"
+                             "{{ 'a' ~ 'b' }}|{{ 'x' | center(5) }}")
+    assert t.apply_chat_template(_USER) == "1024|abab|  7|   x|[1, 2]|ab|  x  "
 
 
 def test_template_syntax_error(smol):

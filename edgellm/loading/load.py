@@ -35,7 +35,7 @@ def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = 
     path of machines where they cannot be built, kept reachable for tests.
     """
     from edgellm.dtypes import compute_dtype
-    from edgellm.loading.weights import load_gguf_weights, load_hf_weights, read_hf_config
+    from edgellm.loading.weights import check_vector_shapes, load_gguf_weights, load_hf_weights, read_hf_config
 
     heap.tune_for_inference()
     dtype = "float32" if dtype == "auto" else dtype
@@ -48,18 +48,23 @@ def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = 
         gf = read_gguf(src.path)
         cfg = gf.config()
         tokenizer = Tokenizer.from_gguf_metadata(gf.metadata)
+        cfg.check_token_count(tokenizer.vocab_size, str(src.path))
         weights = load_gguf_weights(gf, cfg, dtype, use_native)
+        check_vector_shapes(weights, cfg)
         size = gf.file_size
     elif src.kind == "edgellm":   # a file written by `edgellm quantize`: matrices in their own formats
         from edgellm.loading.edgellm_format import load_edgellm
 
         cfg, tokenizer, weights, size, meta = load_edgellm(src.path, use_native)
+        check_vector_shapes(weights, cfg)
         dtype = meta.get("edgellm.weights", dtype)   # the format it was written in (reports say so)
     else:
         folder = Path(src.path)
         cfg = read_hf_config(folder)
         tokenizer = Tokenizer.from_file(folder / "tokenizer.json")
+        cfg.check_token_count(tokenizer.vocab_size, str(folder), padded=True)
         weights = load_hf_weights(folder, cfg, dtype)
+        check_vector_shapes(weights, cfg, hf_names=True)
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     model = LlamaModel(cfg, weights)
     heap.release_free_heap()

@@ -217,3 +217,29 @@ def read_hf_config(folder: Path) -> ModelConfig:
     except json.JSONDecodeError as err:
         raise ModelFormatError(f"{path}: not valid JSON ({err})", "restore the model's original config.json") from None
     return ModelConfig.from_hf_config(data, name=folder.name)
+
+
+def check_vector_shapes(weights: ModelWeights, cfg: ModelConfig, hf_names: bool = False) -> None:
+    """Refuse norm weights and q/k/v biases whose length contradicts ``cfg`` (they are read as flat
+    vectors, so nothing else checks them: a wrong length used to fail at the first forward pass).
+    ``hf_names``: name the tensors as a Hugging Face folder does, not as GGUF does."""
+    def name(gguf_name: str) -> str:
+        if not hf_names:
+            return gguf_name
+        if gguf_name in _HFSource._NAMES:
+            return _HFSource._NAMES[gguf_name]
+        _, i, rest = gguf_name.split(".", 2)
+        return f"model.layers.{i}.{_HFSource._BLOCK[rest]}"
+
+    def check(gguf_name: str, vector: torch.Tensor | None, length: int) -> None:
+        if vector is not None and tuple(vector.shape) != (length,):
+            raise ModelFormatError(
+                f"tensor '{name(gguf_name)}' has shape {tuple(vector.shape)}, expected ({length},)",
+                "the tensor contradicts the model's own metadata (its hidden size); re-export the model")
+
+    check("output_norm.weight", weights.final_norm, cfg.hidden_size)
+    for i, block in enumerate(weights.blocks):
+        check(f"blk.{i}.attn_norm.weight", block.attn_norm, cfg.hidden_size)
+        check(f"blk.{i}.ffn_norm.weight", block.ffn_norm, cfg.hidden_size)
+        if block.qkv_bias is not None:   # q, k and v biases concatenated
+            check(f"blk.{i}.attn_q.bias", block.qkv_bias, cfg.q_size + 2 * cfg.kv_size)
