@@ -38,3 +38,20 @@ def test_a_submission_that_fails_to_enqueue_fails_only_itself(llm):
         assert eng.live_sessions() == []        # no ephemeral session left behind
         s = eng.session()                       # the engine goes on
         assert s.send("Hi", SamplingParams.greedy(max_tokens=2)).result().finish_reason in ("length", "stop")
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The decoder is flushed at the finish
+# ---------------------------------------------------------------------------------------------
+def test_a_length_finish_inside_a_character_keeps_it(llm):
+    """The model writes emoji, each several byte tokens; cut after the second token (inside the
+    first emoji), the result and the streamed pieces hold what decoding the tokens gives: a
+    U+FFFD for the unfinished character, as a non-streaming decode writes it."""
+    tok = llm.loaded.tokenizer
+    with Engine(llm, kv_memory="16MB") as eng:
+        h = eng.submit(Request(prompt="Emoji for happy: 😀😀", params=SamplingParams.greedy(max_tokens=2)))
+        pieces = list(h)
+        r = h.result()
+    assert r.finish_reason == "length" and len(r.token_ids) == 2
+    assert tok.decode(r.token_ids).endswith("\ufffd")         # the cut is inside a character
+    assert r.text == tok.decode(r.token_ids) == "".join(pieces)
