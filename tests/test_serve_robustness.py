@@ -130,18 +130,19 @@ def long_prompt(n_chars: int) -> str:
 
 # ---- 5. the event loop stays free -----------------------------------------------------------
 def test_health_answers_while_a_huge_prompt_is_tokenised(server):
-    """A chat request whose one message is ~600k characters (within the character bound, so it
-    is rendered and tokenised -- seconds of work -- before its token count refuses it): a
-    /health sent once the big body is on its way answers first, because tokenising runs in a
-    worker thread, not on the event loop."""
+    """A chat request whose one message is 200k characters (within the character bound, so it
+    is rendered and tokenised -- most of a second of work -- before its token count refuses
+    it): a /health sent once the big body is sent answers first, because rendering and
+    tokenising run in a worker thread (and the tokenizer releases the GIL), not on the event
+    loop. The body fits one read of the server's socket, so it is read whole before /health
+    arrives, and the old code could not answer /health before its tokenising ended."""
     import json
     import selectors
-    n_chars = 600_000
+    n_chars = 200_000
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": long_prompt(n_chars)}],
                        "max_tokens": 1}).encode()
     big, head = raw_request(server, "POST", "/v1/chat/completions", body)
-    big.sendall(head + body[:-1])
-    big.sendall(body[-1:])              # the body is complete: the server now renders and tokenises it
+    big.sendall(head + body)            # the server now renders and tokenises it
     health, head = raw_request(server, "GET", "/health")
     health.sendall(head)
     sel = selectors.DefaultSelector()
