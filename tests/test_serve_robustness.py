@@ -57,6 +57,22 @@ def test_a_length_finish_inside_a_character_keeps_it(llm):
     assert r.text == tok.decode(r.token_ids) == "".join(pieces)
 
 
+
+def test_a_stop_token_inside_a_character_keeps_what_came_before_it(llm):
+    """A stop token (never shown) arriving while a character is unfinished: the text is what
+    decoding the tokens before it gives, the partial character as U+FFFD."""
+    tok = llm.loaded.tokenizer
+    prompt = "Emoji for happy: 😀😀"
+    with Engine(llm, kv_memory="16MB") as eng:
+        ids = eng.submit(Request(prompt=prompt, params=SamplingParams.greedy(max_tokens=2))).result().token_ids
+        assert ids[0] != ids[1] and tok.decode(ids[:1]).endswith("\ufffd")
+        h = eng.submit(Request(prompt=prompt, params=SamplingParams.greedy(max_tokens=8, stop_token_ids=[ids[1]])))
+        pieces = list(h)
+        r = h.result()
+    assert r.finish_reason == "stop" and r.token_ids == ids
+    assert r.text == tok.decode(ids[:1]) == "".join(pieces)
+
+
 # ---------------------------------------------------------------------------------------------
 # The server (no API key, on 127.0.0.1: the Host check is on)
 # ---------------------------------------------------------------------------------------------
