@@ -258,3 +258,15 @@ def test_a_chunked_session_create_body_is_read(http):
     r = http.post("/v1/sessions", content=chunked('{"bogus": 1}'), headers={"Content-Type": "application/json"})
     assert_error(r, 400)
     assert http.post("/v1/sessions").status_code == 201      # no body at all: defaults
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /health HTTP/1.1\r\nHost: 127.0.0.1"])
+def test_headers_that_do_not_arrive_get_408_and_the_connection_closed(server, sent):
+    """A connection that sends nothing, or only part of its headers, is answered 408 and closed
+    after --body-timeout (uvicorn alone would hold it open for ever)."""
+    import socket
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=120)   # only to catch a hang
+    sock.sendall(sent)
+    reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"request_timeout" in reply

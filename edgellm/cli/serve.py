@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cancel a generation not finished this long after it was accepted and answer 504 "
                         "(a stream ends with an error event) (default 600; 0: no limit)")
     p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="a request body not received within this long gets 408 (default 30; 0: no limit)")
+                   help="a request's headers (from the connection or the previous response), then its body, "
+                        "not received within this long get 408 (default 30; 0: no limit)")
     p.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="close idle keep-alive connections after this long (default 5)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     api_keys = args.api_key
     if api_keys is None and os.environ.get("EDGELLM_API_KEY") is not None:
         api_keys = [os.environ["EDGELLM_API_KEY"]]
-    from edgellm.serve.app import check_api_keys, create_app, default_allowed_hosts
+    from edgellm.serve.app import check_api_keys, create_app, default_allowed_hosts, header_timeout_protocol
     api_keys = check_api_keys(api_keys)     # refuses empty keys and keys padded with whitespace
     max_body = parse_size(args.max_body, "--max-body")
     if max_body < 1024:
@@ -105,5 +106,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"edgellm serve: {model_id} on http://{args.host}:{args.port}  (KV pool {engine.num_blocks} blocks, "
           f"{engine.pool_tokens} tokens; live page at /, metrics at /metrics)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
-                timeout_keep_alive=args.keep_alive_timeout)
+                timeout_keep_alive=args.keep_alive_timeout,
+                http=header_timeout_protocol(args.body_timeout) if args.body_timeout else "auto")
     return 0

@@ -938,6 +938,50 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
     return app
 
 
+def header_timeout_protocol(timeout: float):
+    """uvicorn's h11 protocol, answering 408 and closing a connection whose request headers have
+    not all arrived ``timeout`` seconds after it opened (or after its previous response): uvicorn
+    has no such timer, so a client sending nothing, or trickling its headers, held a connection
+    for ever. Pass it to ``uvicorn.run(..., http=...)``."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    late = json.dumps(ApiError(408, f"the request headers did not arrive within {timeout:g} seconds "
+                                    "(--body-timeout); send the whole request at once",
+                               code="request_timeout").body()).encode()
+    reply = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+             b"content-length: " + str(len(late)).encode() + b"\r\n\r\n" + late)
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.arm_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.arm_header_timer()
+
+        def connection_lost(self, exc) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            super().connection_lost(exc)
+
+        def arm_header_timer(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            self.header_timer = self.loop.call_later(timeout, self.headers_late)
+
+        def headers_late(self) -> None:
+            self.header_timer = None
+            between_requests = self.cycle is None or self.cycle.response_complete
+            if between_requests and not self.transport.is_closing():
+                self.transport.write(reply)
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
 def is_loopback(host: str) -> bool:
     import ipaddress
     if host.strip("[]").lower() == "localhost":
