@@ -8,7 +8,8 @@ all over one :class:`~edgellm.runtime.engine.Engine` whose background thread bat
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Threads. The engine steps in its own thread (started by the app's lifespan). Handlers run on the
-asyncio loop: they validate, tokenise and ``engine.submit`` (which only enqueues); each request's
+asyncio loop: they validate, have each prompt rendered and tokenised once in a worker thread
+(after a size check), and ``engine.submit`` the ids (which only enqueues); each request's
 ``on_event`` callback hops back into the loop with ``call_soon_threadsafe`` onto an
 ``asyncio.Queue`` that the handler drains, streaming tokens as the engine makes them. Anything
 that takes the engine's lock (stats, retiring a session) runs in a worker thread, so the loop
@@ -16,6 +17,7 @@ never waits for a step.
 
 Disconnects. Every generation handler watches the connection (``http.disconnect``); when the
 client goes away its engine requests are cancelled, which frees their KV blocks at the next step.
+Past ``request_timeout`` they are cancelled too and the client gets a 504 (or a stream's error event).
 """
 
 from __future__ import annotations
