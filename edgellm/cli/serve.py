@@ -37,6 +37,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per engine step (decode rows + prefill chunks; default 512)")
     p.add_argument("--max-body", default="1MB", metavar="SIZE",
                    help="largest request body accepted; larger ones get 413 (default 1MB)")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="cancel a generation not finished this long after it was accepted and answer 504 "
+                        "(a stream ends with an error event) (default 600; 0: no limit)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request's headers (from the connection or the previous response), then its body, "
+                        "not received within this long get 408 (default 30; 0: no limit)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="close idle keep-alive connections after this long (default 5)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (any port). Without --api-key on a "
+                        "loopback address only localhost, 127.0.0.1 and [::1] are answered (403 otherwise), "
+                        "against DNS rebinding; giving --allow-host turns that check on for any address")
     p.add_argument("--session-idle-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="retire sessions idle this long (default 1800; 0 keeps them)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -54,13 +66,23 @@ def run(args: argparse.Namespace) -> int:
     if args.max_sessions < 1:
         raise InvalidParameterError(f"--max-sessions must be at least 1, got {args.max_sessions}",
                                     "pass e.g. --max-sessions 256")
+    for flag, value in (("--request-timeout", args.request_timeout), ("--body-timeout", args.body_timeout)):
+        if not value >= 0:
+            raise InvalidParameterError(f"{flag} must be >= 0 seconds, got {value}",
+                                        f"pass e.g. {flag} 600 (0: no limit)")
+    if not args.keep_alive_timeout > 0:
+        raise InvalidParameterError(f"--keep-alive-timeout must be > 0 seconds, got {args.keep_alive_timeout}",
+                                    "pass e.g. --keep-alive-timeout 5")
+    if any(not h.strip() or "/" in h for h in args.allow_host):
+        raise InvalidParameterError(f"--allow-host takes a host name, got {args.allow_host!r}",
+                                    "pass e.g. --allow-host my-box.local")
     if args.session_idle_timeout < 0:
         raise InvalidParameterError(f"--session-idle-timeout must be >= 0, got {args.session_idle_timeout}",
                                     "pass e.g. --session-idle-timeout 1800 (0 keeps idle sessions)")
     api_keys = args.api_key
     if api_keys is None and os.environ.get("EDGELLM_API_KEY") is not None:
         api_keys = [os.environ["EDGELLM_API_KEY"]]
-    from edgellm.serve.app import check_api_keys, create_app
+    from edgellm.serve.app import check_api_keys, create_app, default_allowed_hosts, header_timeout_protocol
     api_keys = check_api_keys(api_keys)     # refuses empty keys and keys padded with whitespace
     max_body = parse_size(args.max_body, "--max-body")
     if max_body < 1024:
@@ -78,8 +100,12 @@ def run(args: argparse.Namespace) -> int:
     model_id = args.served_model_name or llm.loaded.source.name
     aliases = (args.model,) if args.model and args.model != model_id else ()
     app = create_app(engine, model_id, aliases, api_key=api_keys, max_queue=args.max_queue, max_body=max_body,
-                     max_sessions=args.max_sessions, metrics_public=args.metrics_public)
+                     max_sessions=args.max_sessions, metrics_public=args.metrics_public,
+                     request_timeout=args.request_timeout or None, body_timeout=args.body_timeout or None,
+                     allowed_hosts=default_allowed_hosts(args.host, api_keys, args.allow_host))
     print(f"edgellm serve: {model_id} on http://{args.host}:{args.port}  (KV pool {engine.num_blocks} blocks, "
           f"{engine.pool_tokens} tokens; live page at /, metrics at /metrics)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                timeout_keep_alive=args.keep_alive_timeout,
+                http=header_timeout_protocol(args.body_timeout) if args.body_timeout else "auto")
     return 0

@@ -302,19 +302,39 @@ class Engine:
     def _drain_inbox(self) -> bool:
         with self._inbox_cv:
             items, self._inbox = self._inbox, []
-        for item in items:
+        for item in items:       # each on its own: one that fails fails only its own request
             kind = item[0]
-            if kind == "submit":
-                self._enqueue(*item[1:])
-            elif kind == "cancel":
-                seq = item[1].seq
-                if seq is not None and seq.status != DONE:
-                    self._finish(seq, FINISH_CANCELLED)
-            elif kind == "retire":
-                _, session, reason, done = item
-                self._retire(session, reason)
-                done.set()
+            try:
+                if kind == "submit":
+                    self._enqueue(*item[1:])
+                elif kind == "cancel":
+                    seq = item[1].seq
+                    if seq is not None and seq.status != DONE:
+                        self._finish(seq, FINISH_CANCELLED)
+                elif kind == "retire":
+                    _, session, reason, done = item
+                    try:
+                        self._retire(session, reason)
+                    finally:
+                        done.set()
+            except Exception as err:
+                log.error("engine inbox item %r failed: %s", kind, err)
+                if kind == "submit":
+                    self._refuse(item[1], item[2], err)
         return bool(items)
+
+    def _refuse(self, handle: RequestHandle, ids: list[int], err: BaseException) -> None:
+        """End a submitted request that could not be queued: its handle raises ``err``."""
+        seq = handle.seq
+        if seq is not None and seq.status != DONE:     # queued before it failed
+            self._finish(seq, FINISH_ERROR, error=err)
+            return
+        if seq is None:
+            session = handle.request.session
+            if session is not None and session.active_seq is None:
+                session.end_turn()
+            handle.deliver(TokenEvent(None, "", True, FINISH_ERROR,
+                                      result=self._empty_result(handle, ids, FINISH_ERROR), error=err))
 
     def _enqueue(self, handle: RequestHandle, ids: list[int], max_tokens: int, t_submit: float) -> None:
         req = handle.request
@@ -324,16 +344,17 @@ class Engine:
             if session is not None:
                 session.end_turn()
             return
+        params = req.params
+        # What can fail is built first, before anything is registered (see _refuse).
+        history = SequenceHistory(ids, self.cfg.vocab_size, sample_index=req.sample_index)
+        stop = stop_checker(params, self.tokenizer.eog_ids, max_tokens)
+        decoder = self.tokenizer.incremental_decoder()
         if session is None:
             session = self._new_session(None, req.params, ephemeral=True)
-        params = req.params
         self._arrivals += 1
         seq = Sequence(
             request=req, session=session, arrival=self._arrivals, prompt_ids=ids, params=params,
-            max_tokens=max_tokens,
-            history=SequenceHistory(ids, self.cfg.vocab_size, sample_index=req.sample_index),
-            stop=stop_checker(params, self.tokenizer.eog_ids, max_tokens),
-            decoder=self.tokenizer.incremental_decoder(), handle=handle,
+            max_tokens=max_tokens, history=history, stop=stop, decoder=decoder, handle=handle,
             prefill_phase=Phase.FOLLOWUP_PREFILL if session.turns > 0 else Phase.PREFILL, t_submit=t_submit)
         handle.seq = seq
         session.active_seq = seq
@@ -341,9 +362,9 @@ class Engine:
         self.scheduler.add(seq)
         self.counts["requests"] += 1
 
-    def _empty_result(self, handle: RequestHandle, ids: list[int]) -> TurnResult:
+    def _empty_result(self, handle: RequestHandle, ids: list[int], reason: str = FINISH_CANCELLED) -> TurnResult:
         s = handle.request.session
-        return TurnResult(text="", token_ids=[], prompt_tokens=len(ids), finish_reason=FINISH_CANCELLED,
+        return TurnResult(text="", token_ids=[], prompt_tokens=len(ids), finish_reason=reason,
                           ttft_s=0.0, prefill_s=0.0, decode_s=0.0, session_id=s.id if s else None)
 
     # ---- one step ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ Nothing here touches the KV cache or the scheduler.
 from __future__ import annotations
 
 from edgellm.runtime.types import FINISH_CANCELLED, FINISH_ERROR, Sequence, TurnResult
-from edgellm.sampling import SamplingParams, StopChecker, StopUpdate
+from edgellm.sampling import FINISH_LENGTH, SamplingParams, StopChecker, StopUpdate
 
 
 def stop_checker(params: SamplingParams, eog_ids, max_tokens: int) -> StopChecker:
@@ -26,7 +26,20 @@ def append_token(seq: Sequence, token: int, logprob: float | None = None, top_lo
     if logprob is not None:
         seq.logprobs.append(logprob)
         seq.top_logprobs.append(top_logprobs or [])
-    update = seq.stop.step(token, seq.decoder.add(token))
+    stop = seq.stop
+    if int(token) in stop.stop_token_ids and not stop.finished:
+        # A stop token ends the text (its own text is never shown): what the decoder still holds,
+        # a partial character, is released first, as decoding the tokens before it would.
+        head = stop.feed_text(seq.decoder.flush())
+        update = head if head.finished else stop.step(token, "")
+        if not head.finished and head.text:
+            update = StopUpdate(head.text + update.text, update.finish_reason, update.stop_reason)
+    else:
+        update = stop.step(token, seq.decoder.add(token))
+        if update.finish_reason == FINISH_LENGTH:     # cut off: keep a trailing partial character
+            tail = seq.decoder.flush()
+            if tail:
+                update = StopUpdate(update.text + tail, update.finish_reason, update.stop_reason)
     if update.text:
         seq.pieces.append(update.text)
     return update
@@ -34,9 +47,9 @@ def append_token(seq: Sequence, token: int, logprob: float | None = None, top_lo
 
 def build_result(seq: Sequence, reason: str, now: float, session_id: int | None) -> TurnResult:
     """The result of a finished sequence. A cancelled or failed one keeps the text it held back
-    (a possible stop string's prefix), since no stop string can complete any more."""
+    (a possible stop string's prefix, a partial character), since nothing can complete it any more."""
     if reason in (FINISH_CANCELLED, FINISH_ERROR):
-        tail = seq.stop.flush()
+        tail = seq.stop.flush() + seq.decoder.flush()
         if tail:
             seq.pieces.append(tail)
     first = seq.t_first_token

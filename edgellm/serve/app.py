@@ -8,7 +8,8 @@ all over one :class:`~edgellm.runtime.engine.Engine` whose background thread bat
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Threads. The engine steps in its own thread (started by the app's lifespan). Handlers run on the
-asyncio loop: they validate, tokenise and ``engine.submit`` (which only enqueues); each request's
+asyncio loop: they validate, have each prompt rendered and tokenised once in a worker thread
+(after a size check), and ``engine.submit`` the ids (which only enqueues); each request's
 ``on_event`` callback hops back into the loop with ``call_soon_threadsafe`` onto an
 ``asyncio.Queue`` that the handler drains, streaming tokens as the engine makes them. Anything
 that takes the engine's lock (stats, retiring a session) runs in a worker thread, so the loop
@@ -16,6 +17,7 @@ never waits for a step.
 
 Disconnects. Every generation handler watches the connection (``http.disconnect``); when the
 client goes away its engine requests are cancelled, which frees their KV blocks at the next step.
+Past ``request_timeout`` they are cancelled too and the client gets a 504 (or a stream's error event).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 1 << 20          # 1 MiB: a full 8k-token conversation is ~40 kB of JSON
 RETRY_AFTER_S = 1
 DEFAULT_MAX_SESSIONS = 256
+DEFAULT_REQUEST_TIMEOUT = 600.0     # seconds from a generation's submission to its last token
+DEFAULT_BODY_TIMEOUT = 30.0         # seconds to send a request body
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 PARAM_OF = {"the messages": "messages", "the prompt": "prompt", "the conversation": "content",
             "the system prompt": "system"}
 
@@ -92,7 +97,8 @@ class ServerState:
 
     def __init__(self, engine: Engine, model_id: str, aliases: tuple[str, ...], api_keys: tuple[str, ...],
                  max_queue: int, max_body: int, max_sessions: int = DEFAULT_MAX_SESSIONS,
-                 metrics_public: bool = False):
+                 metrics_public: bool = False, request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+                 body_timeout: float | None = DEFAULT_BODY_TIMEOUT):
         self.engine = engine
         self.model_id = model_id
         self.served = {model_id, *aliases}
@@ -101,6 +107,13 @@ class ServerState:
         self.max_body = max_body
         self.max_sessions = max_sessions
         self.metrics_public = metrics_public or not api_keys
+        self.request_timeout = request_timeout      # None: no limit
+        self.body_timeout = body_timeout
+        # No token is longer than this many bytes (so than this many characters): a prompt with more
+        # characters than the context's tokens could hold is refused before it is rendered or tokenised.
+        tok = engine.tokenizer
+        self.max_token_bytes = max(len(tok.token_bytes(i)) for i in range(tok.vocab_size))
+        self.max_prompt_chars = self.max_token_bytes * engine.cfg.context_length
         self.in_flight = 0          # engine requests submitted and not finished (loop thread only)
         self.sessions: dict[str, Any] = {}         # API id -> engine Session
         self.session_defaults: dict[str, dict] = {}  # API id -> its sampling defaults
@@ -137,6 +150,27 @@ class ServerState:
         except EdgeLLMError as err:
             raise oa.invalid(PARAM_OF[what], api_message(err)) from None
 
+    def check_prompt_chars(self, chars: int, what: str) -> None:
+        """Refuse, without tokenising, a prompt of more characters than the context can hold."""
+        if chars > self.max_prompt_chars:
+            ctx = self.engine.cfg.context_length
+            raise ApiError(400, f"{what} has {chars} characters, more than the model's context window of {ctx} "
+                                f"tokens can hold (no token of this model is longer than {self.max_token_bytes} "
+                                f"bytes, so at most {self.max_prompt_chars} characters fit); shorten it",
+                           param=PARAM_OF[what], code="context_length_exceeded")
+
+    async def encode(self, prompt, what: str) -> list[int]:
+        """Token ids of ``prompt`` (text, token ids or chat messages), rendered and tokenised in a
+        worker thread so the event loop keeps serving other requests and streams meanwhile."""
+        if isinstance(prompt, str):
+            chars = len(prompt)
+        elif prompt and isinstance(prompt[0], dict):
+            chars = sum(len(m["content"]) for m in prompt if isinstance(m.get("content"), str))
+        else:
+            chars = 0                     # token ids: budget() checks their count
+        self.check_prompt_chars(chars, what)
+        return await asyncio.to_thread(self.engine.input.encode, prompt)
+
     # ---- submission ----------------------------------------------------------------------------
     def submit(self, prompts: list[list[int]], n: int, params: SamplingParams, session=None,
                new_messages=None) -> Batch:
@@ -150,8 +184,9 @@ class ServerState:
         try:
             for c in batch.choices:
                 cb = functools.partial(self._on_event, loop, q, c.index)
-                if session is not None:
-                    c.handle = session.send_messages(new_messages, params, on_event=cb)
+                if session is not None:     # the conversation's ids, encoded once by the caller
+                    c.handle = submit_turn(self.engine, session, prompts[c.prompt_index], new_messages,
+                                           params, cb)
                 else:
                     c.handle = self.engine.submit(Request(prompt=prompts[c.prompt_index], params=params,
                                                           sample_index=c.index % n, on_event=cb))
@@ -172,6 +207,19 @@ class ServerState:
                 self.metrics.observe(ev.result)
             self.in_flight -= 1
         q.put_nowait((index, ev))
+
+
+def submit_turn(engine: Engine, session, ids: list[int], new_messages: list[dict], params: SamplingParams,
+                on_event) -> RequestHandle:
+    """A session's next turn from its conversation's token ids (what ``Session.send_messages``
+    does from the messages, without encoding them a second time)."""
+    session.begin_turn()
+    try:
+        return engine.submit(Request(prompt=ids, params=params, chat=True, session=session,
+                                     new_messages=list(new_messages), on_event=on_event))
+    except BaseException:
+        session.end_turn()
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,17 +271,36 @@ def check_json_content_type(request: HttpRequest) -> None:
                             f"{ctype or 'no content type'!r}", code="unsupported_media_type")
 
 
-async def read_json(request: HttpRequest, max_body: int) -> dict:
+async def read_body(request: HttpRequest, max_body: int, timeout: float | None) -> bytes:
+    """The raw body (Content-Length or chunked alike), at most ``max_body`` bytes (413), sent
+    within ``timeout`` seconds (408: a client that trickles its body cannot hold a connection)."""
     too_big = ApiError(413, f"the request body is larger than this server accepts ({max_body} bytes)",
                        code="request_too_large")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_body:
         raise too_big
     data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > max_body:
-            raise too_big
+
+    async def read() -> None:
+        async for chunk in request.stream():
+            data.extend(chunk)
+            if len(data) > max_body:
+                raise too_big
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} seconds (--body-timeout); "
+                            "send the whole body at once", code="request_timeout",
+                       headers={"Connection": "close"}) from None
+    return bytes(data)
+
+
+async def read_json(request: HttpRequest, max_body: int, timeout: float | None = DEFAULT_BODY_TIMEOUT,
+                    allow_empty: bool = False) -> dict:
+    """The body as a JSON object; ``allow_empty``: no body at all reads as ``{}``."""
+    data = await read_body(request, max_body, timeout)
+    if not data and allow_empty:
+        return {}
     if not data:
         raise ApiError(400, "the request has no body: send a JSON object", code="invalid_json")
     check_json_content_type(request)
@@ -341,12 +408,38 @@ async def disconnected(receive) -> None:
         pass
 
 
-async def collect(batch: Batch, request: HttpRequest) -> bool:
-    """Wait for every choice to finish; False (everything cancelled) if the client went away."""
+def timed_out(timeout: float) -> ApiError:
+    return ApiError(504, f"the request did not finish within {timeout:g} seconds (--request-timeout) and was "
+                         "cancelled; lower max_tokens or n, or retry when the server is less busy",
+                    code="request_timeout", type="server_error")
+
+
+async def next_event_by(batch: Batch, deadline: float | None, timeout: float | None,
+                        watcher: asyncio.Future | None = None) -> tuple[int, TokenEvent] | None:
+    """:func:`next_event`, cancelling the batch and raising a 504 ``ApiError`` after ``deadline``
+    (the loop's clock; None: no limit)."""
+    if deadline is None:
+        return await next_event(batch, watcher)
+    left = deadline - asyncio.get_running_loop().time()
+    try:
+        return await asyncio.wait_for(next_event(batch, watcher), max(left, 0.0))
+    except asyncio.TimeoutError:
+        batch.cancel()
+        raise timed_out(timeout) from None
+
+
+def deadline_of(timeout: float | None) -> float | None:
+    return None if timeout is None else asyncio.get_running_loop().time() + timeout
+
+
+async def collect(batch: Batch, request: HttpRequest, timeout: float | None = None) -> bool:
+    """Wait for every choice to finish; False (everything cancelled) if the client went away.
+    After ``timeout`` seconds everything is cancelled and a 504 ``ApiError`` raised."""
     watcher = asyncio.ensure_future(disconnected(request.receive))
+    deadline = deadline_of(timeout)
     try:
         while not batch.finished:
-            item = await next_event(batch, watcher)
+            item = await next_event_by(batch, deadline, timeout, watcher)
             if item is None:
                 batch.cancel()
                 return False
@@ -367,25 +460,25 @@ def sampling_params(spec_sampling: dict, max_tokens: int, logprobs: bool, top_lo
     return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, top_logprobs=top_logprobs, **spec_sampling)
 
 
-def encode_spec(state: ServerState, spec: GenerationSpec) -> tuple[list[list[int]], int]:
-    """Token ids of each prompt and the ``max_tokens`` they all fit."""
-    encode = state.engine.input.encode
+async def encode_spec(state: ServerState, spec: GenerationSpec) -> tuple[list[list[int]], int]:
+    """Token ids of each prompt (each encoded once, off the loop, whatever ``n``) and the
+    ``max_tokens`` they all fit."""
+    what = "the messages" if spec.kind == "chat" else "the prompt"
     if spec.kind == "chat":
-        prompts = [encode(spec.prompts[0])]
+        prompts = [await state.encode(spec.prompts[0], what)]
     else:
         try:
-            prompts = [encode(p) for p in spec.prompts]
+            prompts = [await state.encode(p, what) for p in spec.prompts]
         except EdgeLLMError as err:
             raise oa.invalid("prompt", api_message(err)) from None
-    what = "the messages" if spec.kind == "chat" else "the prompt"
     max_tokens = min(state.budget(len(ids), spec.max_tokens, what) for ids in prompts)
     return prompts, max_tokens
 
 
 async def generation(state: ServerState, request: HttpRequest, kind: str) -> Response:
-    body = await read_json(request, state.max_body)
+    body = await read_json(request, state.max_body, state.body_timeout)
     spec = oa.parse_chat(body, state.served) if kind == "chat" else oa.parse_completion(body, state.served)
-    prompts, max_tokens = encode_spec(state, spec)
+    prompts, max_tokens = await encode_spec(state, spec)
     params = sampling_params(spec.sampling, max_tokens, spec.logprobs, spec.top_logprobs)
     batch = state.submit(prompts, spec.n, params)
     rid, created = oa.new_id(kind), oa.now_s()
@@ -393,7 +486,7 @@ async def generation(state: ServerState, request: HttpRequest, kind: str) -> Res
         make = stream_chat if kind == "chat" else stream_completion
         return EventStream(make(state, spec, batch, rid, created), batch)
     try:
-        if not await collect(batch, request):
+        if not await collect(batch, request, state.request_timeout):
             return Response(status_code=499)     # nobody is listening
     except BaseException:
         batch.cancel()
@@ -440,8 +533,19 @@ def completion_response(state: ServerState, spec: GenerationSpec, batch: Batch, 
 
 
 def stream_error(err: BaseException) -> bytes:
+    if isinstance(err, ApiError):
+        return sse(err.body())
     return sse({"error": {"message": f"generation failed: {err}", "type": "server_error", "param": None,
                           "code": "engine_error"}})
+
+
+async def stream_events(state: ServerState, batch: Batch):
+    """The batch's events until every choice finished; after --request-timeout the batch is
+    cancelled and a 504 ``ApiError`` raised (the stream then ends with it as an error event)."""
+    deadline = deadline_of(state.request_timeout)
+    while not batch.finished:
+        index, ev = await next_event_by(batch, deadline, state.request_timeout)
+        yield index, ev
 
 
 async def stream_chat(state: ServerState, spec: GenerationSpec, batch: Batch, rid: str, created: int):
@@ -456,21 +560,24 @@ async def stream_chat(state: ServerState, spec: GenerationSpec, batch: Batch, ri
 
     for c in batch.choices:
         yield chunk(c.index, {"role": "assistant", "content": ""})
-    while not batch.finished:
-        index, ev = await batch.queue.get()
-        if ev.error is not None:
-            yield stream_error(ev.error)
-            batch.cancel()
-            return
-        lp = None
-        if spec.logprobs and ev.token_id is not None and ev.logprob is not None:
-            lp = {"content": oa.chat_logprob_entries(state.token_text, [ev.token_id], [ev.logprob],
-                                                     [(ev.top_logprobs or [])[:spec.top_logprobs]])}
-        if ev.text or lp:
-            yield chunk(index, {"content": ev.text}, logprobs=lp)
-        if ev.finished:
-            batch.choices[index].result = ev.result
-            yield chunk(index, {}, finish=oa.finish_reason(ev.finish_reason))
+    try:
+        async for index, ev in stream_events(state, batch):
+            if ev.error is not None:
+                yield stream_error(ev.error)
+                batch.cancel()
+                return
+            lp = None
+            if spec.logprobs and ev.token_id is not None and ev.logprob is not None:
+                lp = {"content": oa.chat_logprob_entries(state.token_text, [ev.token_id], [ev.logprob],
+                                                         [(ev.top_logprobs or [])[:spec.top_logprobs]])}
+            if ev.text or lp:
+                yield chunk(index, {"content": ev.text}, logprobs=lp)
+            if ev.finished:
+                batch.choices[index].result = ev.result
+                yield chunk(index, {}, finish=oa.finish_reason(ev.finish_reason))
+    except ApiError as err:
+        yield stream_error(err)
+        return
     if spec.include_usage:
         yield sse({**base, "choices": [], "usage": batch_usage(batch)})
     yield SSE_DONE
@@ -481,25 +588,28 @@ async def stream_completion(state: ServerState, spec: GenerationSpec, batch: Bat
             "system_fingerprint": "edgellm"}
     if spec.include_usage:
         base["usage"] = None
-    while not batch.finished:
-        index, ev = await batch.queue.get()
-        if ev.error is not None:
-            yield stream_error(ev.error)
-            batch.cancel()
-            return
-        c = batch.choices[index]
-        lp = None
-        if spec.logprobs and ev.token_id is not None and ev.logprob is not None:
-            lp = oa.completion_logprobs(state.token_text, [ev.token_id], [ev.logprob],
-                                        [(ev.top_logprobs or [])[:spec.top_logprobs]], c.sent_chars)
-        finish = None
-        if ev.finished:
-            c.result = ev.result
-            finish = oa.finish_reason(ev.finish_reason)
-        if ev.text or lp or finish:
-            c.sent_chars += len(ev.text)
-            yield sse({**base, "choices": [{"index": index, "text": ev.text, "logprobs": lp,
-                                            "finish_reason": finish}]})
+    try:
+        async for index, ev in stream_events(state, batch):
+            if ev.error is not None:
+                yield stream_error(ev.error)
+                batch.cancel()
+                return
+            c = batch.choices[index]
+            lp = None
+            if spec.logprobs and ev.token_id is not None and ev.logprob is not None:
+                lp = oa.completion_logprobs(state.token_text, [ev.token_id], [ev.logprob],
+                                            [(ev.top_logprobs or [])[:spec.top_logprobs]], c.sent_chars)
+            finish = None
+            if ev.finished:
+                c.result = ev.result
+                finish = oa.finish_reason(ev.finish_reason)
+            if ev.text or lp or finish:
+                c.sent_chars += len(ev.text)
+                yield sse({**base, "choices": [{"index": index, "text": ev.text, "logprobs": lp,
+                                                "finish_reason": finish}]})
+    except ApiError as err:
+        yield stream_error(err)
+        return
     if spec.include_usage:
         yield sse({**base, "choices": [], "usage": batch_usage(batch)})
     yield SSE_DONE
@@ -559,7 +669,7 @@ def find_session(state: ServerState, sid: str, request: HttpRequest):
 
 
 async def create_session(state: ServerState, request: HttpRequest) -> Response:
-    body = await read_json(request, state.max_body) if request.headers.get("content-length", "0") != "0" else {}
+    body = await read_json(request, state.max_body, state.body_timeout, allow_empty=True)   # chunked too
     oa.check_fields(body, SESSION_FIELDS | {"model"}, {})
     if "model" in body:
         oa.get_model(body, state.served)
@@ -568,7 +678,7 @@ async def create_session(state: ServerState, request: HttpRequest) -> Response:
         raise oa.invalid("system", f"'system' must be a string, got {oa._type_name(system)}", "invalid_type")
     defaults = session_sampling(body)
     if system:      # tokenised and admitted now, not at the first message
-        ids = state.engine.input.encode([{"role": "system", "content": system}])
+        ids = await state.encode([{"role": "system", "content": system}], "the system prompt")
         state.budget(len(ids), None, "the system prompt")
     for old in [k for k, v in state.sessions.items() if v.retired]:   # retired while idle: forget them
         forget_session(state, old)
@@ -594,7 +704,7 @@ def forget_session(state: ServerState, sid: str):
 async def post_message(state: ServerState, request: HttpRequest) -> Response:
     sid = request.path_params["sid"]
     s = find_session(state, sid, request)
-    body = await read_json(request, state.max_body)
+    body = await read_json(request, state.max_body, state.body_timeout)
     oa.check_fields(body, MESSAGE_FIELDS, {})
     content = body.get("content")
     if not isinstance(content, str) or not content:
@@ -609,14 +719,17 @@ async def post_message(state: ServerState, request: HttpRequest) -> Response:
                        param="session_id", code="session_busy")
     sampling = session_sampling(body, state.session_defaults.get(sid))
     new = [{"role": "user", "content": content}]
-    ids = state.engine.input.encode(s.messages + new)
+    ids = await state.encode(s.messages + new, "the conversation")
+    if s.retired or s.busy:     # changed while it was being tokenised
+        raise ApiError(409, f"session '{sid}' is retired or answering another message; retry",
+                       param="session_id", code="session_busy")
     max_tokens = state.budget(len(ids), sampling.pop("max_tokens", None), "the conversation")
     sampling.setdefault("temperature", 0.0)
     params = SamplingParams(max_tokens=max_tokens, **sampling)
     batch = state.submit([ids], 1, params, session=s, new_messages=new)
     if stream:
         return EventStream(stream_session(state, sid, s, batch), batch)
-    if not await collect(batch, request):
+    if not await collect(batch, request, state.request_timeout):
         return Response(status_code=499)
     return JSONResponse(await turn_summary(state, sid, s, batch.choices[0].result))
 
@@ -632,16 +745,19 @@ async def turn_summary(state: ServerState, sid: str, s, r) -> dict:
 
 
 async def stream_session(state: ServerState, sid: str, s, batch: Batch):
-    while not batch.finished:
-        _, ev = await batch.queue.get()
-        if ev.error is not None:
-            yield stream_error(ev.error)
-            return
-        if ev.text:
-            yield sse({"type": "delta", "content": ev.text})
-        if ev.finished:
-            batch.choices[0].result = ev.result
-            yield sse(await turn_summary(state, sid, s, ev.result))
+    try:
+        async for _, ev in stream_events(state, batch):
+            if ev.error is not None:
+                yield stream_error(ev.error)
+                return
+            if ev.text:
+                yield sse({"type": "delta", "content": ev.text})
+            if ev.finished:
+                batch.choices[0].result = ev.result
+                yield sse(await turn_summary(state, sid, s, ev.result))
+    except ApiError as err:
+        yield stream_error(err)
+        return
     yield SSE_DONE
 
 
@@ -730,20 +846,58 @@ def endpoint(state: ServerState, handler, name: str, auth: bool = True):
     return wrapped
 
 
+def host_name(host: str) -> str:
+    """The name of a Host header, without its port: ``[::1]:8000`` -> ``[::1]``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[:host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if ":" in host else host
+
+
+class HostCheck:
+    """Refuse (403) requests whose Host header is not one of ``allowed`` (any port): a web page
+    that rebinds its own DNS name to 127.0.0.1 still sends its name, so it cannot drive a server
+    on localhost that has no API key."""
+
+    def __init__(self, app, allowed: Sequence[str]):
+        self.app = app
+        self.allowed = frozenset(host_name(h) for h in allowed)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if host_name(host) not in self.allowed:
+                names = ", ".join(sorted(self.allowed))
+                err = ApiError(403, f"the Host header {host!r} is not one this server answers ({names}); "
+                                    "use one of those names, or start the server with --allow-host NAME "
+                                    "(or --api-key)", code="host_not_allowed")
+                await error_response(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
                api_key: str | Sequence[str] | None = None, max_queue: int = 256, max_body: int = DEFAULT_MAX_BODY,
                close_engine: bool = True, max_sessions: int = DEFAULT_MAX_SESSIONS,
-               metrics_public: bool = False) -> Starlette:
+               metrics_public: bool = False, request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
+               body_timeout: float | None = DEFAULT_BODY_TIMEOUT, allowed_hosts: Sequence[str] | None = None):
     """The server over ``engine`` (started by the app's lifespan; closed at shutdown if ``close_engine``).
 
     ``api_key``: one key or several (each client's sessions are private to its key); None: no
     authentication. ``max_sessions``: live sessions at most (429 beyond). ``metrics_public``:
-    serve /metrics without a key (it always is when there is no key)."""
+    serve /metrics without a key (it always is when there is no key). ``request_timeout``:
+    seconds a generation may take before it is cancelled and answered 504 (None: no limit);
+    ``body_timeout``: seconds to send a body (408 after). ``allowed_hosts``: the Host names
+    answered (any port; others get 403); None: any (see :func:`default_allowed_hosts`)."""
     if not isinstance(max_sessions, int) or max_sessions < 1:
         raise InvalidParameterError(f"max_sessions must be a positive integer, got {max_sessions!r}",
                                     "pass e.g. --max-sessions 256")
+    for name, t in (("request_timeout", request_timeout), ("body_timeout", body_timeout)):
+        if t is not None and not (isinstance(t, (int, float)) and t > 0):
+            raise InvalidParameterError(f"{name} must be a positive number of seconds or None, got {t!r}",
+                                        f"pass e.g. --{name.replace('_', '-')} 600 (0 on the command line: none)")
     state = ServerState(engine, model_id, tuple(a for a in aliases if a), check_api_keys(api_key), max_queue,
-                        max_body, max_sessions, metrics_public)
+                        max_body, max_sessions, metrics_public, request_timeout, body_timeout)
 
     def ep(handler, name, auth=True):
         return endpoint(state, handler, name, auth)
@@ -781,4 +935,69 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
 
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
     app.state.server = state
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=tuple(allowed_hosts))
     return app
+
+
+def header_timeout_protocol(timeout: float):
+    """uvicorn's h11 protocol, answering 408 and closing a connection whose request headers have
+    not all arrived ``timeout`` seconds after it opened (or after its previous response): uvicorn
+    has no such timer, so a client sending nothing, or trickling its headers, held a connection
+    for ever. Pass it to ``uvicorn.run(..., http=...)``."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    late = json.dumps(ApiError(408, f"the request headers did not arrive within {timeout:g} seconds "
+                                    "(--body-timeout); send the whole request at once",
+                               code="request_timeout").body()).encode()
+    reply = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+             b"content-length: " + str(len(late)).encode() + b"\r\n\r\n" + late)
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.arm_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.arm_header_timer()
+
+        def connection_lost(self, exc) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            super().connection_lost(exc)
+
+        def arm_header_timer(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            self.header_timer = self.loop.call_later(timeout, self.headers_late)
+
+        def headers_late(self) -> None:
+            self.header_timer = None
+            between_requests = self.cycle is None or self.cycle.response_complete
+            if between_requests and not self.transport.is_closing():
+                self.transport.write(reply)
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def default_allowed_hosts(bind_host: str, api_keys: Sequence[str], extra: Sequence[str] = ()) -> tuple[str, ...] | None:
+    """The Host names a server answers: without an API key on a loopback address, only
+    ``localhost``, ``127.0.0.1`` and ``[::1]`` (and ``extra``, the --allow-host names), against
+    DNS rebinding; with a key or on another address, any (None) -- unless ``extra`` is given."""
+    if extra or (not api_keys and is_loopback(bind_host)):
+        return (*LOOPBACK_HOSTS, *extra)
+    return None
