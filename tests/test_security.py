@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from api_errors import assert_error
 
 from edgellm.errors import EdgeLLMError, InvalidParameterError
 from edgellm.llm import LLM
@@ -175,15 +176,6 @@ def post(http, path, body, headers=A, content_type="application/json"):
     return http.post(path, content=data, headers=hdrs)
 
 
-def assert_error(resp, status, param=None, code=None):
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].startswith("application/json")
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param is not None:
-        assert err["param"] == param, err
-    if code is not None:
-        assert err["code"] == code, err
 
 
 def delete_all(http, headers):

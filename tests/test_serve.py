@@ -13,6 +13,7 @@ import time
 import httpx
 import openai
 import pytest
+from api_errors import assert_error
 
 from edgellm.sampling import SamplingParams
 from edgellm.serve.process import ServerProcess, metric
@@ -231,14 +232,6 @@ def test_sessions_api(http):
 # ---------------------------------------------------------------------------------------------
 # Bad input: the right status and OpenAI's error shape, never a 500
 # ---------------------------------------------------------------------------------------------
-def assert_error(resp, status, param=None, code=None):
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param is not None:
-        assert err["param"] == param, err
-    if code is not None:
-        assert err["code"] == code, err
 
 
 def test_auth(http, server):

@@ -6,6 +6,7 @@ the real default model; server tests talk to a real `edgellm serve` child proces
 from __future__ import annotations
 
 import pytest
+from api_errors import assert_error
 
 from edgellm.runtime.engine import Engine
 from edgellm.runtime.types import Request
@@ -105,16 +106,6 @@ def post(http, path, body, **kw):
     return http.post(path, content=data, headers={"Content-Type": "application/json"}, **kw)
 
 
-def assert_error(resp, status, param=None, code=None):
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].startswith("application/json")
-    err = resp.json()["error"]
-    assert err["message"] and err["type"]
-    if param is not None:
-        assert err["param"] == param
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 def raw_request(server, method: str, path: str, body: bytes = b"", headers: dict | None = None):
