@@ -243,11 +243,11 @@ def profile_decode_batch(llm, batches: list[int], context: int = 64, repeat: int
     their op scopes, ``context`` cached tokens per sequence."""
     import torch
 
-    from edgellm.kv.cache import KVCache
+    from edgellm.kv.cache import BLOCK_SIZE, KVCache
     from edgellm.layers.attention import AttentionBatch
 
     model = llm.loaded.model
-    cache = KVCache(llm.cfg, -(-max(batches) * context // 16), 16)
+    cache = KVCache(llm.cfg, -(-max(batches) * context // BLOCK_SIZE), BLOCK_SIZE)
     threads = torch.get_num_threads()
     out = []
     with torch.inference_mode():
@@ -296,7 +296,7 @@ def run_sessions_bench(model: str | None = None, concurrency=(1, 4, 16, 64), dec
     """Run the four measurements; returns one dict (see the module docstring)."""
     import torch
 
-    from edgellm.kv.cache import KVCache
+    from edgellm.kv.cache import BLOCK_SIZE, KVCache
     from edgellm.llm import LLM
     from edgellm.sampling import SamplingParams
 
@@ -306,7 +306,7 @@ def run_sessions_bench(model: str | None = None, concurrency=(1, 4, 16, 64), dec
     elif threads:
         torch.set_num_threads(threads)
     llm.generate("warm up", SamplingParams.greedy(max_tokens=4))
-    bpt = KVCache.bytes_per_block(llm.cfg, 16) / 16
+    bpt = KVCache.bytes_per_block(llm.cfg, BLOCK_SIZE) / BLOCK_SIZE
     t0 = time.perf_counter()
     result = {
         "model": llm.cfg.name or str(model), "threads": torch.get_num_threads(), "repeat": repeat,

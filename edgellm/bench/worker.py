@@ -127,7 +127,7 @@ class OursEngine:
 
         self.baseline_rss_mb = rss_now_mb()
         keep = [k for k in (args.keep or "").split(",") if k]
-        from edgellm.kv.cache import KVCache
+        from edgellm.kv.cache import BLOCK_SIZE, KVCache
 
         self.llm = LLM(args.model, dtype=args.dtype, threads=args.threads, weights=args.weights, keep=keep,
                        kv_dtype=args.kv_dtype)
@@ -152,7 +152,7 @@ class OursEngine:
             "weight_bytes": loaded.weight_bytes, "dtype": loaded.dtype, "weight_formats": formats,
             "lm_head_format": weights.lm_head.format, "tied_embeddings": weights.lm_head is weights.embed,
             "n_layers": cfg.n_layers, "context_length": cfg.context_length,
-            "kv_bytes_per_token": KVCache.bytes_per_block(cfg, 16, self.llm.kv_dtype) / 16,
+            "kv_bytes_per_token": KVCache.bytes_per_block(cfg, BLOCK_SIZE, self.llm.kv_dtype) / BLOCK_SIZE,
             "kv_dtype": self.llm.kv_dtype, "architecture": cfg.architecture,
             "prompt_ids": self.ids, "prompt_source": self.prompt_source,
             "baseline_rss_mb": self.baseline_rss_mb, "loaded_rss_mb": rss_now_mb(), "load_peak_rss_mb": peak_rss_mb(),
