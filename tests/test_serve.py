@@ -234,6 +234,39 @@ def test_sessions_api(http):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_tokenize_and_detokenize_round_trip(http, llm):
+    """vLLM's /tokenize and /detokenize: the engine's ids for a text (and for a chat, rendered with
+    the chat template), and the text back from them."""
+    text = "Hello, world! Tokenizers split text into pieces: caf\u00e9, 123, \u6f22\u5b57."
+    r = post(http, "/tokenize", {"model": MODEL, "prompt": text})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["tokens"] == llm.tokenizer.encode(text) and out["count"] == len(out["tokens"]) > 5
+    assert out["max_model_len"] == 8192
+    back = post(http, "/detokenize", {"model": MODEL, "tokens": out["tokens"]})
+    assert back.status_code == 200, back.text
+    assert back.json() == {"prompt": llm.tokenizer.decode(out["tokens"])}
+    assert back.json()["prompt"].endswith(text)
+    chat = post(http, "/tokenize", {"model": MODEL, "messages": user("hi")}).json()
+    assert chat["tokens"] == llm.tokenizer.encode_chat(user("hi")) and chat["count"] == len(chat["tokens"])
+
+
+def test_tokenize_and_detokenize_refuse_bad_input(http, llm):
+    vocab = llm.loaded.tokenizer.vocab_size
+    assert_error(post(http, "/tokenize", {"model": "gpt-4o", "prompt": "x"}), 404, "model", "model_not_found")
+    assert_error(post(http, "/tokenize", {"model": MODEL, "prompt": 5}), 400, "prompt", "invalid_type")
+    assert_error(post(http, "/tokenize", {"model": MODEL}), 400, "prompt")
+    assert_error(post(http, "/tokenize", {"model": MODEL, "prompt": "x", "messages": user("x")}), 400, "prompt")
+    assert_error(post(http, "/tokenize", {"model": MODEL, "messages": "hi"}), 400, "messages")
+    assert_error(post(http, "/tokenize", {"model": MODEL, "prompt": "x"}, headers={}), 401)
+    assert_error(post(http, "/detokenize", {"model": "gpt-4o", "tokens": [1]}), 404, "model")
+    assert_error(post(http, "/detokenize", {"model": MODEL, "tokens": [1, vocab]}), 400, "tokens")
+    assert_error(post(http, "/detokenize", {"model": MODEL, "tokens": [-1]}), 400, "tokens")
+    for bad in ("12", [1.5], [True], None, {"a": 1}):
+        assert_error(post(http, "/detokenize", {"model": MODEL, "tokens": bad}), 400, "tokens")
+    assert post(http, "/detokenize", {"model": MODEL, "tokens": [vocab - 1]}).status_code == 200
+
+
 def test_auth(http, server):
     body = {"model": MODEL, "messages": user("hi"), "max_tokens": 1}
     assert_error(post(http, "/v1/chat/completions", body, headers={}), 401, code="invalid_api_key")

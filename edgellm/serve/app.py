@@ -786,6 +786,53 @@ async def delete_session(state: ServerState, request: HttpRequest) -> Response:
 
 
 # ---------------------------------------------------------------------------------------------
+# Tokenizer endpoints (vLLM's shapes)
+# ---------------------------------------------------------------------------------------------
+TOKENIZE_FIELDS = {"model", "prompt", "messages"}
+DETOKENIZE_FIELDS = {"model", "tokens"}
+
+
+async def tokenize(state: ServerState, request: HttpRequest) -> Response:
+    """``{"prompt": text}`` or ``{"messages": [...]}`` (rendered with the chat template, ready for
+    the assistant's answer) -> ``{"tokens", "count", "max_model_len"}``, as vLLM answers."""
+    body = await read_json(request, state.max_body, state.body_timeout)
+    oa.check_fields(body, TOKENIZE_FIELDS, {})
+    if "model" in body:
+        oa.get_model(body, state.served)
+    if ("prompt" in body) == ("messages" in body):
+        raise oa.invalid("prompt", "give exactly one of 'prompt' (text) or 'messages' (a chat)",
+                         "missing_required_parameter" if "prompt" not in body else "invalid_value")
+    if "messages" in body:
+        ids = await state.encode(oa.parse_messages(body["messages"]), "the messages")
+    else:
+        prompt = body["prompt"]
+        if not isinstance(prompt, str):
+            raise oa.invalid("prompt", f"'prompt' must be a string, got {oa.type_name(prompt)}", "invalid_type")
+        ids = await state.encode(prompt, "the prompt") if prompt else []
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": state.engine.cfg.context_length})
+
+
+async def detokenize(state: ServerState, request: HttpRequest) -> Response:
+    """``{"tokens": [ids]}`` -> ``{"prompt": text}``, as vLLM answers."""
+    body = await read_json(request, state.max_body, state.body_timeout)
+    oa.check_fields(body, DETOKENIZE_FIELDS, {})
+    if "model" in body:
+        oa.get_model(body, state.served)
+    tokens = body.get("tokens")
+    if tokens is None:
+        raise oa.invalid("tokens", "'tokens' is required: an array of token ids", "missing_required_parameter")
+    if not isinstance(tokens, list) or not all(oa.is_int(t) for t in tokens):
+        raise oa.invalid("tokens", "'tokens' must be an array of integer token ids", "invalid_type")
+    vocab = state.engine.input.vocab_size
+    bad = [t for t in tokens if not 0 <= t < vocab]
+    if bad:
+        raise oa.invalid("tokens", f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1}); "
+                                   "pass ids produced by this model's tokenizer (POST /tokenize)")
+    text = await asyncio.to_thread(state.engine.tokenizer.decode, [int(t) for t in tokens])
+    return JSONResponse({"prompt": text})
+
+
+# ---------------------------------------------------------------------------------------------
 # Introspection
 # ---------------------------------------------------------------------------------------------
 async def models(state: ServerState, request: HttpRequest) -> Response:
@@ -912,6 +959,8 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
         Route("/v1/sessions/{sid}", ep(delete_session, "sessions_delete"), methods=["DELETE"]),
         Route("/v1/sessions/{sid}/messages", ep(post_message, "sessions_message"), methods=["POST"]),
         Route("/v1/runtime", ep(runtime, "runtime"), methods=["GET"]),
+        Route("/tokenize", ep(tokenize, "tokenize"), methods=["POST"]),
+        Route("/detokenize", ep(detokenize, "detokenize"), methods=["POST"]),
         Route("/health", ep(health, "health", auth=False), methods=["GET"]),
         Route("/metrics", ep(metrics, "metrics", auth=not state.metrics_public), methods=["GET"]),
         Route("/", ep(index, "index", auth=False), methods=["GET"]),

@@ -73,8 +73,17 @@ def invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
 # ---------------------------------------------------------------------------------------------
 # Field readers
 # ---------------------------------------------------------------------------------------------
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+    """A JSON integer (not a boolean)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+_is_int = is_int
+
+
+def type_name(v) -> str:
+    """A JSON value's type as an error message names it."""
+    return _type_name(v)
 
 
 def _is_num(v) -> bool:
