@@ -318,6 +318,25 @@ async def read_json(request: HttpRequest, max_body: int, timeout: float | None =
     return body
 
 
+IGNORED_HEADER = "x-edgellm-ignored-fields"
+MAX_IGNORED_LISTED = 32
+
+
+def header_safe(name: str) -> str:
+    """A field name as a header value can carry it: printable ASCII, commas and spaces replaced."""
+    return "".join(c if c.isascii() and c.isprintable() and c not in ", " else "?" for c in name[:64])
+
+
+def note_ignored(request: HttpRequest, names: list[str]) -> None:
+    """Fields of the request the server does not know and ignores (vLLM's behaviour): listed in
+    the response's ``x-edgellm-ignored-fields`` header (set by :func:`endpoint`) and logged."""
+    if not names:
+        return
+    request.state.ignored_fields = names
+    log.warning("%s %s: ignoring unknown request fields %s", request.method, request.url.path,
+                ", ".join(repr(n[:64]) for n in names[:MAX_IGNORED_LISTED]))
+
+
 def check_auth(state: ServerState, request: HttpRequest) -> str | None:
     """Who is calling: the fingerprint of the API key the request carries (None when the server
     has no key). Raises 401 without a valid key."""
@@ -362,6 +381,7 @@ class EventStream:
     def __init__(self, chunks: AsyncIterator[bytes], batch: Batch):
         self.chunks = chunks
         self.batch = batch
+        self.headers: dict[str, str] = {}       # more response headers
 
     async def __call__(self, scope, receive, send) -> None:
         async def watch():
@@ -375,7 +395,8 @@ class EventStream:
         try:
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
-                                    (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
+                                    (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
+                                    *((k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items())]})
             async for chunk in self.chunks:
                 if watcher.done():
                     break
@@ -478,6 +499,7 @@ async def encode_spec(state: ServerState, spec: GenerationSpec) -> tuple[list[li
 async def generation(state: ServerState, request: HttpRequest, kind: str) -> Response:
     body = await read_json(request, state.max_body, state.body_timeout)
     spec = oa.parse_chat(body, state.served) if kind == "chat" else oa.parse_completion(body, state.served)
+    note_ignored(request, spec.ignored)
     prompts, max_tokens = await encode_spec(state, spec)
     params = sampling_params(spec.sampling, max_tokens, spec.logprobs, spec.top_logprobs)
     batch = state.submit(prompts, spec.n, params)
@@ -670,7 +692,7 @@ def find_session(state: ServerState, sid: str, request: HttpRequest):
 
 async def create_session(state: ServerState, request: HttpRequest) -> Response:
     body = await read_json(request, state.max_body, state.body_timeout, allow_empty=True)   # chunked too
-    oa.check_fields(body, SESSION_FIELDS | {"model"}, {})
+    note_ignored(request, oa.check_fields(body, SESSION_FIELDS | {"model"}, {}))
     if "model" in body:
         oa.get_model(body, state.served)
     system = body.get("system")
@@ -705,7 +727,7 @@ async def post_message(state: ServerState, request: HttpRequest) -> Response:
     sid = request.path_params["sid"]
     s = find_session(state, sid, request)
     body = await read_json(request, state.max_body, state.body_timeout)
-    oa.check_fields(body, MESSAGE_FIELDS, {})
+    note_ignored(request, oa.check_fields(body, MESSAGE_FIELDS, {}))
     content = body.get("content")
     if not isinstance(content, str) or not content:
         raise oa.invalid("content", "'content' must be a non-empty string: the user's message",
@@ -796,7 +818,7 @@ async def tokenize(state: ServerState, request: HttpRequest) -> Response:
     """``{"prompt": text}`` or ``{"messages": [...]}`` (rendered with the chat template, ready for
     the assistant's answer) -> ``{"tokens", "count", "max_model_len"}``, as vLLM answers."""
     body = await read_json(request, state.max_body, state.body_timeout)
-    oa.check_fields(body, TOKENIZE_FIELDS, {})
+    note_ignored(request, oa.check_fields(body, TOKENIZE_FIELDS, {}))
     if "model" in body:
         oa.get_model(body, state.served)
     if ("prompt" in body) == ("messages" in body):
@@ -815,7 +837,7 @@ async def tokenize(state: ServerState, request: HttpRequest) -> Response:
 async def detokenize(state: ServerState, request: HttpRequest) -> Response:
     """``{"tokens": [ids]}`` -> ``{"prompt": text}``, as vLLM answers."""
     body = await read_json(request, state.max_body, state.body_timeout)
-    oa.check_fields(body, DETOKENIZE_FIELDS, {})
+    note_ignored(request, oa.check_fields(body, DETOKENIZE_FIELDS, {}))
     if "model" in body:
         oa.get_model(body, state.served)
     tokens = body.get("tokens")
@@ -887,6 +909,9 @@ def endpoint(state: ServerState, handler, name: str, auth: bool = True):
             log.exception("internal error on %s", name)
             response = error_response(ApiError(500, "internal server error (see the server's log)",
                                                code="internal_error", type="server_error"))
+        ignored = getattr(request.state, "ignored_fields", None)
+        if ignored:
+            response.headers[IGNORED_HEADER] = ",".join(header_safe(n) for n in ignored[:MAX_IGNORED_LISTED])
         state.metrics.http.labels(name, str(getattr(response, "status_code", 200))).inc()
         return response
 

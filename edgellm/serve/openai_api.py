@@ -16,7 +16,9 @@ Fields fall in four groups:
   ``service_tier``, ``parallel_tool_calls``;
 * OpenAI features this server does not implement (``tools``, ``logit_bias``, ``response_format``
   other than text, ...): refused with 400 unless given their neutral value;
-* anything else: refused with 400 "unrecognized request argument", as OpenAI does.
+* anything else: ignored, as vLLM does; :func:`check_fields` returns those names, and the server
+  lists them in an ``x-edgellm-ignored-fields`` response header and its log. A known field of the
+  wrong type or value is still refused.
 """
 
 from __future__ import annotations
@@ -133,7 +135,11 @@ def get_bool(body: dict, name: str, default: bool) -> bool:
     return v
 
 
-def check_fields(body: dict, allowed: set[str], unsupported: dict[str, tuple]) -> None:
+def check_fields(body: dict, allowed: set[str], unsupported: dict[str, tuple]) -> list[str]:
+    """The names of the fields this server does not know, which it ignores (as vLLM does: the
+    server says so in a response header and its log). A known feature it lacks, asked for with
+    other than its neutral value, is refused with 400."""
+    unknown = []
     for name, value in body.items():
         if name in allowed or name in IGNORED:
             continue
@@ -141,7 +147,8 @@ def check_fields(body: dict, allowed: set[str], unsupported: dict[str, tuple]) -
             if value in unsupported[name]:
                 continue
             raise invalid(name, f"'{name}' is not supported by this server (edgellm)", "unsupported_parameter")
-        raise invalid(name, f"Unrecognized request argument supplied: '{name}'", "unknown_parameter")
+        unknown.append(name)
+    return unknown
 
 
 def get_model(body: dict, served: set[str]) -> str:
@@ -206,6 +213,7 @@ class GenerationSpec:
     include_usage: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    ignored: list[str] = field(default_factory=list)   # unknown fields of the request, ignored
 
 
 def _sampling_fields(body: dict) -> dict:
@@ -264,7 +272,7 @@ def parse_messages(v) -> list[dict]:
 
 
 def parse_chat(body: dict, served: set[str]) -> GenerationSpec:
-    check_fields(body, CHAT_FIELDS, UNSUPPORTED_CHAT)
+    ignored = check_fields(body, CHAT_FIELDS, UNSUPPORTED_CHAT)
     model = get_model(body, served)
     messages = parse_messages(body.get("messages"))
     max_tokens = get_int(body, "max_completion_tokens", None, 1)
@@ -277,7 +285,8 @@ def parse_chat(body: dict, served: set[str]) -> GenerationSpec:
         raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true")
     return GenerationSpec("chat", model, [messages], max_tokens, _sampling_fields(body),
                           n=get_int(body, "n", 1, 1, MAX_N), stream=stream,
-                          include_usage=get_stream_options(body, stream), logprobs=logprobs, top_logprobs=top)
+                          include_usage=get_stream_options(body, stream), logprobs=logprobs, top_logprobs=top,
+                          ignored=ignored)
 
 
 def parse_prompts(v) -> list:
@@ -305,7 +314,7 @@ def parse_prompts(v) -> list:
 
 
 def parse_completion(body: dict, served: set[str]) -> GenerationSpec:
-    check_fields(body, COMPLETION_FIELDS, UNSUPPORTED_COMPLETION)
+    ignored = check_fields(body, COMPLETION_FIELDS, UNSUPPORTED_COMPLETION)
     model = get_model(body, served)
     prompts = parse_prompts(body.get("prompt"))
     stream = get_bool(body, "stream", False)
@@ -313,7 +322,7 @@ def parse_completion(body: dict, served: set[str]) -> GenerationSpec:
     return GenerationSpec("completion", model, prompts, get_int(body, "max_tokens", 16, 1), _sampling_fields(body),
                           n=get_int(body, "n", 1, 1, MAX_N), stream=stream,
                           include_usage=get_stream_options(body, stream), logprobs=top is not None,
-                          top_logprobs=top or 0)
+                          top_logprobs=top or 0, ignored=ignored)
 
 
 # ---------------------------------------------------------------------------------------------
