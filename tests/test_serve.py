@@ -267,6 +267,35 @@ def test_tokenize_and_detokenize_refuse_bad_input(http, llm):
     assert post(http, "/detokenize", {"model": MODEL, "tokens": [vocab - 1]}).status_code == 200
 
 
+def test_logit_bias_forces_and_bans_tokens(http, llm):
+    """OpenAI's logit_bias, checked against the logits the engine computes without it: -100 on the
+    greedy token makes the runner-up come first (its reported log-probability still the raw one),
+    +100 on any token makes greedy decoding repeat it."""
+    prompt = "The capital of France is"
+    ref = llm.generate(prompt, SamplingParams.greedy(max_tokens=1, logprobs=True, top_logprobs=2))
+    (t0, _), (t1, lp1) = ref.top_logprobs[0][:2]
+    assert ref.token_ids == [t0] and t1 != t0
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 1}
+    r = post(http, "/v1/completions", {**body, "logit_bias": {str(t0): -100}})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"] == llm.tokenizer.decode([t1])
+    assert choice["logprobs"]["token_logprobs"][0] == pytest.approx(lp1, abs=1e-4)
+    unbiased = post(http, "/v1/completions", body).json()["choices"][0]
+    assert unbiased["text"] == llm.tokenizer.decode([t0]) != choice["text"]
+    forced = llm.tokenizer.encode(" banana")[0]
+    assert forced not in (t0, t1)
+    r = post(http, "/v1/chat/completions", {"model": MODEL, "messages": user("hi"), "max_tokens": 3, "temperature": 0,
+                                            "logit_bias": {str(forced): 100}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == llm.tokenizer.decode([forced] * 3)
+    assert llm.generate(prompt, SamplingParams.greedy(max_tokens=3, logit_bias={forced: 100})).token_ids == [forced] * 3
+    vocab = llm.loaded.tokenizer.vocab_size
+    for bad in ({"abc": 1}, {str(vocab): 1}, {"-1": 1}, {"5": 101}, {"5": "x"}, {"5": True}, [5],
+                {str(i): 1 for i in range(301)}):
+        assert_error(post(http, "/v1/completions", {**body, "logit_bias": bad}), 400, "logit_bias")
+
+
 def test_auth(http, server):
     body = {"model": MODEL, "messages": user("hi"), "max_tokens": 1}
     assert_error(post(http, "/v1/chat/completions", body, headers={}), 401, code="invalid_api_key")

@@ -498,7 +498,8 @@ async def encode_spec(state: ServerState, spec: GenerationSpec) -> tuple[list[li
 
 async def generation(state: ServerState, request: HttpRequest, kind: str) -> Response:
     body = await read_json(request, state.max_body, state.body_timeout)
-    spec = oa.parse_chat(body, state.served) if kind == "chat" else oa.parse_completion(body, state.served)
+    parse = oa.parse_chat if kind == "chat" else oa.parse_completion
+    spec = parse(body, state.served, state.engine.input.vocab_size)
     note_ignored(request, spec.ignored)
     prompts, max_tokens = await encode_spec(state, spec)
     params = sampling_params(spec.sampling, max_tokens, spec.logprobs, spec.top_logprobs)

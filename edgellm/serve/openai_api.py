@@ -10,11 +10,11 @@ Fields fall in four groups:
 
 * supported: ``model``, ``messages``/``prompt``, ``max_tokens``, ``max_completion_tokens``,
   ``temperature``, ``top_p``, ``n``, ``stop``, ``seed``, ``presence_penalty``,
-  ``frequency_penalty``, ``logprobs``, ``top_logprobs``, ``stream``, ``stream_options``;
+  ``frequency_penalty``, ``logprobs``, ``top_logprobs``, ``stream``, ``stream_options``, ``logit_bias``;
 * extensions (as vLLM names them): ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``;
 * accepted and ignored (they change nothing in the output): ``user``, ``metadata``, ``store``,
   ``service_tier``, ``parallel_tool_calls``;
-* OpenAI features this server does not implement (``tools``, ``logit_bias``, ``response_format``
+* OpenAI features this server does not implement (``tools``, ``response_format``
   other than text, ...): refused with 400 unless given their neutral value;
 * anything else: ignored, as vLLM does; :func:`check_fields` returns those names, and the server
   lists them in an ``x-edgellm-ignored-fields`` response header and its log. A known field of the
@@ -29,7 +29,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from edgellm.sampling import MAX_INT, MAX_REPETITION_PENALTY, MAX_STOP_LENGTH, MIN_REPETITION_PENALTY
+from edgellm.sampling import (
+    MAX_INT,
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_REPETITION_PENALTY,
+    MAX_STOP_LENGTH,
+    MIN_REPETITION_PENALTY,
+)
 
 MAX_N = 16                  # completions per request
 MAX_STOP = 4                # stop strings, as OpenAI allows
@@ -40,18 +47,18 @@ MAX_PROMPTS = 64            # prompts in one /v1/completions batch
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 # field -> its neutral value(s): given anything else, the request asks for a feature we lack.
 UNSUPPORTED_CHAT = {"tools": ([], None), "tool_choice": ("none", None), "functions": ([], None),
-                    "function_call": ("none", None), "logit_bias": ({}, None), "audio": (None,),
+                    "function_call": ("none", None), "audio": (None,),
                     "modalities": (["text"], None), "prediction": (None,), "reasoning_effort": (None,),
                     "web_search_options": (None,), "response_format": ({"type": "text"}, None)}
-UNSUPPORTED_COMPLETION = {"logit_bias": ({}, None), "suffix": (None, ""), "echo": (False, None),
+UNSUPPORTED_COMPLETION = {"suffix": (None, ""), "echo": (False, None),
                           "best_of": (1, None)}
 
 CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
                "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "stream",
-               "stream_options", "top_k", "min_p", "repetition_penalty", "ignore_eos"}
+               "stream_options", "top_k", "min_p", "repetition_penalty", "ignore_eos", "logit_bias"}
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
                      "presence_penalty", "frequency_penalty", "logprobs", "stream", "stream_options", "top_k",
-                     "min_p", "repetition_penalty", "ignore_eos"}
+                     "min_p", "repetition_penalty", "ignore_eos", "logit_bias"}
 ROLES = {"system", "developer", "user", "assistant"}
 
 
@@ -181,6 +188,34 @@ def get_stop(body: dict) -> list[str]:
     return v
 
 
+def get_logit_bias(body: dict, vocab_size: int | None) -> dict[int, float]:
+    """OpenAI's ``logit_bias``: an object of token id (a string of digits) -> bias in [-100, 100]."""
+    v = body.get("logit_bias")
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise invalid("logit_bias", f"'logit_bias' must be an object mapping token ids to biases, got "
+                                    f"{_type_name(v)}", "invalid_type")
+    if len(v) > MAX_LOGIT_BIAS_ENTRIES:
+        raise invalid("logit_bias", f"'logit_bias' may bias at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(v)}")
+    out = {}
+    for key, bias in v.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
+            raise invalid("logit_bias", f"'logit_bias' keys must be token ids such as \"50256\", got {key[:40]!r}")
+        tid = int(key)
+        if vocab_size is not None and tid >= vocab_size:
+            raise invalid("logit_bias", f"'logit_bias' names token {tid}, outside the vocabulary (0..{vocab_size - 1}); "
+                                        "use ids from this model's tokenizer (POST /tokenize)")
+        if not _is_num(bias) or not math.isfinite(float(bias)):
+            raise invalid("logit_bias", f"'logit_bias' values must be numbers, got {_type_name(bias)} for token "
+                                        f"{tid}", "invalid_type")
+        if not -MAX_LOGIT_BIAS <= float(bias) <= MAX_LOGIT_BIAS:
+            raise invalid("logit_bias", f"'logit_bias' values must be between -{MAX_LOGIT_BIAS:g} and "
+                                        f"{MAX_LOGIT_BIAS:g}, got {bias} for token {tid}")
+        out[tid] = float(bias)
+    return out
+
+
 def get_stream_options(body: dict, stream: bool) -> bool:
     """Whether the stream ends with a usage chunk."""
     v = body.get("stream_options")
@@ -216,7 +251,7 @@ class GenerationSpec:
     ignored: list[str] = field(default_factory=list)   # unknown fields of the request, ignored
 
 
-def _sampling_fields(body: dict) -> dict:
+def _sampling_fields(body: dict, vocab_size: int | None = None) -> dict:
     return dict(
         temperature=get_num(body, "temperature", 1.0, 0.0, 2.0),
         top_p=get_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
@@ -228,6 +263,7 @@ def _sampling_fields(body: dict) -> dict:
         seed=get_int(body, "seed", None, -(2 ** 63), 2 ** 64 - 1),
         stop=get_stop(body),
         ignore_eos=get_bool(body, "ignore_eos", False),
+        logit_bias=get_logit_bias(body, vocab_size),
     )
 
 
@@ -271,7 +307,7 @@ def parse_messages(v) -> list[dict]:
     return out
 
 
-def parse_chat(body: dict, served: set[str]) -> GenerationSpec:
+def parse_chat(body: dict, served: set[str], vocab_size: int | None = None) -> GenerationSpec:
     ignored = check_fields(body, CHAT_FIELDS, UNSUPPORTED_CHAT)
     model = get_model(body, served)
     messages = parse_messages(body.get("messages"))
@@ -283,7 +319,7 @@ def parse_chat(body: dict, served: set[str]) -> GenerationSpec:
     top = get_int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS_CHAT)
     if top and not logprobs:
         raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true")
-    return GenerationSpec("chat", model, [messages], max_tokens, _sampling_fields(body),
+    return GenerationSpec("chat", model, [messages], max_tokens, _sampling_fields(body, vocab_size),
                           n=get_int(body, "n", 1, 1, MAX_N), stream=stream,
                           include_usage=get_stream_options(body, stream), logprobs=logprobs, top_logprobs=top,
                           ignored=ignored)
@@ -313,13 +349,14 @@ def parse_prompts(v) -> list:
     raise invalid("prompt", f"'prompt' must be a string or an array, got {_type_name(v)}", "invalid_type")
 
 
-def parse_completion(body: dict, served: set[str]) -> GenerationSpec:
+def parse_completion(body: dict, served: set[str], vocab_size: int | None = None) -> GenerationSpec:
     ignored = check_fields(body, COMPLETION_FIELDS, UNSUPPORTED_COMPLETION)
     model = get_model(body, served)
     prompts = parse_prompts(body.get("prompt"))
     stream = get_bool(body, "stream", False)
     top = get_int(body, "logprobs", None, 0, MAX_LOGPROBS_COMPLETION)
-    return GenerationSpec("completion", model, prompts, get_int(body, "max_tokens", 16, 1), _sampling_fields(body),
+    return GenerationSpec("completion", model, prompts, get_int(body, "max_tokens", 16, 1),
+                          _sampling_fields(body, vocab_size),
                           n=get_int(body, "n", 1, 1, MAX_N), stream=stream,
                           include_usage=get_stream_options(body, stream), logprobs=top is not None,
                           top_logprobs=top or 0, ignored=ignored)
