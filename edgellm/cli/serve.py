@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also answer requests whose Host header is NAME (any port). Without --api-key on a "
                         "loopback address only localhost, 127.0.0.1 and [::1] are answered (403 otherwise), "
                         "against DNS rebinding; giving --allow-host turns that check on for any address")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://app.example:8080, or * for any) call the API "
+                        "from a browser (CORS); repeatable (default: none)")
     p.add_argument("--session-idle-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="retire sessions idle this long (default 1800; 0 keeps them)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -82,8 +85,15 @@ def run(args: argparse.Namespace) -> int:
     api_keys = args.api_key
     if api_keys is None and os.environ.get("EDGELLM_API_KEY") is not None:
         api_keys = [os.environ["EDGELLM_API_KEY"]]
-    from edgellm.serve.app import check_api_keys, create_app, default_allowed_hosts, header_timeout_protocol
+    from edgellm.serve.app import (
+        check_api_keys,
+        check_cors_origins,
+        create_app,
+        default_allowed_hosts,
+        header_timeout_protocol,
+    )
     api_keys = check_api_keys(api_keys)     # refuses empty keys and keys padded with whitespace
+    cors_origins = check_cors_origins(args.cors_origin)
     max_body = parse_size(args.max_body, "--max-body")
     if max_body < 1024:
         raise InvalidParameterError(f"--max-body {args.max_body!r} is under 1 KiB", "pass e.g. --max-body 1MB")
@@ -102,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(engine, model_id, aliases, api_key=api_keys, max_queue=args.max_queue, max_body=max_body,
                      max_sessions=args.max_sessions, metrics_public=args.metrics_public,
                      request_timeout=args.request_timeout or None, body_timeout=args.body_timeout or None,
-                     allowed_hosts=default_allowed_hosts(args.host, api_keys, args.allow_host))
+                     allowed_hosts=default_allowed_hosts(args.host, api_keys, args.allow_host),
+                     cors_origins=cors_origins)
     print(f"edgellm serve: {model_id} on http://{args.host}:{args.port}  (KV pool {engine.num_blocks} blocks, "
           f"{engine.pool_tokens} tokens; live page at /, metrics at /metrics)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,

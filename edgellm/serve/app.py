@@ -953,7 +953,8 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
                api_key: str | Sequence[str] | None = None, max_queue: int = 256, max_body: int = DEFAULT_MAX_BODY,
                close_engine: bool = True, max_sessions: int = DEFAULT_MAX_SESSIONS,
                metrics_public: bool = False, request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
-               body_timeout: float | None = DEFAULT_BODY_TIMEOUT, allowed_hosts: Sequence[str] | None = None):
+               body_timeout: float | None = DEFAULT_BODY_TIMEOUT, allowed_hosts: Sequence[str] | None = None,
+               cors_origins: Sequence[str] = ()):
     """The server over ``engine`` (started by the app's lifespan; closed at shutdown if ``close_engine``).
 
     ``api_key``: one key or several (each client's sessions are private to its key); None: no
@@ -961,7 +962,9 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
     serve /metrics without a key (it always is when there is no key). ``request_timeout``:
     seconds a generation may take before it is cancelled and answered 504 (None: no limit);
     ``body_timeout``: seconds to send a body (408 after). ``allowed_hosts``: the Host names
-    answered (any port; others get 403); None: any (see :func:`default_allowed_hosts`)."""
+    answered (any port; others get 403); None: any (see :func:`default_allowed_hosts`).
+    ``cors_origins``: web origins (``https://app.example:8080``, or ``*``) whose pages may call the
+    API from a browser (CORS); none by default."""
     if not isinstance(max_sessions, int) or max_sessions < 1:
         raise InvalidParameterError(f"max_sessions must be a positive integer, got {max_sessions!r}",
                                     "pass e.g. --max-sessions 256")
@@ -1010,7 +1013,12 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
 
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
     app.state.server = state
-    if allowed_hosts is not None:
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    if allowed_hosts is not None:       # added last: outermost, so it checks preflights too
         app.add_middleware(HostCheck, allowed=tuple(allowed_hosts))
     return app
 
@@ -1057,6 +1065,18 @@ def header_timeout_protocol(timeout: float):
                 self.transport.close()
 
     return HeaderTimeoutProtocol
+
+
+def check_cors_origins(origins: Sequence[str]) -> tuple[str, ...]:
+    """``--cors-origin`` values: ``*`` or a scheme and host with an optional port, as a browser
+    sends ``Origin`` (no path, no trailing slash, so it can match)."""
+    import re
+    for o in origins:
+        if o != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", o):
+            raise InvalidParameterError(f"--cors-origin {o!r} is not an origin", "pass a scheme and host as a browser "
+                                        "sends them, e.g. --cors-origin https://app.example:8080 (no path, no "
+                                        "trailing slash), or * for any")
+    return tuple(origins)
 
 
 def is_loopback(host: str) -> bool:
