@@ -1,5 +1,6 @@
-"""`edgellm serve` options beyond the defaults: CORS for browser clients (issue 14, item 11). The
-real server in a child process on 127.0.0.1, talked to with raw HTTP."""
+"""`edgellm serve` options beyond the defaults (issue 14, item 11): CORS for browser clients, and
+the engine's own options (KV precision, preemption, disk tier). The real server in a child
+process on 127.0.0.1, talked to with raw HTTP."""
 
 from __future__ import annotations
 
@@ -55,6 +56,58 @@ def test_no_cors_headers_without_the_option(smollm2_path):
             httpx.Client(base_url=s.url, timeout=60) as c:
         r = preflight(c, ALLOWED)
         assert "access-control-allow-origin" not in r.headers and r.status_code == 405
+
+
+def test_engine_options_reach_the_engine(smollm2_path, llm, tmp_path):
+    """--kv-dtype fp16 --preemption swap --offload-dir: the server starts, answers, and its pool
+    holds fp16 KV (half the bytes per token of fp32); the startup line names the choices."""
+    from edgellm.kv.cache import KVCache
+
+    disk = tmp_path / "kv-disk"
+    with ServerProcess(["--model", MODEL, "--kv-memory", "16MB", "--threads", "2", "--kv-dtype", "fp16",
+                        "--preemption", "swap", "--offload-dir", str(disk)]) as s, \
+            httpx.Client(base_url=s.url, timeout=60) as c:
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4,
+                                            "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] and r.json()["usage"]["completion_tokens"] >= 1
+        kv = c.get("/v1/runtime").json()["kv"]
+        assert kv["bytes_per_token"] == KVCache.bytes_per_block(llm.cfg, 16, "fp16") / 16
+        assert kv["bytes_per_token"] * 2 == KVCache.bytes_per_block(llm.cfg, 16, "fp32") / 16
+        assert "KV fp16" in s.output() and "preemption swap" in s.output()
+    assert disk.is_dir()                         # the disk tier's folder, made at start
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--kv-dtype", "fp4"], "unknown KV cache dtype"),
+    (["--preemption", "sometimes"], "invalid choice: 'sometimes'"),
+    (["--keep", "blk.0"], "--keep needs --weights"),
+    (["--weights", "int5"], "unknown weight format"),
+])
+def test_bad_engine_options_are_refused_before_loading(capsys, monkeypatch, args, needle):
+    """Exit 2 with the reason, and the model is never loaded."""
+    import edgellm.llm
+    from edgellm.cli.main import main
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded despite a bad option")
+
+    monkeypatch.setattr(edgellm.llm.LLM, "__init__", no_loading)
+    try:
+        code = main(["serve", *args])
+    except SystemExit as exit_:             # argparse refuses a bad choice itself
+        code = exit_.code
+    assert code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_an_offload_dir_that_is_a_file_is_refused(capsys, tmp_path):
+    from edgellm.cli.main import main
+
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["serve", "--offload-dir", str(f)]) == 2
+    assert "--offload-dir" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("origin", ["app.example", "https://app.example/", "https://app.example/path", ""])
