@@ -251,6 +251,16 @@ def test_tokenize_and_detokenize_round_trip(http, llm):
     assert chat["tokens"] == llm.tokenizer.encode_chat(user("hi")) and chat["count"] == len(chat["tokens"])
 
 
+def test_tokenize_count_matches_transformers(http, smollm2_path):
+    """The reference tokenizer (transformers, reading the same GGUF) gives the same ids and count."""
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
+    for text in ("Hello, world!", "Ελληνικά and 日本語 🍣, https://example.com/a?b=c", "  indented\n\tcode"):
+        out = post(http, "/tokenize", {"model": MODEL, "prompt": text}).json()
+        assert out["tokens"] == ref.encode(text) and out["count"] == len(ref.encode(text))
+        assert post(http, "/detokenize", {"model": MODEL, "tokens": out["tokens"]}).json()["prompt"] == text
+
+
 def test_tokenize_and_detokenize_refuse_bad_input(http, llm):
     vocab = llm.loaded.tokenizer.vocab_size
     assert_error(post(http, "/tokenize", {"model": "gpt-4o", "prompt": "x"}), 404, "model", "model_not_found")
