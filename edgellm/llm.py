@@ -63,7 +63,7 @@ class LLM:
 
         Each call computes its whole prompt (the prefix cache is cleared first), so repeated calls
         are independent and their timings comparable; sessions (``Engine.session``) reuse KV."""
-        params = check_params(params or SamplingParams())
+        params = check_params(params or SamplingParams(), self.cfg.vocab_size)
         ids = self.encode_prompt(prompt, chat, system)
         room = max(1, min(params.max_tokens, self.cfg.context_length - len(ids)))
         engine = self.engine(len(ids) + room)

@@ -16,7 +16,11 @@ How the engine uses this module, once per decode step::
 
 Processing order, per row (the order of Hugging Face ``generate`` and vLLM):
 
-    penalties (repetition, then frequency, then presence) -> temperature -> top-k -> top-p -> min-p -> sample
+    logit_bias -> penalties (repetition, then frequency, then presence) -> temperature -> top-k -> top-p
+    -> min-p -> sample
+
+``logit_bias`` (OpenAI): a map token id -> a number in [-100, 100] added to that token's logit
+(-100 in effect bans the token, +100 all but forces it).
 
 Greedy rows (``temperature == 0``, or ``top_k == 1``) take the argmax of the *penalised* logits; the
 truncation steps do not change an argmax, so they are skipped. A batch of plain greedy rows (no
@@ -78,6 +82,8 @@ MAX_INT = 2 ** 31 - 1            # top_k, max_tokens, token ids: an int32, as ll
 MAX_N = 1024                     # completions per request (the server allows fewer)
 MAX_STOP_STRINGS = 16            # the server allows 4, as OpenAI does
 MAX_STOP_LENGTH = 256            # characters of all stop strings together (see StopChecker)
+MAX_LOGIT_BIAS = 100.0           # logit_bias values: OpenAI's [-100, 100]
+MAX_LOGIT_BIAS_ENTRIES = 300     # tokens one request may bias
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +122,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     n: int = 1
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
 
     def __post_init__(self) -> None:
         self.validate()
@@ -205,6 +212,23 @@ class SamplingParams:
                       f"ask for at most {MAX_TOP_LOGPROBS} alternatives per token")
         if not 1 <= integer("n") <= MAX_N:
             raise bad("n", f"must be between 1 and {MAX_N}", "ask for fewer completions")
+        if self.logit_bias is None:
+            self.logit_bias = {}
+        if not isinstance(self.logit_bias, dict):
+            raise bad("logit_bias", "must be a map of token id to bias", "pass e.g. {50256: -100}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise InvalidParameterError(
+                f"sampling parameter 'logit_bias' may bias at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got "
+                f"{len(self.logit_bias)}", "bias fewer tokens")
+        for tid, value in self.logit_bias.items():
+            if not _is_int(tid) or not 0 <= tid <= MAX_INT:
+                raise InvalidParameterError(f"sampling parameter 'logit_bias' has key {tid!r}, not a token id",
+                                            "use non-negative integer token ids as keys")
+            if not _is_real(value) or not -MAX_LOGIT_BIAS <= float(value) <= MAX_LOGIT_BIAS:
+                raise InvalidParameterError(
+                    f"sampling parameter 'logit_bias' gives token {tid} the bias {value!r}; biases must be numbers "
+                    f"in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]", "use e.g. -100 to ban a token, 5 to favour it")
+        self.logit_bias = {int(t): float(v) for t, v in self.logit_bias.items()}
 
     # ---- derived ---------------------------------------------------------------------------
     @property
@@ -366,6 +390,24 @@ def _ragged(rows: list[int], parts: list[torch.Tensor], device) -> tuple[torch.T
     lengths = torch.tensor([p.numel() for p in parts], dtype=torch.long)
     row_idx = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long), lengths)
     return row_idx.to(device), lengths
+
+
+def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """The logits [B, V] with each row's ``logit_bias`` added. Returns ``logits`` itself when no
+    row has a bias, otherwise a biased copy. Raises ValueError for a token id outside the row."""
+    rows = [i for i, p in enumerate(params) if p.logit_bias]
+    if not rows:
+        return logits
+    vocab = logits.shape[1]
+    logits = logits.clone()
+    for i in rows:
+        ids = list(params[i].logit_bias)
+        if max(ids) >= vocab:
+            raise ValueError(f"logit_bias of row {i} names token {max(ids)}, outside the vocabulary of {vocab}")
+        idx = torch.tensor(ids, dtype=torch.long, device=logits.device)
+        bias = torch.tensor(list(params[i].logit_bias.values()), dtype=logits.dtype, device=logits.device)
+        logits[i, idx] += bias
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -615,7 +657,7 @@ class Sampler:
         greedy = [p.is_greedy for p in params]
         wants_lp = [i for i, p in enumerate(params) if p.wants_logprobs]
         raw_logits = logits
-        logits = apply_penalties(logits, params, histories)
+        logits = apply_penalties(apply_logit_bias(logits, params), params, histories)
         bad_rows = unsamplable_rows(logits)
         if bad_rows:
             why = "its logits hold a NaN or +inf after penalties, or are NaN or all -inf: nothing to sample from"

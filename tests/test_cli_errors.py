@@ -115,3 +115,12 @@ def test_metadata_of_the_wrong_type(tmp_path, smollm2_path, key, value, needle):
     write_gguf(path, meta, tensors, metadata_types=types)
     proc = run_cli("generate", "--model", str(path), "--prompt", "hi")
     assert_clean_error(proc, needle, "expected", "fix:")
+
+
+def test_version():
+    from edgellm import __version__
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"edgellm {__version__}"
+    assert __version__ == "0.1.0"

@@ -69,6 +69,33 @@ def test_greedy_uses_penalised_logits():
     assert Sampler().sample(logits, [SamplingParams.greedy()], [hist]).token_ids == [0]
 
 
+def test_logit_bias_is_added_per_row_before_penalties():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(7))
+    top = logits.argmax(-1).tolist()
+    second = logits.topk(2, dim=-1).indices[:, 1].tolist()
+    params = [SamplingParams.greedy(logit_bias={11: 100}), SamplingParams.greedy(logit_bias={top[1]: -100}),
+              SamplingParams.greedy()]
+    out = Sampler().sample(logits, params)
+    assert out.token_ids == [11, second[1], top[2]]         # forced, banned, untouched
+    before = logits.clone()
+    out = Sampler().sample(logits, [SamplingParams.greedy(logit_bias={11: 100}, logprobs=True)] * 3)
+    assert torch.equal(logits, before)                      # input not modified
+    assert out.logprobs[0] == pytest.approx(float(torch.log_softmax(logits[0], -1)[11]))   # raw log-probs
+    # the bias comes before the repetition penalty: 3.0 + 1.0 = 4.0, then /2 = 2.0 < 2.5
+    row = torch.tensor([[3.0, 2.5, -1.0, 0.0]])
+    p = SamplingParams.greedy(logit_bias={0: 1.0}, repetition_penalty=2.0)
+    assert Sampler().sample(row, [p], [SequenceHistory([0], 4)]).token_ids == [1]
+
+
+@pytest.mark.parametrize("bias,needle", [
+    ({5: 101}, "[-100, 100]"), ({5: float("nan")}, "[-100, 100]"), ({-1: 1}, "token id"), ({"5": 1}, "token id"),
+    ([5], "map"), ({i: 1 for i in range(301)}, "at most 300"),
+])
+def test_logit_bias_is_validated(bias, needle):
+    with pytest.raises(InvalidParameterError, match=needle.replace("[", "\\[").replace("]", "\\]")):
+        SamplingParams(logit_bias=bias)
+
+
 # ---- temperature, top-k, top-p, min-p -----------------------------------------------------
 def test_temperature_matches_softmax_of_scaled_logits():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0])

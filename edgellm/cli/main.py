@@ -30,6 +30,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgellm",
         description="Run Llama-family models fast on the CPU you have, and explain their performance.")
+    from edgellm import __version__
+
+    parser.add_argument("--version", action="version", version=f"edgellm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     chosen = next((a for a in argv if not a.startswith("-")), None)

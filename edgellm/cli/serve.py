@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from edgellm.cli.common import add_model_arguments
+from edgellm.cli.common import add_model_arguments, add_precision_arguments, check_precision
 
 HELP = ("serve a model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions), a sessions API, "
         "Prometheus metrics (/metrics) and a live page (/)")
@@ -13,6 +13,7 @@ HELP = ("serve a model over HTTP with OpenAI's API (/v1/chat/completions, /v1/co
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    add_precision_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", action="append", default=None, metavar="KEY",
@@ -30,6 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "preempts or offloads")
     p.add_argument("--host-memory", default=None, metavar="SIZE",
                    help="host-memory budget for KV offloaded out of the pool (default: as large as the pool)")
+    p.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="the disk tier: KV of idle sessions that the host budget cannot hold is written here "
+                        "(created if missing; default: no disk tier)")
+    p.add_argument("--preemption", default="recompute", choices=["recompute", "swap"],
+                   help="when the KV pool runs out, a preempted sequence's KV is dropped and recomputed later "
+                        "(recompute, the default) or copied to host memory and back (swap)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="most completions in flight (running or waiting); beyond it requests get 429 "
                         "with Retry-After (default 256)")
@@ -49,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also answer requests whose Host header is NAME (any port). Without --api-key on a "
                         "loopback address only localhost, 127.0.0.1 and [::1] are answered (403 otherwise), "
                         "against DNS rebinding; giving --allow-host turns that check on for any address")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://app.example:8080, or * for any) call the API "
+                        "from a browser (CORS); repeatable (default: none)")
     p.add_argument("--session-idle-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="retire sessions idle this long (default 1800; 0 keeps them)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -79,11 +89,31 @@ def run(args: argparse.Namespace) -> int:
     if args.session_idle_timeout < 0:
         raise InvalidParameterError(f"--session-idle-timeout must be >= 0, got {args.session_idle_timeout}",
                                     "pass e.g. --session-idle-timeout 1800 (0 keeps idle sessions)")
+    check_precision(args)       # --weights/--keep/--kv-dtype, before the model is loaded
+    if args.offload_dir is not None:
+        from pathlib import Path
+
+        offload = Path(args.offload_dir)
+        if offload.exists() and not offload.is_dir():
+            raise InvalidParameterError(f"--offload-dir {args.offload_dir!r} exists and is not a folder",
+                                        "pass a folder (it is created if missing), e.g. --offload-dir /tmp/edgellm-kv")
+        try:
+            offload.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InvalidParameterError(f"--offload-dir {args.offload_dir!r} cannot be created ({err.strerror})",
+                                        "pass a folder this user may write, e.g. --offload-dir /tmp/edgellm-kv") from None
     api_keys = args.api_key
     if api_keys is None and os.environ.get("EDGELLM_API_KEY") is not None:
         api_keys = [os.environ["EDGELLM_API_KEY"]]
-    from edgellm.serve.app import check_api_keys, create_app, default_allowed_hosts, header_timeout_protocol
+    from edgellm.serve.app import (
+        check_api_keys,
+        check_cors_origins,
+        create_app,
+        default_allowed_hosts,
+        header_timeout_protocol,
+    )
     api_keys = check_api_keys(api_keys)     # refuses empty keys and keys padded with whitespace
+    cors_origins = check_cors_origins(args.cors_origin)
     max_body = parse_size(args.max_body, "--max-body")
     if max_body < 1024:
         raise InvalidParameterError(f"--max-body {args.max_body!r} is under 1 KiB", "pass e.g. --max-body 1MB")
@@ -93,18 +123,21 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.llm import LLM
     from edgellm.runtime.engine import Engine
 
-    llm = LLM(args.model, dtype=args.dtype, threads=args.threads)
+    llm = LLM(args.model, dtype=args.dtype, threads=args.threads, weights=args.weights, keep=args.keep,
+              kv_dtype=args.kv_dtype)
     engine = Engine(llm, kv_memory=args.kv_memory, host_memory=args.host_memory,
-                    max_batch_tokens=args.max_batch_tokens,
+                    max_batch_tokens=args.max_batch_tokens, disk_dir=args.offload_dir, preemption=args.preemption,
                     idle_retire_s=args.session_idle_timeout or None)
     model_id = args.served_model_name or llm.loaded.source.name
     aliases = (args.model,) if args.model and args.model != model_id else ()
     app = create_app(engine, model_id, aliases, api_key=api_keys, max_queue=args.max_queue, max_body=max_body,
                      max_sessions=args.max_sessions, metrics_public=args.metrics_public,
                      request_timeout=args.request_timeout or None, body_timeout=args.body_timeout or None,
-                     allowed_hosts=default_allowed_hosts(args.host, api_keys, args.allow_host))
+                     allowed_hosts=default_allowed_hosts(args.host, api_keys, args.allow_host),
+                     cors_origins=cors_origins)
     print(f"edgellm serve: {model_id} on http://{args.host}:{args.port}  (KV pool {engine.num_blocks} blocks, "
-          f"{engine.pool_tokens} tokens; live page at /, metrics at /metrics)", flush=True)
+          f"{engine.pool_tokens} tokens, KV {llm.kv_dtype}, weights {llm.loaded.dtype}, preemption {args.preemption}; "
+          "live page at /, metrics at /metrics)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
                 timeout_keep_alive=args.keep_alive_timeout,
                 http=header_timeout_protocol(args.body_timeout) if args.body_timeout else "auto")

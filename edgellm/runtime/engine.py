@@ -257,7 +257,7 @@ class Engine:
         t_submit = time.perf_counter()   # the request's arrival: TTFT counts tokenising too
         self._check_open()
         params = request.params or (request.session.sampling if request.session else SamplingParams())
-        request.params = check_params(params)
+        request.params = check_params(params, self.input.vocab_size)
         ids = self.input.encode(request.prompt, request.chat, request.system)
         max_tokens = self.input.budget(len(ids), params.max_tokens,
                                        what="the conversation" if request.session else "the prompt")

@@ -100,12 +100,16 @@ def check_token_ids(ids: list[int], vocab_size: int) -> None:
                                     "pass ids produced by this model's tokenizer")
 
 
-def check_params(params) -> SamplingParams:
-    """``params`` validated: a ``SamplingParams`` for one completion (the engine runs n=1 per request)."""
+def check_params(params, vocab_size: int | None = None) -> SamplingParams:
+    """``params`` validated: a ``SamplingParams`` for one completion (the engine runs n=1 per request);
+    with ``vocab_size``, its ``logit_bias`` ids checked against the vocabulary."""
     if not isinstance(params, SamplingParams):
         raise InvalidParameterError(f"params must be SamplingParams, got {type(params).__name__}",
                                     "build them with edgellm.sampling.SamplingParams(...)")
     params.validate()
+    if vocab_size is not None and params.logit_bias and max(params.logit_bias) >= vocab_size:
+        raise InvalidParameterError(f"logit_bias names token {max(params.logit_bias)}, outside the vocabulary "
+                                    f"(0..{vocab_size - 1})", "bias ids produced by this model's tokenizer")
     if params.n != 1:
         raise InvalidParameterError(f"the engine runs one completion per request, got n={params.n}",
                                     "submit the prompt n times with sample_index 0..n-1")

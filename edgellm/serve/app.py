@@ -318,6 +318,25 @@ async def read_json(request: HttpRequest, max_body: int, timeout: float | None =
     return body
 
 
+IGNORED_HEADER = "x-edgellm-ignored-fields"
+MAX_IGNORED_LISTED = 32
+
+
+def header_safe(name: str) -> str:
+    """A field name as a header value can carry it: printable ASCII, commas and spaces replaced."""
+    return "".join(c if c.isascii() and c.isprintable() and c not in ", " else "?" for c in name[:64])
+
+
+def note_ignored(request: HttpRequest, names: list[str]) -> None:
+    """Fields of the request the server does not know and ignores (vLLM's behaviour): listed in
+    the response's ``x-edgellm-ignored-fields`` header (set by :func:`endpoint`) and logged."""
+    if not names:
+        return
+    request.state.ignored_fields = names
+    log.warning("%s %s: ignoring unknown request fields %s", request.method, request.url.path,
+                ", ".join(repr(n[:64]) for n in names[:MAX_IGNORED_LISTED]))
+
+
 def check_auth(state: ServerState, request: HttpRequest) -> str | None:
     """Who is calling: the fingerprint of the API key the request carries (None when the server
     has no key). Raises 401 without a valid key."""
@@ -362,6 +381,7 @@ class EventStream:
     def __init__(self, chunks: AsyncIterator[bytes], batch: Batch):
         self.chunks = chunks
         self.batch = batch
+        self.headers: dict[str, str] = {}       # more response headers
 
     async def __call__(self, scope, receive, send) -> None:
         async def watch():
@@ -375,7 +395,8 @@ class EventStream:
         try:
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
-                                    (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
+                                    (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"),
+                                    *((k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items())]})
             async for chunk in self.chunks:
                 if watcher.done():
                     break
@@ -477,7 +498,9 @@ async def encode_spec(state: ServerState, spec: GenerationSpec) -> tuple[list[li
 
 async def generation(state: ServerState, request: HttpRequest, kind: str) -> Response:
     body = await read_json(request, state.max_body, state.body_timeout)
-    spec = oa.parse_chat(body, state.served) if kind == "chat" else oa.parse_completion(body, state.served)
+    parse = oa.parse_chat if kind == "chat" else oa.parse_completion
+    spec = parse(body, state.served, state.engine.input.vocab_size)
+    note_ignored(request, spec.ignored)
     prompts, max_tokens = await encode_spec(state, spec)
     params = sampling_params(spec.sampling, max_tokens, spec.logprobs, spec.top_logprobs)
     batch = state.submit(prompts, spec.n, params)
@@ -670,7 +693,7 @@ def find_session(state: ServerState, sid: str, request: HttpRequest):
 
 async def create_session(state: ServerState, request: HttpRequest) -> Response:
     body = await read_json(request, state.max_body, state.body_timeout, allow_empty=True)   # chunked too
-    oa.check_fields(body, SESSION_FIELDS | {"model"}, {})
+    note_ignored(request, oa.check_fields(body, SESSION_FIELDS | {"model"}, {}))
     if "model" in body:
         oa.get_model(body, state.served)
     system = body.get("system")
@@ -705,7 +728,7 @@ async def post_message(state: ServerState, request: HttpRequest) -> Response:
     sid = request.path_params["sid"]
     s = find_session(state, sid, request)
     body = await read_json(request, state.max_body, state.body_timeout)
-    oa.check_fields(body, MESSAGE_FIELDS, {})
+    note_ignored(request, oa.check_fields(body, MESSAGE_FIELDS, {}))
     content = body.get("content")
     if not isinstance(content, str) or not content:
         raise oa.invalid("content", "'content' must be a non-empty string: the user's message",
@@ -786,6 +809,53 @@ async def delete_session(state: ServerState, request: HttpRequest) -> Response:
 
 
 # ---------------------------------------------------------------------------------------------
+# Tokenizer endpoints (vLLM's shapes)
+# ---------------------------------------------------------------------------------------------
+TOKENIZE_FIELDS = {"model", "prompt", "messages"}
+DETOKENIZE_FIELDS = {"model", "tokens"}
+
+
+async def tokenize(state: ServerState, request: HttpRequest) -> Response:
+    """``{"prompt": text}`` or ``{"messages": [...]}`` (rendered with the chat template, ready for
+    the assistant's answer) -> ``{"tokens", "count", "max_model_len"}``, as vLLM answers."""
+    body = await read_json(request, state.max_body, state.body_timeout)
+    note_ignored(request, oa.check_fields(body, TOKENIZE_FIELDS, {}))
+    if "model" in body:
+        oa.get_model(body, state.served)
+    if ("prompt" in body) == ("messages" in body):
+        raise oa.invalid("prompt", "give exactly one of 'prompt' (text) or 'messages' (a chat)",
+                         "missing_required_parameter" if "prompt" not in body else "invalid_value")
+    if "messages" in body:
+        ids = await state.encode(oa.parse_messages(body["messages"]), "the messages")
+    else:
+        prompt = body["prompt"]
+        if not isinstance(prompt, str):
+            raise oa.invalid("prompt", f"'prompt' must be a string, got {oa.type_name(prompt)}", "invalid_type")
+        ids = await state.encode(prompt, "the prompt") if prompt else []
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": state.engine.cfg.context_length})
+
+
+async def detokenize(state: ServerState, request: HttpRequest) -> Response:
+    """``{"tokens": [ids]}`` -> ``{"prompt": text}``, as vLLM answers."""
+    body = await read_json(request, state.max_body, state.body_timeout)
+    note_ignored(request, oa.check_fields(body, DETOKENIZE_FIELDS, {}))
+    if "model" in body:
+        oa.get_model(body, state.served)
+    tokens = body.get("tokens")
+    if tokens is None:
+        raise oa.invalid("tokens", "'tokens' is required: an array of token ids", "missing_required_parameter")
+    if not isinstance(tokens, list) or not all(oa.is_int(t) for t in tokens):
+        raise oa.invalid("tokens", "'tokens' must be an array of integer token ids", "invalid_type")
+    vocab = state.engine.input.vocab_size
+    bad = [t for t in tokens if not 0 <= t < vocab]
+    if bad:
+        raise oa.invalid("tokens", f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1}); "
+                                   "pass ids produced by this model's tokenizer (POST /tokenize)")
+    text = await asyncio.to_thread(state.engine.tokenizer.decode, [int(t) for t in tokens])
+    return JSONResponse({"prompt": text})
+
+
+# ---------------------------------------------------------------------------------------------
 # Introspection
 # ---------------------------------------------------------------------------------------------
 async def models(state: ServerState, request: HttpRequest) -> Response:
@@ -840,6 +910,9 @@ def endpoint(state: ServerState, handler, name: str, auth: bool = True):
             log.exception("internal error on %s", name)
             response = error_response(ApiError(500, "internal server error (see the server's log)",
                                                code="internal_error", type="server_error"))
+        ignored = getattr(request.state, "ignored_fields", None)
+        if ignored:
+            response.headers[IGNORED_HEADER] = ",".join(header_safe(n) for n in ignored[:MAX_IGNORED_LISTED])
         state.metrics.http.labels(name, str(getattr(response, "status_code", 200))).inc()
         return response
 
@@ -880,7 +953,8 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
                api_key: str | Sequence[str] | None = None, max_queue: int = 256, max_body: int = DEFAULT_MAX_BODY,
                close_engine: bool = True, max_sessions: int = DEFAULT_MAX_SESSIONS,
                metrics_public: bool = False, request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
-               body_timeout: float | None = DEFAULT_BODY_TIMEOUT, allowed_hosts: Sequence[str] | None = None):
+               body_timeout: float | None = DEFAULT_BODY_TIMEOUT, allowed_hosts: Sequence[str] | None = None,
+               cors_origins: Sequence[str] = ()):
     """The server over ``engine`` (started by the app's lifespan; closed at shutdown if ``close_engine``).
 
     ``api_key``: one key or several (each client's sessions are private to its key); None: no
@@ -888,7 +962,9 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
     serve /metrics without a key (it always is when there is no key). ``request_timeout``:
     seconds a generation may take before it is cancelled and answered 504 (None: no limit);
     ``body_timeout``: seconds to send a body (408 after). ``allowed_hosts``: the Host names
-    answered (any port; others get 403); None: any (see :func:`default_allowed_hosts`)."""
+    answered (any port; others get 403); None: any (see :func:`default_allowed_hosts`).
+    ``cors_origins``: web origins (``https://app.example:8080``, or ``*``) whose pages may call the
+    API from a browser (CORS); none by default."""
     if not isinstance(max_sessions, int) or max_sessions < 1:
         raise InvalidParameterError(f"max_sessions must be a positive integer, got {max_sessions!r}",
                                     "pass e.g. --max-sessions 256")
@@ -912,6 +988,8 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
         Route("/v1/sessions/{sid}", ep(delete_session, "sessions_delete"), methods=["DELETE"]),
         Route("/v1/sessions/{sid}/messages", ep(post_message, "sessions_message"), methods=["POST"]),
         Route("/v1/runtime", ep(runtime, "runtime"), methods=["GET"]),
+        Route("/tokenize", ep(tokenize, "tokenize"), methods=["POST"]),
+        Route("/detokenize", ep(detokenize, "detokenize"), methods=["POST"]),
         Route("/health", ep(health, "health", auth=False), methods=["GET"]),
         Route("/metrics", ep(metrics, "metrics", auth=not state.metrics_public), methods=["GET"]),
         Route("/", ep(index, "index", auth=False), methods=["GET"]),
@@ -935,7 +1013,12 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
 
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
     app.state.server = state
-    if allowed_hosts is not None:
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+    if allowed_hosts is not None:       # added last: outermost, so it checks preflights too
         app.add_middleware(HostCheck, allowed=tuple(allowed_hosts))
     return app
 
@@ -982,6 +1065,18 @@ def header_timeout_protocol(timeout: float):
                 self.transport.close()
 
     return HeaderTimeoutProtocol
+
+
+def check_cors_origins(origins: Sequence[str]) -> tuple[str, ...]:
+    """``--cors-origin`` values: ``*`` or a scheme and host with an optional port, as a browser
+    sends ``Origin`` (no path, no trailing slash, so it can match)."""
+    import re
+    for o in origins:
+        if o != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", o):
+            raise InvalidParameterError(f"--cors-origin {o!r} is not an origin", "pass a scheme and host as a browser "
+                                        "sends them, e.g. --cors-origin https://app.example:8080 (no path, no "
+                                        "trailing slash), or * for any")
+    return tuple(origins)
 
 
 def is_loopback(host: str) -> bool:

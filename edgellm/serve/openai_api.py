@@ -10,13 +10,15 @@ Fields fall in four groups:
 
 * supported: ``model``, ``messages``/``prompt``, ``max_tokens``, ``max_completion_tokens``,
   ``temperature``, ``top_p``, ``n``, ``stop``, ``seed``, ``presence_penalty``,
-  ``frequency_penalty``, ``logprobs``, ``top_logprobs``, ``stream``, ``stream_options``;
+  ``frequency_penalty``, ``logprobs``, ``top_logprobs``, ``stream``, ``stream_options``, ``logit_bias``;
 * extensions (as vLLM names them): ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``;
 * accepted and ignored (they change nothing in the output): ``user``, ``metadata``, ``store``,
   ``service_tier``, ``parallel_tool_calls``;
-* OpenAI features this server does not implement (``tools``, ``logit_bias``, ``response_format``
+* OpenAI features this server does not implement (``tools``, ``response_format``
   other than text, ...): refused with 400 unless given their neutral value;
-* anything else: refused with 400 "unrecognized request argument", as OpenAI does.
+* anything else: ignored, as vLLM does; :func:`check_fields` returns those names, and the server
+  lists them in an ``x-edgellm-ignored-fields`` response header and its log. A known field of the
+  wrong type or value is still refused.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from edgellm.sampling import MAX_INT, MAX_REPETITION_PENALTY, MAX_STOP_LENGTH, MIN_REPETITION_PENALTY
+from edgellm.sampling import (
+    MAX_INT,
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_REPETITION_PENALTY,
+    MAX_STOP_LENGTH,
+    MIN_REPETITION_PENALTY,
+)
 
 MAX_N = 16                  # completions per request
 MAX_STOP = 4                # stop strings, as OpenAI allows
@@ -38,18 +47,18 @@ MAX_PROMPTS = 64            # prompts in one /v1/completions batch
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 # field -> its neutral value(s): given anything else, the request asks for a feature we lack.
 UNSUPPORTED_CHAT = {"tools": ([], None), "tool_choice": ("none", None), "functions": ([], None),
-                    "function_call": ("none", None), "logit_bias": ({}, None), "audio": (None,),
+                    "function_call": ("none", None), "audio": (None,),
                     "modalities": (["text"], None), "prediction": (None,), "reasoning_effort": (None,),
                     "web_search_options": (None,), "response_format": ({"type": "text"}, None)}
-UNSUPPORTED_COMPLETION = {"logit_bias": ({}, None), "suffix": (None, ""), "echo": (False, None),
+UNSUPPORTED_COMPLETION = {"suffix": (None, ""), "echo": (False, None),
                           "best_of": (1, None)}
 
 CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
                "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "stream",
-               "stream_options", "top_k", "min_p", "repetition_penalty", "ignore_eos"}
+               "stream_options", "top_k", "min_p", "repetition_penalty", "ignore_eos", "logit_bias"}
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
                      "presence_penalty", "frequency_penalty", "logprobs", "stream", "stream_options", "top_k",
-                     "min_p", "repetition_penalty", "ignore_eos"}
+                     "min_p", "repetition_penalty", "ignore_eos", "logit_bias"}
 ROLES = {"system", "developer", "user", "assistant"}
 
 
@@ -73,8 +82,17 @@ def invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
 # ---------------------------------------------------------------------------------------------
 # Field readers
 # ---------------------------------------------------------------------------------------------
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+    """A JSON integer (not a boolean)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+_is_int = is_int
+
+
+def type_name(v) -> str:
+    """A JSON value's type as an error message names it."""
+    return _type_name(v)
 
 
 def _is_num(v) -> bool:
@@ -124,7 +142,11 @@ def get_bool(body: dict, name: str, default: bool) -> bool:
     return v
 
 
-def check_fields(body: dict, allowed: set[str], unsupported: dict[str, tuple]) -> None:
+def check_fields(body: dict, allowed: set[str], unsupported: dict[str, tuple]) -> list[str]:
+    """The names of the fields this server does not know, which it ignores (as vLLM does: the
+    server says so in a response header and its log). A known feature it lacks, asked for with
+    other than its neutral value, is refused with 400."""
+    unknown = []
     for name, value in body.items():
         if name in allowed or name in IGNORED:
             continue
@@ -132,7 +154,8 @@ def check_fields(body: dict, allowed: set[str], unsupported: dict[str, tuple]) -
             if value in unsupported[name]:
                 continue
             raise invalid(name, f"'{name}' is not supported by this server (edgellm)", "unsupported_parameter")
-        raise invalid(name, f"Unrecognized request argument supplied: '{name}'", "unknown_parameter")
+        unknown.append(name)
+    return unknown
 
 
 def get_model(body: dict, served: set[str]) -> str:
@@ -163,6 +186,34 @@ def get_stop(body: dict) -> list[str]:
         raise invalid("stop", f"'stop' strings may total at most {MAX_STOP_LENGTH} characters, got "
                               f"{sum(len(s) for s in v)}; use shorter stop strings")
     return v
+
+
+def get_logit_bias(body: dict, vocab_size: int | None) -> dict[int, float]:
+    """OpenAI's ``logit_bias``: an object of token id (a string of digits) -> bias in [-100, 100]."""
+    v = body.get("logit_bias")
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise invalid("logit_bias", f"'logit_bias' must be an object mapping token ids to biases, got "
+                                    f"{_type_name(v)}", "invalid_type")
+    if len(v) > MAX_LOGIT_BIAS_ENTRIES:
+        raise invalid("logit_bias", f"'logit_bias' may bias at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(v)}")
+    out = {}
+    for key, bias in v.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 10):
+            raise invalid("logit_bias", f"'logit_bias' keys must be token ids such as \"50256\", got {key[:40]!r}")
+        tid = int(key)
+        if vocab_size is not None and tid >= vocab_size:
+            raise invalid("logit_bias", f"'logit_bias' names token {tid}, outside the vocabulary (0..{vocab_size - 1}); "
+                                        "use ids from this model's tokenizer (POST /tokenize)")
+        if not _is_num(bias) or not math.isfinite(float(bias)):
+            raise invalid("logit_bias", f"'logit_bias' values must be numbers, got {_type_name(bias)} for token "
+                                        f"{tid}", "invalid_type")
+        if not -MAX_LOGIT_BIAS <= float(bias) <= MAX_LOGIT_BIAS:
+            raise invalid("logit_bias", f"'logit_bias' values must be between -{MAX_LOGIT_BIAS:g} and "
+                                        f"{MAX_LOGIT_BIAS:g}, got {bias} for token {tid}")
+        out[tid] = float(bias)
+    return out
 
 
 def get_stream_options(body: dict, stream: bool) -> bool:
@@ -197,9 +248,10 @@ class GenerationSpec:
     include_usage: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    ignored: list[str] = field(default_factory=list)   # unknown fields of the request, ignored
 
 
-def _sampling_fields(body: dict) -> dict:
+def _sampling_fields(body: dict, vocab_size: int | None = None) -> dict:
     return dict(
         temperature=get_num(body, "temperature", 1.0, 0.0, 2.0),
         top_p=get_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
@@ -211,6 +263,7 @@ def _sampling_fields(body: dict) -> dict:
         seed=get_int(body, "seed", None, -(2 ** 63), 2 ** 64 - 1),
         stop=get_stop(body),
         ignore_eos=get_bool(body, "ignore_eos", False),
+        logit_bias=get_logit_bias(body, vocab_size),
     )
 
 
@@ -254,8 +307,8 @@ def parse_messages(v) -> list[dict]:
     return out
 
 
-def parse_chat(body: dict, served: set[str]) -> GenerationSpec:
-    check_fields(body, CHAT_FIELDS, UNSUPPORTED_CHAT)
+def parse_chat(body: dict, served: set[str], vocab_size: int | None = None) -> GenerationSpec:
+    ignored = check_fields(body, CHAT_FIELDS, UNSUPPORTED_CHAT)
     model = get_model(body, served)
     messages = parse_messages(body.get("messages"))
     max_tokens = get_int(body, "max_completion_tokens", None, 1)
@@ -266,9 +319,10 @@ def parse_chat(body: dict, served: set[str]) -> GenerationSpec:
     top = get_int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS_CHAT)
     if top and not logprobs:
         raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true")
-    return GenerationSpec("chat", model, [messages], max_tokens, _sampling_fields(body),
+    return GenerationSpec("chat", model, [messages], max_tokens, _sampling_fields(body, vocab_size),
                           n=get_int(body, "n", 1, 1, MAX_N), stream=stream,
-                          include_usage=get_stream_options(body, stream), logprobs=logprobs, top_logprobs=top)
+                          include_usage=get_stream_options(body, stream), logprobs=logprobs, top_logprobs=top,
+                          ignored=ignored)
 
 
 def parse_prompts(v) -> list:
@@ -295,16 +349,17 @@ def parse_prompts(v) -> list:
     raise invalid("prompt", f"'prompt' must be a string or an array, got {_type_name(v)}", "invalid_type")
 
 
-def parse_completion(body: dict, served: set[str]) -> GenerationSpec:
-    check_fields(body, COMPLETION_FIELDS, UNSUPPORTED_COMPLETION)
+def parse_completion(body: dict, served: set[str], vocab_size: int | None = None) -> GenerationSpec:
+    ignored = check_fields(body, COMPLETION_FIELDS, UNSUPPORTED_COMPLETION)
     model = get_model(body, served)
     prompts = parse_prompts(body.get("prompt"))
     stream = get_bool(body, "stream", False)
     top = get_int(body, "logprobs", None, 0, MAX_LOGPROBS_COMPLETION)
-    return GenerationSpec("completion", model, prompts, get_int(body, "max_tokens", 16, 1), _sampling_fields(body),
+    return GenerationSpec("completion", model, prompts, get_int(body, "max_tokens", 16, 1),
+                          _sampling_fields(body, vocab_size),
                           n=get_int(body, "n", 1, 1, MAX_N), stream=stream,
                           include_usage=get_stream_options(body, stream), logprobs=top is not None,
-                          top_logprobs=top or 0)
+                          top_logprobs=top or 0, ignored=ignored)
 
 
 # ---------------------------------------------------------------------------------------------
