@@ -310,7 +310,7 @@ async def read_json(request: HttpRequest, max_body: int, timeout: float | None =
         raise ApiError(400, f"the request body is not valid JSON ({err}); send a JSON object",
                        code="invalid_json") from None
     if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {oa._type_name(body)}", code="invalid_json")
+        raise ApiError(400, f"the request body must be a JSON object, got {oa.type_name(body)}", code="invalid_json")
     bad = lone_surrogate(body)
     if bad is not None:
         raise ApiError(400, f"the request body holds a lone UTF-16 surrogate escape (in {printable(bad)[:80]!r}), "
@@ -651,7 +651,7 @@ def session_sampling(body: dict, defaults: dict | None = None) -> dict:
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "seed", "stop"):
         if body.get(name) is not None:
-            out[name] = oa._sampling_fields({name: body[name]})[name]
+            out[name] = oa.sampling_fields({name: body[name]})[name]
     if body.get("max_tokens") is not None:
         out["max_tokens"] = oa.get_int(body, "max_tokens", None, 1)
     return out
@@ -698,7 +698,7 @@ async def create_session(state: ServerState, request: HttpRequest) -> Response:
         oa.get_model(body, state.served)
     system = body.get("system")
     if system is not None and not isinstance(system, str):
-        raise oa.invalid("system", f"'system' must be a string, got {oa._type_name(system)}", "invalid_type")
+        raise oa.invalid("system", f"'system' must be a string, got {oa.type_name(system)}", "invalid_type")
     defaults = session_sampling(body)
     if system:      # tokenised and admitted now, not at the first message
         ids = await state.encode([{"role": "system", "content": system}], "the system prompt")

@@ -87,19 +87,12 @@ def is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-_is_int = is_int
-
-
-def type_name(v) -> str:
-    """A JSON value's type as an error message names it."""
-    return _type_name(v)
-
-
 def _is_num(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _type_name(v) -> str:
+def type_name(v) -> str:
+    """A JSON value's type as an error message names it."""
     return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null",
             int: "integer", float: "number"}.get(type(v), type(v).__name__)
 
@@ -110,8 +103,8 @@ def get_int(body: dict, name: str, default, lo: int | None = None, hi: int | Non
         return default
     if isinstance(v, float) and v.is_integer():   # 16.0 is a fine max_tokens in JSON
         v = int(v)
-    if not _is_int(v):
-        raise invalid(name, f"'{name}' must be an integer, got {_type_name(v)} {v!r}", "invalid_type")
+    if not is_int(v):
+        raise invalid(name, f"'{name}' must be an integer, got {type_name(v)} {v!r}", "invalid_type")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         rng = f">= {lo}" if hi is None else (f"<= {hi}" if lo is None else f"between {lo} and {hi}")
         raise invalid(name, f"'{name}' must be {rng}, got {v}")
@@ -124,7 +117,7 @@ def get_num(body: dict, name: str, default, lo: float | None = None, hi: float |
     if v is None:
         return default
     if not _is_num(v) or not math.isfinite(float(v)):
-        raise invalid(name, f"'{name}' must be a finite number, got {_type_name(v)} {v!r}", "invalid_type")
+        raise invalid(name, f"'{name}' must be a finite number, got {type_name(v)} {v!r}", "invalid_type")
     v = float(v)
     if lo is not None and (v < lo or (lo_open and v == lo)):
         raise invalid(name, f"'{name}' must be {'>' if lo_open else '>='} {lo}, got {v}")
@@ -138,7 +131,7 @@ def get_bool(body: dict, name: str, default: bool) -> bool:
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise invalid(name, f"'{name}' must be true or false, got {_type_name(v)} {v!r}", "invalid_type")
+        raise invalid(name, f"'{name}' must be true or false, got {type_name(v)} {v!r}", "invalid_type")
     return v
 
 
@@ -163,7 +156,7 @@ def get_model(body: dict, served: set[str]) -> str:
     if model is None:
         raise invalid("model", "'model' is required: name the model to use (see GET /v1/models)", "missing_required_parameter")
     if not isinstance(model, str):
-        raise invalid("model", f"'model' must be a string, got {_type_name(model)}", "invalid_type")
+        raise invalid("model", f"'model' must be a string, got {type_name(model)}", "invalid_type")
     if model not in served:
         raise ApiError(404, f"The model '{model}' does not exist on this server; it serves "
                             f"{', '.join(sorted(served))} (see GET /v1/models)", "model", "model_not_found")
@@ -195,7 +188,7 @@ def get_logit_bias(body: dict, vocab_size: int | None) -> dict[int, float]:
         return {}
     if not isinstance(v, dict):
         raise invalid("logit_bias", f"'logit_bias' must be an object mapping token ids to biases, got "
-                                    f"{_type_name(v)}", "invalid_type")
+                                    f"{type_name(v)}", "invalid_type")
     if len(v) > MAX_LOGIT_BIAS_ENTRIES:
         raise invalid("logit_bias", f"'logit_bias' may bias at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(v)}")
     out = {}
@@ -207,7 +200,7 @@ def get_logit_bias(body: dict, vocab_size: int | None) -> dict[int, float]:
             raise invalid("logit_bias", f"'logit_bias' names token {tid}, outside the vocabulary (0..{vocab_size - 1}); "
                                         "use ids from this model's tokenizer (POST /tokenize)")
         if not _is_num(bias) or not math.isfinite(float(bias)):
-            raise invalid("logit_bias", f"'logit_bias' values must be numbers, got {_type_name(bias)} for token "
+            raise invalid("logit_bias", f"'logit_bias' values must be numbers, got {type_name(bias)} for token "
                                         f"{tid}", "invalid_type")
         if not -MAX_LOGIT_BIAS <= float(bias) <= MAX_LOGIT_BIAS:
             raise invalid("logit_bias", f"'logit_bias' values must be between -{MAX_LOGIT_BIAS:g} and "
@@ -224,7 +217,7 @@ def get_stream_options(body: dict, stream: bool) -> bool:
     if not stream:
         raise invalid("stream_options", "'stream_options' is only allowed when 'stream' is true")
     if not isinstance(v, dict):
-        raise invalid("stream_options", f"'stream_options' must be an object, got {_type_name(v)}", "invalid_type")
+        raise invalid("stream_options", f"'stream_options' must be an object, got {type_name(v)}", "invalid_type")
     for k in v:
         if k not in ("include_usage", "continuous_usage_stats", "include_obfuscation"):
             raise invalid("stream_options", f"Unrecognized stream option: '{k}'", "unknown_parameter")
@@ -251,7 +244,7 @@ class GenerationSpec:
     ignored: list[str] = field(default_factory=list)   # unknown fields of the request, ignored
 
 
-def _sampling_fields(body: dict, vocab_size: int | None = None) -> dict:
+def sampling_fields(body: dict, vocab_size: int | None = None) -> dict:
     return dict(
         temperature=get_num(body, "temperature", 1.0, 0.0, 2.0),
         top_p=get_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
@@ -274,13 +267,13 @@ def _message_text(i: int, content) -> str:
         parts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else _type_name(part)
+                kind = part.get("type") if isinstance(part, dict) else type_name(part)
                 raise invalid(f"messages[{i}].content[{j}]",
                               f"only text content parts are supported, got {kind!r}: this model reads text only")
             parts.append(part["text"])
         return "".join(parts)
     raise invalid(f"messages[{i}].content", f"a message's content must be a string or an array of text parts, "
-                                             f"got {_type_name(content)}", "invalid_type")
+                                             f"got {type_name(content)}", "invalid_type")
 
 
 def parse_messages(v) -> list[dict]:
@@ -288,13 +281,13 @@ def parse_messages(v) -> list[dict]:
         raise invalid("messages", "'messages' is required: a non-empty array of {role, content} objects",
                       "missing_required_parameter")
     if not isinstance(v, list):
-        raise invalid("messages", f"'messages' must be an array, got {_type_name(v)}", "invalid_type")
+        raise invalid("messages", f"'messages' must be an array, got {type_name(v)}", "invalid_type")
     if not v:
         raise invalid("messages", "'messages' must not be empty: give at least one user message")
     out = []
     for i, m in enumerate(v):
         if not isinstance(m, dict):
-            raise invalid(f"messages[{i}]", f"each message must be an object, got {_type_name(m)}", "invalid_type")
+            raise invalid(f"messages[{i}]", f"each message must be an object, got {type_name(m)}", "invalid_type")
         role = m.get("role")
         if role not in ROLES:
             raise invalid(f"messages[{i}].role", f"role must be one of {sorted(ROLES)}, got {role!r}")
@@ -319,7 +312,7 @@ def parse_chat(body: dict, served: set[str], vocab_size: int | None = None) -> G
     top = get_int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS_CHAT)
     if top and not logprobs:
         raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true")
-    return GenerationSpec("chat", model, [messages], max_tokens, _sampling_fields(body, vocab_size),
+    return GenerationSpec("chat", model, [messages], max_tokens, sampling_fields(body, vocab_size),
                           n=get_int(body, "n", 1, 1, MAX_N), stream=stream,
                           include_usage=get_stream_options(body, stream), logprobs=logprobs, top_logprobs=top,
                           ignored=ignored)
@@ -334,9 +327,9 @@ def parse_prompts(v) -> list:
     if isinstance(v, list) and v:
         if all(isinstance(p, str) for p in v):
             prompts = list(v)
-        elif all(_is_int(t) for t in v):
+        elif all(is_int(t) for t in v):
             prompts = [[int(t) for t in v]]
-        elif all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in v):
+        elif all(isinstance(p, list) and p and all(is_int(t) for t in p) for p in v):
             prompts = [[int(t) for t in p] for p in v]
         else:
             raise invalid("prompt", "'prompt' must be a string, an array of strings, an array of token ids, "
@@ -346,7 +339,7 @@ def parse_prompts(v) -> list:
         return prompts
     if isinstance(v, list):
         raise invalid("prompt", "'prompt' must not be empty")
-    raise invalid("prompt", f"'prompt' must be a string or an array, got {_type_name(v)}", "invalid_type")
+    raise invalid("prompt", f"'prompt' must be a string or an array, got {type_name(v)}", "invalid_type")
 
 
 def parse_completion(body: dict, served: set[str], vocab_size: int | None = None) -> GenerationSpec:
@@ -356,7 +349,7 @@ def parse_completion(body: dict, served: set[str], vocab_size: int | None = None
     stream = get_bool(body, "stream", False)
     top = get_int(body, "logprobs", None, 0, MAX_LOGPROBS_COMPLETION)
     return GenerationSpec("completion", model, prompts, get_int(body, "max_tokens", 16, 1),
-                          _sampling_fields(body, vocab_size),
+                          sampling_fields(body, vocab_size),
                           n=get_int(body, "n", 1, 1, MAX_N), stream=stream,
                           include_usage=get_stream_options(body, stream), logprobs=top is not None,
                           top_logprobs=top or 0, ignored=ignored)
