@@ -16,6 +16,7 @@ from edgellm.kv.cache import BLOCK_SIZE, KVCache
 from edgellm.loading.load import LoadedModel, load_model
 from edgellm.runtime.engine import Engine
 from edgellm.runtime.input import check_params, encode_prompt
+from edgellm.runtime.speculative import parse_speculative, prepare_speculative
 from edgellm.runtime.types import Completion, Request
 from edgellm.sampling import SamplingParams
 from edgellm.util import set_threads
@@ -27,11 +28,15 @@ PREFILL_CHUNK = 512
 class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", threads: int | None = None,
                  loaded: LoadedModel | None = None, use_native: bool = True, weights: str | None = None,
-                 keep=(), kv_dtype="fp32"):
+                 keep=(), kv_dtype="fp32", speculative=None, draft_tokens: int | None = None):
         """``weights``: a precision format to convert the matrices to at load time (``--keep``
-        patterns stay at 16 bits); ``kv_dtype``: the KV cache precision (fp32, fp16, bf16, fp8, int8)."""
+        patterns stay at 16 bits); ``kv_dtype``: the KV cache precision (fp32, fp16, bf16, fp8, int8);
+        ``speculative`` ("ngram", "early-exit:L", "draft:MODEL") and ``draft_tokens``: speculative
+        decoding for this LLM's generations and for every engine made over it (see
+        ``edgellm.runtime.speculative``)."""
         set_threads(threads)
         self.kv_dtype = kv_dtype_name(kv_dtype)
+        self.speculative = parse_speculative(speculative, draft_tokens)   # refused before loading
         self.loaded = loaded or load_model(model, dtype, use_native)
         if weights:
             from edgellm.loading.convert import convert_weights
@@ -39,6 +44,8 @@ class LLM:
             self.loaded = convert_weights(self.loaded, weights, keep)
         self.cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
+        if self.speculative is not None:      # a draft model is loaded (and checked) once, here
+            self.speculative = prepare_speculative(self.speculative, self.loaded)
         self._engine: Engine | None = None
 
     def engine(self, n_tokens: int = 1) -> Engine:
@@ -75,4 +82,5 @@ class LLM:
         r = handle.result()
         return Completion(text=r.text, token_ids=r.token_ids, prompt_tokens=r.prompt_tokens,
                           finish_reason=r.finish_reason, ttft_s=r.ttft_s, prefill_s=r.prefill_s,
-                          decode_s=r.decode_s, logprobs=r.logprobs, top_logprobs=r.top_logprobs)
+                          decode_s=r.decode_s, logprobs=r.logprobs, top_logprobs=r.top_logprobs,
+                          speculative=r.speculative)

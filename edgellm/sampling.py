@@ -629,7 +629,8 @@ class Sampler:
         self._generator = _seeded_generator(secrets.randbits(63) if seed is None else seed)
 
     def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-               histories: Sequence[SequenceHistory | None] | None = None, errors: str = "raise") -> SampleOutput:
+               histories: Sequence[SequenceHistory | None] | None = None, errors: str = "raise",
+               drafts: Sequence[int | None] | None = None) -> SampleOutput:
         """Sample ``logits`` [B, V] (float32; not modified) under ``params[b]`` for each row.
 
         A row whose penalised logits hold a NaN or +inf, or are all -inf, cannot be sampled: with
@@ -642,6 +643,15 @@ class Sampler:
         afterwards. A row without a history has no prompt or output for its penalties to act on,
         and if seeded, reseeds its generator on every call (so a one-off call is still
         reproducible, but successive calls repeat the same random draw).
+
+        ``drafts[b]`` (speculative decoding): a token proposed for row b, or None. A greedy row
+        ignores it (the caller accepts the draft when the argmax equals it). A sampled row accepts
+        it with the probability p(draft) that the row's own distribution gives it, and otherwise
+        draws from that distribution with the draft taken out -- the speculative sampling rule
+        (Leviathan et al. 2023; Chen et al. 2023) for a proposer that picks its token with
+        certainty, under which every row's token still follows p exactly:
+        P(x) = p(d) [x = d] + (1 - p(d)) p(x) [x != d] / (1 - p(d)) = p(x).
+        The caller knows the draft was accepted when the token returned equals it.
         """
         if logits.dim() != 2:
             raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
@@ -667,7 +677,8 @@ class Sampler:
             out = SampleOutput([-1] * batch, [None] * batch, [None] * batch, {i: why for i in bad_rows})
             if good:
                 sub = self.sample(raw_logits.index_select(0, _index(good, raw_logits.device)),
-                                  [params[i] for i in good], [histories[i] for i in good], errors="row")
+                                  [params[i] for i in good], [histories[i] for i in good], errors="row",
+                                  drafts=None if drafts is None else [drafts[i] for i in good])
                 for j, i in enumerate(good):
                     out.token_ids[i], out.logprobs[i], out.top_logprobs[i] = \
                         sub.token_ids[j], sub.logprobs[j], sub.top_logprobs[j]
@@ -685,7 +696,7 @@ class Sampler:
             chosen[idx] = logits[idx].argmax(dim=-1)
         sampled_rows = [i for i in range(batch) if not greedy[i]]
         if sampled_rows:
-            chosen[_index(sampled_rows, dev)] = self._sample_rows(logits, params, histories, sampled_rows)
+            chosen[_index(sampled_rows, dev)] = self._sample_rows(logits, params, histories, sampled_rows, drafts)
 
         token_ids = chosen.tolist()
         logprobs: list[float | None] = [None] * batch
@@ -727,14 +738,19 @@ class Sampler:
         return groups
 
     def _sample_rows(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-                     histories: Sequence[SequenceHistory | None], rows: list[int]) -> torch.Tensor:
+                     histories: Sequence[SequenceHistory | None], rows: list[int],
+                     drafts: Sequence[int | None] | None = None) -> torch.Tensor:
         ps = [params[i] for i in rows]
         dev = logits.device
         sub = logits if len(rows) == logits.shape[0] else logits.index_select(0, _index(rows, dev))
         scaled = sub / _row_tensor([p.temperature for p in ps], dev)
+        row_drafts = [None if drafts is None else drafts[row] for row in rows]
 
-        # One uniform per row: seeded rows from their own generator, the rest in one shared draw.
+        # Per row one uniform for the draw, and one more to accept or reject a draft (always both
+        # for a row with a draft, so a seeded stream does not depend on what was accepted):
+        # seeded rows from their own generator, the rest in one shared draw.
         uniforms = torch.empty(len(rows), dtype=torch.float64)
+        accept_u = torch.ones(len(rows), dtype=torch.float64)
         unseeded = []
         for j, (row, p) in enumerate(zip(rows, ps)):
             if p.seed is None:
@@ -742,23 +758,64 @@ class Sampler:
                 continue
             h = histories[row]
             gen = h.generator_for(p) if h is not None else _seeded_generator(_mix_seed(int(p.seed), 0))
-            uniforms[j] = torch.rand(1, dtype=torch.float64, generator=gen)[0]
+            if row_drafts[j] is None:
+                uniforms[j] = torch.rand(1, dtype=torch.float64, generator=gen)[0]
+            else:
+                accept_u[j], uniforms[j] = torch.rand(2, dtype=torch.float64, generator=gen).tolist()
         if unseeded:
             uniforms[torch.tensor(unseeded, dtype=torch.long)] = torch.rand(
                 len(unseeded), dtype=torch.float64, generator=self._generator)
+            drafted = [j for j in unseeded if row_drafts[j] is not None]
+            if drafted:
+                accept_u[torch.tensor(drafted, dtype=torch.long)] = torch.rand(
+                    len(drafted), dtype=torch.float64, generator=self._generator)
         uniforms = uniforms.to(dev)
 
         chosen = torch.empty(len(rows), dtype=torch.long, device=dev)
         for js, weights, token_ids in self._filter(scaled, ps):
             idx = _index(js, dev)
+            accepted = {}
+            if any(row_drafts[j] is not None for j in js):
+                weights, accepted = _accept_drafts(weights, token_ids, [row_drafts[j] for j in js],
+                                                   [float(accept_u[j]) for j in js])
             try:
                 pick = sample_from_weights(weights, uniforms[idx])
             except ValueError:
                 raise ValueError("logits contain a row that is NaN or all -inf: nothing to sample from") from None
             if token_ids is not None:
                 pick = token_ids.gather(1, pick.view(-1, 1)).squeeze(1)
+            for jj, token in accepted.items():
+                pick[jj] = token
             chosen[idx] = pick
         return chosen
+
+
+def _accept_drafts(weights: torch.Tensor, token_ids: torch.Tensor | None, drafts: list[int | None],
+                   accept_u: list[float]) -> tuple[torch.Tensor, dict[int, int]]:
+    """The speculative sampling rule on rows of (unnormalised) ``weights`` [n, K] whose columns are
+    the vocabulary (``token_ids`` None) or the candidates ``token_ids`` [n, K]: row j accepts
+    ``drafts[j]`` when ``accept_u[j] < p(draft)``; a rejected draft's weight is set to 0 so the
+    draw that follows comes from the rest. Returns the weights to draw from and {row: draft} of
+    the rows that accepted."""
+    weights = weights.clone()
+    accepted = {}
+    for jj, (d, u) in enumerate(zip(drafts, accept_u)):
+        if d is None:
+            continue
+        if token_ids is None:
+            col = d if 0 <= d < weights.shape[1] else None
+        else:
+            hit = (token_ids[jj] == d).nonzero()
+            col = int(hit[0, 0]) if hit.numel() else None
+        if col is None:                 # filtered out: probability 0, never accepted
+            continue
+        total = float(weights[jj].sum())
+        p = float(weights[jj, col]) / total if total > 0 else 0.0
+        if u < p:
+            accepted[jj] = d
+        else:
+            weights[jj, col] = 0.0
+    return weights, accepted
 
 
 # ---------------------------------------------------------------------------------------------

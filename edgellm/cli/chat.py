@@ -9,7 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgellm.cli.common import add_model_arguments, add_sampling_arguments, sampling_params
+from edgellm.cli.common import (
+    add_model_arguments,
+    add_sampling_arguments,
+    add_speculative_arguments,
+    sampling_params,
+    speculative_config,
+)
 
 HELP = "chat with a model in the terminal (history kept; /exit to leave, /reset to start over)"
 
@@ -18,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--system", default=None, help="system message (default: the model template's own)")
     add_sampling_arguments(p, max_tokens=512)
+    add_speculative_arguments(p)
     p.add_argument("--kv-memory", default="256MB",
                    help="size of the KV cache pool, e.g. 256MB or 1GB (default 256MB)")
     p.add_argument("--stats", action="store_true", help="print speed figures after each reply")
@@ -25,12 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)   # validate before loading anything
+    speculative = speculative_config(args)
     from edgellm.llm import LLM
     from edgellm.runtime.engine import Engine
     from edgellm.util import parse_size
 
     kv_memory = parse_size(args.kv_memory, "--kv-memory")
-    llm = LLM(args.model, dtype=args.dtype, threads=args.threads)
+    llm = LLM(args.model, dtype=args.dtype, threads=args.threads, speculative=speculative)
     engine = Engine(llm, kv_memory=kv_memory)
     interactive = sys.stdin.isatty()
     print(f"edgellm chat — {llm.loaded.source.name}. Type /exit to leave, /reset to clear the history.",

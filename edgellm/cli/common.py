@@ -64,3 +64,22 @@ def check_precision(args: argparse.Namespace):
         prepare(cfg, args.weights, args.keep)
         return cfg
     return None
+
+
+def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", default=None, metavar="METHOD",
+                   help="speculative decoding, same tokens faster: ngram (prompt lookup), early-exit:L (the first L "
+                        "blocks draft), draft:MODEL (a smaller model with the same vocabulary) (default: off)")
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                   help="with --speculative: most tokens proposed per step; fewer are proposed while they are "
+                        "rarely accepted (default 7)")
+
+
+def speculative_config(args: argparse.Namespace):
+    """The parsed --speculative/--draft-tokens (refused before anything is loaded), or None."""
+    from edgellm.errors import InvalidParameterError
+    from edgellm.runtime.speculative import parse_speculative
+
+    if args.draft_tokens is not None and not args.speculative:
+        raise InvalidParameterError("--draft-tokens needs --speculative", "add e.g. --speculative ngram")
+    return parse_speculative(args.speculative, args.draft_tokens)

@@ -10,8 +10,10 @@ from edgellm.cli.common import (
     add_model_arguments,
     add_precision_arguments,
     add_sampling_arguments,
+    add_speculative_arguments,
     check_precision,
     sampling_params,
+    speculative_config,
 )
 
 HELP = "generate a completion for one prompt, streamed as it is produced"
@@ -24,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user turn")
     p.add_argument("--system", default=None, help="system message for --chat")
     add_sampling_arguments(p)
+    add_speculative_arguments(p)
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="with --json: log-probability of each chosen token and the top N alternatives")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -49,11 +52,12 @@ def run(args: argparse.Namespace) -> int:
         extra = {"logprobs": True, "top_logprobs": args.logprobs}
     params = sampling_params(args, **extra)
     check_precision(args)
+    speculative = speculative_config(args)
 
     from edgellm.llm import LLM
 
     llm = LLM(args.model, dtype=args.dtype, threads=args.threads, weights=args.weights, keep=args.keep,
-              kv_dtype=args.kv_dtype)
+              kv_dtype=args.kv_dtype, speculative=speculative)
     ids = llm.encode_prompt(prompt, chat=args.chat, system=args.system)
     if args.json:
         c = llm.generate(ids, params)
@@ -72,4 +76,9 @@ def run(args: argparse.Namespace) -> int:
               f"completion {c.completion_tokens} tokens ({c.finish_reason}); "
               f"time to first token {c.ttft_s * 1000:.0f} ms, prefill {c.prefill_tok_s:.1f} tok/s, "
               f"decode {c.decode_tok_s:.1f} tok/s", file=sys.stderr)
+        if c.speculative is not None:
+            sp = c.speculative
+            rate = sp["accepted"] / sp["proposed"] if sp["proposed"] else 0.0
+            print(f"[speculative {sp['method']}: {sp['accepted']} of {sp['proposed']} proposed tokens accepted "
+                  f"({rate:.0%}) over {sp['steps']} verify steps]", file=sys.stderr)
     return 0

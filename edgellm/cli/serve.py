@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from edgellm.cli.common import add_model_arguments, add_precision_arguments, check_precision
+from edgellm.cli.common import (
+    add_model_arguments,
+    add_precision_arguments,
+    add_speculative_arguments,
+    check_precision,
+    speculative_config,
+)
 
 HELP = ("serve a model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions), a sessions API, "
         "Prometheus metrics (/metrics) and a live page (/)")
@@ -14,6 +20,7 @@ HELP = ("serve a model over HTTP with OpenAI's API (/v1/chat/completions, /v1/co
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_precision_arguments(p)
+    add_speculative_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", action="append", default=None, metavar="KEY",
@@ -90,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidParameterError(f"--session-idle-timeout must be >= 0, got {args.session_idle_timeout}",
                                     "pass e.g. --session-idle-timeout 1800 (0 keeps idle sessions)")
     check_precision(args)       # --weights/--keep/--kv-dtype, before the model is loaded
+    speculative = speculative_config(args)
     if args.offload_dir is not None:
         from pathlib import Path
 
@@ -124,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.runtime.engine import Engine
 
     llm = LLM(args.model, dtype=args.dtype, threads=args.threads, weights=args.weights, keep=args.keep,
-              kv_dtype=args.kv_dtype)
+              kv_dtype=args.kv_dtype, speculative=speculative)
     engine = Engine(llm, kv_memory=args.kv_memory, host_memory=args.host_memory,
                     max_batch_tokens=args.max_batch_tokens, disk_dir=args.offload_dir, preemption=args.preemption,
                     idle_retire_s=args.session_idle_timeout or None)
@@ -136,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
                      allowed_hosts=default_allowed_hosts(args.host, api_keys, args.allow_host),
                      cors_origins=cors_origins)
     print(f"edgellm serve: {model_id} on http://{args.host}:{args.port}  (KV pool {engine.num_blocks} blocks, "
-          f"{engine.pool_tokens} tokens, KV {llm.kv_dtype}, weights {llm.loaded.dtype}, preemption {args.preemption}; "
+          f"{engine.pool_tokens} tokens, KV {llm.kv_dtype}, weights {llm.loaded.dtype}, preemption {args.preemption}, "
+          f"speculative {speculative.name if speculative else 'off'}; "
           "live page at /, metrics at /metrics)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
                 timeout_keep_alive=args.keep_alive_timeout,

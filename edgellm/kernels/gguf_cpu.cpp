@@ -576,14 +576,21 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
   KV* KVp = kv.data_ptr<KV>();
   const float *COS = cos.data_ptr<float>(), *SIN = sin.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  // Attention work items: (sequence, KV head, position range). With fewer pairs than 2 threads'
-  // worth, each pair's positions are cut into S ranges (at least 64 positions each) so that
-  // every thread has work; partials are merged after the barrier.
+  // Attention work items: (sequence, KV head, position range). A row's positions are cut into
+  // ranges of at least RANGE_POSITIONS (at most MAX_RANGES), so that a long context is shared by
+  // several threads even at batch 1; partials are merged after the barrier. The cut depends only
+  // on the row's own context length -- never on the batch or the thread count -- so a row's
+  // result is the same alone, in a batch, or as one row of a speculative verify pass.
+  constexpr int64_t RANGE_POSITIONS = 128, MAX_RANGES = 8;
   const int64_t pairs = B * KVH;
-  int64_t S = 1;
-  if (pairs < 2 * nt) S = std::max<int64_t>(1, std::min<int64_t>((2 * nt + pairs - 1) / pairs, Lmax / 64));
+  std::vector<int64_t> ranges(B), first_item(B + 1, 0);   // per row: its ranges, its first item
+  for (int64_t b = 0; b < B; b++) {
+    ranges[b] = std::max<int64_t>(1, std::min<int64_t>(MAX_RANGES, CL[b] / RANGE_POSITIONS));
+    first_item[b + 1] = first_item[b] + KVH * ranges[b];
+  }
+  const int64_t n_items = first_item[B];
   const int64_t part_stride = D + 2;
-  std::vector<float> qkv(B * QKV), gu(B * 2 * F), part(pairs * S * G * part_stride);
+  std::vector<float> qkv(B * QKV), gu(B * 2 * F), part(n_items * G * part_stride);
 
 #pragma omp parallel num_threads(nt)
   {
@@ -603,31 +610,38 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
       matmul_range_fmt<false>(fmts[4 * l], xn.data(), xs.data(), weights[6 * l + 1].data_ptr<uint8_t>(),
                               qkv.data(), B, QKV, C, s.n0, s.n1);
 #pragma omp barrier
-      // 2. per (sequence, KV head, position range): RoPE, the new token's K/V written by the range
-      //    that holds it (the last), attention of the G query heads as a partial result
-      for (int64_t item = t; item < pairs * S; item += T) {
-        const int64_t pair = item / S, r = item % S, b = pair / KVH, g = pair % KVH, len = CL[b];
+      // 2a. per (row, KV head): RoPE on the new token's K, its K and V written to the cache. All
+      //     writes land before any row attends: the rows of one sequence's verify pass (positions
+      //     p..p+k) read each other's keys.
+      for (int64_t pair = t; pair < pairs; pair += T) {
+        const int64_t b = pair / KVH, g = pair % KVH;
+        const float *x = qkv.data() + b * QKV, *c = COS + b * D, *sn = SIN + b * D;
+        rope_head(x + Q + g * D, bias ? bias + Q + g * D : nullptr, c, sn, krow.data(), D);
+        store_row(krow.data(), KC + (WI[b] * KVH + g) * D, D);
+        for (int64_t i = 0; i < D; i++) krow[i] = x[Q + KVH * D + g * D + i] + (bias ? bias[Q + KVH * D + g * D + i] : 0.0f);
+        store_row(krow.data(), VC + (WI[b] * KVH + g) * D, D);
+      }
+#pragma omp barrier
+      // 2b. per (row, KV head, position range): attention of the G query heads as a partial result,
+      //     laid out [row][KV head][head j][range r] so that one head's ranges are adjacent
+      for (int64_t item = t; item < n_items; item += T) {
+        int64_t b = 0;
+        while (first_item[b + 1] <= item) b++;
+        const int64_t S = ranges[b], local = item - first_item[b], g = local / S, r = local % S, len = CL[b];
         const int64_t p0 = len * r / S, p1 = len * (r + 1) / S;
         const float *x = qkv.data() + b * QKV, *c = COS + b * D, *sn = SIN + b * D;
-        if (r == S - 1) {
-          rope_head(x + Q + g * D, bias ? bias + Q + g * D : nullptr, c, sn, krow.data(), D);
-          store_row(krow.data(), KC + (WI[b] * KVH + g) * D, D);
-          for (int64_t i = 0; i < D; i++) krow[i] = x[Q + KVH * D + g * D + i] + (bias ? bias[Q + KVH * D + g * D + i] : 0.0f);
-          store_row(krow.data(), VC + (WI[b] * KVH + g) * D, D);
-        }
         for (int64_t j = 0; j < G; j++)
           rope_head(x + (g * G + j) * D, bias ? bias + (g * G + j) * D : nullptr, c, sn, qr.data() + j * D, D);
-        // partials laid out [pair][head j][range r] so that one head's ranges are adjacent
         attend_range<KV>(qr.data(), KC, VC, CI + b * Lmax, p0, p1, KVH, g, G, D, scale, scores.data(),
-                         part.data() + (pair * G * S + r) * part_stride, S * part_stride);
+                         part.data() + ((first_item[b] + g * S) * G + r) * part_stride, S * part_stride);
       }
 #pragma omp barrier
       // 3. every thread merges the partials into its own copy of the attention output (cheaper
       //    than another barrier), then h += attn @ Wo.T (my rows)
       for (int64_t pair = 0; pair < pairs; pair++) {
-        const int64_t b = pair / KVH, g = pair % KVH;
+        const int64_t b = pair / KVH, g = pair % KVH, S = ranges[b];
         for (int64_t j = 0; j < G; j++)
-          merge_partials(part.data() + (pair * G + j) * S * part_stride, S, part_stride, D,
+          merge_partials(part.data() + ((first_item[b] + g * S) * G + j * S) * part_stride, S, part_stride, D,
                          attn.data() + b * Q + (g * G + j) * D);
       }
       block_sums(attn.data(), B, Q, xs.data());

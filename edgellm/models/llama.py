@@ -107,11 +107,12 @@ class LlamaModel:
         return out
 
     def forward_layers(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
-                       cache: KVCache, trace: Trace | None = None) -> torch.Tensor:
-        """Every block, one after the other, op by op (prefill, mixed and large decode steps)."""
+                       cache: KVCache, trace: Trace | None = None, layers: int | None = None) -> torch.Tensor:
+        """The blocks, one after the other, op by op (prefill, mixed and large decode steps);
+        ``layers``: only the first that many (an early-exit draft), default all."""
         if trace is not None:
             trace.begin()
-        for i, block in enumerate(self.weights.blocks):
+        for i, block in enumerate(self.weights.blocks[:layers]):
             h = self.block(h, rope, block, batch, cache, i, trace)
         return h
 
@@ -127,15 +128,19 @@ class LlamaModel:
                 and cache.dtype in (torch.float32, torch.float16))
 
     def decode_blocks_fused(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
-                            cache: KVCache, threads: int, trace: Trace | None = None) -> None:
+                            cache: KVCache, threads: int, trace: Trace | None = None, layers: int | None = None) -> None:
         """Every block of a decode-only step in one native call (one parallel region of ``threads``
-        threads); updates h in place. Only where :meth:`fused_decode_supported` says so."""
+        threads); updates h in place. Only where :meth:`fused_decode_supported` says so.
+        ``layers``: only the first that many blocks (an early-exit draft), default all."""
         cfg = self.cfg
         tensors, formats, biases = self._native_blocks
+        kv = cache.data
+        if layers is not None and layers < cfg.n_layers:   # the first blocks: leading slices of each list
+            tensors, formats, biases, kv = tensors[:6 * layers], formats[:4 * layers], biases[:layers], kv[:layers]
         T = h.shape[0]
         if trace is not None:
             trace.begin()
-        native().decode_blocks(h, tensors, formats, biases, rope[0].view(T, -1), rope[1].view(T, -1), cache.data,
+        native().decode_blocks(h, tensors, formats, biases, rope[0].view(T, -1), rope[1].view(T, -1), kv,
                                batch.write_index, batch.decode_index, batch.decode_lens,
                                cfg.n_heads, cfg.n_kv_heads, cfg.ffn_size, cfg.rms_norm_eps, threads)
         if trace is not None:

@@ -48,6 +48,7 @@ from edgellm.runtime.model_runner import ModelRunner, SeqChunk
 from edgellm.runtime.output import append_token, build_result, stop_checker
 from edgellm.runtime.scheduler import Scheduler
 from edgellm.runtime.session import RequestHandle, Session
+from edgellm.runtime.speculative import SpeculativeConfig, Speculator, parse_speculative
 from edgellm.runtime.types import (
     DONE,
     FINISH_CANCELLED,
@@ -85,13 +86,17 @@ class Engine:
                  max_batch_tokens: int = 512, max_batch_seqs: int = 256, host_memory: int | str | None = None,
                  disk_dir: str | None = None, disk_memory: int | str | None = None,
                  idle_retire_s: float | None = None, preemption: str = PREEMPT_RECOMPUTE,
-                 kv_dtype=None, seed: int | None = None, threads: int | None = None):
+                 kv_dtype=None, seed: int | None = None, threads: int | None = None,
+                 speculative: str | SpeculativeConfig | None = None, draft_tokens: int | None = None):
         """``model_or_llm``: an :class:`edgellm.llm.LLM`, a ``LoadedModel``, or a model spec (path
         or registry name; None: the default model). ``kv_memory``: the pool's size;
         ``host_memory``: the host offload tier's budget (default: as large as the pool; 0 for
         none); ``disk_dir``: the disk tier's folder (none by default), ``disk_memory`` its budget;
         ``idle_retire_s``: retire sessions idle that long; ``preemption``: "recompute" or "swap";
-        ``kv_dtype``: the pool's precision (a name or torch dtype; default: the LLM's ``kv_dtype``)."""
+        ``kv_dtype``: the pool's precision (a name or torch dtype; default: the LLM's ``kv_dtype``);
+        ``speculative``: speculative decoding -- "ngram", "early-exit:L" or "draft:MODEL" (see
+        ``edgellm.runtime.speculative``), with at most ``draft_tokens`` proposed per step; the
+        tokens are those of plain decoding (greedy: identical; sampled: the same distribution)."""
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise InvalidParameterError(f"block_size must be a positive integer, got {block_size!r}",
                                         "use 16 (the default)")
@@ -107,6 +112,9 @@ class Engine:
         if idle_retire_s is not None and not (isinstance(idle_retire_s, (int, float)) and idle_retire_s > 0):
             raise InvalidParameterError(f"idle_retire_s must be a positive number of seconds, got {idle_retire_s!r}",
                                         "use e.g. 600, or None to keep idle sessions")
+        if speculative is None:           # an LLM's own setting, if it has one
+            speculative = getattr(model_or_llm, "speculative", None)
+        spec_config = parse_speculative(speculative, draft_tokens)
         pool_bytes = parse_size(kv_memory, "kv_memory")
         host_bytes = pool_bytes if host_memory is None else parse_size(host_memory, "host_memory")
         disk_bytes = None if disk_memory is None else parse_size(disk_memory, "disk_memory")
@@ -129,6 +137,7 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, block_size, copy_block=self._copy_block)
         self.store = OffloadStore(host_bytes, disk_dir, disk_bytes)
         self.runner = ModelRunner(self.loaded.model, self.cache)
+        self.speculator = None if spec_config is None else Speculator(spec_config, self.runner, self.loaded)
         self.input = InputProcessor(self.tokenizer, self.cfg.context_length, self.cfg.vocab_size,
                                     num_blocks * block_size, block_size, self.kv_bytes_per_block)
         self.sampler = Sampler(seed=seed)
@@ -356,6 +365,8 @@ class Engine:
             request=req, session=session, arrival=self._arrivals, prompt_ids=ids, params=params,
             max_tokens=max_tokens, history=history, stop=stop, decoder=decoder, handle=handle,
             prefill_phase=Phase.FOLLOWUP_PREFILL if session.turns > 0 else Phase.PREFILL, t_submit=t_submit)
+        if self.speculator is not None:
+            seq.spec = self.speculator.new_state()
         handle.seq = seq
         session.active_seq = seq
         session.clock.to(Phase.WAITING)
@@ -402,41 +413,44 @@ class Engine:
         took = self._drain_inbox()
         if self.idle_retire_s is not None:
             self.reap_idle()
+        spec = self.speculator
+        if spec is not None:
+            spec.plan([s for s in self.scheduler.running if s.num_pending == 1 and s.out_ids], self.cfg.vocab_size)
         chunks = self.scheduler.schedule()
         if not chunks:
             return took
         self._step_seqs = [c.seq for c in chunks]
+        t_draft = time.perf_counter()
+        if spec is not None:
+            spec.propose(chunks, self.cache.block_slots)
         t1 = time.perf_counter()
         logits = self.runner.run([
             SeqChunk(c.tokens, c.start, self.cache.block_slots(c.seq.kv.blocks, c.start + len(c.tokens)),
-                     c.want_logits) for c in chunks])
+                     c.want_logits, c.verify) for c in chunks])
         t2 = time.perf_counter()
         n_decode = n_prefill = 0
         wanting: list[Chunk] = []
         for c in chunks:
-            seq, n = c.seq, len(c.tokens)
-            self.block_manager.commit(seq.kv, c.tokens)
-            s = seq.session
-            recomputed = max(0, min(c.start + n, s.kv_high_water) - c.start)
-            s.kv_high_water = max(s.kv_high_water, c.start + n)
-            if recomputed:
-                s.clock.tokens["recomputed"] += recomputed
-            if c.phase == Phase.DECODE:
-                n_decode += n
-                s.clock.tokens["decode"] += n
-            else:
-                n_prefill += n
-                s.clock.tokens[c.phase.value] += n
-                in_prompt = max(0, min(c.start + n, len(seq.prompt_ids)) - c.start)
-                seq.computed_prompt += in_prompt
             if c.want_logits:
                 wanting.append(c)
+            if c.verify:        # its KV is committed once the sampler has said how much was accepted
+                continue
+            n = len(c.tokens)
+            self._commit(c, n)
+            if c.phase == Phase.DECODE:
+                n_decode += n
+            else:
+                n_prefill += n
         if wanting:
-            self._sample(wanting, logits)
+            n_decode += self._sample(wanting, logits)
         t3 = time.perf_counter()
+        rows = sum(len(c.tokens) for c in chunks)
+        if spec is not None and n_prefill == 0:
+            spec.record_step(rows, t2 - t1)
         st = self.step_stats
         st.steps += 1
-        st.schedule_s += t1 - t0
+        st.schedule_s += t_draft - t0
+        st.draft_s += t1 - t_draft
         st.forward_s += t2 - t1
         st.sample_s += t3 - t2
         st.total_s += t3 - t0
@@ -444,38 +458,122 @@ class Engine:
         st.add(n_decode, n_prefill, t3 - t1)
         return True
 
-    def _sample(self, wanting: list[Chunk], logits) -> None:
-        seqs = [c.seq for c in wanting]
-        out = self.sampler.sample(logits, [s.params for s in seqs], [s.history for s in seqs], errors="row")
+    def _commit(self, c: Chunk, n: int) -> None:
+        """The first ``n`` tokens of chunk ``c`` are computed: record them in the block manager and
+        in the session's counts."""
+        seq = c.seq
+        self.block_manager.commit(seq.kv, c.tokens[:n])
+        s = seq.session
+        recomputed = max(0, min(c.start + n, s.kv_high_water) - c.start)
+        s.kv_high_water = max(s.kv_high_water, c.start + n)
+        if recomputed:
+            s.clock.tokens["recomputed"] += recomputed
+        if c.phase == Phase.DECODE:
+            s.clock.tokens["decode"] += n
+        else:
+            s.clock.tokens[c.phase.value] += n
+            seq.computed_prompt += max(0, min(c.start + n, len(seq.prompt_ids)) - c.start)
+
+    def _sample(self, wanting: list[Chunk], logits) -> int:
+        """Choose the next token(s) of every chunk that wants logits, and stream them. A verify
+        chunk has a row per token; its proposals are accepted while the target's choice equals
+        them, and its KV is committed up to the last accepted one. Returns the decode tokens
+        committed by verify chunks."""
+        first_row, row = [], 0
+        for c in wanting:
+            first_row.append(row)
+            row += len(c.tokens) if c.verify else 1
+        # Rows whose choice does not depend on the tokens accepted before them are sampled in one
+        # call; a verify chunk with penalties (which read the history as it grows) row by row.
+        batched = [i for i, c in enumerate(wanting) if not (c.verify and c.seq.params.has_penalties)]
+        rows, params, hists, drafts = [], [], [], []
+        for i in batched:
+            c = wanting[i]
+            for j in range(len(c.tokens) if c.verify else 1):
+                rows.append(first_row[i] + j)
+                params.append(c.seq.params)
+                hists.append(c.seq.history)
+                drafts.append(c.tokens[j + 1] if c.verify and j + 1 < len(c.tokens) else None)
+        out, where = None, {}
+        if rows:
+            sub = logits if len(rows) == logits.shape[0] else logits[rows]
+            out = self.sampler.sample(sub, params, hists, errors="row",
+                                      drafts=drafts if any(d is not None for d in drafts) else None)
+            where = {r: j for j, r in enumerate(rows)}
+        committed = 0
+        in_batch = set(batched)
+        for i, c in enumerate(wanting):
+            if i in in_batch:
+                picks = (_pick(out, where[first_row[i] + j]) for j in range(len(c.tokens) if c.verify else 1))
+            else:
+                picks = self._sample_in_turn(c, logits, first_row[i])
+            committed += self._emit(c, picks)
+        return committed
+
+    def _sample_in_turn(self, c: Chunk, logits, first_row: int):
+        """The rows of a verify chunk sampled one at a time, each after the previous token was
+        appended to the history (penalties see it)."""
+        seq = c.seq
+        for j in range(len(c.tokens)):
+            draft = [c.tokens[j + 1]] if j + 1 < len(c.tokens) else None
+            out = self.sampler.sample(logits[first_row + j:first_row + j + 1], [seq.params], [seq.history],
+                                      errors="row", drafts=draft)
+            yield _pick(out, 0)
+
+    def _emit(self, c: Chunk, picks) -> int:
+        """Append a chunk's chosen tokens to its sequence and stream them. For a verify chunk: stop
+        at the first token that differs from the proposal (it replaces it) or that ends the
+        request; commit the KV of the tokens plain decoding would hold by then; account the
+        proposal. Returns the decode tokens committed (verify chunks only)."""
+        seq = c.seq
+        drafts = c.tokens[1:] if c.verify else []
         now = time.perf_counter()
-        for row, seq in enumerate(seqs):
-            if row in out.failed:
-                self._fail([seq], InvalidParameterError(
-                    f"this request's next token could not be sampled: {out.failed[row]}",
-                    "lower repetition_penalty / presence_penalty / frequency_penalty, or retry; "
-                    "other requests were not affected"))
-                continue
+        events, failed, accepted = [], None, 0
+        for j, (tok, lp, top, why) in enumerate(picks):
+            if why is not None:
+                failed = why
+                break
             try:
-                tok = out.token_ids[row]
-                lp = top = None
-                if seq.params.wants_logprobs:
-                    lp, top = out.logprobs[row], out.top_logprobs[row] or []
                 upd = append_token(seq, tok, lp, top, now)
-                s = seq.session
-                s.clock.tokens["generated"] += 1
-                if s.phase != Phase.DECODE:
-                    s.clock.to(Phase.DECODE, now)
-                if upd.finished:
-                    self._finish(seq, upd.finish_reason, last=(tok, upd.text, lp, top))
-                else:
-                    seq.handle.deliver(TokenEvent(tok, upd.text, logprob=lp, top_logprobs=top))
             except Exception as err:        # this request's output failed; the others go on
-                self._fail([seq], err)
+                failed = err
+                break
+            events.append((tok, upd, lp, top))
+            hit = j < len(drafts) and tok == drafts[j]
+            accepted += hit
+            if upd.finished or not hit:
+                break
+        committed = 0
+        if c.verify:
+            # The pending token and the accepted proposals before the last token: what plain
+            # decoding would hold in KV now. The blocks reserved past them are released.
+            committed = max(1, len(events))
+            self._commit(c, committed)
+            self.block_manager.trim(seq.kv)
+            self.speculator.record(seq, len(drafts), accepted, len(events))
+        s = seq.session
+        for tok, upd, lp, top in events:
+            s.clock.tokens["generated"] += 1
+            if s.phase != Phase.DECODE:
+                s.clock.to(Phase.DECODE, now)
+            if upd.finished:
+                self._finish(seq, upd.finish_reason, last=(tok, upd.text, lp, top))
+                return committed
+            seq.handle.deliver(TokenEvent(tok, upd.text, logprob=lp, top_logprobs=top))
+        if failed is not None:
+            err = failed if isinstance(failed, BaseException) else InvalidParameterError(
+                f"this request's next token could not be sampled: {failed}",
+                "lower repetition_penalty / presence_penalty / frequency_penalty, or retry; "
+                "other requests were not affected")
+            self._fail([seq], err)
+        return committed
 
     def _finish(self, seq: Sequence, reason: str, last: tuple | None = None, retire: bool = True,
                 error: BaseException | None = None) -> None:
         now = time.perf_counter()
         self.scheduler.remove(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
         seq.t_end = now
         s = seq.session
         result = build_result(seq, reason, now, None if s.ephemeral else s.id)
@@ -608,5 +706,13 @@ class Engine:
                               "preemptions": self.scheduler.preempted_total, "offloads": self.scheduler.offloads,
                               "restores": self.scheduler.restores, "drops": self.scheduler.drops},
                 "steps": self.step_stats.to_dict(),
+                "speculative": self.speculator.stats() if self.speculator is not None else None,
                 "requests": dict(self.counts),
             }
+
+
+def _pick(out, j: int) -> tuple:
+    """(token, logprob, top logprobs, why it failed or None) of row ``j`` of a sampler output."""
+    why = out.failed.get(j)
+    lp = out.logprobs[j]
+    return out.token_ids[j], lp, (out.top_logprobs[j] or []) if lp is not None else None, why

@@ -30,6 +30,7 @@ class SeqChunk:
     start: int                  # position of the first new token (= tokens already cached)
     slots: torch.Tensor | slice  # cache slots of positions 0 .. start + len(token_ids) - 1 (or more)
     want_logits: bool = True    # False for a prefill chunk that does not end the prompt
+    verify: bool = False        # a speculative verify pass: every token is a decode row with logits
 
 
 class ModelRunner:
@@ -46,18 +47,21 @@ class ModelRunner:
         self.fused_decode = fused_decode
 
     @torch.inference_mode()
-    def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """One forward pass; returns logits [number of chunks wanting them, vocab], in order."""
+    def run(self, chunks: list[SeqChunk], layers: int | None = None) -> torch.Tensor:
+        """One forward pass; returns logits [rows wanting them, vocab], in order (one row per chunk
+        that wants logits, every row of a verify chunk). ``layers``: run only the first that many
+        blocks before the final norm and head (an early-exit draft; not traced)."""
         tokens, positions, batch, logit_rows = step_inputs(chunks)
-        model, trace = self.model, self.trace
+        model = self.model
+        trace = self.trace if layers is None else None
         if trace is not None:
             trace.begin_step(tokens.shape[0])
         h = model.embed(tokens, trace)
         rope = model.rope_tables(positions, trace)
         if self.uses_fused_decode(tokens.shape[0], batch):
-            self._decode_fused(h, rope, batch)
+            self._decode_fused(h, rope, batch, layers)
         else:
-            h = model.forward_layers(h, rope, batch, self.cache, trace)
+            h = model.forward_layers(h, rope, batch, self.cache, trace, layers)
         logits = model.logits(h, logit_rows, trace)
         if trace is not None:
             trace.end_step()
@@ -70,25 +74,37 @@ class ModelRunner:
         return (self.fused_decode and rows <= FUSED_DECODE_MAX_ROWS
                 and self.model.fused_decode_supported(batch, self.cache))
 
-    def _decode_fused(self, h: torch.Tensor, rope, batch: AttentionBatch) -> None:
+    def _decode_fused(self, h: torch.Tensor, rope, batch: AttentionBatch, layers: int | None = None) -> None:
         if self.thread_chooser.max_threads != torch.get_num_threads():   # the caller changed the setting
             self.thread_chooser = ThreadChooser(torch.get_num_threads())
         rows = h.shape[0]
         threads = self.thread_chooser.threads(rows)
         start = time.perf_counter()
-        self.model.decode_blocks_fused(h, rope, batch, self.cache, threads, self.trace)
-        self.thread_chooser.record(rows, threads, time.perf_counter() - start)
+        self.model.decode_blocks_fused(h, rope, batch, self.cache, threads, self.trace if layers is None else None,
+                                       layers)
+        if layers is None:      # the chooser learns from whole steps only
+            self.thread_chooser.record(rows, threads, time.perf_counter() - start)
 
 
 def step_inputs(chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor]:
     """The forward pass's inputs for one step: token ids, their positions, the attention batch
-    (slots to write and read) and the rows whose logits are wanted."""
+    (slots to write and read) and the rows whose logits are wanted (one per chunk that wants
+    them; every row of a verify chunk)."""
     tokens, positions, logit_rows, seqs = [], [], [], []
     row = 0
     for c in chunks:
         n = len(c.token_ids)
         tokens.extend(c.token_ids)
         positions.extend(range(c.start, c.start + n))
+        if c.verify:
+            # Token i of a verify pass is the decode row of position start + i, attending to the
+            # positions before it (those of this pass included): the same computation a plain
+            # decode step of that token would do, so its logits are the ones plain decoding gets.
+            for i in range(n):
+                seqs.append((1, c.start + i + 1, c.slots))
+                logit_rows.append(row + i)
+            row += n
+            continue
         seqs.append((n, c.start + n, c.slots))
         row += n
         if c.want_logits:

@@ -61,4 +61,4 @@ def build_result(seq: Sequence, reason: str, now: float, session_id: int | None)
         cached_tokens=seq.cached_tokens or 0, computed_prompt_tokens=seq.computed_prompt,
         preemptions=seq.preemptions,
         queue_s=(seq.t_scheduled - seq.t_submit) if seq.t_scheduled else now - seq.t_submit,
-        session_id=session_id)
+        session_id=session_id, speculative=seq.spec.summary() if seq.spec is not None else None)

@@ -4,7 +4,8 @@ Each engine step runs *one* forward pass (``ModelRunner.run``) over a token budg
 (``max_batch_tokens``). The scheduler fills it in this order:
 
 1. **Decode rows** of running sequences, highest priority (earliest arrival) first: one token
-   each. A long prompt never delays them.
+   each, plus room for ``seq.spec_want`` proposed tokens where speculative decoding wants it
+   (spare blocks only). A long prompt never delays them.
 2. **Prefill chunks** of running sequences still computing their prompt (chunked prefill): as
    many prompt tokens as the rest of the budget allows, one chunk per sequence.
 3. **Admission** of waiting sequences, in arrival order (a preempted sequence keeps its arrival
@@ -122,8 +123,10 @@ class Scheduler:
                 continue
             if not self._reserve(seq, seq.num_tokens):
                 continue
-            chunks.append(self._chunk(seq, 1))
-            budget -= 1
+            chunk = self._chunk(seq, 1)
+            chunk.draft_room = self._draft_room(seq, min(seq.spec_want, budget - 1))
+            chunks.append(chunk)
+            budget -= 1 + chunk.draft_room
         # 2. prefill chunks of admitted sequences
         for seq in list(self.running):
             if budget == 0:
@@ -168,6 +171,16 @@ class Scheduler:
             self.preempt(seq)
             return False
         return self.bm.reserve(seq.kv, n_tokens)
+
+    def _draft_room(self, seq: Sequence, k: int) -> int:
+        """Positions for up to ``k`` proposed tokens past a decoding sequence's pending one: blocks
+        it holds, then free or cached ones -- never by offloading or preempting anyone (a
+        proposal is only worth what is spare)."""
+        if k <= 0:
+            return 0
+        if not self.bm.reserve(seq.kv, seq.num_tokens + k):
+            k = min(k, seq.kv.capacity(self.bm.block_size) - seq.num_tokens)
+        return max(0, k)
 
     def _reserve_upto(self, seq: Sequence, n: int) -> int:
         """Reserve blocks for up to ``n`` more tokens of a prefilling sequence; how many fit."""

@@ -87,7 +87,9 @@ class Completion:
 
     ``ttft_s``: from the request's arrival (before tokenising) to the first token chosen;
     ``prefill_s``: from its first scheduled step to the first token; ``decode_s``: from the first
-    token to the last (``completion_tokens - 1`` decode steps).
+    token to the last (``completion_tokens - 1`` decode steps). ``speculative`` (speculative
+    decoding only): ``{"method", "proposed", "accepted", "steps"}`` -- the tokens proposed and
+    accepted over the request's ``steps`` verify passes.
     """
 
     text: str
@@ -99,6 +101,7 @@ class Completion:
     decode_s: float
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    speculative: dict | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -118,7 +121,8 @@ class Completion:
         return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason,
                 "ttft_s": self.ttft_s, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
-                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
+                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
+                **({"speculative": dict(self.speculative)} if self.speculative is not None else {})}
 
 
 @dataclass
@@ -213,6 +217,8 @@ class Sequence:
     t_scheduled: float | None = None
     t_first_token: float | None = None
     t_end: float | None = None
+    spec: Any = None                # its edgellm.runtime.speculative.SpecState (speculative engines)
+    spec_want: int = 0              # positions to reserve for proposed tokens in the next step
 
     def __lt__(self, other: "Sequence") -> bool:   # bisect by priority
         return self.arrival < other.arrival
@@ -251,6 +257,8 @@ class Chunk:
     start: int
     want_logits: bool
     phase: Phase
+    draft_room: int = 0      # positions reserved past the pending token for proposed ones
+    verify: bool = False     # tokens = the pending token + proposed ones, each a row with logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +270,7 @@ class StepStats:
     forward_s: float = 0.0
     sample_s: float = 0.0
     schedule_s: float = 0.0
+    draft_s: float = 0.0            # proposing tokens (speculative decoding with a model proposer)
     total_s: float = 0.0
     by_kind: dict = field(default_factory=lambda: {k: {"steps": 0, "s": 0.0, "decode_tokens": 0, "prefill_tokens": 0}
                                                    for k in ("decode", "prefill", "mixed")})
@@ -277,7 +286,7 @@ class StepStats:
 
     def to_dict(self) -> dict:
         d = {"steps": self.steps, "forward_s": self.forward_s, "sample_s": self.sample_s,
-             "schedule_s": self.schedule_s, "total_s": self.total_s, "max_batch_rows": self.max_batch_rows,
+             "schedule_s": self.schedule_s, "draft_s": self.draft_s, "total_s": self.total_s, "max_batch_rows": self.max_batch_rows,
              "by_kind": {k: dict(v) for k, v in self.by_kind.items()}}
         dec = self.by_kind["decode"]
         d["decode_only_tok_s"] = dec["decode_tokens"] / dec["s"] if dec["s"] > 0 else 0.0

@@ -12,7 +12,7 @@ or disk), waiting and running sequences, the server's requests in flight.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # Seconds. TTFT on a CPU ranges from tens of ms (short prompt, idle) to seconds (a queue).
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -53,6 +53,17 @@ class EngineCollector:
                                 value=self.in_flight())
         yield GaugeMetricFamily("edgellm_preemptions", "Preemptions since start", value=st["scheduler"]["preemptions"])
         yield GaugeMetricFamily("edgellm_engine_steps", "Engine steps since start", value=st["steps"]["steps"])
+        spec = st.get("speculative")
+        if spec is not None:      # speculative decoding: counters the engine keeps (vLLM's names)
+            yield CounterMetricFamily("vllm:spec_decode_num_draft_tokens", "Tokens proposed for verification",
+                                      value=spec["proposed"])
+            yield CounterMetricFamily("vllm:spec_decode_num_accepted_tokens", "Proposed tokens accepted",
+                                      value=spec["accepted"])
+            yield CounterMetricFamily("vllm:spec_decode_num_drafts", "Verify passes (steps with a proposal)",
+                                      value=spec["steps"])
+            yield GaugeMetricFamily("edgellm_spec_decode_tokens_per_verify_step",
+                                    "Tokens committed per verify pass (1 + accepted proposals), since start",
+                                    value=spec["tokens_per_verify_step"])
 
 
 class Metrics:
