@@ -856,7 +856,7 @@ def disaggregate(cfg: ModelConfig, single: Hardware, prefill_hw: Hardware, decod
             "kv_transfer_s_total": tot["kv_s"],
             "joules_per_prompt_token": tot["e_pre"] / tot["prompt"] if tot["known"] else None,
             "joules_per_reply_token": tot["e_dec"] / tot["reply"] if tot["known"] else None,
-            "joules_per_reply_token_with_idle": ((tot["e_pre"] + tot["e_dec"] + tot["e_idle"]) / tot["reply"]
+            "joules_per_reply_token_all_phases": ((tot["e_pre"] + tot["e_dec"] + tot["e_idle"]) / tot["reply"]
                                                  if tot["known"] else None),
         }
         return summary
@@ -905,12 +905,12 @@ def format_disaggregation(d: dict) -> str:
                          + ("" if e is None else f"{e['prefill']:>11.3g}{e['decode']:>10.3g}"
                                                  f"{idle or format(e['idle'], '.3g'):>9}"))
     lines += ["", f"{'setup':<16}{'reply tok/s':>12}{'per chip':>10}{'mean TTFT':>11}{'mean TPOT':>11}"
-                  f"{'J/prompt tok':>14}{'J/reply tok':>13}{'J/reply tok + idle':>20}"]
+                  f"{'J/prompt tok':>14}{'J/reply tok':>13}{'J all / reply tok':>20}"]
     for label, s in (("one chip", one), ("disaggregated", dis)):
         lines.append(f"{label:<16}{s['reply_tokens_per_s']:>12.1f}{s['reply_tokens_per_s_per_chip']:>10.1f}"
                      f"{format_time(s['mean_ttft_s']):>11}{format_time(s['mean_tpot_s']):>11}"
                      f"{_j(s['joules_per_prompt_token']):>14}{_j(s['joules_per_reply_token']):>13}"
-                     f"{_j(s['joules_per_reply_token_with_idle']):>20}")
+                     f"{_j(s['joules_per_reply_token_all_phases']):>20}")
     lines += ["", "latency = TTFT + KV move + (reply - 1) x TPOT, per turn (means); wall = the session with its "
                   "think times; J per session by phase (idle: think time and waiting, at idle power)",
               "model: " + "; ".join(d["conventions"])]
