@@ -14,6 +14,10 @@ EPILOG = """examples:
   edgellm analyze --model Llama-3-8B --hardware H100-SXM --crossover
   edgellm analyze --model Mistral-7B --hardware my_chip.yaml --plot roofline.png --plot-layers layers.png
   edgellm analyze --measure --model smollm2-135m --seq-len 256      # time the real engine here, op by op
+  edgellm analyze --model Llama-2-7B --hardware Jetson-AGX-Orin --plan --chips 1,2,4,8 --prompt-tokens 512 \
+      --seq-len 1024                                                # split across chips, joules per token
+  edgellm analyze --model Llama-2-7B --hardware Jetson-AGX-Orin --disaggregate --prefill-on RTX-4090 \
+      --decode-on Jetson-AGX-Orin [--trace sessions.json]            # prefill and decode on different chips
 """
 
 
@@ -45,6 +49,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", action="store_true",
                         help="memory planner: weights and KV bytes per token by precision, the batch x context "
                              "that fits the hardware's memory")
+    plan = parser.add_argument_group("planner: splits across chips, energy, disaggregated serving "
+                                     "(docs/planner.md)")
+    plan.add_argument("--chips", metavar="N[,N...]",
+                      help="with --plan: split the model across N chips of --hardware (e.g. 1,2,4,8): memory per "
+                           "chip, time per phase, pipeline bubble, bytes per link, joules per token")
+    plan.add_argument("--parallel", metavar="KIND[,KIND]", default=None,
+                      help="with --chips: pipeline, tensor and/or hybrid (pipeline x tensor, the best per N); "
+                           "default pipeline,tensor")
+    plan.add_argument("--balance", choices=("time", "memory"), default=None,
+                      help="with --chips: balance pipeline stages by decode time (default) or by memory")
+    plan.add_argument("--micro-batches", type=int, default=None,
+                      help="with --chips: pipeline micro-batches (prefill: token chunks; decode: groups of "
+                           "sequences in flight); default the number of stages")
+    plan.add_argument("--prompt-tokens", type=int, default=None,
+                      help="with --chips: prompt length of the prefill (default --seq-len, which is then the "
+                           "context each sequence holds in the KV cache)")
+    plan.add_argument("--link-gbps", type=float, default=None,
+                      help="chip-to-chip link, gigaBITS per second each way (10GbE = 10), instead of the "
+                           "hardware entry's")
+    plan.add_argument("--link-latency-us", type=float, default=None,
+                      help="chip-to-chip link latency per hop in microseconds, instead of the entry's")
+    plan.add_argument("--disaggregate", action="store_true",
+                      help="what-if: --hardware doing prefill and decode, against prefill on --prefill-on and "
+                           "decode on --decode-on with the KV cache moved between them, over a session trace")
+    plan.add_argument("--prefill-on", metavar="HW", help="with --disaggregate: the (compute-rich) prefill chip")
+    plan.add_argument("--decode-on", metavar="HW", help="with --disaggregate: the (bandwidth-rich) decode chip")
+    plan.add_argument("--trace", metavar="FILE",
+                      help="with --disaggregate: sessions as JSON or CSV (session,prompt_tokens,reply_tokens,"
+                           "think_s); default a built-in mix of chat, summarising and coding")
+    parser.add_argument("--json", action="store_true", help="same as --format json")
     parser.add_argument("--crossover", action="store_true",
                         help="the context length at which attention costs as much as the linear layers")
     parser.add_argument("--plot", metavar="FILE",
@@ -87,6 +121,11 @@ def run(args: argparse.Namespace) -> int:
         from edgellm.util import set_threads
 
         set_threads(args.threads)
+    if args.json:
+        if args.format not in ("table", "json"):
+            raise InvalidParameterError(f"--json and --format {args.format} ask for two formats", "keep one")
+        args.format = "json"
+    _check_planner_flags(args)
     if args.measure:
         return _run_measure(args)
     if args.repeat is not None:
@@ -101,6 +140,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_model(args.model)
     hw = resolve_hardware(args.hardware, remeasure=args.remeasure, log=_log)
 
+    if args.disaggregate:
+        return _run_disaggregate(args, cfg, hw, weight_bits, act_bits, kv_bits, attention)
+    if args.chips:
+        return _run_splits(args, cfg, hw, weight_bits, act_bits, kv_bits, attention)
     if args.plan:
         plan = an.plan_memory(cfg, hw, weight_bits, kv_bits, args.batch, args.seq_len or None)
         if args.format == "json":
@@ -149,6 +192,127 @@ def run(args: argparse.Namespace) -> int:
             _log(f"wrote {plot.plot_roofline(both, args.plot)}")
         if args.plot_layers:
             _log(f"wrote {plot.plot_layers(both, args.plot_layers)}")
+    return 0
+
+
+_SPLIT_FLAGS = ("parallel", "balance", "micro_batches", "prompt_tokens")
+_DISAGG_FLAGS = ("prefill_on", "decode_on", "trace")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_planner_flags(args: argparse.Namespace) -> None:
+    """Planner flags only mean something in the mode they belong to: say which, instead of ignoring them."""
+    from edgellm.errors import InvalidParameterError
+
+    if args.chips and not args.plan:
+        raise InvalidParameterError("--chips plans a split, which is part of --plan", "add --plan")
+    if args.chips and args.disaggregate:
+        raise InvalidParameterError("--chips and --disaggregate are two different plans", "run them separately")
+    if args.disaggregate and args.plan:
+        raise InvalidParameterError("--disaggregate is its own plan; --plan is the memory / split planner",
+                                    "leave --plan out")
+    if args.measure and (args.chips or args.disaggregate):
+        raise InvalidParameterError("--measure times this machine; --chips / --disaggregate plan other hardware",
+                                    "run them separately")
+    given = [_flag(f) for f in _SPLIT_FLAGS if getattr(args, f) is not None]
+    if given and not args.chips:
+        fix = ("--disaggregate takes its prompt lengths from the trace (--trace)" if args.disaggregate
+               else "add --plan --chips N")
+        raise InvalidParameterError(f"{', '.join(given)} only apply to a split plan (--plan --chips)", fix)
+    given = [_flag(f) for f in _DISAGG_FLAGS if getattr(args, f) is not None]
+    if given and not args.disaggregate:
+        raise InvalidParameterError(f"{', '.join(given)} only apply to --disaggregate", "add --disaggregate")
+    if args.disaggregate:
+        missing = [_flag(f) for f in ("prefill_on", "decode_on") if not getattr(args, f)]
+        if missing:
+            raise InvalidParameterError(f"--disaggregate needs {' and '.join(missing)}",
+                                        "e.g. --prefill-on RTX-4090 --decode-on Jetson-AGX-Orin")
+    if (args.link_gbps is not None or args.link_latency_us is not None) and not (args.chips or args.disaggregate):
+        raise InvalidParameterError("--link-gbps / --link-latency-us only apply to --plan --chips or --disaggregate",
+                                    "add one of them, or leave the link flags out")
+
+
+def _parse_list(text: str, flag: str, kind=str) -> list:
+    from edgellm.errors import InvalidParameterError
+
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        values = [kind(x) for x in items]
+    except ValueError:
+        raise InvalidParameterError(f"{flag} takes a comma-separated list, got {text!r}",
+                                    f"e.g. {flag} 1,2,4,8" if kind is int else f"e.g. {flag} pipeline,tensor") from None
+    if not values:
+        raise InvalidParameterError(f"{flag} is empty", f"e.g. {flag} 1,2,4,8")
+    return values
+
+
+def _run_splits(args, cfg, hw, weight_bits, act_bits, kv_bits, attention) -> int:
+    from edgellm.roofline.analyze import format_json
+    from edgellm.roofline.planner import format_splits, plan_splits, resolve_link, splits_to_dict
+
+    chips = _parse_list(args.chips, "--chips", int)
+    modes = _parse_list(args.parallel or "pipeline,tensor", "--parallel")
+    link = resolve_link(hw, args.link_gbps, args.link_latency_us, needed=max(chips) > 1)
+    prompt = args.prompt_tokens if args.prompt_tokens is not None else args.seq_len
+    result = plan_splits(cfg, hw, chips, modes, link=link, prompt_tokens=prompt, context=args.seq_len,
+                         batch=args.batch, micro_batches=args.micro_batches, weight_bits=weight_bits,
+                         act_bits=act_bits, kv_bits=kv_bits, attention=attention, balance=args.balance or "time")
+    if args.format == "json":
+        print(format_json(splits_to_dict(result)))
+    elif args.format == "csv":
+        print("mode,chips,pipeline_stages,tensor_parallel,micro_batches,fits,max_memory_bytes_per_chip,prefill_s,"
+              "prefill_bubble,decode_time_per_token_s,decode_tokens_per_s,decode_bubble,joules_per_token_prefill,"
+              "joules_per_token_decode")
+        for r in result["rows"]:
+            f = r.figures
+            cells = [r.mode, r.chips, r.pp, r.tp, r.micro_batches, r.fits,
+                     "" if not r.stages else f"{r.max_memory_bytes:.0f}"]
+            if r.fits:
+                cells += [f["prefill"]["time_s"], f["prefill"]["bubble_fraction"], f["decode"]["time_per_token_s"],
+                          f["decode"]["tokens_per_s"], f["decode"]["bubble_fraction"],
+                          _blank(f["prefill"]["joules_per_token"]), _blank(f["decode"]["joules_per_token"])]
+            else:
+                cells += [""] * 7
+            print(",".join(str(c) for c in cells))
+    else:
+        print(format_splits(result))
+    return 0
+
+
+def _blank(x) -> str:
+    return "" if x is None else str(x)
+
+
+def _run_disaggregate(args, cfg, hw, weight_bits, act_bits, kv_bits, attention) -> int:
+    from edgellm.errors import InvalidParameterError
+    from edgellm.roofline.analyze import format_json
+    from edgellm.roofline.hardware import resolve_hardware
+    from edgellm.roofline.planner import (
+        DEFAULT_TRACE,
+        disaggregate,
+        format_disaggregation,
+        load_trace,
+        resolve_link,
+        slower_link,
+    )
+
+    if args.format == "csv":
+        raise InvalidParameterError("--disaggregate prints a table or JSON", "pass --format table or --json")
+    pre = resolve_hardware(args.prefill_on, log=_log)
+    dec = resolve_hardware(args.decode_on, log=_log)
+    # The KV cache crosses both chips' links: the slower end sets the pace (flags override both).
+    link = slower_link(resolve_link(pre, args.link_gbps, args.link_latency_us),
+                       resolve_link(dec, args.link_gbps, args.link_latency_us))
+    trace = load_trace(args.trace) if args.trace else DEFAULT_TRACE
+    result = disaggregate(cfg, hw, pre, dec, trace, link=link, batch=args.batch, weight_bits=weight_bits,
+                          act_bits=act_bits, kv_bits=kv_bits, attention=attention)
+    if args.format == "json":
+        print(format_json(result))
+    else:
+        print(format_disaggregation(result))
     return 0
 
 

@@ -162,6 +162,13 @@ class Analysis:
             out["time_per_token_s"] = t
             out["tokens_per_s"] = self.batch / t                  # all sequences of the batch together
             out["tokens_per_s_per_sequence"] = 1.0 / t
+        if self.hardware.power_W is not None:
+            # Energy model: the chip draws its busy power for the whole roofline time (an upper bound
+            # for a memory-bound phase); joules per token = busy W x time / tokens of this step.
+            tokens = self.batch * (self.seq_len if self.phase == "prefill" else 1)
+            out["power_W"] = self.hardware.power_W
+            out["energy_J"] = self.hardware.power_W * t
+            out["joules_per_token"] = self.hardware.power_W * t / tokens
         return out
 
     def to_dict(self) -> dict:
@@ -421,6 +428,10 @@ def format_table(a: Analysis, per_block: bool = False) -> str:
                  f"({a.batch} x {a.context_tokens} tokens, {format_bytes(tot['kv_bytes_per_token'])}/token) · "
                  f"{tot['memory_bound_time_fraction']:.0%} of the time in memory-bound layers")
     lines.append(f"attention core {format_time(tot['attention_time_s'])} vs linear layers {format_time(tot['linear_time_s'])}")
+    if "joules_per_token" in tot:
+        lines.append(f"energy at {tot['power_W']:g} W busy: {tot['energy_J']:.3g} J this step, "
+                     f"{tot['joules_per_token']:.3g} J per {'prompt ' if a.phase == 'prefill' else ''}token "
+                     f"(power: {hw.power_source})")
     for note in a.notes:
         lines.append(f"note: {note}")
     lines += ["", "conventions:"] + [f"  - {c}" for c in CONVENTIONS]

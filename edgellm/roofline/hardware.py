@@ -14,6 +14,19 @@ Three sources, one type (:class:`Hardware`):
 * ``local``: this machine, measured by :mod:`edgellm.roofline.measure` and cached as a file in
   the format above under ``$XDG_CACHE_HOME/edgellm/`` (default ``~/.cache/edgellm/``).
 
+For the planner (:mod:`edgellm.roofline.planner`) an entry may also carry its power and its
+chip-to-chip link, each with its own source (optional in a file)::
+
+      power_W: 300            # busy power: TDP / board power, or a measured figure
+      idle_power_W: 25        # optional: what it draws doing nothing
+      power_source: "vendor datasheet"
+      link_GBps: 56.25        # one direction of one chip-to-chip link, gigabytes per second
+      link_latency_us: 2      # one hop, microseconds
+      link_source: "NVLink bridge spec; latency an estimate"
+
+A figure nobody publishes is left out (None) rather than guessed; the planner then says what it
+assumed or asks for a flag (``--link-gbps``, ``--link-latency-us``) or a hardware file.
+
 Peak figures are *dense* (vendors often quote 2:4 sparse throughput; those are halved here).
 An operation is one multiply or one add, so a multiply-add counts as two.
 """
@@ -62,6 +75,13 @@ class Hardware:
     kind: str = ""
     notes: str = ""
     measured: dict = field(default_factory=dict, compare=False)   # filled for `local`
+    # Energy and links, for the planner; None where no trustworthy figure exists.
+    power_W: float | None = None           # busy power (TDP / max board or module power, or measured)
+    idle_power_W: float | None = None      # power doing nothing; None = unknown (energy is then a lower bound)
+    power_source: str = ""
+    link_bandwidth: float | None = None    # bytes/s, one direction of one chip-to-chip link
+    link_latency_s: float | None = None    # seconds, one hop
+    link_source: str = ""
 
     def compute_precision(self, bits: int) -> tuple[str, float]:
         """The precision (and its peak ops/s) that runs an operation on ``bits``-bit operands.
@@ -95,58 +115,113 @@ class Hardware:
             d["notes"] = self.notes
         if self.measured:
             d["measured"] = self.measured
+        if self.power_W is not None:
+            d["power_W"] = self.power_W
+        if self.idle_power_W is not None:
+            d["idle_power_W"] = self.idle_power_W
+        if self.power_source:
+            d["power_source"] = self.power_source
+        if self.link_bandwidth is not None:
+            d["link_GBps"] = self.link_bandwidth / G
+        if self.link_latency_s is not None:
+            d["link_latency_us"] = self.link_latency_s * 1e6
+        if self.link_source:
+            d["link_source"] = self.link_source
         return d
 
 
 def _hw(name: str, kind: str, peaks_tops: dict, bw_gbps: float, mem_gb: float, source: str,
-        notes: str = "") -> Hardware:
+        notes: str = "", power: tuple | None = None, link: tuple | None = None) -> Hardware:
+    """``power`` = (busy W, idle W or None, source); ``link`` = (GB/s one direction, latency us, source)."""
+    busy_w, idle_w, power_source = power if power else (None, None, "")
+    link_gbps, link_us, link_source = link if link else (None, None, "")
     return Hardware(name=name, kind=kind, peak_ops={k: v * T for k, v in peaks_tops.items()},
-                    bandwidth=bw_gbps * G, memory_bytes=mem_gb * G, source=source, notes=notes)
+                    bandwidth=bw_gbps * G, memory_bytes=mem_gb * G, source=source, notes=notes,
+                    power_W=busy_w, idle_power_W=idle_w, power_source=power_source,
+                    link_bandwidth=None if link_gbps is None else link_gbps * G,
+                    link_latency_s=None if link_us is None else link_us * 1e-6, link_source=link_source)
+
+
+# Link latencies are not in any datasheet: the figures below are order-of-magnitude estimates of one
+# hop's start-up cost (a collective library's small-message time), marked as such in each source.
+_NVLINK_LATENCY_US = 2.0
+_PCIE_LATENCY_US = 5.0
+_ETHERNET_LATENCY_US = 30.0
+_PCIE4_X16_GBPS = 31.5          # 16 GT/s x 16 lanes x 128/130 encoding / 8 bits, one direction
 
 
 # key -> entry. Dense figures; "(sparse / 2)" marks figures derived from a sparse datasheet number.
+# power / link: see _hw. The Apple, Qualcomm and Rockchip parts have none: their makers publish no
+# power figure for the GPU/NPU that runs the model (only whole-device figures or none), and they have
+# no chip-to-chip link; give them in a hardware file (power_W, link_GBps) to plan with them.
 HARDWARE: dict[str, Hardware] = {
     "A100-40GB": _hw(
         "NVIDIA A100 40GB SXM", "datacenter GPU",
         {"fp32": 19.5, "tf32": 156, "fp16": 312, "bf16": 312, "int8": 624, "int4": 1248}, 1555, 40,
         "NVIDIA A100 Tensor Core GPU datasheet (nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/"
-        "nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf); INT4 from the NVIDIA A100 architecture whitepaper"),
+        "nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf); INT4 from the NVIDIA A100 architecture whitepaper",
+        power=(400, None, "A100 datasheet: max TDP 400 W (SXM4)"),
+        link=(300, _NVLINK_LATENCY_US, "A100 datasheet: NVLink 600 GB/s (both directions together, so 300 each "
+              "way); latency an estimate")),
     "A100-80GB": _hw(
         "NVIDIA A100 80GB SXM", "datacenter GPU",
         {"fp32": 19.5, "tf32": 156, "fp16": 312, "bf16": 312, "int8": 624, "int4": 1248}, 2039, 80,
-        "NVIDIA A100 Tensor Core GPU datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf), SXM column"),
+        "NVIDIA A100 Tensor Core GPU datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf), SXM column",
+        power=(400, None, "A100 datasheet: max TDP 400 W (SXM4)"),
+        link=(300, _NVLINK_LATENCY_US, "A100 datasheet: NVLink 600 GB/s both directions (300 each way); latency "
+              "an estimate")),
     "H100-SXM": _hw(
         "NVIDIA H100 SXM 80GB", "datacenter GPU",
         {"fp32": 67, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4, "fp8": 1978.9, "int8": 1978.9}, 3350, 80,
         "NVIDIA H100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h100/), SXM column, "
-        "tensor-core figures sparse / 2"),
+        "tensor-core figures sparse / 2",
+        power=(700, None, "H100 datasheet: max TDP up to 700 W (SXM, configurable)"),
+        link=(450, _NVLINK_LATENCY_US, "H100 datasheet: NVLink 900 GB/s both directions (450 each way); latency "
+              "an estimate")),
     "H200": _hw(
         "NVIDIA H200 SXM 141GB", "datacenter GPU",
         {"fp32": 67, "tf32": 494.7, "fp16": 989.4, "bf16": 989.4, "fp8": 1978.9, "int8": 1978.9}, 4800, 141,
         "NVIDIA H200 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h200/), SXM column, "
-        "tensor-core figures sparse / 2"),
+        "tensor-core figures sparse / 2",
+        power=(700, None, "H200 datasheet: max TDP up to 700 W (SXM, configurable)"),
+        link=(450, _NVLINK_LATENCY_US, "H200 datasheet: NVLink 900 GB/s both directions (450 each way); latency "
+              "an estimate")),
     "A6000": _hw(
         "NVIDIA RTX A6000 48GB", "workstation GPU",
         {"fp32": 38.7, "tf32": 77.4, "fp16": 154.8, "bf16": 154.8, "int8": 309.7, "int4": 619.4}, 768, 48,
         "NVIDIA RTX A6000 datasheet (nvidia.com/content/dam/en-zz/Solutions/design-visualization/quadro-product-"
         "literature/proviz-print-nvidia-rtx-a6000-datasheet-us-nvidia-1454980-r9-web.pdf): 309.7 TFLOPS tensor "
-        "with sparsity; dense tensor figures from the NVIDIA Ampere GA102 GPU architecture whitepaper"),
+        "with sparsity; dense tensor figures from the NVIDIA Ampere GA102 GPU architecture whitepaper",
+        power=(300, None, "RTX A6000 datasheet: max power consumption 300 W"),
+        link=(56.25, _NVLINK_LATENCY_US, "RTX A6000 datasheet: NVLink bridge (2 cards) 112.5 GB/s both directions "
+              "(56.25 each way); latency an estimate")),
     "RTX-3090": _hw(
         "NVIDIA GeForce RTX 3090 24GB", "consumer GPU",
         {"fp32": 35.6, "fp16": 71, "bf16": 71, "int8": 284, "int4": 568}, 936, 24,
         "NVIDIA Ampere GA102 GPU architecture whitepaper v2, table 9 (GeForce RTX 3090); FP16 tensor with FP32 "
-        "accumulate (142 TFLOPS with FP16 accumulate)"),
+        "accumulate (142 TFLOPS with FP16 accumulate)",
+        power=(350, None, "NVIDIA GeForce RTX 3090 specifications: total graphics power 350 W"),
+        link=(56.25, _NVLINK_LATENCY_US, "Ampere GA102 whitepaper: NVLink (2 cards) 112.5 GB/s both directions "
+              "(56.25 each way); latency an estimate")),
     "RTX-4090": _hw(
         "NVIDIA GeForce RTX 4090 24GB", "consumer GPU",
         {"fp32": 82.6, "fp16": 165.2, "bf16": 165.2, "fp8": 330.3, "int8": 660.6, "int4": 1321.2}, 1008, 24,
         "NVIDIA Ada GPU architecture whitepaper v2.02, appendix A (GeForce RTX 4090); FP16/FP8 tensor with FP32 "
-        "accumulate (twice that with FP16 accumulate)"),
+        "accumulate (twice that with FP16 accumulate)",
+        power=(450, None, "NVIDIA GeForce RTX 4090 specifications: total graphics power 450 W"),
+        link=(_PCIE4_X16_GBPS, _PCIE_LATENCY_US, "no NVLink on the 4090: PCIe 4.0 x16 through the host, 31.5 GB/s "
+              "each way (PCIe 4.0 specification); latency an estimate")),
     "Jetson-AGX-Orin": _hw(
         "NVIDIA Jetson AGX Orin 64GB (GPU)", "edge module",
         {"fp32": 5.3, "fp16": 42.5, "int8": 85}, 204.8, 64,
         "NVIDIA Jetson AGX Orin Series technical brief v1.2: GPU 170 sparse INT8 TOPS (85 dense), FP16 tensor "
         "half of INT8, 5.3 FP32 TFLOPS; 204.8 GB/s LPDDR5",
-        notes="GPU only; the two DLAs (105 sparse INT8 TOPS) are left out"),
+        notes="GPU only; the two DLAs (105 sparse INT8 TOPS) are left out",
+        power=(60, None, "NVIDIA Jetson AGX Orin Series data sheet: 64GB module power 15-60 W by "
+               "power mode; 60 W (MAXN) taken as busy power. Idle power is not published (it depends on the "
+               "carrier board and the mode), so it is left unknown"),
+        link=(1.25, _ETHERNET_LATENCY_US, "Jetson AGX Orin Developer Kit specification: 10GbE (10 Gb/s = 1.25 "
+              "GB/s each way); modules have no chip-to-chip fabric; latency an estimate for a switched LAN hop")),
     "Apple-M2-Max": _hw(
         "Apple M2 Max (38-core GPU)", "laptop SoC",
         {"fp32": 13.6, "fp16": 13.6, "int8": 15.8}, 400, 96,
@@ -176,12 +251,21 @@ HARDWARE: dict[str, Hardware] = {
         {"fp16": 188, "int8": 750}, 80000, 0.23,
         "Groq GroqChip 1 product brief; Abts et al., 'Think Fast: A Tensor Streaming Processor', ISCA 2020: "
         "750 INT8 TOPS, 188 FP16 TFLOPS, 230 MB on-die SRAM at 80 TB/s",
-        notes="no DRAM: the 'memory' is 230 MB of SRAM per chip, so models span hundreds of chips"),
+        notes="no DRAM: the 'memory' is 230 MB of SRAM per chip, so models span hundreds of chips",
+        power=(300, None, "TechSpot, 'Groq launches first AI accelerator card' (2020): the TSP draws "
+               "~300 W; GroqCard figures are quoted between ~215 W typical and 375 W maximum, so this is "
+               "uncertain; idle power not published"),
+        link=(14, 1.0, "Linley Group, 'Groq Gets Connected' (Nov 2020): 16 chip-to-chip links per chip, each four "
+              "30 Gb/s lanes (28 Gb/s cabled): 14 GB/s per link each way, 480 GB/s in all; the planner uses one "
+              "link per neighbour. Hop latency (~1 us) is an estimate")),
     "Grayskull-e150": _hw(
         "Tenstorrent Grayskull e150", "dataflow accelerator",
         {"fp16": 83, "fp8": 332}, 118.4, 8,
         "Tenstorrent Grayskull e150 specifications (tenstorrent.com/hardware/grayskull): 332 TFLOPS FP8 "
-        "(block FP8), 83 TFLOPS FP16, 8 GB LPDDR4 at 118.4 GB/s, 120 MB SRAM"),
+        "(block FP8), 83 TFLOPS FP16, 8 GB LPDDR4 at 118.4 GB/s, 120 MB SRAM",
+        power=(200, None, "Tenstorrent Grayskull e150 specifications: board power (TBP) 200 W"),
+        link=(_PCIE4_X16_GBPS, _PCIE_LATENCY_US, "no chip-to-chip links on the e150: PCIe 4.0 x16 through the host, "
+              "31.5 GB/s each way; latency an estimate")),
 }
 
 _ALIASES = {
@@ -267,9 +351,18 @@ def hardware_from_dict(data: Any, path: Path | str = "<dict>") -> Hardware:
     if not isinstance(source, str):
         raise HardwareFormatError(f"hardware file {path}: field 'source' must be a string", example)
     measured = data.get("measured") or {}
+
+    def optional(key: str, scale: float) -> float | None:
+        # power and link figures are optional: a file without them still analyses, the planner asks
+        return None if data.get(key) is None else _positive_number(data[key], key, path) * scale
+
     return Hardware(name=data["name"], peak_ops=peak_ops, bandwidth=bw, memory_bytes=mem, source=source,
                     kind=str(data.get("kind", "")), notes=str(data.get("notes", "")),
-                    measured=dict(measured) if isinstance(measured, Mapping) else {})
+                    measured=dict(measured) if isinstance(measured, Mapping) else {},
+                    power_W=optional("power_W", 1.0), idle_power_W=optional("idle_power_W", 1.0),
+                    power_source=str(data.get("power_source", "")),
+                    link_bandwidth=optional("link_GBps", G), link_latency_s=optional("link_latency_us", 1e-6),
+                    link_source=str(data.get("link_source", "")))
 
 
 def load_hardware_file(path: Path | str) -> Hardware:
