@@ -566,8 +566,12 @@ template <typename KV>
 void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& fmts,
                         const std::vector<torch::Tensor>& qkv_bias, torch::Tensor cos, torch::Tensor sin,
                         torch::Tensor kv, torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
-                        int64_t H, int64_t KVH, int64_t F, double eps_d, int nt) {
-  const int64_t B = h.size(0), C = h.size(1), L = kv.size(0), n_slots = kv.size(2), D = kv.size(4);
+                        int64_t H, int64_t KVH, int64_t F, double eps_d, int nt,
+                        const std::vector<int64_t>& kv_layers) {
+  // L blocks run (weights hold 6 tensors each); block l reads and writes KV layer kv_layers[l]
+  // (l itself when kv_layers is empty): a speculative draft runs a subset of the blocks.
+  const int64_t B = h.size(0), C = h.size(1), L = static_cast<int64_t>(weights.size()) / 6,
+                n_slots = kv.size(2), D = kv.size(4);
   const int64_t G = H / KVH, Q = H * D, QKV = (H + 2 * KVH) * D, Lmax = ctx_index.size(1);
   const float eps = static_cast<float>(eps_d);
   const int64_t *WI = write_index.data_ptr<int64_t>(), *CI = ctx_index.data_ptr<int64_t>(),
@@ -601,8 +605,9 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
       const float* attn_norm = weights[6 * l + 0].data_ptr<float>();
       const float* ffn_norm = weights[6 * l + 3].data_ptr<float>();
       const float* bias = qkv_bias.empty() ? nullptr : qkv_bias[l].data_ptr<float>();
-      KV* KC = KVp + (l * 2 + 0) * n_slots * KVH * D;
-      KV* VC = KVp + (l * 2 + 1) * n_slots * KVH * D;
+      const int64_t kl = kv_layers.empty() ? l : kv_layers[l];
+      KV* KC = KVp + (kl * 2 + 0) * n_slots * KVH * D;
+      KV* VC = KVp + (kl * 2 + 1) * n_slots * KVH * D;
       // 1. x = norm(h); qkv = x @ Wqkv.T (my rows)
       for (int64_t b = 0; b < B; b++) rms_norm(Hp + b * C, attn_norm, xn.data() + b * C, C, eps);
       block_sums(xn.data(), B, C, xs.data());
@@ -673,20 +678,30 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
   }
 }
 
-void decode_blocks(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
-                   std::vector<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, torch::Tensor kv,
-                   torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
-                   int64_t H, int64_t KVH, int64_t F, double eps_d, int64_t num_threads) {
+// The blocks given (weights: 6 tensors per block, fmts: 4 per block), block l on KV layer
+// kv_layers[l] (empty: on layer l, and then every layer of the cache must be given).
+void decode_blocks_on(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
+                      std::vector<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, torch::Tensor kv,
+                      torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
+                      int64_t H, int64_t KVH, int64_t F, double eps_d, int64_t num_threads,
+                      std::vector<int64_t> kv_layers) {
   TORCH_CHECK(h.is_contiguous() && h.scalar_type() == torch::kFloat32, "h must be contiguous float32");
   const int nt = num_threads > 0 ? static_cast<int>(num_threads) : at::get_num_threads();
   TORCH_CHECK(kv.is_contiguous() && (kv.scalar_type() == torch::kFloat32 || kv.scalar_type() == torch::kHalf),
               "KV cache must be contiguous float32 or float16");
   cos = cos.contiguous(); sin = sin.contiguous();
   write_index = write_index.contiguous(); ctx_index = ctx_index.contiguous(); ctx_lens = ctx_lens.contiguous();
-  const int64_t B = h.size(0), C = h.size(1), L = kv.size(0), n_slots = kv.size(2), D = kv.size(4);
+  const int64_t B = h.size(0), C = h.size(1), L = static_cast<int64_t>(weights.size()) / 6,
+                n_slots = kv.size(2), D = kv.size(4);
   const int64_t Q = H * D, QKV = (H + 2 * KVH) * D, Lmax = ctx_index.size(1);
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 6 * L && static_cast<int64_t>(fmts.size()) == 4 * L,
               "weights/fmts do not match the number of layers");
+  if (kv_layers.empty()) {
+    TORCH_CHECK(L == kv.size(0), "without kv_layers, one block per KV cache layer");
+  } else {
+    TORCH_CHECK(static_cast<int64_t>(kv_layers.size()) == L, "one KV layer per block");
+  }
+  for (int64_t kl : kv_layers) TORCH_CHECK(kl >= 0 && kl < kv.size(0), "KV layer out of range");
   TORCH_CHECK(qkv_bias.empty() || static_cast<int64_t>(qkv_bias.size()) == L, "one qkv bias per layer");
   TORCH_CHECK(C % 32 == 0 && F % 32 == 0 && Q % 32 == 0 && D % 8 == 0, "widths must be multiples of 32");
   for (int64_t l = 0; l < L; l++) {
@@ -702,9 +717,19 @@ void decode_blocks(torch::Tensor h, std::vector<torch::Tensor> weights, std::vec
     for (int64_t i = 0; i < CL[b]; i++) TORCH_CHECK(CI[b * Lmax + i] >= 0 && CI[b * Lmax + i] < n_slots, "bad slot");
   }
   if (kv.scalar_type() == torch::kHalf)
-    decode_blocks_impl<at::Half>(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F, eps_d, nt);
+    decode_blocks_impl<at::Half>(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F,
+                                 eps_d, nt, kv_layers);
   else
-    decode_blocks_impl<float>(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F, eps_d, nt);
+    decode_blocks_impl<float>(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F,
+                              eps_d, nt, kv_layers);
+}
+
+void decode_blocks(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
+                   std::vector<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, torch::Tensor kv,
+                   torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
+                   int64_t H, int64_t KVH, int64_t F, double eps_d, int64_t num_threads) {
+  decode_blocks_on(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F, eps_d,
+                   num_threads, {});
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -715,4 +740,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one-token attention over slot-addressed history");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("decode_blocks", &decode_blocks, "every transformer block of a decode step, in one parallel region");
+  m.def("decode_blocks_on", &decode_blocks_on, "chosen blocks of a decode step on chosen KV layers (a draft)");
 }

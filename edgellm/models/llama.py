@@ -107,13 +107,14 @@ class LlamaModel:
         return out
 
     def forward_layers(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
-                       cache: KVCache, trace: Trace | None = None, layers: int | None = None) -> torch.Tensor:
+                       cache: KVCache, trace: Trace | None = None, layers: list[int] | None = None) -> torch.Tensor:
         """The blocks, one after the other, op by op (prefill, mixed and large decode steps);
-        ``layers``: only the first that many (an early-exit draft), default all."""
+        ``layers``: only these blocks, in this order (a speculative draft), default all."""
         if trace is not None:
             trace.begin()
-        for i, block in enumerate(self.weights.blocks[:layers]):
-            h = self.block(h, rope, block, batch, cache, i, trace)
+        blocks = self.weights.blocks
+        for i in range(len(blocks)) if layers is None else layers:
+            h = self.block(h, rope, blocks[i], batch, cache, i, trace)
         return h
 
     @property
@@ -128,21 +129,25 @@ class LlamaModel:
                 and cache.dtype in (torch.float32, torch.float16))
 
     def decode_blocks_fused(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
-                            cache: KVCache, threads: int, trace: Trace | None = None, layers: int | None = None) -> None:
+                            cache: KVCache, threads: int, trace: Trace | None = None,
+                            layers: list[int] | None = None) -> None:
         """Every block of a decode-only step in one native call (one parallel region of ``threads``
         threads); updates h in place. Only where :meth:`fused_decode_supported` says so.
-        ``layers``: only the first that many blocks (an early-exit draft), default all."""
+        ``layers``: only these blocks, in this order, each on its own KV layer (a speculative
+        draft), default all."""
         cfg = self.cfg
         tensors, formats, biases = self._native_blocks
-        kv = cache.data
-        if layers is not None and layers < cfg.n_layers:   # the first blocks: leading slices of each list
-            tensors, formats, biases, kv = tensors[:6 * layers], formats[:4 * layers], biases[:layers], kv[:layers]
         T = h.shape[0]
         if trace is not None:
             trace.begin()
-        native().decode_blocks(h, tensors, formats, biases, rope[0].view(T, -1), rope[1].view(T, -1), kv,
-                               batch.write_index, batch.decode_index, batch.decode_lens,
-                               cfg.n_heads, cfg.n_kv_heads, cfg.ffn_size, cfg.rms_norm_eps, threads)
+        args = (rope[0].view(T, -1), rope[1].view(T, -1), cache.data, batch.write_index, batch.decode_index,
+                batch.decode_lens, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_size, cfg.rms_norm_eps, threads)
+        if layers is None:
+            native().decode_blocks(h, tensors, formats, biases, *args)
+        else:
+            native().decode_blocks_on(h, [t for i in layers for t in tensors[6 * i:6 * i + 6]],
+                                      [f for i in layers for f in formats[4 * i:4 * i + 4]],
+                                      [biases[i] for i in layers] if biases else [], *args, list(layers))
         if trace is not None:
             trace.end("decode_blocks", None)
 

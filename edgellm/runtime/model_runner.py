@@ -47,10 +47,10 @@ class ModelRunner:
         self.fused_decode = fused_decode
 
     @torch.inference_mode()
-    def run(self, chunks: list[SeqChunk], layers: int | None = None) -> torch.Tensor:
+    def run(self, chunks: list[SeqChunk], layers: list[int] | None = None) -> torch.Tensor:
         """One forward pass; returns logits [rows wanting them, vocab], in order (one row per chunk
-        that wants logits, every row of a verify chunk). ``layers``: run only the first that many
-        blocks before the final norm and head (an early-exit draft; not traced)."""
+        that wants logits, every row of a verify chunk). ``layers``: run only these blocks before
+        the final norm and head (a speculative draft; not traced)."""
         tokens, positions, batch, logit_rows = step_inputs(chunks)
         model = self.model
         trace = self.trace if layers is None else None
@@ -74,7 +74,7 @@ class ModelRunner:
         return (self.fused_decode and rows <= FUSED_DECODE_MAX_ROWS
                 and self.model.fused_decode_supported(batch, self.cache))
 
-    def _decode_fused(self, h: torch.Tensor, rope, batch: AttentionBatch, layers: int | None = None) -> None:
+    def _decode_fused(self, h: torch.Tensor, rope, batch: AttentionBatch, layers: list[int] | None = None) -> None:
         if self.thread_chooser.max_threads != torch.get_num_threads():   # the caller changed the setting
             self.thread_chooser = ThreadChooser(torch.get_num_threads())
         rows = h.shape[0]

@@ -17,6 +17,9 @@ Proposers (``--speculative``):
 * ``early-exit:L`` -- self-speculation: the first L blocks of the target model, then its final
   norm and head, run once per proposed token; they write the same KV rows the verify pass then
   rewrites with the full model.
+* ``layer-skip:N`` -- self-speculation by skipping N blocks of the target, the ones whose absence
+  changes its next-token choices least on a short calibration text shipped with edgellm
+  (``runtime/data/calibration.txt``; the choice is cached per model file).
 * ``draft:MODEL`` -- a separate model with the same vocabulary (e.g. a smaller or lower-precision
   copy), with its own KV pool, which catches up on the committed tokens and proposes greedily.
 
@@ -43,8 +46,9 @@ if TYPE_CHECKING:
 
 NGRAM = "ngram"
 EARLY_EXIT = "early-exit"
+LAYER_SKIP = "layer-skip"
 DRAFT = "draft"
-METHODS = (NGRAM, EARLY_EXIT, DRAFT)
+METHODS = (NGRAM, EARLY_EXIT, LAYER_SKIP, DRAFT)
 
 #: default most tokens proposed per step (k): a verify pass of k + 1 <= 8 rows keeps every matmul,
 #: the vocabulary projection included, on the native kernels' multi-row path
@@ -55,8 +59,9 @@ NGRAM_MAX = 4
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """``method``: "ngram", "early-exit" or "draft"; ``draft_tokens``: the most tokens proposed per
-    step; ``layers``: the early-exit depth; ``draft_model``: the draft's model spec;
+    """``method``: "ngram", "early-exit", "layer-skip" or "draft"; ``draft_tokens``: the most
+    tokens proposed per step; ``layers``: the early-exit depth, or the blocks layer-skip leaves
+    out; ``draft_model``: the draft's model spec;
     ``adaptive``: let each sequence's proposal length follow its acceptance (else always the most)."""
 
     method: str
@@ -64,25 +69,27 @@ class SpeculativeConfig:
     layers: int | None = None
     draft_model: str | None = None
     adaptive: bool = True
-    draft_loaded: Any = field(default=None, compare=False, repr=False)   # the draft, once loaded
+    # what prepare_speculative computed once: the loaded draft (draft), the skipped blocks (layer-skip)
+    prepared: Any = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
-        if self.method == EARLY_EXIT:
-            return f"{EARLY_EXIT}:{self.layers}"
+        if self.method in (EARLY_EXIT, LAYER_SKIP):
+            return f"{self.method}:{self.layers}"
         if self.method == DRAFT:
             return f"{DRAFT}:{self.draft_model}"
         return self.method
 
 
 def parse_speculative(spec: Any, draft_tokens: int | None = None, adaptive: bool = True) -> SpeculativeConfig | None:
-    """``"ngram"``, ``"early-exit:L"``, ``"draft:MODEL"`` (a path or registry name), a
-    :class:`SpeculativeConfig`, or None/"" (off)."""
+    """``"ngram"``, ``"early-exit:L"``, ``"layer-skip:N"``, ``"draft:MODEL"`` (a path or registry
+    name), a :class:`SpeculativeConfig`, or None/"" (off)."""
     if spec is None or spec == "" or spec is False:
         return None
     if isinstance(spec, SpeculativeConfig):
         return spec if draft_tokens is None else replace(spec, draft_tokens=_check_k(draft_tokens))
-    how = "use --speculative ngram, early-exit:L (L blocks, e.g. early-exit:8) or draft:MODEL (a path or registry name)"
+    how = ("use --speculative ngram, early-exit:L (the first L blocks draft, e.g. early-exit:8), layer-skip:N "
+           "(N blocks skipped, e.g. layer-skip:6) or draft:MODEL (a path or registry name)")
     if not isinstance(spec, str):
         raise InvalidParameterError(f"speculative must be a string, got {type(spec).__name__}", how)
     method, _, arg = spec.strip().partition(":")
@@ -94,6 +101,11 @@ def parse_speculative(spec: Any, draft_tokens: int | None = None, adaptive: bool
             raise InvalidParameterError(f"early-exit needs a number of blocks, got {spec!r}",
                                         "e.g. --speculative early-exit:8 (the first 8 blocks draft)")
         return SpeculativeConfig(EARLY_EXIT, k, layers=int(arg), adaptive=adaptive)
+    if method == LAYER_SKIP:
+        if not arg.isdigit() or int(arg) < 1:
+            raise InvalidParameterError(f"layer-skip needs a number of blocks to skip, got {spec!r}",
+                                        "e.g. --speculative layer-skip:6 (the draft leaves 6 blocks out)")
+        return SpeculativeConfig(LAYER_SKIP, k, layers=int(arg), adaptive=adaptive)
     if method == DRAFT:
         if not arg:
             raise InvalidParameterError("draft needs a model", "e.g. --speculative draft:/path/to/small.gguf")
@@ -102,10 +114,76 @@ def parse_speculative(spec: Any, draft_tokens: int | None = None, adaptive: bool
 
 
 def prepare_speculative(config: SpeculativeConfig, target: Any) -> SpeculativeConfig:
-    """Load and check a draft model once (engines made later share it); other methods as they are."""
-    if config.method != DRAFT or config.draft_loaded is not None:
+    """Do the slow part once, for every engine made later: load and check a draft model, or
+    calibrate which blocks a layer-skip draft leaves out."""
+    if config.prepared is not None:
         return config
-    return replace(config, draft_loaded=load_draft(config.draft_model, target))
+    if config.method == DRAFT:
+        return replace(config, prepared=load_draft(config.draft_model, target))
+    if config.method == LAYER_SKIP:
+        n_layers = target.config.n_layers
+        if not 1 <= config.layers < n_layers:
+            raise InvalidParameterError(f"{config.name} needs fewer blocks than the model's {n_layers}",
+                                        f"use layer-skip:N with 1 <= N < {n_layers}")
+        return replace(config, prepared=calibrate_skipped_layers(target, config.layers))
+    return config
+
+
+CALIBRATION_TOKENS = 160
+
+
+def calibrate_skipped_layers(loaded: Any, n_skip: int) -> list[int]:
+    """The ``n_skip`` blocks whose absence changes the model's greedy next-token choices least,
+    over the first CALIBRATION_TOKENS tokens of the shipped calibration text: each block is left
+    out alone once (one prefill each), and the blocks ranked by how often the choices still agree
+    with the full model's (a one-shot ranking, not a search over sets; cached per model file)."""
+    import hashlib
+    import json
+    from importlib import resources
+
+    from edgellm.util import cache_dir
+
+    text = resources.files("edgellm.runtime").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+    src = loaded.source
+    key = hashlib.sha256(f"{src.name}|{loaded.file_bytes}|{loaded.dtype}|{text}".encode()).hexdigest()[:16]
+    path = cache_dir() / "calibration" / f"layer-skip-{key}.json"
+    try:
+        ranking = json.loads(path.read_text())["ranking"]
+    except (OSError, ValueError, KeyError):
+        ranking = _rank_layers(loaded, text)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"model": src.name, "ranking": ranking}))
+            tmp.replace(path)
+        except OSError:          # a read-only cache: calibrate again next time
+            pass
+    return sorted(int(i) for i in ranking[:n_skip])
+
+
+def _rank_layers(loaded: Any, text: str) -> list[int]:
+    """Blocks from the least to the most missed: agreement of the greedy choices with one block
+    left out, against the full model, over the calibration text (teacher-forced)."""
+    import torch
+
+    ids = loaded.tokenizer.encode(text)[:CALIBRATION_TOKENS]
+    cfg = loaded.config
+    cache = KVCache(cfg, -(-len(ids) // 16), 16, "fp32")
+    runner = ModelRunner(loaded.model, cache, fused_decode=False)
+    slots = slice(0, len(ids))
+
+    def choices(layers):
+        # every position's logits: the rows of a verify chunk (prefill-shaped, one row each)
+        logits = runner.run([SeqChunk(ids, 0, slots, True, verify=True)], layers=layers)
+        return torch.tensor(greedy_pick(logits))
+
+    full = choices(None)
+    n = cfg.n_layers
+    agreement = []
+    for skip in range(n):
+        kept = [i for i in range(n) if i != skip]
+        agreement.append(float((choices(kept) == full).float().mean()))
+    return sorted(range(n), key=lambda i: -agreement[i])
 
 
 def load_draft(spec: str, target: Any) -> Any:
@@ -279,13 +357,19 @@ class Speculator:
         self.verify_steps = 0
         self.verify_tokens = 0         # tokens committed by verify passes
         self.draft_model = None
+        self.draft_layers: list[int] | None = None     # the blocks a self-speculative draft runs
         n_layers = loaded.config.n_layers
-        if config.method == EARLY_EXIT and not 1 <= config.layers < n_layers:
+        if config.method in (EARLY_EXIT, LAYER_SKIP) and not 1 <= config.layers < n_layers:
             raise InvalidParameterError(
-                f"early-exit:{config.layers} needs fewer blocks than the model's {n_layers}",
-                f"use early-exit:L with 1 <= L < {n_layers}, e.g. early-exit:{max(1, n_layers // 4)}")
+                f"{config.name} needs fewer blocks than the model's {n_layers}",
+                f"use {config.method}:N with 1 <= N < {n_layers}, e.g. {config.method}:{max(1, n_layers // 4)}")
+        if config.method == EARLY_EXIT:
+            self.draft_layers = list(range(config.layers))
+        elif config.method == LAYER_SKIP:
+            skipped = config.prepared or calibrate_skipped_layers(loaded, config.layers)
+            self.draft_layers = [i for i in range(n_layers) if i not in set(skipped)]
         if config.method == DRAFT:
-            draft = config.draft_loaded or load_draft(config.draft_model, loaded)
+            draft = config.prepared or load_draft(config.draft_model, loaded)
             self.draft_model = DraftModel(draft, runner.cache.num_blocks * runner.cache.block_size)
 
     def new_state(self) -> SpecState:
@@ -321,8 +405,8 @@ class Speculator:
         return (self.draft_seconds / self.draft_passes) / one_row if one_row > 0 else 0.0
 
     def _prior_draft_cost(self) -> float:
-        if self.config.method == EARLY_EXIT:
-            return self.config.layers / self.runner.model.cfg.n_layers
+        if self.draft_layers is not None:
+            return len(self.draft_layers) / self.runner.model.cfg.n_layers
         return 0.3
 
     # ---- after the scheduler: the proposals themselves ------------------------------------------
@@ -337,8 +421,8 @@ class Speculator:
                 c.seq.spec.draft = c.seq.spec.draft[:c.draft_room]
         else:
             start = time.perf_counter()
-            if self.config.method == EARLY_EXIT:
-                self._early_exit(spec_chunks, block_slots)
+            if self.draft_layers is not None:
+                self._self_draft(spec_chunks, block_slots)
             else:
                 self.draft_model.propose(spec_chunks)
             self.draft_seconds += time.perf_counter() - start
@@ -349,9 +433,10 @@ class Speculator:
                 c.tokens = c.tokens + draft
                 c.verify = True
 
-    def _early_exit(self, chunks: list, block_slots) -> None:
-        """k passes of the first L blocks, one token per sequence each, batched over sequences; KV of
-        layers < L written at the draft positions (the verify pass rewrites them)."""
+    def _self_draft(self, chunks: list, block_slots) -> None:
+        """k passes of the draft's blocks of the target model, one token per sequence each, batched
+        over sequences; those blocks' KV is written at the draft positions (the verify pass
+        rewrites it with the full model's)."""
         for c in chunks:
             c.seq.spec.draft = []
         active = list(chunks)
@@ -360,7 +445,7 @@ class Speculator:
         while active:
             seq_chunks = [SeqChunk([last[id(c)]], c.start + step, block_slots(c.seq.kv.blocks, c.start + step + 1))
                           for c in active]
-            logits = self.runner.run(seq_chunks, layers=self.config.layers)
+            logits = self.runner.run(seq_chunks, layers=self.draft_layers)
             picks = greedy_pick(logits)
             step += 1
             still = []
