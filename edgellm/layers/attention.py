@@ -6,6 +6,11 @@ sequence, which cache slots hold its history. Attention is two calls, so that a 
 them apart: :func:`write_kv` (RoPE, then k and v into the cache) and :func:`attend`. Decode rows
 (one new token each) are attended in one batched call over padded histories; prefill chunks
 (several new tokens) one sequence at a time, with a causal mask offset by the tokens already cached.
+
+Sliding-window layers (Mistral, Gemma 3) pass ``window``: the query at position p then sees the
+keys of positions p - window + 1 .. p only. Decode rows read just those positions (the batch's
+histories trimmed once per step and window, :meth:`AttentionBatch.windowed`); prefill chunks mask
+the rest and skip keys no query of the chunk can see.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ class AttentionBatch:
     write_index: torch.Tensor | None = None   # [T]
     decode_index: torch.Tensor | None = None  # [B, Lmax]
     decode_lens: torch.Tensor | None = None   # [B]
+    decode_seqs: list[SequenceSlice] = field(default_factory=list)   # the decode rows' sequences
+    # the decode part restricted to each window size asked for this step (see ``windowed``)
+    windows: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, seqs: list[tuple[int, int, torch.Tensor | slice]]) -> "AttentionBatch":
@@ -51,7 +59,7 @@ class AttentionBatch:
             writes.append(_slot_range(slots, ctx - new, ctx))
             (decodes if new == 1 else prefills).append(s)
             start += new
-        batch = cls(write_slots=_concat_slots(writes), prefills=prefills)
+        batch = cls(write_slots=_concat_slots(writes), prefills=prefills, decode_seqs=decodes)
         batch.write_index = _as_index(batch.write_slots)
         if decodes:
             lmax = max(d.context for d in decodes)
@@ -68,6 +76,23 @@ class AttentionBatch:
                 batch.decode_mask = (torch.arange(lmax)[None, :] < batch.decode_lens[:, None]).view(
                     len(decodes), 1, 1, lmax)
         return batch
+
+    def windowed(self, window: int | None) -> "AttentionBatch":
+        """This step with each decode row's history cut to its last ``window`` positions (the
+        row's own token included): the decode fields of a sliding-window layer. Built once per
+        step and window size, then shared by every layer with that window. Prefill slices are
+        kept as they are (``attend`` masks them)."""
+        if window is None or self.decode_lens is None or int(self.decode_lens.max()) <= window:
+            return self
+        if window not in self.windows:
+            part = AttentionBatch.build([(1, min(d.context, window),
+                                          _slot_range(d.slots, max(0, d.context - window), d.context))
+                                         for d in self.decode_seqs])
+            self.windows[window] = AttentionBatch(
+                write_slots=self.write_slots, prefills=self.prefills, decode_rows=self.decode_rows,
+                decode_slots=part.decode_slots, decode_mask=part.decode_mask, write_index=self.write_index,
+                decode_index=part.decode_index, decode_lens=part.decode_lens)
+        return self.windows[window]
 
 
 def _slot_range(slots, lo: int, hi: int):
@@ -102,10 +127,13 @@ def write_kv(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: 
     return q
 
 
-def attend(q: torch.Tensor, cache: KVCache, layer: int, batch: AttentionBatch) -> torch.Tensor:
+def attend(q: torch.Tensor, cache: KVCache, layer: int, batch: AttentionBatch,
+           window: int | None = None) -> torch.Tensor:
     """The second half of attention: q [T, H, D] over the cached keys and values of each token's
-    sequence (written by :func:`write_kv`, this step's included). Returns [T, H * D]."""
+    sequence (written by :func:`write_kv`, this step's included), or over the last ``window``
+    positions of it (sliding-window layers). Returns [T, H * D]."""
     T, H, D = q.shape
+    batch = batch.windowed(window)
     # The native kernels read a float32 cache only; other cache formats dequantise in cache.read.
     ext = native() if cache.dtype == torch.float32 else None
     if not batch.prefills and ext is not None:  # decode-only step: the common case
@@ -114,7 +142,10 @@ def attend(q: torch.Tensor, cache: KVCache, layer: int, batch: AttentionBatch) -
     out = torch.empty(T, H, D, dtype=q.dtype)
     for s in batch.prefills:
         rows = slice(s.start, s.start + s.new_tokens)
-        keys, vals = cache.read(layer, s.slots, q.dtype)   # [L, KVH, D]
+        first = s.context - s.new_tokens               # position of the chunk's first query
+        # keys before the first query's window are seen by no query of the chunk: not read
+        lo = max(0, first - window + 1) if window is not None else 0
+        keys, vals = cache.read(layer, _slot_range(s.slots, lo, s.context), q.dtype)   # [L, KVH, D]
         # [1, H, Tq, D]: PyTorch's CPU flash kernel takes 4-D inputs only; 3-D ones fall back to
         # the math path, measured 3.7x slower at 512 tokens.
         qs = q[rows].transpose(0, 1).unsqueeze(0)
@@ -123,11 +154,14 @@ def attend(q: torch.Tensor, cache: KVCache, layer: int, batch: AttentionBatch) -
         group = H // keys.shape[1]
         ks = keys.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)   # [1, H, L, D]
         vs = vals.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
-        if s.new_tokens == s.context:
+        if s.new_tokens == s.context and (window is None or s.context <= window):
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-        else:  # a chunk after cached history: query i sits at position context - new + i
-            qpos = torch.arange(s.context - s.new_tokens, s.context)[:, None]
-            mask = torch.arange(s.context)[None, :] <= qpos
+        else:  # a chunk after cached history, or a window: query i sits at position first + i
+            qpos = torch.arange(first, s.context)[:, None]
+            kpos = torch.arange(lo, s.context)[None, :]
+            mask = kpos <= qpos
+            if window is not None:
+                mask &= kpos > qpos - window
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
         out[rows] = o[0].transpose(0, 1)
     if batch.decode_rows is not None:

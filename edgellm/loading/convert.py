@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from edgellm.errors import InvalidParameterError
+from edgellm.errors import InvalidParameterError, UnsupportedModelError
 from edgellm.quant.base import Weight
 from edgellm.quant.builtin import entry
 from edgellm.quant.dense import DenseWeight
@@ -105,14 +105,13 @@ def convert_weights(loaded, format: str, keep=(), progress: bool = False):
     (unknown format, group that does not divide a width, pattern matching nothing) or
     UnsupportedModelError (fp8 without float8 types) before converting anything.
     """
-    from edgellm.loading.load import LoadedModel
-    from edgellm.models.llama import LlamaModel
+    from edgellm.loading.load import LoadedModel, build_model
 
     fmt, kept = prepare(loaded.config, format, keep)
     t0 = time.perf_counter()
     weights = convert_model_weights(loaded.model.weights, loaded.config, fmt, kept, progress)
     label = fmt.name + (f"+keep({','.join(parse_keep(keep))})" if kept else "")
-    return LoadedModel(loaded.source, loaded.config, LlamaModel(loaded.config, weights), loaded.tokenizer,
+    return LoadedModel(loaded.source, loaded.config, build_model(loaded.config, weights), loaded.tokenizer,
                        label, loaded.file_bytes, loaded.load_s + time.perf_counter() - t0)
 
 
@@ -342,6 +341,8 @@ def save_edgellm(out: Path, weights, cfg, fmt_name: str, keep, tokenizer_info: d
 
     from safetensors.torch import save_file
 
+    _check_writable(cfg)
+
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
 
@@ -390,8 +391,17 @@ def save_edgellm(out: Path, weights, cfg, fmt_name: str, keep, tokenizer_info: d
         raise
 
 
+def _check_writable(cfg) -> None:
+    if cfg.architecture == "gemma3":   # its extra norms have no place in the file's layout (version 1)
+        raise UnsupportedModelError(
+            "edgellm model files hold Llama-family models; Gemma 3 cannot be written as one",
+            "convert a Gemma 3 model at load time instead: --weights FORMAT with the GGUF file")
+
+
 def _write_edgellm(src, cfg, fmt: WeightFormat, kept: set[str], keep, out: Path, progress: bool) -> dict:
     from edgellm.loading.load import load_model
+
+    _check_writable(cfg)   # before loading and converting anything
 
     loaded = load_model(str(src.path))
     weights = convert_model_weights(loaded.model.weights, cfg, fmt, kept, progress)

@@ -52,6 +52,8 @@ def _config_from_dict(d: dict):
     d = dict(d)
     if d.get("rope_scaling"):
         d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    if d.get("sliding_layers") is not None:   # a JSON list back to the config's tuple
+        d["sliding_layers"] = tuple(d["sliding_layers"])
     return ModelConfig(**d)
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from edgellm import heap
 from edgellm.config import ModelConfig
 from edgellm.loading.resolve import ResolvedModel, resolve_model
-from edgellm.models.llama import LlamaModel
+from edgellm.models.gemma3 import Gemma3Model
+from edgellm.models.llama import LlamaModel, ModelWeights
 from edgellm.tokenizer import Tokenizer
 
 
@@ -17,7 +18,7 @@ from edgellm.tokenizer import Tokenizer
 class LoadedModel:
     source: ResolvedModel
     config: ModelConfig
-    model: LlamaModel
+    model: LlamaModel | Gemma3Model
     tokenizer: Tokenizer
     dtype: str
     file_bytes: int
@@ -66,7 +67,12 @@ def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = 
         weights = load_hf_weights(folder, cfg, dtype)
         check_vector_shapes(weights, cfg, hf_names=True)
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    model = LlamaModel(cfg, weights)
+    model = build_model(cfg, weights)
     heap.release_free_heap()
     return LoadedModel(src, cfg, model, tokenizer, dtype, size, time.perf_counter() - t0)
 
+
+
+def build_model(cfg: ModelConfig, weights: ModelWeights) -> LlamaModel | Gemma3Model:
+    """The model class of ``cfg.architecture`` over ``weights``: Gemma 3 has its own blocks."""
+    return Gemma3Model(cfg, weights) if cfg.architecture == "gemma3" else LlamaModel(cfg, weights)

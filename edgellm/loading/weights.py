@@ -20,6 +20,7 @@ from edgellm.dtypes import compute_dtype
 from edgellm.errors import ModelFormatError
 from edgellm.kernels import NATIVE_FORMATS, native
 from edgellm.loading.gguf import GGUFFile
+from edgellm.models.gemma3 import Gemma3BlockWeights
 from edgellm.models.llama import BlockWeights, ModelWeights
 from edgellm.quant import gguf_blocks, repack
 from edgellm.quant.base import CONVERT_ROWS, Weight, concat_rows
@@ -120,11 +121,22 @@ class _HFSource:
         "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
         "ffn_down.weight": "mlp.down_proj.weight",
     }
+    # Gemma 3 norms around attention and the MLP: its post_attention_layernorm is not Llama's
+    _GEMMA3_BLOCK = {
+        **_BLOCK,
+        "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+        "post_attention_norm.weight": "post_attention_layernorm.weight",
+        "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+        "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+    }
 
-    def __init__(self, folder: Path, dtype: torch.dtype):
+    def __init__(self, folder: Path, dtype: torch.dtype, architecture: str = "llama"):
         from safetensors import safe_open
 
         self.dtype = dtype
+        self.block_names = self._GEMMA3_BLOCK if architecture == "gemma3" else self._BLOCK
+        # Gemma checkpoints store w and apply (1 + w); the model takes the multiplier (as GGUF stores it)
+        self.norm_offset = 1.0 if architecture == "gemma3" else 0.0
         self.files = {}
         for f in sorted(folder.glob("*.safetensors")):
             handle = safe_open(str(f), framework="pt")
@@ -137,7 +149,7 @@ class _HFSource:
         if name in self._NAMES:
             return self._NAMES[name]
         _, i, rest = name.split(".", 2)
-        return f"model.layers.{i}.{self._BLOCK[rest]}"
+        return f"model.layers.{i}.{self.block_names[rest]}"
 
     def has(self, name: str) -> bool:
         return self._hf(name) in self.files
@@ -150,7 +162,8 @@ class _HFSource:
         return self.files[key].get_tensor(key)
 
     def vector(self, name: str) -> torch.Tensor:
-        return self._get(name).float().reshape(-1)
+        v = self._get(name).float().reshape(-1)
+        return v + self.norm_offset if name.endswith("norm.weight") and self.norm_offset else v
 
     def matrix(self, name: str, expect: tuple[int, int], rope_heads: int | None = None) -> Weight:
         t = self._get(name)
@@ -184,7 +197,7 @@ def _build(src, cfg: ModelConfig, label: str) -> ModelWeights:
         if cfg.qkv_bias:
             bias = torch.cat([src.vector(p + "attn_q.bias"), src.vector(p + "attn_k.bias"),
                               src.vector(p + "attn_v.bias")])
-        blocks.append(BlockWeights(
+        common = dict(
             attn_norm=src.vector(p + "attn_norm.weight"),
             qkv=_fused([q, k, v]),
             qkv_bias=bias,
@@ -192,7 +205,14 @@ def _build(src, cfg: ModelConfig, label: str) -> ModelWeights:
             ffn_norm=src.vector(p + "ffn_norm.weight"),
             gate_up=_fused([src.matrix(p + "ffn_gate.weight", (F, H)), src.matrix(p + "ffn_up.weight", (F, H))]),
             down=src.matrix(p + "ffn_down.weight", (H, F)),
-        ))
+        )
+        if cfg.architecture == "gemma3":
+            blocks.append(Gemma3BlockWeights(
+                **common, q_norm=src.vector(p + "attn_q_norm.weight"), k_norm=src.vector(p + "attn_k_norm.weight"),
+                post_attn_norm=src.vector(p + "post_attention_norm.weight"),
+                post_ffn_norm=src.vector(p + "post_ffw_norm.weight")))
+        else:
+            blocks.append(BlockWeights(**common))
     embed = src.matrix("token_embd.weight", (cfg.vocab_size, H))
     lm_head = embed if cfg.tie_embeddings or not src.has("output.weight") else \
         src.matrix("output.weight", (cfg.vocab_size, H))
@@ -205,7 +225,7 @@ def load_gguf_weights(gf: GGUFFile, cfg: ModelConfig, dtype: str = "float32", us
 
 
 def load_hf_weights(folder: Path, cfg: ModelConfig, dtype: str = "float32") -> ModelWeights:
-    return _build(_HFSource(folder, compute_dtype(dtype)), cfg, folder.name)
+    return _build(_HFSource(folder, compute_dtype(dtype), cfg.architecture), cfg, folder.name)
 
 
 def read_hf_config(folder: Path) -> ModelConfig:
@@ -229,7 +249,8 @@ def check_vector_shapes(weights: ModelWeights, cfg: ModelConfig, hf_names: bool 
         if gguf_name in _HFSource._NAMES:
             return _HFSource._NAMES[gguf_name]
         _, i, rest = gguf_name.split(".", 2)
-        return f"model.layers.{i}.{_HFSource._BLOCK[rest]}"
+        names = _HFSource._GEMMA3_BLOCK if cfg.architecture == "gemma3" else _HFSource._BLOCK
+        return f"model.layers.{i}.{names[rest]}"
 
     def check(gguf_name: str, vector: torch.Tensor | None, length: int) -> None:
         if vector is not None and tuple(vector.shape) != (length,):
@@ -243,3 +264,8 @@ def check_vector_shapes(weights: ModelWeights, cfg: ModelConfig, hf_names: bool 
         check(f"blk.{i}.ffn_norm.weight", block.ffn_norm, cfg.hidden_size)
         if block.qkv_bias is not None:   # q, k and v biases concatenated
             check(f"blk.{i}.attn_q.bias", block.qkv_bias, cfg.q_size + 2 * cfg.kv_size)
+        if isinstance(block, Gemma3BlockWeights):
+            check(f"blk.{i}.attn_q_norm.weight", block.q_norm, cfg.head_dim)
+            check(f"blk.{i}.attn_k_norm.weight", block.k_norm, cfg.head_dim)
+            check(f"blk.{i}.post_attention_norm.weight", block.post_attn_norm, cfg.hidden_size)
+            check(f"blk.{i}.post_ffw_norm.weight", block.post_ffn_norm, cfg.hidden_size)

@@ -1,4 +1,4 @@
-"""The Llama-family decoder: Llama 2/3, SmolLM2, Mistral and Qwen2 (q/k/v biases).
+"""The Llama-family decoder: Llama 2/3, SmolLM2, Mistral (sliding window) and Qwen2 (q/k/v biases).
 
 One forward pass serves prefill and decode alike: tokens of every sequence in the step are laid
 end to end ([T]), each with its position, and attention reads and writes the KV cache through
@@ -64,6 +64,7 @@ class LlamaModel:
         self.weights = weights
         self.rope = RotaryEmbedding(cfg)
         self._native_blocks = _native_block_args(weights)
+        self._windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 cache: KVCache, logit_rows: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
@@ -124,9 +125,10 @@ class LlamaModel:
 
     def fused_decode_supported(self, batch: AttentionBatch, cache: KVCache) -> bool:
         """Whether :meth:`decode_blocks_fused` can run this step: native blocks, decode rows only,
-        a float32 or float16 cache."""
+        a float32 or float16 cache, and one window (or none) for every layer: the native step reads
+        one history per row for all blocks."""
         return (self._native_blocks is not None and not batch.prefills
-                and cache.dtype in (torch.float32, torch.float16))
+                and cache.dtype in (torch.float32, torch.float16) and len(set(self._windows)) == 1)
 
     def decode_blocks_fused(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
                             cache: KVCache, threads: int, trace: Trace | None = None,
@@ -137,6 +139,7 @@ class LlamaModel:
         draft), default all."""
         cfg = self.cfg
         tensors, formats, biases = self._native_blocks
+        batch = batch.windowed(self._windows[0])   # Mistral: every row's last `window` positions
         T = h.shape[0]
         if trace is not None:
             trace.begin()
@@ -166,7 +169,7 @@ class LlamaModel:
         q = write_kv(qkv, rope, cache, layer, batch, cfg.n_heads, cfg.n_kv_heads)
         if trace is not None:
             trace.end("rope", layer)
-        attn = attend(q, cache, layer, batch)
+        attn = attend(q, cache, layer, batch, self._windows[layer])
         if trace is not None:
             trace.end("attention", layer)
         h = w.o.matmul_add(attn, h)

@@ -76,14 +76,23 @@ class InputProcessor:
 def encode_prompt(tokenizer, vocab_size: int, prompt, chat: bool = False, system: str | None = None) -> list[int]:
     """Token ids of ``prompt``: text (plain, or one user message when ``chat``, after ``system``
     if given), chat messages (a list of ``{"role", "content"}`` dicts) or token ids (checked
-    against the vocabulary)."""
+    against the vocabulary). A chat prompt of a model without a chat template (a base model such
+    as Gemma 3 270M) is refused: the tokenizer's ChatML fallback would feed it markers it was
+    never trained on (and Gemma's vocabulary lacks them), giving replies that only look broken."""
+    is_messages = isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+    if ((chat and isinstance(prompt, str)) or is_messages) and not tokenizer.has_chat_template:
+        raise InvalidParameterError(
+            "this model has no chat template (it is a base model, not a chat model), so it cannot take a chat "
+            "prompt or messages",
+            "send plain text to continue instead (edgellm generate without --chat, or the server's "
+            "/v1/completions endpoint), or use an instruction-tuned model that has a chat template")
     if isinstance(prompt, str):
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + \
                        [{"role": "user", "content": prompt}]
             return tokenizer.encode_chat(messages, add_generation_prompt=True)
         return tokenizer.encode(prompt)
-    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+    if is_messages:
         return tokenizer.encode_chat(list(prompt), add_generation_prompt=True)
     if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         ids = [int(t) for t in prompt]
