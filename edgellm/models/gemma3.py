@@ -112,12 +112,13 @@ class Gemma3Model:
         return out
 
     def forward_layers(self, h: torch.Tensor, rope: tuple[Rope, Rope], batch: AttentionBatch,
-                       cache: KVCache, trace: Trace | None = None) -> torch.Tensor:
-        """Every block, one after the other."""
+                       cache: KVCache, trace: Trace | None = None, layers: list[int] | None = None) -> torch.Tensor:
+        """The blocks, one after the other; ``layers``: only these (a speculative draft), default all."""
         if trace is not None:
             trace.begin()
-        for i, block in enumerate(self.weights.blocks):
-            h = self.block(h, rope, block, batch, cache, i, trace)
+        blocks = self.weights.blocks
+        for i in range(len(blocks)) if layers is None else layers:
+            h = self.block(h, rope, blocks[i], batch, cache, i, trace)
         return h
 
     @property
