@@ -237,3 +237,26 @@ def test_generate_json_reports_speculation_and_refuses_bad_flags():
     assert bad.returncode == 2 and "unknown speculative method" in bad.stderr
     lone = subprocess.run(base + ["--draft-tokens", "4"], capture_output=True, text=True, timeout=300)
     assert lone.returncode == 2 and "--draft-tokens needs --speculative" in lone.stderr
+
+
+# ---- the server ---------------------------------------------------------------------------------
+def test_server_with_speculation_answers_the_openai_client_and_counts_proposals(smollm2_path, llm):
+    """`edgellm serve --speculative ngram`: the openai client's greedy chat reply is the plain
+    engine's, and /metrics counts the proposed and accepted tokens."""
+    import httpx
+    import openai
+
+    from edgellm.serve.process import ServerProcess
+
+    messages = PROMPTS[0]
+    expected = _generate(Engine(llm.loaded), messages, SamplingParams.greedy(max_tokens=40))
+    with ServerProcess(["--model", str(smollm2_path), "--kv-memory", "32MB", "--threads", "2",
+                        "--speculative", "ngram"]) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none")
+        r = client.chat.completions.create(model=str(smollm2_path), messages=messages, max_tokens=40, temperature=0)
+        assert r.choices[0].message.content == expected.text
+        metrics = httpx.get(s.url + "/metrics", timeout=30).text
+    counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith("vllm:spec_decode")}
+    assert counts["vllm:spec_decode_num_draft_tokens_total"] > 0
+    assert 0 < counts["vllm:spec_decode_num_accepted_tokens_total"] <= counts["vllm:spec_decode_num_draft_tokens_total"]
