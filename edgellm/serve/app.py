@@ -47,6 +47,7 @@ from edgellm.runtime.session import RequestHandle
 from edgellm.runtime.types import Request, TokenEvent
 from edgellm.sampling import SamplingParams
 from edgellm.serve import openai_api as oa
+from edgellm.serve import tools as tc
 from edgellm.serve.metrics import Metrics
 from edgellm.serve.openai_api import ApiError, GenerationSpec
 
@@ -159,17 +160,46 @@ class ServerState:
                                 f"bytes, so at most {self.max_prompt_chars} characters fit); shorten it",
                            param=PARAM_OF[what], code="context_length_exceeded")
 
-    async def encode(self, prompt, what: str) -> list[int]:
+    async def encode(self, prompt, what: str, tools: tc.ToolSpec | None = None) -> list[int]:
         """Token ids of ``prompt`` (text, token ids or chat messages), rendered and tokenised in a
-        worker thread so the event loop keeps serving other requests and streams meanwhile."""
+        worker thread so the event loop keeps serving other requests and streams meanwhile.
+        Chat messages with ``tools`` (or tool turns in their history) are rendered as
+        :func:`edgellm.serve.tools.render_messages` says."""
         if isinstance(prompt, str):
             chars = len(prompt)
         elif prompt and isinstance(prompt[0], dict):
             chars = sum(len(m["content"]) for m in prompt if isinstance(m.get("content"), str))
+            chars += sum(len(json.dumps(m["tool_calls"])) for m in prompt if m.get("tool_calls"))
+            chars += len(json.dumps(tools.tools)) if tools is not None else 0
+            if tools is not None or any(m.get("tool_calls") or m["role"] == "tool" for m in prompt):
+                self.check_prompt_chars(chars, what)
+                return await asyncio.to_thread(self.encode_with_tools, prompt, tools)
         else:
             chars = 0                     # token ids: budget() checks their count
         self.check_prompt_chars(chars, what)
         return await asyncio.to_thread(self.engine.input.encode, prompt)
+
+    def encode_with_tools(self, messages: list[dict], tools: tc.ToolSpec | None) -> list[int]:
+        tok = self.engine.tokenizer
+        msgs, extra = tc.render_messages(messages, tools, self.template_has_tools)
+        return tok.encode_chat(msgs, add_generation_prompt=True, **extra)
+
+    @functools.cached_property
+    def template_has_tools(self) -> bool:
+        """Whether the model's own chat template renders tools (Qwen2.5's does, SmolLM2's does not)."""
+        tok = self.engine.tokenizer
+        return tok.has_chat_template and tc.template_reads_tools(tok.chat_template)
+
+    async def compile_grammar(self, spec: GenerationSpec) -> None:
+        """The request's grammar compiled (in a worker thread: a large schema takes milliseconds),
+        or a 400 naming the field that asked for it, with the compiler's message."""
+        grammar = spec.sampling.get("grammar")
+        if grammar is None:
+            return
+        try:
+            await asyncio.to_thread(self.engine.input.grammars.compile, grammar)
+        except EdgeLLMError as err:
+            raise oa.invalid(spec.constraint_param, api_message(err)) from None
 
     # ---- submission ----------------------------------------------------------------------------
     def submit(self, prompts: list[list[int]], n: int, params: SamplingParams, session=None,
@@ -486,7 +516,7 @@ async def encode_spec(state: ServerState, spec: GenerationSpec) -> tuple[list[li
     ``max_tokens`` they all fit."""
     what = "the messages" if spec.kind == "chat" else "the prompt"
     if spec.kind == "chat":
-        prompts = [await state.encode(spec.prompts[0], what)]
+        prompts = [await state.encode(spec.prompts[0], what, spec.tools)]
     else:
         try:
             prompts = [await state.encode(p, what) for p in spec.prompts]
@@ -501,6 +531,7 @@ async def generation(state: ServerState, request: HttpRequest, kind: str) -> Res
     parse = oa.parse_chat if kind == "chat" else oa.parse_completion
     spec = parse(body, state.served, state.engine.input.vocab_size)
     note_ignored(request, spec.ignored)
+    await state.compile_grammar(spec)
     prompts, max_tokens = await encode_spec(state, spec)
     params = sampling_params(spec.sampling, max_tokens, spec.logprobs, spec.top_logprobs)
     batch = state.submit(prompts, spec.n, params)
@@ -529,7 +560,7 @@ def batch_usage(batch: Batch) -> dict:
 
 def _response(spec: GenerationSpec, batch: Batch, rid: str, created: int, kind: str, body) -> dict:
     """The non-streamed response of either endpoint; ``body(result)`` gives a choice's own fields."""
-    choices = [{"index": c.index, **body(c.result), "finish_reason": oa.finish_reason(c.result.finish_reason)}
+    choices = [{"index": c.index, "finish_reason": oa.finish_reason(c.result.finish_reason), **body(c.result)}
                for c in batch.choices]
     return {"id": rid, "object": kind, "created": created, "model": spec.model,
             "system_fingerprint": "edgellm", "choices": choices, "usage": batch_usage(batch)}
@@ -541,7 +572,15 @@ def chat_response(state: ServerState, spec: GenerationSpec, batch: Batch, rid: s
         if spec.logprobs:
             lp = {"content": oa.chat_logprob_entries(state.token_text, r.token_ids, r.logprobs,
                                                      [t[:spec.top_logprobs] for t in r.top_logprobs])}
-        return {"message": {"role": "assistant", "content": r.text}, "logprobs": lp}
+        message = {"role": "assistant", "content": r.text}
+        finish = {}
+        if spec.tools is not None and spec.tools.parse_output:
+            content, calls = tc.split_output(r.text)
+            if calls:
+                message = {"role": "assistant", "content": content or None, "tool_calls": calls}
+                if r.finish_reason == "stop":
+                    finish = {"finish_reason": "tool_calls"}
+        return {"message": message, "logprobs": lp, **finish}
     return _response(spec, batch, rid, created, "chat.completion", body)
 
 
@@ -581,6 +620,9 @@ async def stream_chat(state: ServerState, spec: GenerationSpec, batch: Batch, ri
         return sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                          "finish_reason": finish}]})
 
+    # With tools, each choice's text goes through a parser: content streams as it comes, a
+    # <tool_call> block is held until it closes and then sent as one tool_calls delta.
+    parsers = {c.index: tc.ToolCallParser() for c in batch.choices} if spec.tools and spec.tools.parse_output else {}
     for c in batch.choices:
         yield chunk(c.index, {"role": "assistant", "content": ""})
     try:
@@ -593,11 +635,23 @@ async def stream_chat(state: ServerState, spec: GenerationSpec, batch: Batch, ri
             if spec.logprobs and ev.token_id is not None and ev.logprob is not None:
                 lp = {"content": oa.chat_logprob_entries(state.token_text, [ev.token_id], [ev.logprob],
                                                          [(ev.top_logprobs or [])[:spec.top_logprobs]])}
-            if ev.text or lp:
-                yield chunk(index, {"content": ev.text}, logprobs=lp)
+            text, calls = ev.text, []
+            parser = parsers.get(index)
+            if parser is not None:
+                text, calls = parser.feed(ev.text)
+                if ev.finished:
+                    text += parser.finish()
+            if text or lp:
+                yield chunk(index, {"content": text}, logprobs=lp)
+            for call in calls:
+                k = parser.calls.index(call)
+                yield chunk(index, {"tool_calls": [{"index": k, **call}]})
             if ev.finished:
                 batch.choices[index].result = ev.result
-                yield chunk(index, {}, finish=oa.finish_reason(ev.finish_reason))
+                reason = oa.finish_reason(ev.finish_reason)
+                if parser is not None and parser.calls and reason == "stop":
+                    reason = "tool_calls"
+                yield chunk(index, {}, finish=reason)
     except ApiError as err:
         yield stream_error(err)
         return
