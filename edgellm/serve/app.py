@@ -120,6 +120,7 @@ class ServerState:
         self.session_defaults: dict[str, dict] = {}  # API id -> its sampling defaults
         self.session_owner: dict[str, str | None] = {}  # API id -> who created it (a key's fingerprint)
         self.metrics = Metrics(engine, lambda: self.in_flight)
+        self.embedding_lock = asyncio.Lock()
         self.started = int(time.time())
 
     @functools.lru_cache(maxsize=65536)   # noqa: B019 -- one ServerState per server, alive as long as it
@@ -910,6 +911,82 @@ async def detokenize(state: ServerState, request: HttpRequest) -> Response:
 
 
 # ---------------------------------------------------------------------------------------------
+# Embeddings
+# ---------------------------------------------------------------------------------------------
+EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions"}
+MAX_EMBEDDING_INPUTS = 256
+
+
+def embedding_inputs(v) -> list:
+    """``input``: a string, an array of strings, an array of token ids, or an array of such arrays."""
+    if isinstance(v, str):
+        v = [v]
+    elif isinstance(v, list) and v and all(oa.is_int(t) for t in v):
+        v = [v]
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) or (isinstance(x, list) and all(
+            oa.is_int(t) for t in x)) for x in v):
+        raise oa.invalid("input", "'input' must be a string, an array of strings, an array of token ids or an "
+                                  "array of token-id arrays", "invalid_type" if not isinstance(v, list) or v
+                         else "invalid_value")
+    if len(v) > MAX_EMBEDDING_INPUTS:
+        raise oa.invalid("input", f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(v)}")
+    for i, x in enumerate(v):
+        if not x:
+            raise oa.invalid("input", f"input {i} is empty; every input needs at least one token")
+    return v
+
+
+def pooled_embedding(state: ServerState, ids: list[int]) -> list[float]:
+    """Mean of the final hidden states (after the final norm) over every token, L2-normalised.
+    Runs under the engine's lock (from ``locked``): one forward pass like a prefill, between steps."""
+    import torch
+
+    h = state.engine.loaded.model.hidden_states(torch.tensor(ids, dtype=torch.int64))
+    return torch.nn.functional.normalize(h.mean(dim=0), dim=0).tolist()
+
+
+async def embeddings(state: ServerState, request: HttpRequest) -> Response:
+    """OpenAI's ``/v1/embeddings``: one vector per input, the mean-pooled final hidden states,
+    normalised to length 1 (as llama-server's ``--pooling mean``); ``encoding_format`` float or
+    base64 (little-endian float32, what the ``openai`` client asks for by default)."""
+    import base64
+    import struct
+
+    body = await read_json(request, state.max_body, state.body_timeout)
+    note_ignored(request, oa.check_fields(body, EMBEDDING_FIELDS, {}))
+    model = oa.get_model(body, state.served)
+    fmt = body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise oa.invalid("encoding_format", f"'encoding_format' must be \"float\" or \"base64\", got {fmt!r}")
+    width = state.engine.cfg.hidden_size
+    dims = oa.get_int(body, "dimensions", None, 1)
+    if dims is not None and dims != width:
+        raise oa.invalid("dimensions", f"this model's embeddings have {width} dimensions and cannot be shortened; "
+                                       f"leave 'dimensions' out or pass {width}")
+    inputs = embedding_inputs(body.get("input"))
+    ctx = state.engine.cfg.context_length
+    data, total = [], 0
+    async with state.embedding_lock:      # one embedding request at a time: each pass is a prefill
+        for i, x in enumerate(inputs):
+            try:
+                ids = await state.encode(x if isinstance(x, str) else [int(t) for t in x], "the prompt")
+            except EdgeLLMError as err:
+                raise oa.invalid("input", f"input {i}: {api_message(err)}") from None
+            if not ids:
+                raise oa.invalid("input", f"input {i} encodes to no token")
+            if len(ids) > ctx:
+                raise ApiError(400, f"input {i} has {len(ids)} tokens, more than the model's context window of "
+                                    f"{ctx}; shorten it", param="input", code="context_length_exceeded")
+            vec = await locked(state, pooled_embedding, state, ids)
+            total += len(ids)
+            emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() if fmt == "base64" else vec
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+    state.metrics.prompt_tokens.inc(total)
+    return JSONResponse({"object": "list", "data": data, "model": model,
+                         "usage": {"prompt_tokens": total, "total_tokens": total}})
+
+
+# ---------------------------------------------------------------------------------------------
 # Introspection
 # ---------------------------------------------------------------------------------------------
 async def models(state: ServerState, request: HttpRequest) -> Response:
@@ -1036,6 +1113,7 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
         Route("/v1/chat/completions", ep(lambda s, r: generation(s, r, "chat"), "chat"), methods=["POST"]),
         Route("/v1/completions", ep(lambda s, r: generation(s, r, "completion"), "completions"), methods=["POST"]),
         Route("/v1/models", ep(models, "models"), methods=["GET"]),
+        Route("/v1/embeddings", ep(embeddings, "embeddings"), methods=["POST"]),
         Route("/v1/sessions", ep(create_session, "sessions_create"), methods=["POST"]),
         Route("/v1/sessions", ep(list_sessions, "sessions_list"), methods=["GET"]),
         Route("/v1/sessions/{sid}", ep(get_session, "sessions_get"), methods=["GET"]),
