@@ -119,7 +119,7 @@ class ServerState:
         self.sessions: dict[str, Any] = {}         # API id -> engine Session
         self.session_defaults: dict[str, dict] = {}  # API id -> its sampling defaults
         self.session_owner: dict[str, str | None] = {}  # API id -> who created it (a key's fingerprint)
-        self.metrics = Metrics(engine, lambda: self.in_flight)
+        self.metrics = Metrics(engine, lambda: self.in_flight, model_id)
         self.embedding_lock = asyncio.Lock()
         self.started = int(time.time())
 
