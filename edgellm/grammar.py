@@ -238,10 +238,17 @@ class TokenConstraint:
         """Set the forbidden logits of ``row`` [V] (float32, CPU or not) to -inf, in place. False when
         the grammar allows no token at all (the matcher failed), and the row is left as it was."""
         allowed = self.allowed()
-        if not allowed.any():
+        keep = np.flatnonzero(allowed)
+        if keep.size == 0:
             return False
         if row.device.type == "cpu":
-            np.copyto(row.numpy(), -np.inf, where=~allowed)
+            r = row.numpy()
+            if keep.size < r.size // 2:      # few allowed (JSON structure): save them, fill, put back
+                kept = r[keep]
+                r.fill(-np.inf)
+                r[keep] = kept
+            else:                            # most allowed (inside a string): overwrite the others
+                r[np.flatnonzero(~allowed)] = -np.inf
         else:
             row.masked_fill_(~torch.from_numpy(allowed).to(row.device), float("-inf"))
         return True
