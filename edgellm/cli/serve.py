@@ -7,8 +7,9 @@ import os
 
 from edgellm.cli.common import add_model_arguments, add_precision_arguments, check_precision
 
-HELP = ("serve a model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions), a sessions API, "
-        "Prometheus metrics (/metrics) and a live page (/)")
+HELP = ("serve a model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions with structured output "
+        "and tool calls, /v1/embeddings), a sessions API, Prometheus metrics (/metrics, vLLM's names too) and a "
+        "live page (/)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
