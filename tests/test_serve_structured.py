@@ -263,14 +263,30 @@ def test_tool_call_parser_across_chunk_boundaries():
         content = ""
         for i in range(0, len(text), size):
             content += p.feed(text[i:i + size])[0]
-        content += p.finish()
-        assert content.strip() == "Let me check."
+        rest, more = p.finish()
+        content += rest
+        assert content.strip() == "Let me check." and more == []
         assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in p.calls] == \
             [("f", {"x": 1}), ("g", {})]
     # not a call: given back as text; a cut-off block: text too
     assert split_output("a <tool_call>oops</tool_call> b") == ("a <tool_call>oops</tool_call> b", [])
     assert split_output('x <tool_call>\n{"name": "f"') == ('x <tool_call>\n{"name": "f"', [])
     assert split_output("1 < 2 <tool") == ("1 < 2 <tool", [])
+    # a call written as bare JSON (Qwen2.5-Coder-0.5B's habit) counts only for a tool of the request
+    bare = '{"name": "f", "arguments": {"x": 2}}'
+    content, calls = split_output(bare, {"f"})
+    assert content == "" and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("f", {"x": 2})]
+    assert split_output(bare, {"g"}) == (bare, [])
+    assert split_output(bare) == (bare, [])
+    assert len(split_output(bare + "\n" + bare, {"f"})[1]) == 2
+    assert split_output('{"a": 1} and more', {"f"}) == ('{"a": 1} and more', [])
+    p = ToolCallParser(frozenset({"f"}))
+    assert p.feed("  ") == ("", []) and p.feed(bare[:9]) == ("", []) and p.feed(bare[9:]) == ("", [])
+    rest, calls = p.finish()
+    assert rest == "" and calls[0]["function"]["name"] == "f"
+    p = ToolCallParser(frozenset({"f"}))
+    assert p.feed("Hello") == ("Hello", [])          # not a bare call: streams at once
 
 
 # ---------------------------------------------------------------------------------------------

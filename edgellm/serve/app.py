@@ -576,7 +576,7 @@ def chat_response(state: ServerState, spec: GenerationSpec, batch: Batch, rid: s
         message = {"role": "assistant", "content": r.text}
         finish = {}
         if spec.tools is not None and spec.tools.parse_output:
-            content, calls = tc.split_output(r.text)
+            content, calls = tc.split_output(r.text, spec.tools.names)
             if calls:
                 message = {"role": "assistant", "content": content or None, "tool_calls": calls}
                 if r.finish_reason == "stop":
@@ -623,7 +623,8 @@ async def stream_chat(state: ServerState, spec: GenerationSpec, batch: Batch, ri
 
     # With tools, each choice's text goes through a parser: content streams as it comes, a
     # <tool_call> block is held until it closes and then sent as one tool_calls delta.
-    parsers = {c.index: tc.ToolCallParser() for c in batch.choices} if spec.tools and spec.tools.parse_output else {}
+    parsers = ({c.index: tc.ToolCallParser(frozenset(spec.tools.names)) for c in batch.choices}
+               if spec.tools and spec.tools.parse_output else {})
     for c in batch.choices:
         yield chunk(c.index, {"role": "assistant", "content": ""})
     try:
@@ -641,7 +642,8 @@ async def stream_chat(state: ServerState, spec: GenerationSpec, batch: Batch, ri
             if parser is not None:
                 text, calls = parser.feed(ev.text)
                 if ev.finished:
-                    text += parser.finish()
+                    rest, more = parser.finish()
+                    text, calls = text + rest, calls + more
             if text or lp:
                 yield chunk(index, {"content": text}, logprobs=lp)
             for call in calls:

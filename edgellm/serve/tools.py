@@ -203,13 +203,30 @@ class ToolCallParser:
     Text is released as content until ``<tool_call>`` begins (a suffix that could be its start is
     held back, as stop strings are); a block is released as one call once ``</tool_call>`` closes
     it. A block that does not parse as a call is given back as content. :meth:`finish` releases
-    what is held (an unclosed block: the output was cut off; it is content)."""
+    what is held (an unclosed block: the output was cut off; it is content).
 
+    With ``names`` (the tools of the request), an output that *begins* with ``{`` is held whole
+    until the end: Qwen2.5-Coder-0.5B, asked as its template asks, often writes the call's JSON
+    without the tags. If the whole output then is such a JSON object (or one per line), naming a
+    given tool, those are the calls; otherwise it is released as text, tags parsed as usual."""
+
+    names: frozenset[str] = frozenset()
     calls: list[dict] = field(default_factory=list)
     buf: str = ""
     in_call: bool = False
+    bare: bool | None = None        # None: undecided (only whitespace so far); True: holding a bare JSON
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
+        if self.names and self.bare is not False:
+            self.buf += text
+            head = self.buf.lstrip()
+            if not head:
+                return "", []
+            if self.bare is None:
+                self.bare = head.startswith("{")
+            if self.bare:
+                return "", []
+            text, self.buf = self.buf, ""
         self.buf += text
         content, new = "", []
         while True:
@@ -238,10 +255,37 @@ class ToolCallParser:
             content = ""            # the line breaks between and after calls are not content
         return content, new
 
-    def finish(self) -> str:
+    def finish(self) -> tuple[str, list[dict]]:
+        """What is still held, as (content, new calls), at the end of the output."""
+        if self.bare:
+            self.bare = False
+            calls = bare_calls(self.buf, self.names)
+            if calls:
+                self.buf = ""
+                self.calls.extend(calls)
+                return "", calls
+            text, self.buf = self.buf, ""
+            content, calls = self.feed(text)
+            rest, more = self.finish()
+            return content + rest, calls + more
         rest = (OPEN if self.in_call else "") + self.buf
         self.buf, self.in_call = "", False
-        return rest
+        return rest, []
+
+
+def bare_calls(text: str, names) -> list[dict]:
+    """Tool calls written as bare JSON -- the whole text one call object, or one per line -- each
+    naming one of ``names``; [] if the text is anything else."""
+    blocks = [text.strip()]
+    if "\n" in blocks[0]:
+        try:
+            json.loads(blocks[0])
+        except ValueError:
+            blocks = [line.strip() for line in blocks[0].splitlines() if line.strip()]
+    calls = [to_call(b) for b in blocks]
+    if not calls or any(c is None or c["function"]["name"] not in names for c in calls):
+        return []
+    return calls
 
 
 def held_prefix(text: str, token: str) -> int:
@@ -252,9 +296,10 @@ def held_prefix(text: str, token: str) -> int:
     return 0
 
 
-def split_output(text: str) -> tuple[str, list[dict]]:
+def split_output(text: str, names=frozenset()) -> tuple[str, list[dict]]:
     """A whole output as (content, tool calls); content stripped of the blank lines around calls."""
-    p = ToolCallParser()
+    p = ToolCallParser(frozenset(names))
     content, calls = p.feed(text)
-    content += p.finish()
+    rest, more = p.finish()
+    content, calls = content + rest, calls + more
     return (content.strip() if calls else content), calls
