@@ -1087,7 +1087,7 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
                close_engine: bool = True, max_sessions: int = DEFAULT_MAX_SESSIONS,
                metrics_public: bool = False, request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
                body_timeout: float | None = DEFAULT_BODY_TIMEOUT, allowed_hosts: Sequence[str] | None = None,
-               cors_origins: Sequence[str] = ()):
+               cors_origins: Sequence[str] = (), stats_interval: float | None = None):
     """The server over ``engine`` (started by the app's lifespan; closed at shutdown if ``close_engine``).
 
     ``api_key``: one key or several (each client's sessions are private to its key); None: no
@@ -1097,7 +1097,8 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
     ``body_timeout``: seconds to send a body (408 after). ``allowed_hosts``: the Host names
     answered (any port; others get 403); None: any (see :func:`default_allowed_hosts`).
     ``cors_origins``: web origins (``https://app.example:8080``, or ``*``) whose pages may call the
-    API from a browser (CORS); none by default."""
+    API from a browser (CORS); none by default. ``stats_interval``: log one line of throughput,
+    queue and KV figures this often (seconds) while there is activity (None: never)."""
     if not isinstance(max_sessions, int) or max_sessions < 1:
         raise InvalidParameterError(f"max_sessions must be a positive integer, got {max_sessions!r}",
                                     "pass e.g. --max-sessions 256")
@@ -1137,9 +1138,12 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
     @contextlib.asynccontextmanager
     async def lifespan(app):
         engine.start()
+        logger = asyncio.ensure_future(log_stats(state, stats_interval)) if stats_interval else None
         try:
             yield
         finally:
+            if logger is not None:
+                logger.cancel()
             if close_engine:
                 await asyncio.to_thread(engine.close)
             else:
@@ -1155,6 +1159,34 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
     if allowed_hosts is not None:       # added last: outermost, so it checks preflights too
         app.add_middleware(HostCheck, allowed=tuple(allowed_hosts))
     return app
+
+
+async def log_stats(state: ServerState, interval: float) -> None:
+    """Every ``interval`` seconds, one line like vLLM's: prompt and generation throughput since the
+    last line, requests running and waiting, KV cache use, preemptions -- only when something ran
+    since the last line or is still in flight (an idle server stays quiet)."""
+    def totals() -> tuple[float, dict]:
+        st = state.engine.stats()
+        tok = st["tokens"]
+        return time.monotonic(), {"prompt": tok.get("prefill", 0) + tok.get("followup_prefill", 0),
+                                  "generated": tok.get("generated", 0), "running": st["scheduler"]["running"],
+                                  "waiting": st["scheduler"]["waiting"], "preemptions": st["scheduler"]["preemptions"],
+                                  "kv": st["blocks"]["used"] / max(1, st["blocks"]["total"])}
+    t0, last = await asyncio.to_thread(totals)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            t1, now = await asyncio.to_thread(totals)
+        except Exception:            # the engine closing under us: no line this time
+            continue
+        dt = max(t1 - t0, 1e-9)
+        busy = now["running"] or now["waiting"] or now["generated"] != last["generated"] or now["prompt"] != last["prompt"]
+        if busy:
+            log.info("prompt throughput %.1f tok/s, generation throughput %.1f tok/s, running %d, waiting %d, "
+                     "in flight %d, KV cache usage %.1f%%, preemptions %d",
+                     (now["prompt"] - last["prompt"]) / dt, (now["generated"] - last["generated"]) / dt,
+                     now["running"], now["waiting"], state.in_flight, 100 * now["kv"], now["preemptions"])
+        t0, last = t1, now
 
 
 def header_timeout_protocol(timeout: float):
