@@ -983,7 +983,7 @@ async def embeddings(state: ServerState, request: HttpRequest) -> Response:
             total += len(ids)
             emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() if fmt == "base64" else vec
             data.append({"object": "embedding", "index": i, "embedding": emb})
-    state.metrics.prompt_tokens.inc(total)
+    state.metrics.embedding_tokens.inc(total)
     return JSONResponse({"object": "list", "data": data, "model": model,
                          "usage": {"prompt_tokens": total, "total_tokens": total}})
 

@@ -105,6 +105,7 @@ class Metrics:
         self.cached_tokens = Counter("edgellm_prompt_tokens_cached",
                                      "Prompt tokens whose KV was reused from the cache", registry=r)
         self.generated = Counter("edgellm_generation_tokens", "Tokens generated", registry=r)
+        self.embedding_tokens = Counter("edgellm_embedding_tokens", "Input tokens of /v1/embeddings", registry=r)
         v = {"labelnames": VLLM_LABEL, "registry": r}
         self.v_prompt = Counter("vllm:prompt_tokens", "Prompt tokens processed", **v)
         self.v_generated = Counter("vllm:generation_tokens", "Tokens generated", **v)
