@@ -238,6 +238,8 @@ class TokenConstraint:
     def mask_(self, row: torch.Tensor) -> bool:
         """Set the forbidden logits of ``row`` [V] (float32, CPU or not) to -inf, in place. False when
         the grammar allows no token at all (the matcher failed), and the row is left as it was."""
+        if self.matcher.is_error():      # its mask would still allow the end token: an invalid output
+            return False
         allowed = self.allowed()
         keep = np.flatnonzero(allowed)
         if keep.size == 0:
