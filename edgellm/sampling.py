@@ -16,8 +16,13 @@ How the engine uses this module, once per decode step::
 
 Processing order, per row (the order of Hugging Face ``generate`` and vLLM):
 
-    logit_bias -> penalties (repetition, then frequency, then presence) -> temperature -> top-k -> top-p
-    -> min-p -> sample
+    logit_bias -> penalties (repetition, then frequency, then presence) -> grammar mask -> temperature
+    -> top-k -> top-p -> min-p -> sample
+
+Grammar mask: a row whose ``SequenceHistory`` holds a ``constraint`` (``SamplingParams.grammar``,
+see :mod:`edgellm.grammar`) has every token its grammar forbids set to -inf, greedy or sampled;
+``SequenceHistory.append`` advances the constraint past the chosen token. A constrained row whose
+grammar allows nothing fails alone (``errors="row"``), like a row of non-finite logits.
 
 ``logit_bias`` (OpenAI): a map token id -> a number in [-100, 100] added to that token's logit
 (-100 in effect bans the token, +100 all but forces it).
