@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "util", "config", "dtypes", "heap"),     # foundations: no engine code
     ("kernels", "quant", "kv"),                         # numeric formats, native kernels, KV storage
     ("loading", "tokenizer", "layers", "models"),       # files -> weights, text -> ids, the forward pass
-    ("sampling",),
+    ("sampling", "grammar"),                            # grammar: constrained decoding (token masks)
     ("runtime",),                                       # engine, scheduler, sessions
     ("llm",),                                           # the single-sequence public API
     ("serve", "bench", "roofline", "quality"),          # applications built on the engine

@@ -319,7 +319,7 @@ def test_malformed_and_invalid_bodies(http):
     assert_error(post(http, "/v1/chat/completions", b'{"model": "x", "messages": ['), 400, code="invalid_json")
     assert_error(post(http, "/v1/chat/completions", b"[1, 2]"), 400, code="invalid_json")
     assert_error(post(http, "/v1/chat/completions", b""), 400)
-    assert_error(post(http, "/v1/chat/completions", {**ok, "tools": [{"type": "function"}]}), 400, "tools")
+    assert_error(post(http, "/v1/chat/completions", {**ok, "tools": [{"type": "function"}]}), 400, "tools[0]")
     assert_error(post(http, "/v1/chat/completions", {**ok, "model": "gpt-4o"}), 404, "model", "model_not_found")
     wrong = {"max_tokens": "ten", "temperature": "hot", "top_p": 0, "n": 0, "stop": 5, "seed": 1.5,
              "presence_penalty": 3, "frequency_penalty": [1], "logprobs": "yes", "top_logprobs": 21,
@@ -360,7 +360,7 @@ def test_unknown_fields_are_ignored_and_reported(http, server, llm):
     assert r.status_code == 200 and r.headers["x-edgellm-ignored-fields"] == "add_special_tokens"
     assert "ignoring unknown request fields 'bogus', 'chat_template_kwargs'" in server.output()
     assert_error(post(http, "/v1/chat/completions", {**ok, "bogus": 1, "max_tokens": "3"}), 400, "max_tokens")
-    assert_error(post(http, "/v1/chat/completions", {**ok, "bogus": 1, "tools": [{"type": "function"}]}), 400, "tools")
+    assert_error(post(http, "/v1/chat/completions", {**ok, "bogus": 1, "tools": [{"type": "function"}]}), 400, "tools[0]")
 
 
 def test_oversized_body_and_context_overflow(http):

@@ -50,6 +50,29 @@ def test_cors_preflight_from_an_allowed_origin_only(http):
     assert "access-control-allow-origin" not in r.headers
 
 
+def test_periodic_stats_line(smollm2_path):
+    """--log-stats-interval: while requests run, one line of throughput, queue and KV use; idle, none.
+    (Its own server: the stats line is logged at info, which the shared fixtures' servers leave out.)"""
+    import time
+
+    def lines(s):
+        return [ln for ln in s.output().splitlines() if "generation throughput" in ln]
+
+    with ServerProcess(["--model", MODEL, "--kv-memory", "16MB", "--threads", "2", "--log-stats-interval", "0.5",
+                        "--log-level", "info"]) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        time.sleep(1.5)
+        assert lines(s) == []                        # idle: quiet
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24,
+                                            "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 10
+        while not lines(s) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        line = lines(s)[-1]
+        assert "prompt throughput" in line and "KV cache usage" in line and "running" in line, line
+        assert max(float(ln.split("generation throughput ")[1].split(" tok/s")[0]) for ln in lines(s)) > 0
+
+
 def test_no_cors_headers_without_the_option(smollm2_path):
     """The default: no --cors-origin, no CORS answer for any origin."""
     with ServerProcess(["--model", MODEL, "--kv-memory", "16MB", "--threads", "2"]) as s, \

@@ -225,6 +225,25 @@ def test_sampled_tokens_follow_the_target_distribution(smollm2_path, tmp_path):
     assert math.isclose(sum(exact.values()), 1.0, rel_tol=1e-6)
 
 
+def test_grammar_constrained_request_speculates_to_the_same_output(llm):
+    """A JSON-schema request under ngram speculation: its verify rows are sampled one at a time,
+    each under the grammar state the tokens before it reached, so the output is plain decoding's."""
+    from edgellm.grammar import Grammar
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "values": {
+        "type": "array", "items": {"type": "integer"}}}, "required": ["name", "values"]}
+    prompt = [{"role": "user", "content": 'Answer in JSON like {"name": "x", "values": [1, 2, 3, 1, 2, 3]}: '
+                                          'name the sequence 1 2 3 repeated, with six values.'}]
+    params = SamplingParams.greedy(max_tokens=40, grammar=Grammar.json_schema(schema))
+    a = _generate(Engine(llm.loaded), prompt, params)
+    spec = Engine(llm.loaded, speculative=SpeculativeConfig("ngram", 4, adaptive=False))
+    b = _generate(spec, prompt, params)
+    assert b.token_ids == a.token_ids
+    json.loads(b.text)
+    assert spec.stats()["speculative"]["proposed"] > 0
+    spec.block_manager.check()
+
+
 # ---- the CLI --------------------------------------------------------------------------------------
 def test_generate_json_reports_speculation_and_refuses_bad_flags():
     base = [sys.executable, "-m", "edgellm", "generate", "--prompt", "one two three one two three one two",
@@ -256,7 +275,7 @@ def test_server_with_speculation_answers_the_openai_client_and_counts_proposals(
         r = client.chat.completions.create(model=str(smollm2_path), messages=messages, max_tokens=40, temperature=0)
         assert r.choices[0].message.content == expected.text
         metrics = httpx.get(s.url + "/metrics", timeout=30).text
-    counts = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+    counts = {line.split()[0].split("{")[0]: float(line.split()[-1]) for line in metrics.splitlines()
               if line.startswith("vllm:spec_decode")}
     assert counts["vllm:spec_decode_num_draft_tokens_total"] > 0
     assert 0 < counts["vllm:spec_decode_num_accepted_tokens_total"] <= counts["vllm:spec_decode_num_draft_tokens_total"]

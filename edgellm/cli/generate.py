@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_speculative_arguments(p)
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="with --json: log-probability of each chosen token and the top N alternatives")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="constrain the output to JSON valid against the JSON schema in FILE ('-': standard input)")
+    p.add_argument("--regex", default=None, metavar="PATTERN", help="constrain the output to match the regex")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--stats", action="store_true", help="after the text, print speed figures to stderr")
     p.add_argument("--list-models", action="store_true", help="list the registry's model names and exit")
@@ -50,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
     extra = {}
     if args.logprobs is not None:
         extra = {"logprobs": True, "top_logprobs": args.logprobs}
+    if args.json_schema is not None and args.regex is not None:
+        raise InvalidParameterError("--json-schema and --regex both given", "constrain the output with one of them")
+    if args.json_schema is not None or args.regex is not None:
+        from edgellm.grammar import Grammar
+
+        extra["grammar"] = read_schema(args.json_schema) if args.json_schema is not None else Grammar.regex(args.regex)
     params = sampling_params(args, **extra)
     check_precision(args)
     speculative = speculative_config(args)
@@ -82,3 +91,22 @@ def run(args: argparse.Namespace) -> int:
             print(f"[speculative {sp['method']}: {sp['accepted']} of {sp['proposed']} proposed tokens accepted "
                   f"({rate:.0%}) over {sp['steps']} verify steps]", file=sys.stderr)
     return 0
+
+
+def read_schema(path: str):
+    """The JSON schema in the file ``path`` (``-``: standard input) as a grammar."""
+    from pathlib import Path
+
+    from edgellm.errors import InvalidParameterError
+    from edgellm.grammar import Grammar
+
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise InvalidParameterError(f"cannot read the JSON schema file {path!r}: {err.strerror}",
+                                    "pass the path of a file holding a JSON schema") from None
+    try:
+        schema = json.loads(text)
+    except ValueError as err:
+        raise InvalidParameterError(f"{path!r} is not JSON: {err}", "write the schema as a JSON object") from None
+    return Grammar.json_schema(schema)

@@ -22,7 +22,8 @@ COMMANDS = {
     "analyze": ("edgellm.cli.analyze", "roofline analysis: per-layer compute vs memory bounds"),
     "quantize": ("edgellm.cli.quantize", "convert a model's weights to another precision format"),
     "eval": ("edgellm.cli.eval", "measure a model's quality (perplexity, greedy agreement)"),
-    "serve": ("edgellm.cli.serve", "OpenAI-compatible HTTP server with sessions and metrics"),
+    "serve": ("edgellm.cli.serve", "OpenAI-compatible HTTP server: chat, completions, structured output, tools, "
+                                     "embeddings, sessions, metrics"),
 }
 
 

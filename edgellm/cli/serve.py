@@ -13,8 +13,9 @@ from edgellm.cli.common import (
     speculative_config,
 )
 
-HELP = ("serve a model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions), a sessions API, "
-        "Prometheus metrics (/metrics) and a live page (/)")
+HELP = ("serve a model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions with structured output "
+        "and tool calls, /v1/embeddings), a sessions API, Prometheus metrics (/metrics, vLLM's names too) and a "
+        "live page (/)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "from a browser (CORS); repeatable (default: none)")
     p.add_argument("--session-idle-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="retire sessions idle this long (default 1800; 0 keeps them)")
+    p.add_argument("--log-stats-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="log one line of throughput, queue and KV use this often while requests run "
+                        "(default 10; 0: never)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (default info)")
 
@@ -93,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     if any(not h.strip() or "/" in h for h in args.allow_host):
         raise InvalidParameterError(f"--allow-host takes a host name, got {args.allow_host!r}",
                                     "pass e.g. --allow-host my-box.local")
+    if not args.log_stats_interval >= 0:
+        raise InvalidParameterError(f"--log-stats-interval must be >= 0 seconds, got {args.log_stats_interval}",
+                                    "pass e.g. --log-stats-interval 10 (0: never)")
     if args.session_idle_timeout < 0:
         raise InvalidParameterError(f"--session-idle-timeout must be >= 0, got {args.session_idle_timeout}",
                                     "pass e.g. --session-idle-timeout 1800 (0 keeps idle sessions)")
@@ -142,7 +149,16 @@ def run(args: argparse.Namespace) -> int:
                      max_sessions=args.max_sessions, metrics_public=args.metrics_public,
                      request_timeout=args.request_timeout or None, body_timeout=args.body_timeout or None,
                      allowed_hosts=default_allowed_hosts(args.host, api_keys, args.allow_host),
-                     cors_origins=cors_origins)
+                     cors_origins=cors_origins, stats_interval=args.log_stats_interval or None)
+    # The server's own lines (warnings, the stats line) at --log-level, as uvicorn's are.
+    import logging
+
+    serve_log = logging.getLogger("edgellm.serve")
+    if not serve_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        serve_log.addHandler(handler)
+        serve_log.setLevel(args.log_level.upper())
     print(f"edgellm serve: {model_id} on http://{args.host}:{args.port}  (KV pool {engine.num_blocks} blocks, "
           f"{engine.pool_tokens} tokens, KV {llm.kv_dtype}, weights {llm.loaded.dtype}, preemption {args.preemption}, "
           f"speculative {speculative.name if speculative else 'off'}; "

@@ -107,6 +107,19 @@ class LlamaModel:
             trace.end("lm_head", None)
         return out
 
+    @torch.inference_mode()
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The final hidden states of one sequence [T, hidden] (float32, after the final norm, the
+        vectors the vocabulary projection reads), for embeddings. Runs the per-layer path over a
+        scratch KV cache of its own (float32, T slots), so it never touches a serving pool and
+        never the fused decode step."""
+        n = int(tokens.shape[0])
+        cache = KVCache(self.cfg, max(1, -(-n // 16)), 16, torch.float32)
+        batch = AttentionBatch.build([(n, n, slice(0, n))])
+        h = self.embed(tokens)
+        h = self.forward_layers(h, self.rope_tables(torch.arange(n, dtype=torch.int64)), batch, cache)
+        return F.rms_norm(h, (self.cfg.hidden_size,), self.weights.final_norm, self.cfg.rms_norm_eps)
+
     def forward_layers(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
                        cache: KVCache, trace: Trace | None = None, layers: list[int] | None = None) -> torch.Tensor:
         """The blocks, one after the other, op by op (prefill, mixed and large decode steps);

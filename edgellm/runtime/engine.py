@@ -43,7 +43,7 @@ from edgellm.errors import InvalidParameterError
 from edgellm.kv.block_manager import BlockManager
 from edgellm.kv.cache import BLOCK_SIZE, KVCache
 from edgellm.kv.offload import OffloadStore
-from edgellm.runtime.input import InputProcessor, check_params
+from edgellm.runtime.input import InputProcessor
 from edgellm.runtime.model_runner import ModelRunner, SeqChunk
 from edgellm.runtime.output import append_token, build_result, stop_checker
 from edgellm.runtime.scheduler import Scheduler
@@ -266,7 +266,7 @@ class Engine:
         t_submit = time.perf_counter()   # the request's arrival: TTFT counts tokenising too
         self._check_open()
         params = request.params or (request.session.sampling if request.session else SamplingParams())
-        request.params = check_params(params, self.input.vocab_size)
+        request.params = self.input.check_params(params)
         ids = self.input.encode(request.prompt, request.chat, request.system)
         max_tokens = self.input.budget(len(ids), params.max_tokens,
                                        what="the conversation" if request.session else "the prompt")
@@ -355,7 +355,8 @@ class Engine:
             return
         params = req.params
         # What can fail is built first, before anything is registered (see _refuse).
-        history = SequenceHistory(ids, self.cfg.vocab_size, sample_index=req.sample_index)
+        history = SequenceHistory(ids, self.cfg.vocab_size, sample_index=req.sample_index,
+                                  constraint=self.input.constraint(params))
         stop = stop_checker(params, self.tokenizer.eog_ids, max_tokens)
         decoder = self.tokenizer.incremental_decoder()
         if session is None:
@@ -484,8 +485,10 @@ class Engine:
             first_row.append(row)
             row += len(c.tokens) if c.verify else 1
         # Rows whose choice does not depend on the tokens accepted before them are sampled in one
-        # call; a verify chunk with penalties (which read the history as it grows) row by row.
-        batched = [i for i, c in enumerate(wanting) if not (c.verify and c.seq.params.has_penalties)]
+        # call; a verify chunk whose choices read the history as it grows (penalties, a grammar's
+        # state) row by row.
+        batched = [i for i, c in enumerate(wanting)
+                   if not (c.verify and (c.seq.params.has_penalties or c.seq.history.constraint is not None))]
         rows, params, hists, drafts = [], [], [], []
         for i in batched:
             c = wanting[i]

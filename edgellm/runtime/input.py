@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from edgellm.errors import ContextOverflowError, InvalidParameterError
+from edgellm.grammar import GrammarCompiler, TokenConstraint
 from edgellm.sampling import SamplingParams
 
 
@@ -25,6 +26,19 @@ class InputProcessor:
         self.pool_tokens = pool_tokens
         self.block_size = block_size
         self.kv_bytes_per_block = kv_bytes_per_block
+        self.grammars = GrammarCompiler(tokenizer, vocab_size)   # builds its token table on first use
+
+    def check_params(self, params) -> SamplingParams:
+        """:func:`check_params`, and the grammar compiled (cached: the server compiles it first, in a
+        worker thread, so this is a look-up there). Raises InvalidParameterError."""
+        params = check_params(params, self.vocab_size)
+        if params.grammar is not None:
+            self.grammars.compile(params.grammar)
+        return params
+
+    def constraint(self, params: SamplingParams) -> TokenConstraint | None:
+        """A sequence's grammar state (None without a grammar), made when it is queued."""
+        return self.grammars.constraint(params.grammar)
 
     def encode(self, prompt, chat: bool = False, system: str | None = None) -> list[int]:
         return encode_prompt(self.tokenizer, self.vocab_size, prompt, chat, system)

@@ -47,6 +47,7 @@ from edgellm.runtime.session import RequestHandle
 from edgellm.runtime.types import Request, TokenEvent
 from edgellm.sampling import SamplingParams
 from edgellm.serve import openai_api as oa
+from edgellm.serve import tools as tc
 from edgellm.serve.metrics import Metrics
 from edgellm.serve.openai_api import ApiError, GenerationSpec
 
@@ -118,7 +119,8 @@ class ServerState:
         self.sessions: dict[str, Any] = {}         # API id -> engine Session
         self.session_defaults: dict[str, dict] = {}  # API id -> its sampling defaults
         self.session_owner: dict[str, str | None] = {}  # API id -> who created it (a key's fingerprint)
-        self.metrics = Metrics(engine, lambda: self.in_flight)
+        self.metrics = Metrics(engine, lambda: self.in_flight, model_id)
+        self.embedding_lock = asyncio.Lock()
         self.started = int(time.time())
 
     @functools.lru_cache(maxsize=65536)   # noqa: B019 -- one ServerState per server, alive as long as it
@@ -159,17 +161,46 @@ class ServerState:
                                 f"bytes, so at most {self.max_prompt_chars} characters fit); shorten it",
                            param=PARAM_OF[what], code="context_length_exceeded")
 
-    async def encode(self, prompt, what: str) -> list[int]:
+    async def encode(self, prompt, what: str, tools: tc.ToolSpec | None = None) -> list[int]:
         """Token ids of ``prompt`` (text, token ids or chat messages), rendered and tokenised in a
-        worker thread so the event loop keeps serving other requests and streams meanwhile."""
+        worker thread so the event loop keeps serving other requests and streams meanwhile.
+        Chat messages with ``tools`` (or tool turns in their history) are rendered as
+        :func:`edgellm.serve.tools.render_messages` says."""
         if isinstance(prompt, str):
             chars = len(prompt)
         elif prompt and isinstance(prompt[0], dict):
             chars = sum(len(m["content"]) for m in prompt if isinstance(m.get("content"), str))
+            chars += sum(len(json.dumps(m["tool_calls"])) for m in prompt if m.get("tool_calls"))
+            chars += len(json.dumps(tools.tools)) if tools is not None else 0
+            if tools is not None or any(m.get("tool_calls") or m["role"] == "tool" for m in prompt):
+                self.check_prompt_chars(chars, what)
+                return await asyncio.to_thread(self.encode_with_tools, prompt, tools)
         else:
             chars = 0                     # token ids: budget() checks their count
         self.check_prompt_chars(chars, what)
         return await asyncio.to_thread(self.engine.input.encode, prompt)
+
+    def encode_with_tools(self, messages: list[dict], tools: tc.ToolSpec | None) -> list[int]:
+        tok = self.engine.tokenizer
+        msgs, extra = tc.render_messages(messages, tools, self.template_has_tools)
+        return tok.encode_chat(msgs, add_generation_prompt=True, **extra)
+
+    @functools.cached_property
+    def template_has_tools(self) -> bool:
+        """Whether the model's own chat template renders tools (Qwen2.5's does, SmolLM2's does not)."""
+        tok = self.engine.tokenizer
+        return tok.has_chat_template and tc.template_reads_tools(tok.chat_template)
+
+    async def compile_grammar(self, spec: GenerationSpec) -> None:
+        """The request's grammar compiled (in a worker thread: a large schema takes milliseconds),
+        or a 400 naming the field that asked for it, with the compiler's message."""
+        grammar = spec.sampling.get("grammar")
+        if grammar is None:
+            return
+        try:
+            await asyncio.to_thread(self.engine.input.grammars.compile, grammar)
+        except EdgeLLMError as err:
+            raise oa.invalid(spec.constraint_param, api_message(err)) from None
 
     # ---- submission ----------------------------------------------------------------------------
     def submit(self, prompts: list[list[int]], n: int, params: SamplingParams, session=None,
@@ -486,7 +517,7 @@ async def encode_spec(state: ServerState, spec: GenerationSpec) -> tuple[list[li
     ``max_tokens`` they all fit."""
     what = "the messages" if spec.kind == "chat" else "the prompt"
     if spec.kind == "chat":
-        prompts = [await state.encode(spec.prompts[0], what)]
+        prompts = [await state.encode(spec.prompts[0], what, spec.tools)]
     else:
         try:
             prompts = [await state.encode(p, what) for p in spec.prompts]
@@ -501,6 +532,7 @@ async def generation(state: ServerState, request: HttpRequest, kind: str) -> Res
     parse = oa.parse_chat if kind == "chat" else oa.parse_completion
     spec = parse(body, state.served, state.engine.input.vocab_size)
     note_ignored(request, spec.ignored)
+    await state.compile_grammar(spec)
     prompts, max_tokens = await encode_spec(state, spec)
     params = sampling_params(spec.sampling, max_tokens, spec.logprobs, spec.top_logprobs)
     batch = state.submit(prompts, spec.n, params)
@@ -529,7 +561,7 @@ def batch_usage(batch: Batch) -> dict:
 
 def _response(spec: GenerationSpec, batch: Batch, rid: str, created: int, kind: str, body) -> dict:
     """The non-streamed response of either endpoint; ``body(result)`` gives a choice's own fields."""
-    choices = [{"index": c.index, **body(c.result), "finish_reason": oa.finish_reason(c.result.finish_reason)}
+    choices = [{"index": c.index, "finish_reason": oa.finish_reason(c.result.finish_reason), **body(c.result)}
                for c in batch.choices]
     return {"id": rid, "object": kind, "created": created, "model": spec.model,
             "system_fingerprint": "edgellm", "choices": choices, "usage": batch_usage(batch)}
@@ -541,7 +573,15 @@ def chat_response(state: ServerState, spec: GenerationSpec, batch: Batch, rid: s
         if spec.logprobs:
             lp = {"content": oa.chat_logprob_entries(state.token_text, r.token_ids, r.logprobs,
                                                      [t[:spec.top_logprobs] for t in r.top_logprobs])}
-        return {"message": {"role": "assistant", "content": r.text}, "logprobs": lp}
+        message = {"role": "assistant", "content": r.text}
+        finish = {}
+        if spec.tools is not None and spec.tools.parse_output:
+            content, calls = tc.split_output(r.text, spec.tools.names)
+            if calls:
+                message = {"role": "assistant", "content": content or None, "tool_calls": calls}
+                if r.finish_reason == "stop":
+                    finish = {"finish_reason": "tool_calls"}
+        return {"message": message, "logprobs": lp, **finish}
     return _response(spec, batch, rid, created, "chat.completion", body)
 
 
@@ -581,6 +621,10 @@ async def stream_chat(state: ServerState, spec: GenerationSpec, batch: Batch, ri
         return sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                          "finish_reason": finish}]})
 
+    # With tools, each choice's text goes through a parser: content streams as it comes, a
+    # <tool_call> block is held until it closes and then sent as one tool_calls delta.
+    parsers = ({c.index: tc.ToolCallParser(frozenset(spec.tools.names)) for c in batch.choices}
+               if spec.tools and spec.tools.parse_output else {})
     for c in batch.choices:
         yield chunk(c.index, {"role": "assistant", "content": ""})
     try:
@@ -593,11 +637,24 @@ async def stream_chat(state: ServerState, spec: GenerationSpec, batch: Batch, ri
             if spec.logprobs and ev.token_id is not None and ev.logprob is not None:
                 lp = {"content": oa.chat_logprob_entries(state.token_text, [ev.token_id], [ev.logprob],
                                                          [(ev.top_logprobs or [])[:spec.top_logprobs]])}
-            if ev.text or lp:
-                yield chunk(index, {"content": ev.text}, logprobs=lp)
+            text, calls = ev.text, []
+            parser = parsers.get(index)
+            if parser is not None:
+                text, calls = parser.feed(ev.text)
+                if ev.finished:
+                    rest, more = parser.finish()
+                    text, calls = text + rest, calls + more
+            if text or lp:
+                yield chunk(index, {"content": text}, logprobs=lp)
+            for call in calls:
+                k = parser.calls.index(call)
+                yield chunk(index, {"tool_calls": [{"index": k, **call}]})
             if ev.finished:
                 batch.choices[index].result = ev.result
-                yield chunk(index, {}, finish=oa.finish_reason(ev.finish_reason))
+                reason = oa.finish_reason(ev.finish_reason)
+                if parser is not None and parser.calls and reason == "stop":
+                    reason = "tool_calls"
+                yield chunk(index, {}, finish=reason)
     except ApiError as err:
         yield stream_error(err)
         return
@@ -856,6 +913,82 @@ async def detokenize(state: ServerState, request: HttpRequest) -> Response:
 
 
 # ---------------------------------------------------------------------------------------------
+# Embeddings
+# ---------------------------------------------------------------------------------------------
+EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions"}
+MAX_EMBEDDING_INPUTS = 256
+
+
+def embedding_inputs(v) -> list:
+    """``input``: a string, an array of strings, an array of token ids, or an array of such arrays."""
+    if isinstance(v, str):
+        v = [v]
+    elif isinstance(v, list) and v and all(oa.is_int(t) for t in v):
+        v = [v]
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) or (isinstance(x, list) and all(
+            oa.is_int(t) for t in x)) for x in v):
+        raise oa.invalid("input", "'input' must be a string, an array of strings, an array of token ids or an "
+                                  "array of token-id arrays", "invalid_type" if not isinstance(v, list) or v
+                         else "invalid_value")
+    if len(v) > MAX_EMBEDDING_INPUTS:
+        raise oa.invalid("input", f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(v)}")
+    for i, x in enumerate(v):
+        if not x:
+            raise oa.invalid("input", f"input {i} is empty; every input needs at least one token")
+    return v
+
+
+def pooled_embedding(state: ServerState, ids: list[int]) -> list[float]:
+    """Mean of the final hidden states (after the final norm) over every token, L2-normalised.
+    Runs under the engine's lock (from ``locked``): one forward pass like a prefill, between steps."""
+    import torch
+
+    h = state.engine.loaded.model.hidden_states(torch.tensor(ids, dtype=torch.int64))
+    return torch.nn.functional.normalize(h.mean(dim=0), dim=0).tolist()
+
+
+async def embeddings(state: ServerState, request: HttpRequest) -> Response:
+    """OpenAI's ``/v1/embeddings``: one vector per input, the mean-pooled final hidden states,
+    normalised to length 1 (as llama-server's ``--pooling mean``); ``encoding_format`` float or
+    base64 (little-endian float32, what the ``openai`` client asks for by default)."""
+    import base64
+    import struct
+
+    body = await read_json(request, state.max_body, state.body_timeout)
+    note_ignored(request, oa.check_fields(body, EMBEDDING_FIELDS, {}))
+    model = oa.get_model(body, state.served)
+    fmt = body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise oa.invalid("encoding_format", f"'encoding_format' must be \"float\" or \"base64\", got {fmt!r}")
+    width = state.engine.cfg.hidden_size
+    dims = oa.get_int(body, "dimensions", None, 1)
+    if dims is not None and dims != width:
+        raise oa.invalid("dimensions", f"this model's embeddings have {width} dimensions and cannot be shortened; "
+                                       f"leave 'dimensions' out or pass {width}")
+    inputs = embedding_inputs(body.get("input"))
+    ctx = state.engine.cfg.context_length
+    data, total = [], 0
+    async with state.embedding_lock:      # one embedding request at a time: each pass is a prefill
+        for i, x in enumerate(inputs):
+            try:
+                ids = await state.encode(x if isinstance(x, str) else [int(t) for t in x], "the prompt")
+            except EdgeLLMError as err:
+                raise oa.invalid("input", f"input {i}: {api_message(err)}") from None
+            if not ids:
+                raise oa.invalid("input", f"input {i} encodes to no token")
+            if len(ids) > ctx:
+                raise ApiError(400, f"input {i} has {len(ids)} tokens, more than the model's context window of "
+                                    f"{ctx}; shorten it", param="input", code="context_length_exceeded")
+            vec = await locked(state, pooled_embedding, state, ids)
+            total += len(ids)
+            emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode() if fmt == "base64" else vec
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+    state.metrics.embedding_tokens.inc(total)
+    return JSONResponse({"object": "list", "data": data, "model": model,
+                         "usage": {"prompt_tokens": total, "total_tokens": total}})
+
+
+# ---------------------------------------------------------------------------------------------
 # Introspection
 # ---------------------------------------------------------------------------------------------
 async def models(state: ServerState, request: HttpRequest) -> Response:
@@ -954,7 +1087,7 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
                close_engine: bool = True, max_sessions: int = DEFAULT_MAX_SESSIONS,
                metrics_public: bool = False, request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
                body_timeout: float | None = DEFAULT_BODY_TIMEOUT, allowed_hosts: Sequence[str] | None = None,
-               cors_origins: Sequence[str] = ()):
+               cors_origins: Sequence[str] = (), stats_interval: float | None = None):
     """The server over ``engine`` (started by the app's lifespan; closed at shutdown if ``close_engine``).
 
     ``api_key``: one key or several (each client's sessions are private to its key); None: no
@@ -964,7 +1097,8 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
     ``body_timeout``: seconds to send a body (408 after). ``allowed_hosts``: the Host names
     answered (any port; others get 403); None: any (see :func:`default_allowed_hosts`).
     ``cors_origins``: web origins (``https://app.example:8080``, or ``*``) whose pages may call the
-    API from a browser (CORS); none by default."""
+    API from a browser (CORS); none by default. ``stats_interval``: log one line of throughput,
+    queue and KV figures this often (seconds) while there is activity (None: never)."""
     if not isinstance(max_sessions, int) or max_sessions < 1:
         raise InvalidParameterError(f"max_sessions must be a positive integer, got {max_sessions!r}",
                                     "pass e.g. --max-sessions 256")
@@ -982,6 +1116,7 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
         Route("/v1/chat/completions", ep(lambda s, r: generation(s, r, "chat"), "chat"), methods=["POST"]),
         Route("/v1/completions", ep(lambda s, r: generation(s, r, "completion"), "completions"), methods=["POST"]),
         Route("/v1/models", ep(models, "models"), methods=["GET"]),
+        Route("/v1/embeddings", ep(embeddings, "embeddings"), methods=["POST"]),
         Route("/v1/sessions", ep(create_session, "sessions_create"), methods=["POST"]),
         Route("/v1/sessions", ep(list_sessions, "sessions_list"), methods=["GET"]),
         Route("/v1/sessions/{sid}", ep(get_session, "sessions_get"), methods=["GET"]),
@@ -1003,9 +1138,12 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
     @contextlib.asynccontextmanager
     async def lifespan(app):
         engine.start()
+        logger = asyncio.ensure_future(log_stats(state, stats_interval)) if stats_interval else None
         try:
             yield
         finally:
+            if logger is not None:
+                logger.cancel()
             if close_engine:
                 await asyncio.to_thread(engine.close)
             else:
@@ -1021,6 +1159,34 @@ def create_app(engine: Engine, model_id: str, aliases: tuple[str, ...] = (),
     if allowed_hosts is not None:       # added last: outermost, so it checks preflights too
         app.add_middleware(HostCheck, allowed=tuple(allowed_hosts))
     return app
+
+
+async def log_stats(state: ServerState, interval: float) -> None:
+    """Every ``interval`` seconds, one line like vLLM's: prompt and generation throughput since the
+    last line, requests running and waiting, KV cache use, preemptions -- only when something ran
+    since the last line or is still in flight (an idle server stays quiet)."""
+    def totals() -> tuple[float, dict]:
+        st = state.engine.stats()
+        tok = st["tokens"]
+        return time.monotonic(), {"prompt": tok.get("prefill", 0) + tok.get("followup_prefill", 0),
+                                  "generated": tok.get("generated", 0), "running": st["scheduler"]["running"],
+                                  "waiting": st["scheduler"]["waiting"], "preemptions": st["scheduler"]["preemptions"],
+                                  "kv": st["blocks"]["used"] / max(1, st["blocks"]["total"])}
+    t0, last = await asyncio.to_thread(totals)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            t1, now = await asyncio.to_thread(totals)
+        except Exception:            # the engine closing under us: no line this time
+            continue
+        dt = max(t1 - t0, 1e-9)
+        busy = now["running"] or now["waiting"] or now["generated"] != last["generated"] or now["prompt"] != last["prompt"]
+        if busy:
+            log.info("prompt throughput %.1f tok/s, generation throughput %.1f tok/s, running %d, waiting %d, "
+                     "in flight %d, KV cache usage %.1f%%, preemptions %d",
+                     (now["prompt"] - last["prompt"]) / dt, (now["generated"] - last["generated"]) / dt,
+                     now["running"], now["waiting"], state.in_flight, 100 * now["kv"], now["preemptions"])
+        t0, last = t1, now
 
 
 def header_timeout_protocol(timeout: float):

@@ -14,8 +14,12 @@ Fields fall in four groups:
 * extensions (as vLLM names them): ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``;
 * accepted and ignored (they change nothing in the output): ``user``, ``metadata``, ``store``,
   ``service_tier``, ``parallel_tool_calls``;
-* OpenAI features this server does not implement (``tools``, ``response_format``
-  other than text, ...): refused with 400 unless given their neutral value;
+* structured output and tools: ``response_format`` (``text``, ``json_object``, ``json_schema``),
+  vLLM's ``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar`` (one constraint
+  per request, compiled into a :class:`~edgellm.grammar.Grammar`), and on chat ``tools``,
+  ``tool_choice``, ``parallel_tool_calls`` (see :mod:`edgellm.serve.tools`);
+* OpenAI features this server does not implement (``audio``, ``prediction``, ...): refused with
+  400 unless given their neutral value;
 * anything else: ignored, as vLLM does; :func:`check_fields` returns those names, and the server
   lists them in an ``x-edgellm-ignored-fields`` response header and its log. A known field of the
   wrong type or value is still refused.
@@ -23,12 +27,16 @@ Fields fall in four groups:
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 
+from edgellm.errors import EdgeLLMError
+from edgellm.grammar import Grammar
 from edgellm.sampling import (
     MAX_INT,
     MAX_LOGIT_BIAS,
@@ -37,6 +45,7 @@ from edgellm.sampling import (
     MAX_STOP_LENGTH,
     MIN_REPETITION_PENALTY,
 )
+from edgellm.serve.tools import ToolSpec, parse_tools
 
 MAX_N = 16                  # completions per request
 MAX_STOP = 4                # stop strings, as OpenAI allows
@@ -44,22 +53,26 @@ MAX_TOP_LOGPROBS_CHAT = 20
 MAX_LOGPROBS_COMPLETION = 5
 MAX_PROMPTS = 64            # prompts in one /v1/completions batch
 
-IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+IGNORED = {"user", "metadata", "store", "service_tier"}
 # field -> its neutral value(s): given anything else, the request asks for a feature we lack.
-UNSUPPORTED_CHAT = {"tools": ([], None), "tool_choice": ("none", None), "functions": ([], None),
+UNSUPPORTED_CHAT = {"functions": ([], None),
                     "function_call": ("none", None), "audio": (None,),
                     "modalities": (["text"], None), "prediction": (None,), "reasoning_effort": (None,),
-                    "web_search_options": (None,), "response_format": ({"type": "text"}, None)}
+                    "web_search_options": (None,)}
 UNSUPPORTED_COMPLETION = {"suffix": (None, ""), "echo": (False, None),
                           "best_of": (1, None)}
 
 CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
                "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "stream",
-               "stream_options", "top_k", "min_p", "repetition_penalty", "ignore_eos", "logit_bias"}
+               "stream_options", "top_k", "min_p", "repetition_penalty", "ignore_eos", "logit_bias",
+               "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "tools",
+               "tool_choice", "parallel_tool_calls"}
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
                      "presence_penalty", "frequency_penalty", "logprobs", "stream", "stream_options", "top_k",
-                     "min_p", "repetition_penalty", "ignore_eos", "logit_bias"}
-ROLES = {"system", "developer", "user", "assistant"}
+                     "min_p", "repetition_penalty", "ignore_eos", "logit_bias", "response_format", "guided_json",
+                     "guided_regex", "guided_choice", "guided_grammar"}
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 class ApiError(Exception):
@@ -242,6 +255,8 @@ class GenerationSpec:
     logprobs: bool = False
     top_logprobs: int = 0
     ignored: list[str] = field(default_factory=list)   # unknown fields of the request, ignored
+    tools: ToolSpec | None = None           # chat with tools: how to render and parse them
+    constraint_param: str | None = None     # the field that asked for a grammar (for a 400 naming it)
 
 
 def sampling_fields(body: dict, vocab_size: int | None = None) -> dict:
@@ -258,6 +273,65 @@ def sampling_fields(body: dict, vocab_size: int | None = None) -> dict:
         ignore_eos=get_bool(body, "ignore_eos", False),
         logit_bias=get_logit_bias(body, vocab_size),
     )
+
+
+def grammar_or_400(param: str, build, value) -> Grammar:
+    try:
+        return build(value)
+    except EdgeLLMError as err:
+        raise invalid(param, f"'{param}': {err.problem}" + (f"; {err.fix}" if err.fix else "")) from None
+
+
+def get_constraint(body: dict) -> tuple[Grammar | None, str | None]:
+    """The grammar the output must match, and the field that asked for it: OpenAI's
+    ``response_format`` or one of vLLM's ``guided_*`` fields (at most one of them)."""
+    asked = [k for k in ("response_format", *GUIDED) if body.get(k) is not None
+             and not (k == "response_format" and body[k] == {"type": "text"})]
+    if len(asked) > 1:
+        raise invalid(asked[1], f"give at most one output constraint, got {' and '.join(repr(a) for a in asked)}")
+    if not asked:         # none, or response_format {"type": "text"}
+        return None, None
+    name = asked[0]
+    v = body[name]
+    if name == "response_format":
+        if not isinstance(v, dict):
+            raise invalid(name, f"'response_format' must be an object such as {{\"type\": \"json_object\"}}, got "
+                                f"{type_name(v)}", "invalid_type")
+        kind = v.get("type")
+        if kind == "json_object":
+            return Grammar.json_object(), name
+        if kind != "json_schema":
+            raise invalid("response_format.type", "'response_format.type' must be \"text\", \"json_object\" or "
+                                                  f"\"json_schema\", got {kind!r}")
+        js = v.get("json_schema")
+        if not isinstance(js, dict):
+            raise invalid("response_format.json_schema", "'response_format' of type json_schema needs "
+                          "'json_schema': {\"name\": ..., \"schema\": {...}, \"strict\": true}",
+                          "missing_required_parameter" if js is None else "invalid_type")
+        jname = js.get("name")
+        if not isinstance(jname, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", jname):
+            raise invalid("response_format.json_schema.name", "'json_schema.name' must be 1-64 letters, digits, "
+                                                              f"'_' or '-', got {jname!r}")
+        if "strict" in js and not isinstance(js["strict"], (bool, type(None))):
+            raise invalid("response_format.json_schema.strict", "'json_schema.strict' must be true or false",
+                          "invalid_type")
+        schema = js.get("schema", {})        # OpenAI: absent means any JSON object
+        if not isinstance(schema, (dict, bool)):
+            raise invalid("response_format.json_schema.schema", "'json_schema.schema' must be a JSON schema object, "
+                          f"got {type_name(schema)}", "invalid_type")
+        return grammar_or_400("response_format.json_schema.schema", Grammar.json_schema, schema), name
+    if name == "guided_json":
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except ValueError as err:
+                raise invalid(name, f"'guided_json' is a string that is not JSON ({err})") from None
+        return grammar_or_400(name, Grammar.json_schema, v), name
+    if name == "guided_regex":
+        return grammar_or_400(name, Grammar.regex, v), name
+    if name == "guided_choice":
+        return grammar_or_400(name, Grammar.choice, v), name
+    return grammar_or_400(name, Grammar.lark, v), name
 
 
 def _message_text(i: int, content) -> str:
@@ -292,11 +366,50 @@ def parse_messages(v) -> list[dict]:
         if role not in ROLES:
             raise invalid(f"messages[{i}].role", f"role must be one of {sorted(ROLES)}, got {role!r}")
         for k in m:
-            if k not in ("role", "content", "name"):
+            if k not in ("role", "content", "name", "tool_calls", "tool_call_id", "refusal"):
                 raise invalid(f"messages[{i}].{k}", f"message field '{k}' is not supported by this server")
+        calls = m.get("tool_calls")
+        if calls is not None and role != "assistant":
+            raise invalid(f"messages[{i}].tool_calls", "only assistant messages carry 'tool_calls'")
+        if calls:
+            msg = {"role": "assistant", "content": _message_text(i, m["content"]) if m.get("content") else "",
+                   "tool_calls": parse_history_calls(i, calls)}
+            out.append(msg)
+            continue
         if "content" not in m or m["content"] is None:
             raise invalid(f"messages[{i}].content", "a message needs 'content'", "missing_required_parameter")
-        out.append({"role": "system" if role == "developer" else role, "content": _message_text(i, m["content"])})
+        msg = {"role": "system" if role == "developer" else role, "content": _message_text(i, m["content"])}
+        if role == "tool":
+            tid = m.get("tool_call_id")
+            if tid is not None and not isinstance(tid, str):
+                raise invalid(f"messages[{i}].tool_call_id", "'tool_call_id' must be a string", "invalid_type")
+            if tid:
+                msg["tool_call_id"] = tid
+        out.append(msg)
+    return out
+
+
+def parse_history_calls(i: int, calls) -> list[dict]:
+    """An assistant message's ``tool_calls``, with each call's ``arguments`` (OpenAI sends a JSON
+    string) parsed into an object, as chat templates read them."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise invalid(where, "'tool_calls' must be an array", "invalid_type")
+    out = []
+    for j, c in enumerate(calls):
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise invalid(f"{where}[{j}]", 'a tool call must be {"id", "type": "function", "function": {"name", '
+                                           '"arguments"}}')
+        args = f.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise invalid(f"{where}[{j}].function.arguments", "'arguments' must be a JSON object "
+                                                                   "(as a string)") from None
+        out.append({"id": c.get("id") if isinstance(c.get("id"), str) else "", "type": "function",
+                    "function": {"name": f["name"], "arguments": args}})
     return out
 
 
@@ -312,10 +425,23 @@ def parse_chat(body: dict, served: set[str], vocab_size: int | None = None) -> G
     top = get_int(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS_CHAT)
     if top and not logprobs:
         raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true")
-    return GenerationSpec("chat", model, [messages], max_tokens, sampling_fields(body, vocab_size),
+    sampling = sampling_fields(body, vocab_size)
+    tools = parse_tools(body, invalid)
+    grammar, param = get_constraint(body)
+    forced = tools.grammar() if tools is not None else None
+    if forced is not None:
+        if grammar is not None:
+            raise invalid(param, f"'{param}' cannot be combined with tool_choice \"{tools.choice}\", which already "
+                                 "constrains the output to tool calls; drop one of them")
+        grammar, param = forced, "tools"
+    if grammar is not None:
+        if sampling["ignore_eos"]:
+            raise invalid("ignore_eos", f"'ignore_eos' cannot be combined with '{param}': a complete output must end")
+        sampling["grammar"] = grammar
+    return GenerationSpec("chat", model, [messages], max_tokens, sampling,
                           n=get_int(body, "n", 1, 1, MAX_N), stream=stream,
                           include_usage=get_stream_options(body, stream), logprobs=logprobs, top_logprobs=top,
-                          ignored=ignored)
+                          ignored=ignored, tools=tools, constraint_param=param)
 
 
 def parse_prompts(v) -> list:
@@ -348,11 +474,16 @@ def parse_completion(body: dict, served: set[str], vocab_size: int | None = None
     prompts = parse_prompts(body.get("prompt"))
     stream = get_bool(body, "stream", False)
     top = get_int(body, "logprobs", None, 0, MAX_LOGPROBS_COMPLETION)
-    return GenerationSpec("completion", model, prompts, get_int(body, "max_tokens", 16, 1),
-                          sampling_fields(body, vocab_size),
+    sampling = sampling_fields(body, vocab_size)
+    grammar, param = get_constraint(body)
+    if grammar is not None:
+        if sampling["ignore_eos"]:
+            raise invalid("ignore_eos", f"'ignore_eos' cannot be combined with '{param}': a complete output must end")
+        sampling["grammar"] = grammar
+    return GenerationSpec("completion", model, prompts, get_int(body, "max_tokens", 16, 1), sampling,
                           n=get_int(body, "n", 1, 1, MAX_N), stream=stream,
                           include_usage=get_stream_options(body, stream), logprobs=top is not None,
-                          top_logprobs=top or 0, ignored=ignored)
+                          top_logprobs=top or 0, ignored=ignored, constraint_param=param)
 
 
 # ---------------------------------------------------------------------------------------------
