@@ -425,7 +425,10 @@ class LlamaCppEngine:
         # n_ctx: room for the proposals of the last step too
         self.llm = llama_cpp.Llama(model_path=str(path), n_threads=args.threads, n_threads_batch=args.threads,
                                    n_ctx=len(self.ids) + self.gen + self.lookup + 1, n_batch=512, verbose=False,
-                                   draft_model=draft)
+                                   draft_model=draft,
+                                   # with a draft model llama-cpp-python keeps every position's logits but
+                                   # sizes that buffer by logits_all alone (0.3.36: a ValueError without it)
+                                   logits_all=bool(self.lookup))
         self.n_vocab = self.llm.n_vocab()
         self.info = {"version": llama_cpp.__version__, "load_s": time.perf_counter() - t0,
                      "n_ctx": self.llm.n_ctx(), "n_batch": 512,
