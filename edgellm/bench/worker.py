@@ -1,11 +1,14 @@
 """One benchmark engine in its own process: ``python -m edgellm.bench.worker --engine E ...``.
 
-Engines: ``ours`` (edgellm), ``transformers`` (HF, GGUF loaded and dequantised to float32),
-``llama.cpp`` (llama-cpp-python) and ``membw`` (the memory-bandwidth probe). A worker loads its
+Engines: ``ours`` (edgellm), ``ours-spec`` (edgellm with and without speculative decoding on a
+shipped workload: ``edgellm bench --speculative``, see :mod:`edgellm.bench.speculative`),
+``transformers`` (HF, GGUF loaded and dequantised to float32), ``llama.cpp`` (llama-cpp-python;
+``--lookup K``: its prompt-lookup drafting) and ``membw`` (the memory-bandwidth probe). A worker loads its
 engine once, does one warm-up generation (not counted), prints ``{"event": "ready", ...}`` and then
 answers commands read from stdin, one JSON object per line:
 
-* ``{"cmd": "run"}`` -> one timed generation: ``{"event": "result", ...}``;
+* ``{"cmd": "run"}`` -> one timed generation: ``{"event": "result", ...}`` (``ours-spec``:
+  ``{"cmd": "run", "variant": "spec" | "plain"}``);
 * ``{"cmd": "profile", "steps": N}`` (ours only) -> ``{"event": "profile", ...}``, where a decode
   step's time goes;
 * ``{"cmd": "quit"}`` or end of input -> exit.
@@ -182,6 +185,74 @@ class OursEngine:
         return profile_decode(self.llm, self.ids, steps)
 
 
+class OursSpeculativeEngine:
+    """``edgellm bench --speculative``: one loaded model, two LLMs over it -- one with speculative
+    decoding, one without -- answering ``{"cmd": "run", "variant": "spec" | "plain"}`` on the same
+    chat-rendered workload prompt, greedy, EOS respected (``--gen-tokens`` at most)."""
+
+    name = "ours-spec"
+
+    def __init__(self, args):
+        from edgellm.bench.workloads import get_workload
+        from edgellm.errors import InvalidParameterError
+        from edgellm.llm import LLM
+        from edgellm.runtime.speculative import parse_speculative
+
+        workload = get_workload(args.workload)
+        parse_speculative(args.speculative, args.draft_tokens)     # refused before loading
+        keep = [k for k in (args.keep or "").split(",") if k]
+        self.plain = LLM(args.model, dtype=args.dtype, threads=args.threads, weights=args.weights, keep=keep,
+                         kv_dtype=args.kv_dtype)
+        self.spec = LLM(loaded=self.plain.loaded, kv_dtype=args.kv_dtype, speculative=args.speculative,
+                        draft_tokens=args.draft_tokens)
+        cfg = self.plain.cfg
+        self.ids = self.plain.encode_prompt(workload["prompt"], chat=True)
+        self.gen = args.gen_tokens
+        if len(self.ids) + self.gen > cfg.context_length:
+            raise InvalidParameterError(
+                f"the {args.workload} prompt ({len(self.ids)} tokens) plus --gen-tokens {self.gen} is more than "
+                f"the model's context window of {cfg.context_length} tokens", "ask for fewer --gen-tokens")
+        loaded = self.plain.loaded
+        weights = loaded.model.weights
+        formats = sorted({w.format for b in weights.blocks for w in (b.qkv, b.o, b.gate_up, b.down)})
+        self.info = {
+            "model_name": loaded.source.name, "model_path": str(loaded.source.path),
+            "model_kind": loaded.source.kind, "file_bytes": loaded.file_bytes, "weight_bytes": loaded.weight_bytes,
+            "weight_formats": formats, "dtype": loaded.dtype, "kv_dtype": self.plain.kv_dtype,
+            "architecture": cfg.architecture, "n_layers": cfg.n_layers, "context_length": cfg.context_length,
+            "prompt_ids": self.ids, "speculative": self.spec.speculative.name,
+            "draft_tokens": self.spec.speculative.draft_tokens, "load_s": loaded.load_s,
+        }
+
+    def _params(self, n: int):
+        from edgellm.sampling import SamplingParams
+        return SamplingParams(temperature=0.0, max_tokens=n)
+
+    def warmup(self) -> None:
+        """One full generation of each variant (untimed); ``info["completion_tokens"]``: how many
+        tokens the greedy reply has (the peers generate as many)."""
+        plain = self.plain.generate(self.ids, self._params(self.gen))
+        spec = self.spec.generate(self.ids, self._params(self.gen))
+        self.info["completion_tokens"] = len(plain.token_ids)
+        self.info["finish_reason"] = plain.finish_reason
+        self.info["warmup_same_tokens"] = plain.token_ids == spec.token_ids
+
+    def run(self, variant: str = "spec") -> dict:
+        llm = self.spec if variant == "spec" else self.plain
+        sp = llm.engine().speculator
+        before = (sp.verify_steps, sp.verify_tokens) if sp is not None else (0, 0)
+        c = llm.generate(self.ids, self._params(self.gen))
+        extra = {"variant": variant, "finish_reason": c.finish_reason}
+        if sp is not None:
+            s = c.speculative or {}
+            steps, tokens = sp.verify_steps - before[0], sp.verify_tokens - before[1]
+            extra.update(proposed=s.get("proposed", 0), accepted=s.get("accepted", 0), verify_steps=steps,
+                         verify_tokens=tokens,
+                         acceptance_rate=s["accepted"] / s["proposed"] if s.get("proposed") else 0.0,
+                         tokens_per_verify_step=tokens / steps if steps else 0.0)
+        return _result(c.prefill_s, c.ttft_s, c.decode_s, c.prompt_tokens, c.token_ids, **extra)
+
+
 #: the model's attention calls, timed as the trace's "rope" (RoPE + KV write) and "attention" ops of a block
 ATTENTION_FUNCTIONS = ["write_kv", "attend"]
 
@@ -345,15 +416,31 @@ class LlamaCppEngine:
                                         "benchmark a .gguf model to compare with llama.cpp")
         self.ids = read_prompt(args.prompt_file)
         self.gen = args.gen_tokens
+        self.lookup = args.lookup
+        draft = None
+        if self.lookup:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+            draft = LlamaPromptLookupDecoding(num_pred_tokens=self.lookup)
         t0 = time.perf_counter()
+        # n_ctx: room for the proposals of the last step too
         self.llm = llama_cpp.Llama(model_path=str(path), n_threads=args.threads, n_threads_batch=args.threads,
-                                   n_ctx=len(self.ids) + self.gen, n_batch=512, verbose=False)
+                                   n_ctx=len(self.ids) + self.gen + self.lookup + 1, n_batch=512, verbose=False,
+                                   draft_model=draft,
+                                   # with a draft model llama-cpp-python keeps every position's logits but
+                                   # sizes that buffer by logits_all alone (0.3.36: a ValueError without it)
+                                   logits_all=bool(self.lookup))
         self.n_vocab = self.llm.n_vocab()
         self.info = {"version": llama_cpp.__version__, "load_s": time.perf_counter() - t0,
                      "n_ctx": self.llm.n_ctx(), "n_batch": 512,
                      "timing": "wall clock: reset(); eval(prompt ids); then eval([token]) one at a time, "
                                "greedy = numpy argmax of the last logits; llama.cpp's own perf counters "
                                "reported alongside (internal_*)"}
+        if self.lookup:
+            self.info.update(prompt_lookup_tokens=self.lookup, timing=(
+                "wall clock: reset(); Llama.generate(prompt ids, temp=0) with draft_model="
+                f"LlamaPromptLookupDecoding(num_pred_tokens={self.lookup}) (llama-cpp-python's prompt lookup, "
+                "each step evaluates the pending token and the proposal in one batch), stopped after "
+                "--gen-tokens tokens (EOS not checked); first token = first yield"))
 
     def _greedy(self) -> int:
         ptr = self.lc.llama_get_logits_ith(self.llm._ctx.ctx, -1)
@@ -383,11 +470,33 @@ class LlamaCppEngine:
             internal["internal_decode_tok_s"] = perf.n_eval / (perf.t_eval_ms / 1e3)
         return _result(t1 - t0, t_first - t0, t_end - t_first, len(self.ids), out, **internal)
 
+    def _generate_lookup(self, n: int) -> dict:
+        """llama-cpp-python's own speculative loop (``Llama.generate`` with the prompt-lookup draft)."""
+        clock = time.perf_counter
+        self.lc.llama_perf_context_reset(self.llm._ctx.ctx)
+        self.llm.reset()
+        out: list[int] = []
+        t0 = clock()
+        t_first = t_end = t0
+        for tok in self.llm.generate(self.ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+                                     reset=False):
+            t_end = clock()
+            if not out:
+                t_first = t_end
+            out.append(int(tok))
+            if len(out) >= n:
+                break
+        # prefill is not separable from the first sample here: the time to the first token stands for it
+        return _result(t_first - t0, t_first - t0, t_end - t_first, len(self.ids), out)
+
     def warmup(self) -> None:
-        self._generate(min(self.gen, WARMUP_TOKENS))
+        if self.lookup:
+            self._generate_lookup(min(self.gen, WARMUP_TOKENS))
+        else:
+            self._generate(min(self.gen, WARMUP_TOKENS))
 
     def run(self) -> dict:
-        return self._generate(self.gen)
+        return self._generate_lookup(self.gen) if self.lookup else self._generate(self.gen)
 
 
 class MemoryBandwidthEngine:
@@ -420,7 +529,8 @@ class MemoryBandwidthEngine:
         return {"event": "result", "bandwidth_gb_s": 2 * MEMBW_BYTES / t / 1e9, "copy_s": times}
 
 
-ENGINES = {e.name: e for e in (OursEngine, TransformersEngine, LlamaCppEngine, MemoryBandwidthEngine)}
+ENGINES = {e.name: e for e in (OursEngine, OursSpeculativeEngine, TransformersEngine, LlamaCppEngine,
+                                MemoryBandwidthEngine)}
 
 
 def read_prompt(path: str | None) -> list[int]:
@@ -444,6 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--prompt-file", default=None, help="JSON list of prompt ids (peers)")
+    p.add_argument("--speculative", default=None, help="ours-spec: the speculative method")
+    p.add_argument("--draft-tokens", type=int, default=None, help="ours-spec: the most tokens proposed per step")
+    p.add_argument("--workload", default="code-edit", help="ours-spec: the workload whose prompt is run")
+    p.add_argument("--lookup", type=int, default=0,
+                   help="llama.cpp: prompt-lookup drafting with this many tokens per step (0: plain decoding)")
     args = p.parse_args(argv)
 
     proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
@@ -465,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = json.loads(line)
             if cmd.get("cmd") == "run":
                 busy0, cpu0, t0 = _machine_busy_s(), _cpu_time(), time.perf_counter()
-                result = engine.run()
+                result = engine.run(cmd["variant"]) if "variant" in cmd else engine.run()
                 wall = time.perf_counter() - t0
                 own = _cpu_time() - cpu0
                 busy1 = _machine_busy_s()

@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="a .gguf file, a Hugging Face model folder or a built-in name (default: smollm2-135m)")
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length in tokens (default 512)")
-    p.add_argument("--gen-tokens", type=int, default=128, help="tokens to generate, EOS ignored (default 128)")
+    p.add_argument("--gen-tokens", type=int, default=None,
+                   help="tokens to generate, EOS ignored (default 128); with --speculative: the most tokens of "
+                        "the greedy reply, EOS respected (default 256)")
     p.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     p.add_argument("--repeat", type=int, default=5, help="timed repeats per engine; medians are reported (default 5)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
@@ -43,6 +45,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sessions scenario: mean seconds a user thinks between turns (default 3)")
     p.add_argument("--duration", type=float, default=60.0,
                    help="sessions scenario: seconds the multi-user run lasts (default 60)")
+    p.add_argument("--speculative", default=None, metavar="METHOD",
+                   help="measure speculative decoding (ngram, early-exit:L or draft:MODEL) against the same engine "
+                        "without it on a shipped --workload; --peers llama.cpp adds its plain decoding and its "
+                        "prompt lookup")
+    p.add_argument("--workload", default=None, metavar="NAME",
+                   help="with --speculative: code-edit (default), summarize or chat")
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                   help="with --speculative: the most tokens proposed per step (default 7; llama.cpp's prompt "
+                        "lookup proposes K)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -59,6 +70,18 @@ def _clean(obj):
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgellm.errors import InvalidParameterError
+
+    if args.speculative is not None:
+        if args.scenario != "single":
+            raise InvalidParameterError("--speculative measures one sequence; it does not go with --scenario sessions",
+                                        "drop --scenario sessions")
+        return _run_speculative(args)
+    if args.workload is not None or args.draft_tokens is not None:
+        raise InvalidParameterError("--workload and --draft-tokens go with --speculative",
+                                    "e.g. edgellm bench --speculative ngram --workload code-edit")
+    if args.gen_tokens is None:
+        args.gen_tokens = 128
     if args.scenario == "sessions":
         return _run_sessions(args)
     from edgellm.bench.harness import BenchOptions, format_report, parse_peers, run_bench
@@ -102,4 +125,28 @@ def _run_sessions(args: argparse.Namespace) -> int:
         print(json.dumps(_clean(res), indent=2, default=str))
     else:
         format_report(res, sys.stdout)
+    return 0
+
+
+def _run_speculative(args: argparse.Namespace) -> int:
+    from edgellm.bench.harness import parse_peers
+    from edgellm.bench.speculative import DEFAULT_GEN_TOKENS, SpecBenchOptions, format_report, run_spec_bench
+    from edgellm.cli.common import check_precision
+
+    check_precision(args)
+    opts = SpecBenchOptions(speculative=args.speculative, workload=args.workload or "code-edit",
+                            draft_tokens=args.draft_tokens, model=args.model,
+                            gen_tokens=DEFAULT_GEN_TOKENS if args.gen_tokens is None else args.gen_tokens,
+                            threads=args.threads, repeat=args.repeat, dtype=args.dtype, peers=parse_peers(args.peers),
+                            weights=args.weights, keep=",".join(args.keep), kv_dtype=args.kv_dtype)
+    summary = run_spec_bench(opts, None if args.quiet else lambda line: print(f"bench: {line}", file=sys.stderr,
+                                                                              flush=True))
+    if args.json:
+        print(json.dumps(_clean(summary), indent=2))
+    else:
+        format_report(summary, sys.stdout)
+    if not summary["identical_tokens"]:
+        print("bench: ERROR: speculative decoding changed the greedy output (see 'mismatches'): this is a bug",
+              file=sys.stderr, flush=True)
+        return 1
     return 0
