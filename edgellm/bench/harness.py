@@ -182,7 +182,7 @@ class Worker:
         self.stderr.close()
 
 
-def _as_user_error(err: WorkerFailed) -> EdgeLLMError:
+def as_user_error(err: WorkerFailed) -> EdgeLLMError:
     """An input problem found by a worker, re-raised here as the same EdgeLLMError class."""
     kind = err.msg.get("kind", "crash")
     cls = getattr(errors_mod, kind, None)
@@ -219,7 +219,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
         if find_spec(module) is None:
             peer_status[p] = {"status": "skipped", "reason": f"Python package {module} is not installed",
                               "install": install}
-    load_start = _loadavg()
+    load_start = loadavg()
     common = ["--threads", str(opts.threads), "--prompt-tokens", str(opts.prompt_tokens),
               "--gen-tokens", str(opts.gen_tokens)]
     workers: dict[str, Worker] = {}
@@ -234,7 +234,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
         try:
             ours_info = workers[OURS].wait_ready()["info"]
         except WorkerFailed as err:
-            raise _as_user_error(err) from None
+            raise as_user_error(err) from None
         prompt = ours_info.pop("prompt_ids")
         fd, prompt_file = tempfile.mkstemp(prefix="edgellm-bench-", suffix=".json")
         with os.fdopen(fd, "w") as f:
@@ -247,13 +247,13 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
         try:
             workers[MEMBW].wait_ready()
         except WorkerFailed as err:
-            raise _as_user_error(err) from None
+            raise as_user_error(err) from None
         peer_info: dict[str, dict] = {}
         for p in runnable:
             try:
                 peer_info[p] = workers[p].wait_ready()["info"]
             except WorkerFailed as err:
-                peer_status[p] = _peer_failure(err)
+                peer_status[p] = peer_failure(err)
                 workers.pop(p).close()
                 log(f"{p}: failed to start: {peer_status[p]['reason']}")
 
@@ -269,8 +269,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
                     r = workers[e].ask({"cmd": "run"})
                 except WorkerFailed as err:
                     if e in (OURS, MEMBW):
-                        raise _as_user_error(err) from None
-                    peer_status[e] = _peer_failure(err)
+                        raise as_user_error(err) from None
+                    peer_status[e] = peer_failure(err)
                     workers.pop(e).close()
                     log(f"{e}: failed: {peer_status[e]['reason']}")
                     continue
@@ -283,7 +283,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
             try:
                 profile = workers[OURS].ask({"cmd": "profile", "steps": opts.profile_steps})
             except WorkerFailed as err:
-                raise _as_user_error(err) from None
+                raise as_user_error(err) from None
             profile.pop("event", None)
     finally:
         for w in workers.values():
@@ -295,21 +295,21 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
                 pass
     summary = summarize(opts, ours_info, samples, peer_info, peer_status, profile)
     summary["machine"] = {"cpu_count": os.cpu_count(), "loadavg_1min_start": load_start,
-                          "loadavg_1min_end": _loadavg(),
+                          "loadavg_1min_end": loadavg(),
                           # inherited by every worker; OMP_WAIT_POLICY changes how OpenMP threads wait
                           "env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "EDGELLM_NATIVE")
                                   if k in os.environ}}
     return summary
 
 
-def _loadavg() -> float | None:
+def loadavg() -> float | None:
     try:
         return os.getloadavg()[0]
     except (OSError, AttributeError):
         return None
 
 
-def _peer_failure(err: WorkerFailed) -> dict:
+def peer_failure(err: WorkerFailed) -> dict:
     reason = err.msg.get("problem") or "failed"
     out = {"status": "failed", "reason": reason}
     if err.msg.get("fix"):

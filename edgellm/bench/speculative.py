@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
 from edgellm.bench import harness
-from edgellm.bench.harness import PEERS, Worker, WorkerFailed, _as_user_error, _loadavg, _peer_failure
+from edgellm.bench.harness import PEERS, Worker, WorkerFailed, as_user_error, loadavg, peer_failure
 from edgellm.errors import InvalidParameterError
 
 SPEC = "ours"                 # ours with speculation
@@ -93,7 +93,7 @@ def run_spec_bench(opts: SpecBenchOptions, log: Callable[[str], None] | None = N
         if harness.find_spec(module) is None:     # harness's: tests pretend a peer is missing there
             peer_status[LLAMA] = {"status": "skipped", "reason": f"Python package {module} is not installed",
                                   "install": install}
-    load_start = _loadavg()
+    load_start = loadavg()
     common = ["--threads", str(opts.threads)]
     workers: dict[str, Worker] = {}
     prompt_file = None
@@ -109,7 +109,7 @@ def run_spec_bench(opts: SpecBenchOptions, log: Callable[[str], None] | None = N
         try:
             info = workers[SPEC].wait_ready()["info"]
         except WorkerFailed as err:
-            raise _as_user_error(err) from None
+            raise as_user_error(err) from None
         prompt = info.pop("prompt_ids")
         n_out = info["completion_tokens"]
         log(f"prompt {len(prompt)} tokens; the greedy reply has {n_out} tokens ({info['finish_reason']})")
@@ -127,7 +127,7 @@ def run_spec_bench(opts: SpecBenchOptions, log: Callable[[str], None] | None = N
                     peer_info = workers[key].wait_ready()["info"]
                     peer_status.setdefault(LLAMA, {"status": "ok", "info": {}})["info"][key] = peer_info
                 except WorkerFailed as err:
-                    peer_status[LLAMA] = _peer_failure(err)
+                    peer_status[LLAMA] = peer_failure(err)
                     log(f"llama.cpp: failed to start: {peer_status[LLAMA]['reason']}")
                     break
             if peer_status[LLAMA]["status"] != "ok":
@@ -151,8 +151,8 @@ def run_spec_bench(opts: SpecBenchOptions, log: Callable[[str], None] | None = N
                     r = w.ask(cmd)
                 except WorkerFailed as err:
                     if e in (SPEC, PLAIN):
-                        raise _as_user_error(err) from None
-                    peer_status[LLAMA] = _peer_failure(err)
+                        raise as_user_error(err) from None
+                    peer_status[LLAMA] = peer_failure(err)
                     for key in (LLAMA, LOOKUP):
                         if key in workers:
                             workers.pop(key).close()
@@ -170,7 +170,7 @@ def run_spec_bench(opts: SpecBenchOptions, log: Callable[[str], None] | None = N
                 pass
     summary = summarize(opts, k, info, len(prompt), samples, peer_status)
     summary["machine"] = {"cpu_count": os.cpu_count(), "loadavg_1min_start": load_start,
-                          "loadavg_1min_end": _loadavg()}
+                          "loadavg_1min_end": loadavg()}
     return summary
 
 
