@@ -79,6 +79,13 @@ def test_expected_tokens_and_adaptive_choice():
     assert hopeless.choose(4, costs, 1, 0.0) == 0
     # a proposer costing a whole step per token never pays, however good it is
     assert AdaptiveDraft(alpha_hits=9.0, alpha_misses=1.0).choose(4, costs, 1, 1.0) == 0
+    # one-row steps timed while the machine was busy, two-row passes later: more rows are never
+    # taken as cheaper than one, so a proposer accepted 5% of the time stays off
+    stale = StepCosts()
+    stale.record(1, 3.0)
+    stale.record(2, 0.5)
+    assert stale.relative(2, 1) >= 1.05
+    assert AdaptiveDraft(alpha_hits=1.0, alpha_misses=19.0).choose(4, stale, 1, 0.0) == 0
 
 
 def test_parse_speculative_refuses_bad_specs():

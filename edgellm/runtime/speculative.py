@@ -55,6 +55,8 @@ METHODS = (NGRAM, EARLY_EXIT, LAYER_SKIP, DRAFT)
 DEFAULT_DRAFT_TOKENS = 7
 MAX_DRAFT_TOKENS = 15
 NGRAM_MAX = 4
+#: every this many steps the adaptive controller proposes nothing (a plain step, re-measured)
+REMEASURE_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,7 @@ class StepCosts:
     costs 15% of one)."""
 
     PRIOR_SLOPE = 0.15
+    MIN_SLOPE = 0.05
     DECAY = 0.2
 
     def __init__(self):
@@ -222,9 +225,12 @@ class StepCosts:
         self.seconds[rows] = seconds if old is None else old + self.DECAY * (seconds - old)
 
     def relative(self, rows: int, base: int = 1) -> float:
-        """Cost of ``rows`` rows over the cost of ``base`` rows."""
+        """Cost of ``rows`` rows over the cost of ``base`` rows, never below 1 + MIN_SLOPE per
+        extra row: times taken at different moments of a shared machine can say that more rows
+        were cheaper, which would keep a failing proposer on."""
         b, r = self.estimate(base), self.estimate(rows)
-        return r / b if b > 0 else 1.0 + self.PRIOR_SLOPE * (rows - base)
+        ratio = r / b if b > 0 else 1.0 + self.PRIOR_SLOPE * (rows - base)
+        return max(ratio, 1.0 + self.MIN_SLOPE * (rows - base))
 
     def estimate(self, rows: int) -> float:
         if rows in self.seconds:
@@ -356,6 +362,7 @@ class Speculator:
         self.accepted = 0
         self.verify_steps = 0
         self.verify_tokens = 0         # tokens committed by verify passes
+        self.plans = 0
         self.draft_model = None
         self.draft_layers: list[int] | None = None     # the blocks a self-speculative draft runs
         n_layers = loaded.config.n_layers
@@ -380,6 +387,10 @@ class Speculator:
         """Set ``seq.spec_want`` (positions to reserve past the pending token) for each decoding
         sequence; n-gram proposals are made here already (they cost a dict lookup)."""
         base_rows = max(1, len(seqs))
+        # Now and then a step without proposals, so the cost of plain steps is measured again
+        # (while every step verifies, the base of the comparison would go stale).
+        self.plans += 1
+        remeasure = self.config.adaptive and self.plans % REMEASURE_EVERY == 0
         for seq in seqs:
             st = seq.spec
             remaining = seq.max_tokens - len(seq.out_ids)   # a pass commits at most k + 1 tokens
@@ -389,6 +400,9 @@ class Speculator:
                 seq.spec_want = 0
                 continue
             k = k_max
+            if remeasure:
+                seq.spec_want = 0
+                continue
             if self.config.adaptive:
                 k = st.adaptive.choose(k_max, self.costs, base_rows, self._draft_cost())
             if k and self.config.method == NGRAM:
