@@ -10,7 +10,7 @@ prefix-cache hashes name committed tokens only; the blocks reserved past them ar
 
 Proposers (``--speculative``):
 
-* ``ngram`` -- prompt lookup: the last n tokens (n = 4 down to 1, longest first) are looked up in
+* ``ngram`` -- prompt lookup: the last n tokens (n = 4 down to 2, longest first) are looked up in
   the prompt and the output so far, and the tokens that followed their latest earlier occurrence
   are proposed. No model runs; it pays where the reply copies its input (editing code, quoting a
   document).
@@ -55,6 +55,8 @@ METHODS = (NGRAM, EARLY_EXIT, LAYER_SKIP, DRAFT)
 DEFAULT_DRAFT_TOKENS = 7
 MAX_DRAFT_TOKENS = 15
 NGRAM_MAX = 4
+#: a single matching token proposes too often and too badly (chat: 6% accepted); two or more
+NGRAM_MIN = 2
 #: every this many steps the adaptive controller proposes nothing (a plain step, re-measured)
 REMEASURE_EVERY = 16
 
@@ -320,7 +322,7 @@ class NgramIndex:
         ``tokens`` (of at most n_max tokens) seen before."""
         end = len(tokens) - 1
         self._index(tokens, end)        # every n-gram that ends before the last token
-        for n in range(min(self.n_max, len(tokens)), 0, -1):
+        for n in range(min(self.n_max, len(tokens)), NGRAM_MIN - 1, -1):
             j = self.last_end.get(tuple(tokens[end - n + 1:end + 1]))
             if j is not None:
                 return tokens[j + 1:j + 1 + k]
