@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 from edgellm.kv.cache import KVCache  # noqa: E402
 from edgellm.loading.load import load_model  # noqa: E402
 from edgellm.runtime.model_runner import ModelRunner, SeqChunk  # noqa: E402
+from tiny_model import save_hf_folder  # noqa: E402
 
 WINDOW, VOCAB = 8, 64
 PROMPT_LEN, DECODE_STEPS = 40, 6
@@ -43,13 +44,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def folder(reference, tmp_path_factory):
-    from tokenizers import Tokenizer, models
-
-    out = tmp_path_factory.mktemp("gemma3")
-    reference.save_pretrained(str(out))
-    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
-    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(out / "tokenizer.json"))
-    return out
+    return save_hf_folder(reference, tmp_path_factory.mktemp("gemma3"), VOCAB)
 
 
 @pytest.fixture(scope="module")

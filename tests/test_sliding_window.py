@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 from edgellm.kv.cache import KVCache  # noqa: E402
 from edgellm.loading.load import load_model  # noqa: E402
 from edgellm.runtime.model_runner import ModelRunner, SeqChunk  # noqa: E402
+from tiny_model import save_hf_folder  # noqa: E402
 
 WINDOW = 8
 PROMPT_LEN, DECODE_STEPS = 40, 6
@@ -42,12 +43,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def folder(reference, tmp_path_factory):
-    from tokenizers import Tokenizer, models
-
-    out = tmp_path_factory.mktemp("mistral")
-    reference.save_pretrained(str(out))
-    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
-    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(out / "tokenizer.json"))
+    out = save_hf_folder(reference, tmp_path_factory.mktemp("mistral"), VOCAB)
     assert json.loads((out / "config.json").read_text())["sliding_window"] == WINDOW
     return out
 

@@ -56,3 +56,15 @@ def write_tiny_llama(path: Path, source_gguf: Path, *, arch: str = "llama", matr
             tensors.append((name, gguf_blocks.quantize(w, qtype), qtype, shape))
     write_gguf(path, meta, tensors, metadata_types=types)
     return path
+
+
+def save_hf_folder(model, out: Path, vocab_size: int) -> Path:
+    """A transformers model saved as an HF folder with a word-level tokenizer of ``vocab_size``
+    tokens (``<unk>``, ``w1`` ..): enough for a loader that needs ``tokenizer.json`` beside the
+    weights, when the test feeds token ids."""
+    from tokenizers import Tokenizer, models
+
+    model.save_pretrained(str(out))
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(out / "tokenizer.json"))
+    return out

@@ -31,6 +31,7 @@ from typing import Callable, TextIO
 
 import edgellm.errors as errors_mod
 from edgellm.errors import EdgeLLMError, InvalidParameterError
+from edgellm.runtime.scheduler import common_prefix
 
 OURS = "ours"
 MEMBW = "membw"
@@ -196,17 +197,34 @@ def as_user_error(err: WorkerFailed) -> EdgeLLMError:
 # ---------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------
-def _median(xs: list[float]) -> float:
+def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def rotated(rounds: list[str], i: int) -> list[str]:
+    """Round ``i``'s order of the engines: each round starts one engine later, so that no engine
+    always runs first (or right after the same neighbour) on a machine whose load drifts."""
+    k = i % len(rounds)
+    return rounds[k:] + rounds[:k]
+
+
+def write_prompt_file(ids: list[int], prefix: str) -> str:
+    """The prompt's token ids in a temporary JSON file, for peer workers (delete with close_all)."""
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(ids, f)
+    return path
+
+
+def close_all(workers: dict[str, Worker], prompt_file: str | None) -> None:
+    """End every worker and delete the prompt file (the end of a run, however it ended)."""
+    for w in workers.values():
+        w.close()
+    if prompt_file:
+        try:
+            os.unlink(prompt_file)
+        except OSError:      # already gone: nothing to clean
+            pass
 
 
 def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> dict:
@@ -236,9 +254,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
         except WorkerFailed as err:
             raise as_user_error(err) from None
         prompt = ours_info.pop("prompt_ids")
-        fd, prompt_file = tempfile.mkstemp(prefix="edgellm-bench-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(prompt, f)
+        prompt_file = write_prompt_file(prompt, "edgellm-bench-")
         runnable = [p for p in opts.peers if p not in peer_status]
         for p in runnable:
             log(f"loading {p} ...")
@@ -261,8 +277,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
         rounds = [MEMBW] + engines
         samples: dict[str, list[dict]] = {e: [] for e in rounds}
         for i in range(opts.repeat):
-            order = rounds[i % len(rounds):] + rounds[:i % len(rounds)]
-            for e in order:
+            for e in rotated(rounds, i):
                 if e not in workers:
                     continue
                 try:
@@ -286,13 +301,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
                 raise as_user_error(err) from None
             profile.pop("event", None)
     finally:
-        for w in workers.values():
-            w.close()
-        if prompt_file:
-            try:
-                os.unlink(prompt_file)
-            except OSError:
-                pass
+        close_all(workers, prompt_file)
     summary = summarize(opts, ours_info, samples, peer_info, peer_status, profile)
     summary["machine"] = {"cpu_count": os.cpu_count(), "loadavg_1min_start": load_start,
                           "loadavg_1min_end": loadavg(),
@@ -332,11 +341,11 @@ def _progress(i: int, n: int, engine: str, r: dict) -> str:
 
 
 def _medians(runs: list[dict]) -> dict:
-    out = {m: _median([r[m] for r in runs if m in r]) for m in METRICS}
+    out = {m: median([r[m] for r in runs if m in r]) for m in METRICS}
     for extra in ("internal_prefill_tok_s", "internal_decode_tok_s"):
         vals = [r[extra] for r in runs if extra in r]
         if vals:
-            out[extra] = _median(vals)
+            out[extra] = median(vals)
     return out
 
 
@@ -345,7 +354,7 @@ def summarize(opts: BenchOptions, info: dict, samples: dict[str, list[dict]], pe
     ours_runs = samples[OURS]
     ours = _medians(ours_runs)
     bw_runs = [r["bandwidth_gb_s"] for r in samples[MEMBW]]
-    bandwidth = _median(bw_runs)
+    bandwidth = median(bw_runs)
     mean_context = opts.prompt_tokens + opts.gen_tokens / 2
     kv_bytes = info["kv_bytes_per_token"] * mean_context
     step_bytes = info["weight_bytes"] + kv_bytes
@@ -366,10 +375,10 @@ def summarize(opts: BenchOptions, info: dict, samples: dict[str, list[dict]], pe
         for m in RATIO_METRICS:
             ratio[m] = ours[m] / med[m] if med[m] else float("nan")
             pairs = [a[m] / b[m] for a, b in zip(ours_runs, runs) if b[m]]
-            paired[m] = _median(pairs)
+            paired[m] = median(pairs)
         peers[p] = {"status": "ok", **med, "ceiling_fraction": fraction(med["decode_tok_s"]),
                     "ratio": ratio, "paired_ratio": paired, "repeats": len(runs),
-                    "same_tokens_as_ours": _common_prefix(ours_tokens, runs[-1]["token_ids"]) if runs else 0,
+                    "same_tokens_as_ours": common_prefix(ours_tokens, runs[-1]["token_ids"]) if runs else 0,
                     "info": peer_info.get(p, {})}
 
     summary = {

@@ -25,16 +25,25 @@ This module imports no torch: the workers do.
 
 from __future__ import annotations
 
-import json
 import os
-import statistics
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
 from edgellm.bench import harness
-from edgellm.bench.harness import PEERS, Worker, WorkerFailed, as_user_error, loadavg, peer_failure
+from edgellm.bench.harness import (
+    PEERS,
+    Worker,
+    WorkerFailed,
+    as_user_error,
+    close_all,
+    loadavg,
+    median,
+    peer_failure,
+    rotated,
+    write_prompt_file,
+)
 from edgellm.errors import InvalidParameterError
+from edgellm.runtime.scheduler import common_prefix
 
 SPEC = "ours"                 # ours with speculation
 PLAIN = "ours-plain"          # ours without
@@ -114,9 +123,7 @@ def run_spec_bench(opts: SpecBenchOptions, log: Callable[[str], None] | None = N
         n_out = info["completion_tokens"]
         log(f"prompt {len(prompt)} tokens; the greedy reply has {n_out} tokens ({info['finish_reason']})")
         if LLAMA in opts.peers and LLAMA not in peer_status:
-            fd, prompt_file = tempfile.mkstemp(prefix="edgellm-specbench-", suffix=".json")
-            with os.fdopen(fd, "w") as f:
-                json.dump(prompt, f)
+            prompt_file = write_prompt_file(prompt, "edgellm-specbench-")
             peer_args = common + ["--model-path", info["model_path"], "--prompt-file", prompt_file,
                                   "--gen-tokens", str(n_out)]
             log("loading llama.cpp (plain, and with prompt lookup) ...")
@@ -131,14 +138,11 @@ def run_spec_bench(opts: SpecBenchOptions, log: Callable[[str], None] | None = N
                     log(f"llama.cpp: failed to start: {peer_status[LLAMA]['reason']}")
                     break
             if peer_status[LLAMA]["status"] != "ok":
-                for key in (LLAMA, LOOKUP):
-                    if key in workers:
-                        workers.pop(key).close()
+                _drop_llama(workers)
 
         rounds = [SPEC, PLAIN] + [e for e in (LLAMA, LOOKUP) if e in workers]
         for i in range(opts.repeat):
-            order = rounds[i % len(rounds):] + rounds[:i % len(rounds)]
-            for e in order:
+            for e in rotated(rounds, i):
                 if e == PLAIN:
                     w, cmd = workers[SPEC], {"cmd": "run", "variant": "plain"}
                 elif e == SPEC:
@@ -153,21 +157,13 @@ def run_spec_bench(opts: SpecBenchOptions, log: Callable[[str], None] | None = N
                     if e in (SPEC, PLAIN):
                         raise as_user_error(err) from None
                     peer_status[LLAMA] = peer_failure(err)
-                    for key in (LLAMA, LOOKUP):
-                        if key in workers:
-                            workers.pop(key).close()
+                    _drop_llama(workers)
                     log(f"llama.cpp: failed: {peer_status[LLAMA]['reason']}")
                     continue
                 samples[e].append(r)
                 log(_progress(i, opts.repeat, e, r))
     finally:
-        for w in workers.values():
-            w.close()
-        if prompt_file:
-            try:
-                os.unlink(prompt_file)
-            except OSError:
-                pass
+        close_all(workers, prompt_file)
     summary = summarize(opts, k, info, len(prompt), samples, peer_status)
     summary["machine"] = {"cpu_count": os.cpu_count(), "loadavg_1min_start": load_start,
                           "loadavg_1min_end": loadavg()}
@@ -182,8 +178,11 @@ def _progress(i: int, n: int, engine: str, r: dict) -> str:
     return line + f"  other jobs {r.get('others_cores', 0):.1f} cores"
 
 
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
+def _drop_llama(workers: dict[str, Worker]) -> None:
+    """End both llama.cpp workers (plain and prompt lookup): one failed, the pair is reported as one."""
+    for key in (LLAMA, LOOKUP):
+        if key in workers:
+            workers.pop(key).close()
 
 
 def _ratio(a: float, b: float) -> float:
@@ -197,16 +196,11 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    where = _first_difference(a, b)
-    return min(len(a), len(b)) if where is None else where
-
-
 def summarize(opts: SpecBenchOptions, k: int, info: dict, prompt_tokens: int, samples: dict[str, list[dict]],
               peer_status: dict[str, dict]) -> dict:
     spec, plain = samples[SPEC], samples[PLAIN]
-    dec = _median([r["decode_tok_s"] for r in spec])
-    base = _median([r["decode_tok_s"] for r in plain])
+    dec = median([r["decode_tok_s"] for r in spec])
+    base = median([r["decode_tok_s"] for r in plain])
     reference = plain[0]["token_ids"] if plain else []
     mismatches = []
     for i, r in enumerate(spec + plain):
@@ -232,12 +226,12 @@ def summarize(opts: SpecBenchOptions, k: int, info: dict, prompt_tokens: int, sa
         "decode_tok_s": dec,
         "baseline_decode_tok_s": base,
         "speedup": _ratio(dec, base),
-        "paired_speedup": _median([_ratio(a["decode_tok_s"], b["decode_tok_s"]) for a, b in zip(spec, plain)]),
+        "paired_speedup": median([_ratio(a["decode_tok_s"], b["decode_tok_s"]) for a, b in zip(spec, plain)]),
         "acceptance_rate": accepted / proposed if proposed else 0.0,
         "tokens_per_verify_step": committed / steps if steps else 0.0,
         "proposed": proposed, "accepted": accepted, "verify_steps": steps, "verify_tokens": committed,
-        "ttft_s": _median([r["ttft_s"] for r in spec]),
-        "baseline_ttft_s": _median([r["ttft_s"] for r in plain]),
+        "ttft_s": median([r["ttft_s"] for r in spec]),
+        "baseline_ttft_s": median([r["ttft_s"] for r in plain]),
         "identical_tokens": not mismatches and bool(spec) and bool(plain),
         "mismatches": mismatches,
         "repeats": {e: [{key: v for key, v in r.items() if key not in ("event", "token_ids")} for r in rs]
@@ -250,8 +244,8 @@ def summarize(opts: SpecBenchOptions, k: int, info: dict, prompt_tokens: int, sa
             out["peers"][LLAMA] = st if st["status"] != "ok" else {"status": "failed", "reason": "no runs"}
         else:
             lp, lk = samples[LLAMA], samples[LOOKUP]
-            plain_tok_s = _median([r["decode_tok_s"] for r in lp])
-            lookup_tok_s = _median([r["decode_tok_s"] for r in lk])
+            plain_tok_s = median([r["decode_tok_s"] for r in lp])
+            lookup_tok_s = median([r["decode_tok_s"] for r in lk])
             ours_ids = reference[:info["completion_tokens"]]
             out["peers"][LLAMA] = {
                 "status": "ok",
@@ -259,13 +253,13 @@ def summarize(opts: SpecBenchOptions, k: int, info: dict, prompt_tokens: int, sa
                 "prompt_lookup_decode_tok_s": lookup_tok_s,
                 "prompt_lookup_speedup": _ratio(lookup_tok_s, plain_tok_s),
                 "prompt_lookup_tokens": k,
-                "ttft_s": _median([r["ttft_s"] for r in lp]),
+                "ttft_s": median([r["ttft_s"] for r in lp]),
                 "completion_tokens": lp[0]["completion_tokens"],
                 # ours with speculation over each llama.cpp figure (above 1: ours faster)
                 "ours_over_plain": _ratio(dec, plain_tok_s),
                 "ours_over_prompt_lookup": _ratio(dec, lookup_tok_s),
                 "prompt_lookup_same_tokens_as_plain": all(r["token_ids"] == lp[0]["token_ids"] for r in lk + lp),
-                "same_tokens_as_ours": _common_prefix(ours_ids, lp[0]["token_ids"]),
+                "same_tokens_as_ours": common_prefix(ours_ids, lp[0]["token_ids"]),
                 "info": st.get("info", {}),
             }
     return out

@@ -155,6 +155,10 @@ class KVCache:
             out["scale"] = self._block_view(self.scales).index_select(2, idx).clone()
         return out
 
+    def copy_block(self, src: int, dst: int) -> None:
+        """Block ``src``'s contents, every layer, into block ``dst`` (the block manager's copy-on-write)."""
+        self.import_blocks([dst], self.export_blocks([src]))
+
     def import_blocks(self, blocks: list[int], saved: dict[str, torch.Tensor]) -> None:
         """Put back what ``export_blocks`` returned, possibly into other block ids."""
         idx = torch.tensor(blocks, dtype=torch.int64)

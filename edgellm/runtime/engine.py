@@ -134,7 +134,7 @@ class Engine:
                 f"takes {self.kv_bytes_per_block} bytes",
                 f"give kv_memory at least {self.kv_bytes_per_block} bytes (e.g. '256MB')")
         self.cache = KVCache(self.cfg, num_blocks, block_size, kv_dtype)
-        self.block_manager = BlockManager(num_blocks, block_size, copy_block=self._copy_block)
+        self.block_manager = BlockManager(num_blocks, block_size, copy_block=self.cache.copy_block)
         self.store = OffloadStore(host_bytes, disk_dir, disk_bytes)
         self.runner = ModelRunner(self.loaded.model, self.cache)
         self.speculator = None if spec_config is None else Speculator(spec_config, self.runner, self.loaded)
@@ -184,9 +184,6 @@ class Engine:
     def kv_tier(self, session: Session) -> str:
         """Where a session's KV is: "pool", "host", "disk", or "none"."""
         return self.scheduler.kv_tier(session)
-
-    def _copy_block(self, src: int, dst: int) -> None:
-        self.cache.import_blocks([dst], self.cache.export_blocks([src]))
 
     # ---- sessions ------------------------------------------------------------------------------
     def session(self, system: str | None = None, sampling: SamplingParams | None = None) -> Session:
@@ -445,9 +442,8 @@ class Engine:
         if wanting:
             n_decode += self._sample(wanting, logits)
         t3 = time.perf_counter()
-        rows = sum(len(c.tokens) for c in chunks)
         if spec is not None and n_prefill == 0:
-            spec.record_step(rows, t2 - t1)
+            spec.record_step(sum(len(c.tokens) for c in chunks), t2 - t1)
         st = self.step_stats
         st.steps += 1
         st.schedule_s += t_draft - t0

@@ -56,8 +56,9 @@ if TYPE_CHECKING:
     from edgellm.runtime.session import Session
 
 
-def common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = min(len(a), len(b), limit)
+def common_prefix(a: list[int], b: list[int], limit: int | None = None) -> int:
+    """How many leading tokens ``a`` and ``b`` share (at most ``limit``)."""
+    n = min(len(a), len(b)) if limit is None else min(len(a), len(b), limit)
     i = 0
     # compare in slices first: most of a conversation matches
     step = 256

@@ -37,8 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 from edgellm.errors import InvalidParameterError
 from edgellm.kv.block_manager import BlockManager, KVSequence, OutOfBlocks
-from edgellm.kv.cache import KVCache
+from edgellm.kv.cache import BLOCK_SIZE, KVCache
 from edgellm.runtime.model_runner import ModelRunner, SeqChunk
+from edgellm.runtime.scheduler import common_prefix
 from edgellm.sampling import greedy_pick
 
 if TYPE_CHECKING:
@@ -375,9 +376,9 @@ class Speculator:
         if config.method == EARLY_EXIT:
             self.draft_layers = list(range(config.layers))
         elif config.method == LAYER_SKIP:
-            skipped = config.prepared or calibrate_skipped_layers(loaded, config.layers)
-            self.draft_layers = [i for i in range(n_layers) if i not in set(skipped)]
-        if config.method == DRAFT:
+            skipped = set(config.prepared or calibrate_skipped_layers(loaded, config.layers))
+            self.draft_layers = [i for i in range(n_layers) if i not in skipped]
+        elif config.method == DRAFT:
             draft = config.prepared or load_draft(config.draft_model, loaded)
             self.draft_model = DraftModel(draft, runner.cache.num_blocks * runner.cache.block_size)
 
@@ -396,17 +397,13 @@ class Speculator:
         for seq in seqs:
             st = seq.spec
             remaining = seq.max_tokens - len(seq.out_ids)   # a pass commits at most k + 1 tokens
-            k_max = min(self.config.draft_tokens, remaining - 1)
+            k = min(self.config.draft_tokens, remaining - 1)
             st.draft = []
-            if k_max < 1:
-                seq.spec_want = 0
-                continue
-            k = k_max
-            if remeasure:
+            if k < 1 or remeasure:
                 seq.spec_want = 0
                 continue
             if self.config.adaptive:
-                k = st.adaptive.choose(k_max, self.costs, base_rows, self._draft_cost())
+                k = st.adaptive.choose(k, self.costs, base_rows, self._draft_cost())
             if k and self.config.method == NGRAM:
                 if st.ngrams is None:
                     st.ngrams = NgramIndex()
@@ -415,15 +412,16 @@ class Speculator:
             seq.spec_want = k
 
     def _draft_cost(self) -> float:
-        if self.config.method == NGRAM or self.draft_passes == 0:
-            return 0.0 if self.config.method == NGRAM else self._prior_draft_cost()
+        """The proposer's time per proposed token over a one-row step: measured once it has run;
+        before, its share of the blocks (self-drafts) or a guess of 0.3 (a draft model)."""
+        if self.config.method == NGRAM:
+            return 0.0
+        if self.draft_passes == 0:
+            if self.draft_layers is not None:
+                return len(self.draft_layers) / self.runner.model.cfg.n_layers
+            return 0.3
         one_row = self.costs.estimate(1)
         return (self.draft_seconds / self.draft_passes) / one_row if one_row > 0 else 0.0
-
-    def _prior_draft_cost(self) -> float:
-        if self.draft_layers is not None:
-            return len(self.draft_layers) / self.runner.model.cfg.n_layers
-        return 0.3
 
     # ---- after the scheduler: the proposals themselves ------------------------------------------
     def propose(self, chunks: list, block_slots) -> None:
@@ -456,21 +454,15 @@ class Speculator:
         for c in chunks:
             c.seq.spec.draft = []
         active = list(chunks)
-        last = {id(c): c.tokens[0] for c in chunks}
         step = 0
-        while active:
-            seq_chunks = [SeqChunk([last[id(c)]], c.start + step, block_slots(c.seq.kv.blocks, c.start + step + 1))
-                          for c in active]
-            logits = self.runner.run(seq_chunks, layers=self.draft_layers)
-            picks = greedy_pick(logits)
+        while active:     # pass `step` feeds each sequence its latest token (the pending one first)
+            seq_chunks = [SeqChunk([(c.tokens + c.seq.spec.draft)[-1]], c.start + step,
+                                   block_slots(c.seq.kv.blocks, c.start + step + 1)) for c in active]
+            picks = greedy_pick(self.runner.run(seq_chunks, layers=self.draft_layers))
             step += 1
-            still = []
             for c, tok in zip(active, picks):
                 c.seq.spec.draft.append(tok)
-                last[id(c)] = tok
-                if len(c.seq.spec.draft) < c.draft_room:
-                    still.append(c)
-            active = still
+            active = [c for c in active if len(c.seq.spec.draft) < c.draft_room]
 
     # ---- after sampling ---------------------------------------------------------------------------
     def record(self, seq: Sequence, proposed: int, accepted: int, committed: int) -> None:
@@ -503,15 +495,10 @@ class DraftModel:
 
     def __init__(self, loaded: Any, pool_tokens: int):
         self.loaded = loaded
-        cfg = loaded.config
-        block_size = 16
-        num_blocks = max(4, pool_tokens // block_size)
-        self.cache = KVCache(cfg, num_blocks, block_size, "fp32")
-        self.bm = BlockManager(num_blocks, block_size, copy_block=self._copy_block)
+        num_blocks = max(4, pool_tokens // BLOCK_SIZE)
+        self.cache = KVCache(loaded.config, num_blocks, BLOCK_SIZE, "fp32")
+        self.bm = BlockManager(num_blocks, BLOCK_SIZE, copy_block=self.cache.copy_block)
         self.runner = ModelRunner(self.loaded.model, self.cache)
-
-    def _copy_block(self, src: int, dst: int) -> None:
-        self.cache.import_blocks([dst], self.cache.export_blocks([src]))
 
     def propose(self, chunks: list) -> None:
         # 1. catch up: each sequence computes the committed tokens its draft KV lacks (the last
@@ -525,8 +512,7 @@ class DraftModel:
             kv = seq.spec.draft_kv
             if kv is None:
                 kv = seq.spec.draft_kv = KVSequence()
-            keep = _common_prefix(kv.token_ids, tokens)
-            keep = min(keep, len(tokens) - 1)
+            keep = common_prefix(kv.token_ids, tokens, len(tokens) - 1)
             try:
                 if keep < kv.num_tokens:
                     self.bm.truncate(kv, keep)
@@ -571,14 +557,6 @@ class DraftModel:
         if kv is not None:
             self.bm.free_sequence(kv)
             seq.spec.draft_kv = None
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _check_same_vocabulary(draft: Any, target: Any, spec: str) -> None:
