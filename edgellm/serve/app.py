@@ -532,6 +532,7 @@ async def generation(state: ServerState, request: HttpRequest, kind: str) -> Res
     parse = oa.parse_chat if kind == "chat" else oa.parse_completion
     spec = parse(body, state.served, state.engine.input.vocab_size)
     note_ignored(request, spec.ignored)
+    tc.check_tools_supported(spec.tools, state.template_has_tools, state.model_id, oa.invalid)
     await state.compile_grammar(spec)
     prompts, max_tokens = await encode_spec(state, spec)
     params = sampling_params(spec.sampling, max_tokens, spec.logprobs, spec.top_logprobs)
