@@ -196,6 +196,45 @@ def test_constrained_row_leaves_its_batch_neighbours_unchanged(llm):
     assert re.fullmatch(r" \d{3}-\d{4}", out[3].text) and out[3].finish_reason == "stop", out[3].text
 
 
+def session_turn(http, sid: str, body: dict) -> dict:
+    """One turn of a session, streamed: the done event, checked against the deltas."""
+    deltas, done = [], None
+    with http.stream("POST", f"/v1/sessions/{sid}/messages", json=body) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                ev = json.loads(line[6:])
+                deltas.append(ev.get("content", "")) if ev["type"] == "delta" else None
+                done = ev if ev["type"] == "done" else done
+    assert done["message"]["content"] == "".join(deltas)
+    return done
+
+
+def test_session_turns_take_response_format_and_refuse_tools(http):
+    """The sessions API takes response_format (per turn, or as the session's default) like chat
+    completions, streamed and not; tools, n and logprobs are refused with 400, not ignored."""
+    sid = http.post("/v1/sessions", json={"system": "You answer in JSON.", "max_tokens": 120,
+                                          "response_format": schema_format(INVENTORY)}).json()["id"]
+    first = session_turn(http, sid, {"content": "List the items in the warehouse."})
+    jsonschema.validate(json.loads(first["message"]["content"]), INVENTORY)
+    assert first["finish_reason"] == "stop"
+    second = http.post(f"/v1/sessions/{sid}/messages", json={
+        "content": "Now describe a person who lives in Paris.", "stream": False,
+        "response_format": schema_format(PERSON)}).json()
+    jsonschema.validate(json.loads(second["message"]["content"]), PERSON)
+    free = http.post(f"/v1/sessions/{sid}/messages", json={"content": "Thanks!", "stream": False, "max_tokens": 6,
+                                                          "response_format": {"type": "text"}}).json()
+    assert free["finish_reason"] in ("stop", "length")
+    for extra, param in [({"tools": [WEATHER]}, "tools"), ({"tool_choice": "auto"}, "tool_choice"), ({"n": 2}, "n"),
+                         ({"logprobs": True}, "logprobs"),
+                         ({"response_format": schema_format({"type": "objekt"})}, "response_format"),
+                         ({"response_format": {"type": "xml"}}, "response_format.type")]:
+        assert_error(http.post(f"/v1/sessions/{sid}/messages", json={"content": "hi", **extra}), 400, param=param)
+        assert_error(http.post("/v1/sessions", json=extra), 400, param=param)
+    assert http.get(f"/v1/sessions/{sid}").json()["turns"] == 3
+    assert http.delete(f"/v1/sessions/{sid}").status_code == 200
+
+
 # ---------------------------------------------------------------------------------------------
 # Tool calls
 # ---------------------------------------------------------------------------------------------
