@@ -222,9 +222,14 @@ def test_session_turns_take_response_format_and_refuse_tools(http):
         "content": "Now describe a person who lives in Paris.", "stream": False,
         "response_format": schema_format(PERSON)}).json()
     jsonschema.validate(json.loads(second["message"]["content"]), PERSON)
-    free = http.post(f"/v1/sessions/{sid}/messages", json={"content": "Thanks!", "stream": False, "max_tokens": 6,
-                                                          "response_format": {"type": "text"}}).json()
-    assert free["finish_reason"] in ("stop", "length")
+    # {"type": "text"} lifts the session's constraint for a turn; logit_bias is honoured (+100 on
+    # one token: greedy picks it at every step)
+    (banana,) = http.post("/tokenize", json={"prompt": " banana"}).json()["tokens"][:1]
+    piece = http.post("/detokenize", json={"tokens": [banana]}).json()["prompt"]
+    free = http.post(f"/v1/sessions/{sid}/messages", json={"content": "Thanks!", "stream": False, "max_tokens": 2,
+                                                          "response_format": {"type": "text"},
+                                                          "logit_bias": {str(banana): 100}}).json()
+    assert free["message"]["content"] == piece * 2 and free["finish_reason"] == "length"
     for extra, param in [({"tools": [WEATHER]}, "tools"), ({"tool_choice": "auto"}, "tool_choice"), ({"n": 2}, "n"),
                          ({"logprobs": True}, "logprobs"),
                          ({"response_format": schema_format({"type": "objekt"})}, "response_format"),
