@@ -109,10 +109,11 @@ class Verdict:
     got: int | None             # None: no answer within the timeout (a hang) or the connection failed
     detail: str = ""            # the answer's error code, or what went wrong
     started: float = 0.0
+    shaped: bool = True         # an error answer is OpenAI's {"error": {...}} JSON
 
     @property
     def ok(self) -> bool:
-        return self.got == self.want
+        return self.got == self.want and self.shaped
 
 
 @dataclass
@@ -127,6 +128,13 @@ class Answer:
         except (ValueError, KeyError, TypeError, AttributeError):
             return self.error or self.body[:80].decode("latin-1")
 
+    def error_shaped(self) -> bool:
+        try:
+            err = json.loads(self.body)["error"]
+        except (ValueError, KeyError, TypeError):
+            return False
+        return isinstance(err, dict) and {"message", "type", "param", "code"} <= set(err) and bool(err["message"])
+
 
 async def exchange(target: Target, data: bytes, hang_up=None) -> Answer:
     """Send ``data`` on a new connection and read the answer to its end, or until
@@ -136,10 +144,10 @@ async def exchange(target: Target, data: bytes, hang_up=None) -> Answer:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(target.host, target.port), TIMEOUT_S)
     except (OSError, asyncio.TimeoutError) as err:
         return Answer(None, b"", f"connect: {type(err).__name__}")
+    raw = b""
     try:
         writer.write(data)
         await writer.drain()
-        raw = b""
         deadline = asyncio.get_running_loop().time() + TIMEOUT_S
         while True:
             left = deadline - asyncio.get_running_loop().time()
@@ -186,7 +194,7 @@ ONE_MIB = 1 << 20
 
 
 def bad_body_attacks(t: Target) -> dict[str, tuple[bytes, int]]:
-    """Requests answered from their bytes alone: name -> (request, expected status)."""
+    """Attacks of one request each: name -> (the request's bytes, the status it must get)."""
     chat = "/v1/chat/completions"
     long_stop = json.dumps({"model": t.model, "messages": [{"role": "user", "content": "hi"}],
                             "stop": ["x" * 200_000]}).encode()
@@ -222,7 +230,9 @@ def bad_body_attacks(t: Target) -> dict[str, tuple[bytes, int]]:
 async def run_attack(name: str, coro, want: int) -> Verdict:
     started = time.perf_counter()
     answer = await coro
-    return Verdict(name, want, answer.status, answer.code() if answer.status != want else "", started)
+    shaped = want < 400 or answer.error_shaped()
+    detail = "" if answer.status == want and shaped else answer.code() + ("" if shaped else " (not OpenAI's error shape)")
+    return Verdict(name, want, answer.status, detail, started, shaped)
 
 
 async def slow_body(t: Target) -> Verdict:
@@ -270,7 +280,9 @@ async def session_flood(t: Target) -> list[Verdict]:
         out.append(a)
     statuses = [a.status for a in out]
     free = statuses.count(201)
-    verdicts = [Verdict("session_flood_cap", 429, statuses[-1], f"statuses {statuses}", started)]
+    refusal = out[-1].error_shaped() and out[-1].code() == "too_many_sessions"
+    verdicts = [Verdict("session_flood_cap", 429, statuses[-1], f"statuses {statuses}, last {out[-1].code()}",
+                        started, refusal)]
     if statuses != [201] * free + [429] * (len(statuses) - free) or free > t.max_sessions:
         verdicts.append(Verdict("session_flood_order", 0, None, f"statuses {statuses}", started))
     for sid in created:
