@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from edgellm.grammar import Grammar
 
 MAX_TOOLS = 128
-# The registry's models whose chat template renders tools (tests/test_serve_tools.py checks this
+# The registry's models whose chat template renders tools (tests/test_serve_structured.py checks this
 # against their templates): named in the refusal a model without tool support gives.
 TOOL_MODELS = ("qwen2.5-coder-0.5b",)
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
