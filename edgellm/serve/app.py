@@ -192,15 +192,17 @@ class ServerState:
         return tok.has_chat_template and tc.template_reads_tools(tok.chat_template)
 
     async def compile_grammar(self, spec: GenerationSpec) -> None:
-        """The request's grammar compiled (in a worker thread: a large schema takes milliseconds),
-        or a 400 naming the field that asked for it, with the compiler's message."""
-        grammar = spec.sampling.get("grammar")
+        await self.compile(spec.sampling.get("grammar"), spec.constraint_param)
+
+    async def compile(self, grammar, param: str | None) -> None:
+        """``grammar`` compiled (in a worker thread: a large schema takes milliseconds), or a 400
+        naming the field that asked for it, with the compiler's message."""
         if grammar is None:
             return
         try:
             await asyncio.to_thread(self.engine.input.grammars.compile, grammar)
         except EdgeLLMError as err:
-            raise oa.invalid(spec.constraint_param, api_message(err)) from None
+            raise oa.invalid(param, api_message(err)) from None
 
     # ---- submission ----------------------------------------------------------------------------
     def submit(self, prompts: list[list[int]], n: int, params: SamplingParams, session=None,
@@ -532,6 +534,7 @@ async def generation(state: ServerState, request: HttpRequest, kind: str) -> Res
     parse = oa.parse_chat if kind == "chat" else oa.parse_completion
     spec = parse(body, state.served, state.engine.input.vocab_size)
     note_ignored(request, spec.ignored)
+    tc.check_tools_supported(spec.tools, state.template_has_tools, state.model_id, oa.invalid)
     await state.compile_grammar(spec)
     prompts, max_tokens = await encode_spec(state, spec)
     params = sampling_params(spec.sampling, max_tokens, spec.logprobs, spec.top_logprobs)
@@ -699,12 +702,35 @@ async def stream_completion(state: ServerState, spec: GenerationSpec, batch: Bat
 # Sessions API
 # ---------------------------------------------------------------------------------------------
 SESSION_FIELDS = {"system", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                  "presence_penalty", "frequency_penalty", "seed", "stop"}
+                  "presence_penalty", "frequency_penalty", "seed", "stop", "logit_bias", "response_format",
+                  *oa.GUIDED}
 MESSAGE_FIELDS = (SESSION_FIELDS - {"system"}) | {"content", "stream"}
+# Chat-completion fields a session turn cannot honour: refused (400), not ignored.
+SESSION_REFUSED = {"tools": "tool calls", "tool_choice": "tool calls", "parallel_tool_calls": "tool calls",
+                   "messages": "a whole conversation", "n": "several choices", "logprobs": "log-probabilities",
+                   "top_logprobs": "log-probabilities"}
 
 
-def session_sampling(body: dict, defaults: dict | None = None) -> dict:
+def refuse_session_fields(body: dict) -> None:
+    for name, what in SESSION_REFUSED.items():
+        if body.get(name) is not None:
+            raise oa.invalid(name, f"'{name}' is not supported by the sessions API, whose turns are one user message "
+                                   f"answered in text: for {what}, send the conversation to POST /v1/chat/completions",
+                             "unsupported_parameter")
+
+
+async def session_sampling(state: ServerState, body: dict, defaults: dict | None = None) -> dict:
+    """A session's (or a turn's) sampling fields over ``defaults``; an output constraint
+    (``response_format`` or a ``guided_*`` field) is compiled now, so a bad one is a 400."""
     out = dict(defaults or {})
+    grammar, param = oa.get_constraint(body)
+    if grammar is not None:
+        await state.compile(grammar, param)
+        out["grammar"] = grammar
+    elif body.get("response_format") == {"type": "text"}:
+        out.pop("grammar", None)        # a turn may lift its session's constraint
+    if body.get("logit_bias") is not None:
+        out["logit_bias"] = oa.get_logit_bias(body, state.engine.input.vocab_size)
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "seed", "stop"):
         if body.get(name) is not None:
@@ -750,13 +776,14 @@ def find_session(state: ServerState, sid: str, request: HttpRequest):
 
 async def create_session(state: ServerState, request: HttpRequest) -> Response:
     body = await read_json(request, state.max_body, state.body_timeout, allow_empty=True)   # chunked too
+    refuse_session_fields(body)
     note_ignored(request, oa.check_fields(body, SESSION_FIELDS | {"model"}, {}))
     if "model" in body:
         oa.get_model(body, state.served)
     system = body.get("system")
     if system is not None and not isinstance(system, str):
         raise oa.invalid("system", f"'system' must be a string, got {oa.type_name(system)}", "invalid_type")
-    defaults = session_sampling(body)
+    defaults = await session_sampling(state, body)
     if system:      # tokenised and admitted now, not at the first message
         ids = await state.encode([{"role": "system", "content": system}], "the system prompt")
         state.budget(len(ids), None, "the system prompt")
@@ -785,6 +812,7 @@ async def post_message(state: ServerState, request: HttpRequest) -> Response:
     sid = request.path_params["sid"]
     s = find_session(state, sid, request)
     body = await read_json(request, state.max_body, state.body_timeout)
+    refuse_session_fields(body)
     note_ignored(request, oa.check_fields(body, MESSAGE_FIELDS, {}))
     content = body.get("content")
     if not isinstance(content, str) or not content:
@@ -797,7 +825,7 @@ async def post_message(state: ServerState, request: HttpRequest) -> Response:
     if s.busy:
         raise ApiError(409, f"session '{sid}' is still answering its previous message; wait for it",
                        param="session_id", code="session_busy")
-    sampling = session_sampling(body, state.session_defaults.get(sid))
+    sampling = await session_sampling(state, body, state.session_defaults.get(sid))
     new = [{"role": "user", "content": content}]
     ids = await state.encode(s.messages + new, "the conversation")
     if s.retired or s.busy:     # changed while it was being tokenised

@@ -1,17 +1,19 @@
 """Tool calling in OpenAI's shape over a model that writes Qwen2.5's (Hermes-style) format.
 
-A model is told about the tools by its own chat template when the template reads ``tools``
-(Qwen2.5's does: it lists them in the system turn and asks for
-``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``). A template that does not (SmolLM2's)
-gets the same instructions as a system message written here (:func:`tool_preamble`), so the
-output format -- and its parser -- is one for every model.
+A model is told about the tools by its own chat template, which must read ``tools`` (Qwen2.5's
+does: it lists them in the system turn and asks for
+``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``). A model whose template does not
+(SmolLM2's, Gemma 3 270M base's) was not trained to call functions: ``tools`` are refused for it
+(:func:`check_tools_supported`), except with ``tool_choice: "none"``, where they are dropped and the
+conversation (tool turns in its history written as text in Qwen2.5's format) is answered as text.
 
 ``tool_choice``:
 
 * ``"auto"`` (the default with tools): the model decides; its output is parsed for ``<tool_call>``
   blocks (:class:`ToolCallParser`), which become ``tool_calls`` with finish reason ``tool_calls``;
   text outside them is the message's ``content``.
-* ``"none"``: the tools are shown to the model but its output is returned as text, unparsed.
+* ``"none"``: the tools are shown to the model (by a template that renders them) but its output
+  is returned as text, unparsed.
 * ``"required"`` / ``{"type": "function", "function": {"name": N}}``: decoding is constrained
   (:func:`tool_grammar`) to one or more (required) or exactly one (named) ``<tool_call>`` block
   whose JSON names a given function and whose ``arguments`` validate against that function's
@@ -31,6 +33,9 @@ from dataclasses import dataclass, field
 from edgellm.grammar import Grammar
 
 MAX_TOOLS = 128
+# The registry's models whose chat template renders tools (tests/test_serve_structured.py checks this
+# against their templates): named in the refusal a model without tool support gives.
+TOOL_MODELS = ("qwen2.5-coder-0.5b",)
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -139,25 +144,34 @@ def tool_grammar(tools: list[dict], many: bool) -> Grammar:
     return Grammar.lark(start + call + "args: %json " + json.dumps(call_schema(tools), ensure_ascii=False) + "\n")
 
 
-def tool_preamble(tools: list[dict]) -> str:
-    """Instructions for a model whose chat template does not render tools (the words of Qwen2.5's)."""
-    listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-            f"{listing}\n</tools>\n\nFor each function call, return a json object with function name and "
-            "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
-            '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
-
-
 def template_reads_tools(template: str) -> bool:
-    return "tools" in template
+    """Whether a chat template's code uses a variable named ``tools`` (its text saying "tools"
+    does not count): a template that renders the tools it is given."""
+    import jinja2
+
+    try:
+        return any(kind == "name" and value == "tools" for _, kind, value in jinja2.Environment().lex(template))
+    except jinja2.TemplateSyntaxError:
+        return False
+
+
+def check_tools_supported(spec: ToolSpec | None, template_has_tools: bool, model: str, invalid) -> None:
+    """Refuse (through ``invalid``) tools the model cannot be told about: its chat template does
+    not render them. ``tool_choice: "none"`` asks for no call, so it is served (tools dropped)."""
+    if spec is None or spec.choice == "none" or template_has_tools:
+        return
+    raise invalid("tools", f"the model {model} cannot call tools: its chat template does not render them (it was "
+                           "not trained for function calling). Serve a model whose template does -- of edgellm's "
+                           f"registry: {', '.join(TOOL_MODELS)} -- or send tool_choice \"none\" to get a text answer",
+                  "unsupported_parameter")
 
 
 def render_messages(messages: list[dict], spec: ToolSpec | None, template_has_tools: bool) -> tuple[list[dict], dict]:
     """The messages (and extra template variables) to render. With a tool-aware template the
-    tools go to it as ``tools`` and tool messages pass through; otherwise the preamble becomes (or
-    opens) the system message, assistant tool calls become ``<tool_call>`` text and tool results
-    ``<tool_response>`` user turns -- what Qwen2.5's template writes."""
+    tools go to it as ``tools`` and tool messages pass through; otherwise (only with
+    ``tool_choice: "none"``, see :func:`check_tools_supported`) the tools are dropped, assistant
+    tool calls become ``<tool_call>`` text and tool results ``<tool_response>`` user turns, as
+    Qwen2.5's template writes them."""
     if template_has_tools:
         return messages, ({"tools": spec.template_tools()} if spec is not None else {})
     out = []
@@ -170,12 +184,6 @@ def render_messages(messages: list[dict], spec: ToolSpec | None, template_has_to
             out.append({"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"})
         else:
             out.append({"role": m["role"], "content": m["content"]})
-    if spec is not None:
-        pre = tool_preamble(spec.template_tools())
-        if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + pre}
-        else:
-            out.insert(0, {"role": "system", "content": pre})
     return out, {}
 
 
