@@ -11,8 +11,8 @@ Two ways to start, one protocol:
 
 The backend is gloo: edgellm computes on CPUs, and NCCL moves only GPU tensors.
 
-Failure. Every collective waits at most ``timeout_s`` (the process group's timeout, and each
-``wait``); a peer that exits closes its sockets, which gloo reports at once. Either way the call
+Failure. Every collective waits at most ``timeout_s`` (``--dist-timeout``; start-up and loading
+get :data:`STARTUP_TIMEOUT_S`); a peer that exits closes its sockets, which gloo reports at once. Either way the call
 raises :class:`RankError` and the group is marked broken: later calls fail at once with the first
 error. Rank 0 also watches the children it started (an exit is noticed within
 :data:`WATCH_INTERVAL_S`), and pings idle ranks every ``timeout_s / 4`` so that a rank waiting for
@@ -22,10 +22,13 @@ work learns within ``timeout_s`` that rank 0 is gone (``edgellm.runtime.parallel
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -36,6 +39,9 @@ from edgellm.errors import EdgeLLMError, InvalidParameterError
 
 #: seconds a collective may wait for a peer before the ranks give up (``--dist-timeout``)
 DEFAULT_TIMEOUT_S = 20.0
+#: seconds the ranks may take to start and load their parts (the process group's own timeout;
+#: every collective after that waits at most the shorter ``timeout_s``)
+STARTUP_TIMEOUT_S = 600.0
 #: how often rank 0 checks that the ranks it started are alive
 WATCH_INTERVAL_S = 0.5
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -107,40 +113,64 @@ class Group:
         except RankError:
             raise
         except Exception as err:       # gloo: a closed connection or a timeout, as RuntimeError
-            self.fail(RankError(f"rank {self.rank}: {what} failed: {_first_line(err)}",
-                                "a rank of the split model died or stopped answering; see its own messages, "
-                                "then restart the command"))
+            self.fail(self._dead_child() or RankError(
+                f"rank {self.rank}: {what} failed: {_first_line(err)}",
+                "a rank of the split model died or stopped answering; see its own messages, then restart the command"))
             raise self.broken from None
 
-    def send(self, t: torch.Tensor, dst: int) -> None:
-        self._guard(f"sending to rank {dst}", lambda: dist.send(t, dst))
+    def _dead_child(self, wait_s: float = 1.0) -> RankError | None:
+        """Rank 0: the error naming a rank it started that has exited (waiting up to ``wait_s`` for
+        the exit to show: a killed peer's socket can close first)."""
+        deadline = time.monotonic() + wait_s
+        while self.children:
+            for r, child in enumerate(self.children, start=1):
+                code = child.poll()
+                if code is not None:
+                    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                    return RankError(f"rank {r} (pid {child.pid}) {how}",
+                                     "see that rank's messages above; restart the command")
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+        return None
+
+    def _wait(self, work, timeout_s: float | None) -> None:
+        work.wait(timedelta(seconds=self.timeout_s if timeout_s is None else timeout_s))
 
     def isend(self, t: torch.Tensor, dst: int):
         return self._guard(f"sending to rank {dst}", lambda: dist.isend(t, dst))
 
     def wait(self, work, what: str) -> None:
-        self._guard(what, lambda: work.wait(self.timeout))
+        self._guard(what, lambda: self._wait(work, None))
 
     def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
-        self._guard(f"receiving from rank {src}", lambda: dist.irecv(t, src).wait(self.timeout))
+        self._guard(f"receiving from rank {src}", lambda: self._wait(dist.irecv(t, src), None))
         return t
 
-    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
-        self._guard("a broadcast", lambda: dist.broadcast(t, src, async_op=True).wait(self.timeout))
+    def broadcast(self, t: torch.Tensor, src: int = 0, timeout_s: float | None = None) -> torch.Tensor:
+        self._guard("a broadcast", lambda: self._wait(dist.broadcast(t, src, async_op=True), timeout_s))
         return t
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        self._guard("an all-reduce", lambda: dist.all_reduce(t, async_op=True).wait(self.timeout))
+        self._guard("an all-reduce", lambda: self._wait(dist.all_reduce(t, async_op=True), None))
         return t
 
-    def broadcast_object(self, obj=None, src: int = 0):
-        """``obj`` from rank ``src`` (pickled), returned on every rank."""
-        box = [obj]
-        self._guard("a broadcast", lambda: dist.broadcast_object_list(box, src))
-        return box[0]
+    def broadcast_object(self, obj=None, src: int = 0, timeout_s: float | None = None):
+        """``obj`` from rank ``src`` (pickled), returned on every rank; each of the two transfers
+        (length, bytes) waits at most ``timeout_s`` (default: the group's timeout)."""
+        if self.rank == src:
+            data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+            size = torch.tensor([data.numel()], dtype=torch.int64)
+        else:
+            size = torch.zeros(1, dtype=torch.int64)
+        self.broadcast(size, src, timeout_s)
+        if self.rank != src:
+            data = torch.empty(int(size), dtype=torch.uint8)
+        self.broadcast(data, src, timeout_s)
+        return obj if self.rank == src else pickle.loads(data.numpy().tobytes())
 
     def gather_objects(self, obj) -> list:
-        """Every rank's ``obj``, on every rank."""
+        """Every rank's ``obj``, on every rank (waits up to the start-up timeout: ranks loading)."""
         out = [None] * self.world
         self._guard("an all-gather", lambda: dist.all_gather_object(out, obj))
         return out
@@ -158,14 +188,12 @@ class Group:
 
         def watch() -> None:
             while self.broken is None:
-                for r, child in enumerate(self.children, start=1):
-                    code = child.poll()
-                    if code is not None:
-                        self.fail(RankError(f"rank {r} (pid {child.pid}) exited with code {code}",
-                                            "see that rank's messages above; restart the command"))
-                        on_failure(self.broken)
-                        return
-                threading.Event().wait(WATCH_INTERVAL_S)
+                dead = self._dead_child(wait_s=0)
+                if dead is not None:
+                    self.fail(dead)
+                    on_failure(self.broken)
+                    return
+                time.sleep(WATCH_INTERVAL_S)
 
         self._watch = threading.Thread(target=watch, name="edgellm-rank-watch", daemon=True)
         self._watch.start()
@@ -183,8 +211,9 @@ class Group:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    """The gist of a gloo error: its first sentence, without the source path in brackets."""
+    text = re.sub(r"^\[[^\]]*\.cc:\d+\]\s*", "", str(err).strip())
+    return text.split(". ")[0].splitlines()[0] if text else type(err).__name__
 
 
 def _free_port() -> int:
@@ -195,7 +224,7 @@ def _free_port() -> int:
 
 def start_group(config: ParallelConfig) -> Group:
     """Rank 0's group: under torchrun, join the others; else start ranks 1 .. N-1 here."""
-    timeout = timedelta(seconds=config.timeout_s)
+    timeout = timedelta(seconds=max(STARTUP_TIMEOUT_S, config.timeout_s))
     if launched_by_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if world != config.world:
@@ -208,7 +237,8 @@ def start_group(config: ParallelConfig) -> Group:
     children = []
     for r in range(1, config.world):
         env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(config.world), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "LOCAL_RANK": str(r), "EDGELLM_DIST_TIMEOUT": str(config.timeout_s)}
+               "MASTER_PORT": str(port), "LOCAL_RANK": str(r), "EDGELLM_DIST_TIMEOUT": str(config.timeout_s),
+               "EDGELLM_RANK0_PID": str(os.getpid())}
         children.append(subprocess.Popen([sys.executable, "-m", "edgellm.runtime.parallel_runner"], env=env))
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=config.world,
@@ -216,7 +246,7 @@ def start_group(config: ParallelConfig) -> Group:
     except Exception as err:
         for c in children:
             c.kill()
-        raise RankError(f"the {config.world} local ranks did not meet within {config.timeout_s:g} s: "
+        raise RankError(f"the {config.world} local ranks did not meet within {timeout.total_seconds():g} s: "
                         f"{_first_line(err)}", "see the ranks' messages above") from None
     return Group(0, config.world, config.timeout_s, children)
 
@@ -232,5 +262,21 @@ def join_group(timeout_s: float | None = None) -> Group:
     if timeout_s is None:
         timeout_s = float(os.environ.get("EDGELLM_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
+                            timeout=timedelta(seconds=max(STARTUP_TIMEOUT_S, timeout_s)))
     return Group(rank, world, timeout_s)
+
+
+def exit_with_rank0(rank: int) -> None:
+    """A rank started locally: exit as soon as the rank 0 that started it is gone (also while
+    starting or loading, when no collective would notice for :data:`STARTUP_TIMEOUT_S`)."""
+    parent = os.environ.get("EDGELLM_RANK0_PID")
+    if parent is None:          # started by torchrun: the collectives' timeouts are the watch
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(WATCH_INTERVAL_S)
+        print(f"edgellm rank {rank}: stopping: rank 0 (pid {parent}) is gone", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="edgellm-rank0-watch", daemon=True).start()

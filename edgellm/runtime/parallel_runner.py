@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import sys
 import threading
 import time
@@ -41,7 +42,15 @@ from edgellm.layers.attention import AttentionBatch
 from edgellm.loading.load import LoadedModel, load_model
 from edgellm.models.llama import LlamaModel
 from edgellm.quant.base import Weight
-from edgellm.runtime.distributed import Group, ParallelConfig, RankError, join_group, start_group
+from edgellm.runtime.distributed import (
+    STARTUP_TIMEOUT_S,
+    Group,
+    ParallelConfig,
+    RankError,
+    exit_with_rank0,
+    join_group,
+    start_group,
+)
 from edgellm.runtime.model_runner import ModelRunner, SeqChunk, step_inputs
 from edgellm.runtime.sharding import (
     pipeline_stages,
@@ -350,10 +359,11 @@ class ShardedKVCache:
 def serve_rank(timeout_s: float | None = None) -> int:
     """A computing rank (1 .. N-1): join the group, load this rank's part, run steps until told to
     stop. Returns the exit status: 1 when a rank died or rank 0 went away."""
+    exit_with_rank0(int(os.environ.get("RANK", "0")))
     group = join_group(timeout_s)
     prefix = f"edgellm rank {group.rank}"
     try:
-        job: Job = group.broadcast_object()
+        job: Job = group.broadcast_object(timeout_s=STARTUP_TIMEOUT_S)
         torch.set_num_threads(job.threads)
         loaded, problem = None, None
         try:
