@@ -108,11 +108,12 @@ def restore_threads():
     torch.set_num_threads(n)
 
 
-def _split_tokens(path, config: ParallelConfig):
+def _split_tokens(path, config: ParallelConfig, max_tokens: int = 12):
+    """Greedy tokens of one prompt alone and of three batched, on ``path`` split as ``config`` says."""
     split = SplitModel(config, str(path))
     try:
         llm = LLM(str(path), parallel=split)
-        params = SamplingParams.greedy(max_tokens=12)
+        params = SamplingParams.greedy(max_tokens=max_tokens)
         alone = llm.generate(PROMPTS[0], params).token_ids
         with Engine(llm) as engine:      # three sequences in one step: micro-batches through the stages
             batch = [r.token_ids for r in engine.generate(PROMPTS, params)]
@@ -191,3 +192,41 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return False
+
+
+# ---- the default model and the server (slow) -------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [ParallelConfig(pipeline=2), ParallelConfig(tensor=2)], ids=["pipeline", "tensor"])
+def test_default_model_on_two_ranks_gives_the_tokens_of_one_process(llm, smollm2_path, config):
+    """SmolLM2-135M Q4_1: 30 blocks go 15 + 15; its 9 heads on 3 KV heads go 6 + 3."""
+    params = SamplingParams.greedy(max_tokens=24)
+    alone = llm.generate(PROMPTS[0], params).token_ids
+    with Engine(llm) as engine:
+        batch = [r.token_ids for r in engine.generate(PROMPTS, params)]
+    assert (alone, batch) == _split_tokens(smollm2_path, config, max_tokens=24)
+
+
+@pytest.mark.slow
+def test_server_on_two_pipeline_ranks_answers_openai_then_503_when_a_rank_dies(llm, smollm2_path):
+    import httpx
+    import openai
+
+    from edgellm.serve.process import ServerProcess
+
+    expected = llm.generate(PROMPTS[0], SamplingParams.greedy(max_tokens=16)).text
+    with ServerProcess(["--model", "smollm2-135m", "--pipeline-parallel", "2", "--dist-timeout",
+                        str(TIMEOUT_S), "--kv-memory", "64MB"]) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        out = client.completions.create(model="smollm2-135m", prompt=PROMPTS[0], max_tokens=16, temperature=0)
+        assert out.choices[0].text == expected
+        (worker,) = _children(server.proc.pid)
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 3 * TIMEOUT_S
+        while httpx.get(server.url + "/health").status_code != 503:
+            assert time.monotonic() < deadline, "the server still says it is healthy with a rank dead"
+            time.sleep(0.2)
+        with pytest.raises(openai.InternalServerError) as err:
+            client.completions.create(model="smollm2-135m", prompt=PROMPTS[0], max_tokens=4, temperature=0)
+        assert err.value.status_code == 503
+        assert server.alive
+        assert "rank 1" in server.output()
