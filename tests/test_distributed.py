@@ -219,6 +219,8 @@ def test_server_on_two_pipeline_ranks_answers_openai_then_503_when_a_rank_dies(l
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
         out = client.completions.create(model="smollm2-135m", prompt=PROMPTS[0], max_tokens=16, temperature=0)
         assert out.choices[0].text == expected
+        refused = httpx.post(server.url + "/v1/embeddings", json={"model": "smollm2-135m", "input": "hi"})
+        assert refused.status_code == 400 and "split across ranks" in refused.text
         (worker,) = _children(server.proc.pid)
         os.kill(worker, signal.SIGKILL)
         deadline = time.monotonic() + 3 * TIMEOUT_S

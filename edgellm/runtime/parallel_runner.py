@@ -227,8 +227,8 @@ class SplitModel:
             self.group.close()
             raise
         bad = [(r, p) for r, p in enumerate(problems) if p]
-        if bad:
-            self.close()
+        if bad:             # every rank saw the problems: the others exit on their own
+            self.group.close()
             raise RankError("; ".join(f"rank {r} could not load its part: {p}" for r, p in bad))
         self.part = Part(self.group, job, self.loaded.model)
         self._last_command = time.monotonic()
