@@ -78,6 +78,26 @@ def test_weight_splits_keep_the_format_and_the_values(ggml_type, n_cols, cut):
         take_columns(w, 0, 16, "test")
 
 
+@pytest.mark.parametrize("kw, message", [
+    (dict(pipeline=0), "--pipeline-parallel must be a positive integer"),
+    (dict(pipeline=2, tensor=2), "cannot be combined"),
+    (dict(pipeline=2, timeout_s=-1), "--dist-timeout must be a positive number"),
+])
+def test_bad_parallel_settings_are_refused_with_the_flag_named(kw, message):
+    with pytest.raises(InvalidParameterError, match=message):
+        ParallelConfig(**kw)
+
+
+def test_dist_timeout_alone_is_refused():
+    from argparse import Namespace
+
+    from edgellm.cli.common import start_split
+
+    with pytest.raises(InvalidParameterError, match="--dist-timeout needs") as err:
+        start_split(Namespace(pipeline_parallel=1, tensor_parallel=1, dist_timeout=5.0, threads=None))
+    assert "--pipeline-parallel" in err.value.fix
+
+
 def test_micro_batches_keep_order_and_split_evenly():
     chunks = list(range(5))
     assert micro_batches(chunks, 2) == [[0, 1, 2], [3, 4]]
@@ -232,3 +252,17 @@ def test_server_on_two_pipeline_ranks_answers_openai_then_503_when_a_rank_dies(l
         assert err.value.status_code == 503
         assert server.alive
         assert "rank 1" in server.output()
+
+
+@pytest.mark.slow
+def test_bench_runs_ours_on_two_pipeline_ranks():
+    """The token identity is the tests' above; here: the bench starts the split, reports it, ends."""
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "edgellm", "bench", "--pipeline-parallel", "2", "--repeat", "1",
+                          "--prompt-tokens", "16", "--gen-tokens", "8", "--json", "--quiet"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads(out.stdout)
+    assert (s["settings"]["pipeline_parallel"], s["settings"]["tensor_parallel"]) == (2, 1)
+    assert s["repeats"]["ours"][-1]["completion_tokens"] == 8 and s["decode_tok_s"] > 0
