@@ -336,8 +336,8 @@ class ShardedKVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the pool on all ranks (each holds the same share when split evenly)."""
-        return self.local.nbytes * self.split.group.world
+        """Bytes of the pool on all ranks together: the whole model's KV for these blocks."""
+        return KVCache.bytes_per_block(self.split.loaded.config, self.block_size, self.kv_dtype) * self.num_blocks
 
     def block_slots(self, block_table: list[int], length: int):
         return self.local.block_slots(block_table, length)
