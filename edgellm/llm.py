@@ -28,16 +28,24 @@ PREFILL_CHUNK = 512
 class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", threads: int | None = None,
                  loaded: LoadedModel | None = None, use_native: bool = True, weights: str | None = None,
-                 keep=(), kv_dtype="fp32", speculative=None, draft_tokens: int | None = None):
+                 keep=(), kv_dtype="fp32", speculative=None, draft_tokens: int | None = None, parallel=None):
         """``weights``: a precision format to convert the matrices to at load time (``--keep``
         patterns stay at 16 bits); ``kv_dtype``: the KV cache precision (fp32, fp16, bf16, fp8, int8);
         ``speculative`` ("ngram", "early-exit:L", "draft:MODEL") and ``draft_tokens``: speculative
         decoding for this LLM's generations and for every engine made over it (see
-        ``edgellm.runtime.speculative``)."""
+        ``edgellm.runtime.speculative``); ``parallel``: a ``SplitModel`` (the model split across
+        ranks, ``edgellm.runtime.parallel_runner``): its rank-0 part is this LLM's model and every
+        engine made over it runs its steps on the ranks."""
         set_threads(threads)
         self.kv_dtype = kv_dtype_name(kv_dtype)
         self.speculative = parse_speculative(speculative, draft_tokens)   # refused before loading
-        self.loaded = loaded or load_model(model, dtype, use_native)
+        self.parallel = parallel
+        if parallel is not None and (weights or self.speculative is not None):
+            from edgellm.errors import InvalidParameterError
+
+            raise InvalidParameterError("--weights and --speculative cannot be used with a model split across ranks",
+                                        "drop them, or drop --pipeline-parallel/--tensor-parallel")
+        self.loaded = loaded or (parallel.loaded if parallel is not None else load_model(model, dtype, use_native))
         if weights:
             from edgellm.loading.convert import convert_weights
 

@@ -64,6 +64,8 @@ class BenchOptions:
     weights: str | None = None              # ours: convert the weights at load time (--weights)
     keep: str = ""                          # ours: comma-separated --keep patterns
     kv_dtype: str = "fp32"                  # ours: KV cache precision
+    pipeline: int = 1                       # ours: pipeline-parallel ranks (threads // ranks each)
+    tensor: int = 1                         # ours: tensor-parallel ranks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +96,9 @@ def validate(opts: BenchOptions) -> None:
     positive("--gen-tokens", opts.gen_tokens, "generate 1 or more tokens, e.g. 128")
     positive("--repeat", opts.repeat, "repeat at least once, e.g. --repeat 5")
     positive("--threads", opts.threads, "pass a positive thread count, e.g. --threads 2")
+    if opts.profile_steps is not None and opts.pipeline * opts.tensor > 1:
+        raise InvalidParameterError("--profile-decode traces one process; it does not go with a split model",
+                                    "drop --profile-decode, or --pipeline-parallel/--tensor-parallel")
     if opts.profile_steps is not None and opts.profile_steps < 1:
         raise InvalidParameterError(f"--profile-decode must time at least 1 step, got {opts.profile_steps}",
                                     "pass a positive number of steps, or no number to time --gen-tokens steps")
@@ -246,7 +251,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
         log(f"loading ours ({opts.model or 'default model'}) and the bandwidth probe ...")
         ours_args = common + ["--dtype", opts.dtype, "--kv-dtype", opts.kv_dtype] + \
             (["--model", opts.model] if opts.model else []) + (["--weights", opts.weights] if opts.weights else []) + \
-            (["--keep", opts.keep] if opts.keep else [])
+            (["--keep", opts.keep] if opts.keep else []) + \
+            ["--pipeline-parallel", str(opts.pipeline), "--tensor-parallel", str(opts.tensor)]
         workers[OURS] = Worker(OURS, ours_args, opts.threads)
         workers[MEMBW] = Worker(MEMBW, common, opts.threads)
         try:
@@ -386,6 +392,7 @@ def summarize(opts: BenchOptions, info: dict, samples: dict[str, list[dict]], pe
                                        "weight_bytes", "weight_formats", "lm_head_format", "tied_embeddings",
                                        "dtype", "kv_dtype", "n_layers", "context_length", "kv_bytes_per_token")},
         "settings": {"prompt_tokens": opts.prompt_tokens, "gen_tokens": opts.gen_tokens, "threads": opts.threads,
+                     "pipeline_parallel": opts.pipeline, "tensor_parallel": opts.tensor,
                      "repeat": opts.repeat, "prompt_source": info["prompt_source"],
                      "warmup": "one generation per worker (full prompt, up to 8 tokens), not counted"},
         **ours,
@@ -449,7 +456,13 @@ def format_report(s: dict, out: TextIO) -> None:
       f"compute dtype {m['dtype']}, KV cache {m.get('kv_dtype', 'fp32')}\n")
     w(f"  prompt {st['prompt_tokens']} tokens ({st['prompt_source']}, our tokenizer, same ids for every engine), "
       f"{st['gen_tokens']} generated tokens (greedy, EOS ignored), {st['threads']} threads, "
-      f"median of {st['repeat']} interleaved repeats after one warm-up\n\n")
+      f"median of {st['repeat']} interleaved repeats after one warm-up\n")
+    ranks = st.get("pipeline_parallel", 1) * st.get("tensor_parallel", 1)
+    if ranks > 1:       # ours split across local ranks: the threads are shared out among them
+        kind = "pipeline" if st["pipeline_parallel"] > 1 else "tensor"
+        w(f"  ours on {ranks} {kind}-parallel ranks, {max(1, st['threads'] // ranks)} thread(s) each; "
+          f"weights and peak RSS are rank 0's\n")
+    w("\n")
 
     runs = s["repeats"][OURS]
     rows = [("ours", s, runs)]

@@ -132,8 +132,16 @@ class OursEngine:
         keep = [k for k in (args.keep or "").split(",") if k]
         from edgellm.kv.cache import BLOCK_SIZE, KVCache
 
-        self.llm = LLM(args.model, dtype=args.dtype, threads=args.threads, weights=args.weights, keep=keep,
-                       kv_dtype=args.kv_dtype)
+        split, threads = None, args.threads
+        if args.pipeline_parallel * args.tensor_parallel > 1:     # the model split across local ranks
+            from edgellm.runtime.distributed import ParallelConfig
+            from edgellm.runtime.parallel_runner import SplitModel
+
+            threads = max(1, args.threads // (args.pipeline_parallel * args.tensor_parallel))
+            split = SplitModel(ParallelConfig(args.pipeline_parallel, args.tensor_parallel, threads=threads),
+                               args.model, args.dtype)
+        self.llm = LLM(args.model, dtype=args.dtype, threads=threads, weights=args.weights, keep=keep,
+                       kv_dtype=args.kv_dtype, parallel=split)
         cfg = self.llm.cfg
         self.gen = args.gen_tokens
         if args.prompt_tokens + args.gen_tokens > cfg.context_length:
@@ -551,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", default="")
     p.add_argument("--kv-dtype", default="fp32")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--pipeline-parallel", type=int, default=1, help="ours: ranks of a pipeline split")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="ours: ranks of a tensor-parallel split")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--prompt-file", default=None, help="JSON list of prompt ids (peers)")

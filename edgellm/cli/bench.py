@@ -54,6 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
                    help="with --speculative: the most tokens proposed per step (default 7; llama.cpp's prompt "
                         "lookup proposes K)")
+    p.add_argument("--pipeline-parallel", type=int, default=1, metavar="N",
+                   help="single scenario: ours split into N pipeline stages on local ranks, --threads shared "
+                        "out among them (default 1)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="single scenario: ours split over N tensor-parallel local ranks (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
@@ -72,6 +77,10 @@ def _clean(obj):
 def run(args: argparse.Namespace) -> int:
     from edgellm.errors import InvalidParameterError
 
+    split = args.pipeline_parallel * args.tensor_parallel > 1
+    if split and (args.speculative is not None or args.scenario != "single"):
+        raise InvalidParameterError("--pipeline-parallel/--tensor-parallel go with the single scenario only",
+                                    "drop --speculative and --scenario sessions")
     if args.speculative is not None:
         if args.scenario != "single":
             raise InvalidParameterError("--speculative measures one sequence; it does not go with --scenario sessions",
@@ -94,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     opts = BenchOptions(model=args.model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                         threads=args.threads, repeat=args.repeat, dtype=args.dtype,
                         peers=parse_peers(args.peers), profile_steps=steps, weights=args.weights,
-                        keep=",".join(args.keep), kv_dtype=args.kv_dtype)
+                        keep=",".join(args.keep), kv_dtype=args.kv_dtype, pipeline=args.pipeline_parallel,
+                        tensor=args.tensor_parallel)
 
     def log(line: str) -> None:
         if not args.quiet:

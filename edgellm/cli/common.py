@@ -83,3 +83,40 @@ def speculative_config(args: argparse.Namespace):
     if args.draft_tokens is not None and not args.speculative:
         raise InvalidParameterError("--draft-tokens needs --speculative", "add e.g. --speculative ngram")
     return parse_speculative(args.speculative, args.draft_tokens)
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pipeline-parallel", type=int, default=1, metavar="N",
+                   help="split the blocks into N contiguous stages, one per rank (local processes on loopback, "
+                        "or the processes of torchrun; see README, 'Across ranks') (default 1)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split every block's heads and MLP columns over N ranks (default 1)")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with a split model: a rank that does not answer within this long stops them all "
+                        "(default 20)")
+
+
+def start_split(args: argparse.Namespace):
+    """The model split across ranks that --pipeline-parallel/--tensor-parallel ask for (a
+    ``SplitModel``, rank 0's handle), or None. A computing rank started by torchrun (RANK > 0)
+    does not return: it serves its rank and exits."""
+    if args.pipeline_parallel == 1 and args.tensor_parallel == 1:
+        if args.dist_timeout is not None:
+            from edgellm.errors import InvalidParameterError
+
+            raise InvalidParameterError("--dist-timeout needs --pipeline-parallel or --tensor-parallel",
+                                        "add e.g. --pipeline-parallel 2")
+        return None
+    from edgellm.runtime.distributed import DEFAULT_TIMEOUT_S, ParallelConfig, launched_by_torchrun, torchrun_rank
+
+    config = ParallelConfig(args.pipeline_parallel, args.tensor_parallel,
+                            DEFAULT_TIMEOUT_S if args.dist_timeout is None else args.dist_timeout, args.threads)
+    if launched_by_torchrun() and torchrun_rank() != 0:
+        import sys
+
+        from edgellm.runtime.parallel_runner import serve_rank
+
+        sys.exit(serve_rank(config.timeout_s))
+    from edgellm.runtime.parallel_runner import SplitModel
+
+    return SplitModel(config, args.model, args.dtype)

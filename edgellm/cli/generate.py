@@ -8,12 +8,14 @@ import sys
 
 from edgellm.cli.common import (
     add_model_arguments,
+    add_parallel_arguments,
     add_precision_arguments,
     add_sampling_arguments,
     add_speculative_arguments,
     check_precision,
     sampling_params,
     speculative_config,
+    start_split,
 )
 
 HELP = "generate a completion for one prompt, streamed as it is produced"
@@ -27,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message for --chat")
     add_sampling_arguments(p)
     add_speculative_arguments(p)
+    add_parallel_arguments(p)
     p.add_argument("--logprobs", type=int, default=None, metavar="N",
                    help="with --json: log-probability of each chosen token and the top N alternatives")
     p.add_argument("--json-schema", default=None, metavar="FILE",
@@ -63,10 +66,19 @@ def run(args: argparse.Namespace) -> int:
     check_precision(args)
     speculative = speculative_config(args)
 
+    split = start_split(args)       # None in one process
+    try:
+        return _generate(args, prompt, params, speculative, split)
+    finally:
+        if split is not None:
+            split.close()
+
+
+def _generate(args: argparse.Namespace, prompt: str, params, speculative, split) -> int:
     from edgellm.llm import LLM
 
     llm = LLM(args.model, dtype=args.dtype, threads=args.threads, weights=args.weights, keep=args.keep,
-              kv_dtype=args.kv_dtype, speculative=speculative)
+              kv_dtype=args.kv_dtype, speculative=speculative, parallel=split)
     ids = llm.encode_prompt(prompt, chat=args.chat, system=args.system)
     if args.json:
         c = llm.generate(ids, params)

@@ -7,10 +7,12 @@ import os
 
 from edgellm.cli.common import (
     add_model_arguments,
+    add_parallel_arguments,
     add_precision_arguments,
     add_speculative_arguments,
     check_precision,
     speculative_config,
+    start_split,
 )
 
 HELP = ("serve a model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions with structured output "
@@ -22,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_precision_arguments(p)
     add_speculative_arguments(p)
+    add_parallel_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", action="append", default=None, metavar="KEY",
@@ -138,8 +141,9 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.llm import LLM
     from edgellm.runtime.engine import Engine
 
+    split = start_split(args)       # a model split across ranks, or None (this process alone)
     llm = LLM(args.model, dtype=args.dtype, threads=args.threads, weights=args.weights, keep=args.keep,
-              kv_dtype=args.kv_dtype, speculative=speculative)
+              kv_dtype=args.kv_dtype, speculative=speculative, parallel=split)
     engine = Engine(llm, kv_memory=args.kv_memory, host_memory=args.host_memory,
                     max_batch_tokens=args.max_batch_tokens, disk_dir=args.offload_dir, preemption=args.preemption,
                     idle_retire_s=args.session_idle_timeout or None)
@@ -162,8 +166,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"edgellm serve: {model_id} on http://{args.host}:{args.port}  (KV pool {engine.num_blocks} blocks, "
           f"{engine.pool_tokens} tokens, KV {llm.kv_dtype}, weights {llm.loaded.dtype}, preemption {args.preemption}, "
           f"speculative {speculative.name if speculative else 'off'}; "
+          f"{_split_text(split)}"
           "live page at /, metrics at /metrics)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
-                timeout_keep_alive=args.keep_alive_timeout,
-                http=header_timeout_protocol(args.body_timeout) if args.body_timeout else "auto")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                    timeout_keep_alive=args.keep_alive_timeout,
+                    http=header_timeout_protocol(args.body_timeout) if args.body_timeout else "auto")
+    finally:
+        if split is not None:       # the other ranks exit with it
+            split.close()
     return 0
+
+
+def _split_text(split) -> str:
+    if split is None:
+        return ""
+    c = split.config
+    return f"{c.world} ranks ({'pipeline' if c.pipeline > 1 else 'tensor'} parallel); "

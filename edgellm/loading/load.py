@@ -29,11 +29,14 @@ class LoadedModel:
         return self.model.weights.nbytes
 
 
-def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = True) -> LoadedModel:
+def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = True,
+               layers: range | None = None, ends: bool = True) -> LoadedModel:
     """Load a GGUF file, an HF folder or a registry model. ``dtype``: auto | float32 | bfloat16.
 
     ``use_native=False`` skips the native kernels (every matrix dequantised to float32): the
-    path of machines where they cannot be built, kept reachable for tests.
+    path of machines where they cannot be built, kept reachable for tests. ``layers``: read only
+    these blocks, ``ends=False``: and no embedding, final norm or head (a rank of a split model,
+    ``edgellm.runtime.sharding``; GGUF files and HF folders only).
     """
     from edgellm.dtypes import compute_dtype
     from edgellm.loading.weights import check_vector_shapes, load_gguf_weights, load_hf_weights, read_hf_config
@@ -50,12 +53,17 @@ def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = 
         cfg = gf.config()
         tokenizer = Tokenizer.from_gguf_metadata(gf.metadata)
         cfg.check_token_count(tokenizer.vocab_size, str(src.path))
-        weights = load_gguf_weights(gf, cfg, dtype, use_native)
+        weights = load_gguf_weights(gf, cfg, dtype, use_native, layers, ends)
         check_vector_shapes(weights, cfg)
         size = gf.file_size
     elif src.kind == "edgellm":   # a file written by `edgellm quantize`: matrices in their own formats
         from edgellm.loading.edgellm_format import load_edgellm
 
+        if layers is not None or not ends:
+            from edgellm.errors import InvalidParameterError
+
+            raise InvalidParameterError(f"{src.path}: an edgellm file cannot be loaded in parts (for a split model)",
+                                        "split the GGUF file or HF folder it was made from instead")
         cfg, tokenizer, weights, size, meta = load_edgellm(src.path, use_native)
         check_vector_shapes(weights, cfg)
         dtype = meta.get("edgellm.weights", dtype)   # the format it was written in (reports say so)
@@ -64,7 +72,7 @@ def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = 
         cfg = read_hf_config(folder)
         tokenizer = Tokenizer.from_file(folder / "tokenizer.json")
         cfg.check_token_count(tokenizer.vocab_size, str(folder), padded=True)
-        weights = load_hf_weights(folder, cfg, dtype)
+        weights = load_hf_weights(folder, cfg, dtype, layers, ends)
         check_vector_shapes(weights, cfg, hf_names=True)
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     model = build_model(cfg, weights)

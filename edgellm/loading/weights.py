@@ -185,10 +185,12 @@ def _fused(parts: list[Weight]) -> Weight:
     return fused
 
 
-def _build(src, cfg: ModelConfig, label: str) -> ModelWeights:
+def _build(src, cfg: ModelConfig, label: str, layers: range | None = None, ends: bool = True) -> ModelWeights:
+    """``layers``: load only these blocks, ``ends``: and the embedding, final norm and head (a
+    rank of a split model, edgellm.runtime.sharding, reads only its part of the file)."""
     H, Q, KV, F = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.ffn_size
     blocks = []
-    for i in tqdm(range(cfg.n_layers), desc=f"loading {label}", unit="block", delay=1.0, leave=False):
+    for i in tqdm(range(cfg.n_layers) if layers is None else layers, desc=f"loading {label}", unit="block", delay=1.0, leave=False):
         p = f"blk.{i}."
         q = src.matrix(p + "attn_q.weight", (Q, H), rope_heads=cfg.n_heads)
         k = src.matrix(p + "attn_k.weight", (KV, H), rope_heads=cfg.n_kv_heads)
@@ -213,19 +215,24 @@ def _build(src, cfg: ModelConfig, label: str) -> ModelWeights:
                 post_ffn_norm=src.vector(p + "post_ffw_norm.weight")))
         else:
             blocks.append(BlockWeights(**common))
+    if not ends:
+        return ModelWeights(embed=None, blocks=blocks, final_norm=None, lm_head=None)
     embed = src.matrix("token_embd.weight", (cfg.vocab_size, H))
     lm_head = embed if cfg.tie_embeddings or not src.has("output.weight") else \
         src.matrix("output.weight", (cfg.vocab_size, H))
     return ModelWeights(embed=embed, blocks=blocks, final_norm=src.vector("output_norm.weight"), lm_head=lm_head)
 
 
-def load_gguf_weights(gf: GGUFFile, cfg: ModelConfig, dtype: str = "float32", use_native: bool = True) -> ModelWeights:
-    """``use_native=False`` dequantises every matrix (the path taken where the kernels can't build)."""
-    return _build(_GGUFSource(gf, cfg, compute_dtype(dtype), use_native), cfg, gf.path.name)
+def load_gguf_weights(gf: GGUFFile, cfg: ModelConfig, dtype: str = "float32", use_native: bool = True,
+                      layers: range | None = None, ends: bool = True) -> ModelWeights:
+    """``use_native=False`` dequantises every matrix (the path taken where the kernels can't build);
+    ``layers``/``ends``: a part of the model (see ``_build``)."""
+    return _build(_GGUFSource(gf, cfg, compute_dtype(dtype), use_native), cfg, gf.path.name, layers, ends)
 
 
-def load_hf_weights(folder: Path, cfg: ModelConfig, dtype: str = "float32") -> ModelWeights:
-    return _build(_HFSource(folder, compute_dtype(dtype), cfg.architecture), cfg, folder.name)
+def load_hf_weights(folder: Path, cfg: ModelConfig, dtype: str = "float32", layers: range | None = None,
+                    ends: bool = True) -> ModelWeights:
+    return _build(_HFSource(folder, compute_dtype(dtype), cfg.architecture), cfg, folder.name, layers, ends)
 
 
 def read_hf_config(folder: Path) -> ModelConfig:
@@ -258,7 +265,8 @@ def check_vector_shapes(weights: ModelWeights, cfg: ModelConfig, hf_names: bool 
                 f"tensor '{name(gguf_name)}' has shape {tuple(vector.shape)}, expected ({length},)",
                 "the tensor contradicts the model's own metadata (its hidden size); re-export the model")
 
-    check("output_norm.weight", weights.final_norm, cfg.hidden_size)
+    if weights.final_norm is not None:      # None: a rank of a split model without the ends
+        check("output_norm.weight", weights.final_norm, cfg.hidden_size)
     for i, block in enumerate(weights.blocks):
         check(f"blk.{i}.attn_norm.weight", block.attn_norm, cfg.hidden_size)
         check(f"blk.{i}.ffn_norm.weight", block.ffn_norm, cfg.hidden_size)

@@ -43,8 +43,10 @@ class ModelWeights:
 
     @property
     def nbytes(self) -> int:
-        total = self.embed.nbytes + self.final_norm.numel() * 4
-        if self.lm_head is not self.embed:
+        # a rank of a split model (edgellm.runtime.sharding) may hold no embedding or head
+        total = (self.embed.nbytes if self.embed is not None else 0) + \
+            (self.final_norm.numel() * 4 if self.final_norm is not None else 0)
+        if self.lm_head is not self.embed and self.lm_head is not None:
             total += self.lm_head.nbytes
         for b in self.blocks:
             total += b.qkv.nbytes + b.o.nbytes + b.gate_up.nbytes + b.down.nbytes
@@ -185,7 +187,7 @@ class LlamaModel:
         attn = attend(q, cache, layer, batch, self._windows[layer])
         if trace is not None:
             trace.end("attention", layer)
-        h = w.o.matmul_add(attn, h)
+        h = self.project_add(w.o, attn, h)
         if trace is not None:
             trace.end("o_proj+attn_add", layer)
         x = F.rms_norm(h, (cfg.hidden_size,), w.ffn_norm, cfg.rms_norm_eps)
@@ -197,10 +199,17 @@ class LlamaModel:
         act = silu_mul(gate_up)
         if trace is not None:
             trace.end("mlp_act", layer)
-        h = w.down.matmul_add(act, h)
+        h = self.project_add(w.down, act, h)
         if trace is not None:
             trace.end("down_proj+ffn_add", layer)
         return h
+
+
+    def project_add(self, w: Weight, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + x @ w.T: a block half's output projection and residual add. A
+        tensor-parallel shard (``edgellm.runtime.parallel_runner``) overrides it to sum the ranks'
+        partial products first."""
+        return w.matmul_add(x, residual)
 
 
 def _native_block_args(weights: ModelWeights):

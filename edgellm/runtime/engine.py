@@ -133,10 +133,17 @@ class Engine:
                 f"kv_memory={kv_memory!r} holds no KV block: one block of {block_size} tokens of this model "
                 f"takes {self.kv_bytes_per_block} bytes",
                 f"give kv_memory at least {self.kv_bytes_per_block} bytes (e.g. '256MB')")
-        self.cache = KVCache(self.cfg, num_blocks, block_size, kv_dtype)
+        split = getattr(model_or_llm, "parallel", None)   # an LLM split across ranks (runtime.parallel_runner)
+        if split is None:
+            self.cache = KVCache(self.cfg, num_blocks, block_size, kv_dtype)
+            self.runner = ModelRunner(self.loaded.model, self.cache)
+        else:   # each rank holds its share of every block's KV; the pool's bytes are for all ranks
+            check_split_engine(spec_config, disk_dir, preemption, host_memory)
+            host_bytes = 0          # KV moved out of the pool is dropped (recomputed when needed)
+            self.runner = split.runner(num_blocks, block_size, kv_dtype)
+            self.cache = self.runner.cache
         self.block_manager = BlockManager(num_blocks, block_size, copy_block=self.cache.copy_block)
         self.store = OffloadStore(host_bytes, disk_dir, disk_bytes)
-        self.runner = ModelRunner(self.loaded.model, self.cache)
         self.speculator = None if spec_config is None else Speculator(spec_config, self.runner, self.loaded)
         self.input = InputProcessor(self.tokenizer, self.cfg.context_length, self.cfg.vocab_size,
                                     num_blocks * block_size, block_size, self.kv_bytes_per_block)
@@ -605,7 +612,8 @@ class Engine:
     # ---- background thread ---------------------------------------------------------------------
     @property
     def running_in_background(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        # a split model whose rank died is not running either (the server answers 503)
+        return self._thread is not None and self._thread.is_alive() and getattr(self.runner, "healthy", True)
 
     def start(self) -> "Engine":
         """Run steps in a background thread (for servers); ``stop()`` ends it."""
@@ -708,6 +716,16 @@ class Engine:
                 "speculative": self.speculator.stats() if self.speculator is not None else None,
                 "requests": dict(self.counts),
             }
+
+
+def check_split_engine(speculative, disk_dir, preemption: str, host_memory) -> None:
+    """Refuse the engine options a model split across ranks does not support."""
+    if speculative is not None:
+        raise InvalidParameterError("speculative decoding cannot run on a model split across ranks yet",
+                                    "drop --speculative, or drop --pipeline-parallel/--tensor-parallel")
+    if disk_dir is not None or preemption == PREEMPT_SWAP or host_memory:
+        raise InvalidParameterError("KV offload (--host-memory, --offload-dir, --preemption swap) is not available "
+                                    "on a model split across ranks", "drop those options: preempted KV is recomputed")
 
 
 def _pick(out, j: int) -> tuple:

@@ -58,14 +58,20 @@ class ModelRunner:
             trace.begin_step(tokens.shape[0])
         h = model.embed(tokens, trace)
         rope = model.rope_tables(positions, trace)
-        if self.uses_fused_decode(tokens.shape[0], batch):
-            self._decode_fused(h, rope, batch, layers)
-        else:
-            h = model.forward_layers(h, rope, batch, self.cache, trace, layers)
+        h = self.run_blocks(h, rope, batch, layers)
         logits = model.logits(h, logit_rows, trace)
         if trace is not None:
             trace.end_step()
         return logits
+
+    def run_blocks(self, h: torch.Tensor, rope, batch: AttentionBatch, layers: list[int] | None = None) -> torch.Tensor:
+        """The model's blocks over hidden states h [T, hidden], on the fused decode step or block
+        by block; returns the new h. A rank of a split model runs only this part of a step
+        (``edgellm.runtime.parallel_runner``)."""
+        if self.uses_fused_decode(h.shape[0], batch):
+            self._decode_fused(h, rope, batch, layers)
+            return h
+        return self.model.forward_layers(h, rope, batch, self.cache, self.trace if layers is None else None, layers)
 
     def uses_fused_decode(self, rows: int, batch: AttentionBatch) -> bool:
         """The fused native step streams the quantised weights once for all rows, which wins while
