@@ -66,6 +66,8 @@ _HF_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Gemma3ForCausalLM": "gemma3",
 }
+#: attention-free models, each read by its own module (``edgellm.loading.load.load_recurrent_hf``)
+RECURRENT_HF_ARCHITECTURES = ("MambaForCausalLM",)
 
 #: Gemma 3: every ``GEMMA3_SLIDING_PATTERN``-th layer attends globally, the others through the
 #: sliding window; the sliding layers' RoPE base. GGUF files carry neither (llama.cpp and
@@ -299,7 +301,7 @@ class ModelConfig:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture {archs or cfg.get('model_type')!r} is not supported",
-                f"edgellm runs: {', '.join(_HF_ARCHITECTURES)}")
+                f"edgellm runs: {', '.join([*_HF_ARCHITECTURES, *RECURRENT_HF_ARCHITECTURES])}")
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                                "vocab_size") if k not in cfg]
         if missing:
