@@ -21,6 +21,7 @@ intermediate (L = 16). Decode applies the recurrence once, batched over sequence
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,15 +160,19 @@ class MambaModel(RecurrentModel):
 def _scan_piece(state, A, dt, B, C, u):
     """The selective scan over L positions at once. state [d, n] (before the piece), A [d, n],
     dt and u [L, d], B and C [L, n]. Returns (y [L, d] without the D term, state after the piece)."""
-    L = dt.shape[0]
     S = torch.cumsum(dt.unsqueeze(-1) * A, dim=0)                          # [L, d, n], <= 0, falling
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
     # exp(S[t] - S[j]) for j <= t: the decay from position j to t; -inf (factor 0) above the diagonal
-    decay = (S.unsqueeze(1) - S.unsqueeze(0)).masked_fill(~causal[:, :, None, None], -math.inf).exp()
+    decay = (S.unsqueeze(1) - S.unsqueeze(0) + causal_mask(dt.shape[0])).exp()
     inputs = (dt * u).unsqueeze(-1) * B.unsqueeze(1)                        # [L, d, n]
     states = torch.exp(S) * state + torch.einsum("tjdn,jdn->tdn", decay, inputs)
     y = torch.einsum("tdn,tn->td", states, C)
     return y, states[-1]
+
+
+@functools.cache
+def causal_mask(L: int) -> torch.Tensor:
+    """[L, L, 1, 1]: 0 where j <= t, -inf above the diagonal (added to an exponent, it zeroes)."""
+    return torch.full((L, L), -math.inf).triu(1)[:, :, None, None]
 
 
 # ---- loading an HF folder ----------------------------------------------------------------------------
