@@ -298,6 +298,11 @@ class ModelConfig:
                                    "use the config.json that came with the model's weights")
         model_type = cfg.get("model_type", "")
         arch = _HF_ARCHITECTURES.get(archs[0] if archs else "", model_type if isinstance(model_type, str) else "")
+        if archs and archs[0] in RECURRENT_HF_ARCHITECTURES:
+            # load_model reads these with their own modules; what comes here wants a Llama-shaped config
+            raise UnsupportedModelError(
+                f"{archs[0]} is a recurrent model: edgellm runs it as it is, but converting or quantising its "
+                "weights (--weights, edgellm quantize) is not implemented", "drop --weights, or use --dtype bfloat16")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture {archs or cfg.get('model_type')!r} is not supported",

@@ -123,3 +123,45 @@ def test_speculative_decoding_is_refused(tiny):
     _, loaded = tiny
     with pytest.raises(InvalidParameterError, match="recurrent"):
         Engine(loaded, kv_memory="1MB", speculative="ngram")
+
+
+def test_an_edited_history_resumes_at_the_block_edge_before_the_change(tiny):
+    """The conversation changed inside a block (the last reply edited): the state after the
+    common prefix is not held, so the turn resumes from the snapshot at the block edge before it."""
+    hf, loaded = tiny
+    with Engine(loaded, kv_memory="2MB") as eng:
+        s = eng.session(system=SYSTEM, sampling=greedy(ignore_eos=True))
+        s.chat(USERS[3])
+        held = list(s.kv.token_ids)
+        s.messages[-1]["content"] = "w9 w9 w9"           # a different reply than the one computed
+        second = s.chat(USERS[4])
+        ids = eng.input.encode(conversation(USERS[3], "w9 w9 w9", USERS[4]), chat=True)
+        common = next(i for i, (a, b) in enumerate(zip(ids, held)) if a != b)
+        assert common % BLOCK                           # the change falls inside a block
+        assert second.cached_tokens == common - common % BLOCK
+        assert second.computed_prompt_tokens == len(ids) - second.cached_tokens
+        assert second.token_ids == hf_greedy(hf, ids, NEW_TOKENS, eos=None)
+
+
+@pytest.mark.slow
+def test_served_on_completions_and_chat_refused_without_a_template(tiny, tmp_path):
+    """`edgellm serve` on a recurrent model: /v1/completions answers what transformers answers;
+    without a chat template (a base model's folder) /v1/chat/completions is refused clearly."""
+    import httpx
+
+    from edgellm.serve.process import ServerProcess
+    from edgellm.tokenizer import Tokenizer
+    from tiny_model import save_hf_folder
+
+    hf, _ = tiny
+    folder = save_hf_folder(hf, tmp_path / "base", VOCAB)        # no chat template
+    tokenizer = Tokenizer.from_file(folder)
+    with ServerProcess(["--model", str(folder), "--kv-memory", "2MB", "--threads", "2"]) as server:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            r = http.post("/v1/completions", json={"model": "base", "prompt": USERS[5], "max_tokens": NEW_TOKENS,
+                                                   "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200
+            want = hf_greedy(hf, tokenizer.encode(USERS[5]), NEW_TOKENS, eos=None)
+            assert r.json()["choices"][0]["text"] == tokenizer.decode(want)
+            r = http.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "w9"}]})
+            assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]

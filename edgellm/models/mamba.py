@@ -71,6 +71,10 @@ class MambaWeights:
     final_norm: torch.Tensor
     lm_head: Weight
 
+    def matrices(self) -> list[Weight]:
+        """The blocks' matrices (for reports of formats)."""
+        return [m for w in self.layers for m in (w.in_proj, w.x_proj, w.out_proj)]
+
     @property
     def nbytes(self) -> int:
         total = self.embed.nbytes + (0 if self.lm_head is self.embed else self.lm_head.nbytes)
