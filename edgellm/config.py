@@ -67,7 +67,7 @@ _HF_ARCHITECTURES = {
     "Gemma3ForCausalLM": "gemma3",
 }
 #: attention-free models, each read by its own module (``edgellm.loading.load.load_recurrent_hf``)
-RECURRENT_HF_ARCHITECTURES = ("MambaForCausalLM", "Mamba2ForCausalLM")
+RECURRENT_HF_ARCHITECTURES = ("MambaForCausalLM", "Mamba2ForCausalLM", "RwkvForCausalLM")
 
 #: Gemma 3: every ``GEMMA3_SLIDING_PATTERN``-th layer attends globally, the others through the
 #: sliding window; the sliding layers' RoPE base. GGUF files carry neither (llama.cpp and

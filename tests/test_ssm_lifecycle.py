@@ -57,7 +57,23 @@ def build_mamba2():
     return model
 
 
-BUILDERS = {"mamba": build_mamba, "mamba2": build_mamba2}
+def build_rwkv():
+    cfg = transformers.RwkvConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  context_length=256, initializer_range=1.0, bos_token_id=1, eos_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.RwkvForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "time_mix" in name:
+                p.uniform_(0.0, 1.0)
+            elif name.endswith("time_decay"):
+                p.uniform_(-2.0, 1.5)
+            elif p.dim() == 2:
+                p.normal_(0.0, 0.5)
+    return model
+
+
+BUILDERS = {"mamba": build_mamba, "mamba2": build_mamba2, "rwkv": build_rwkv}
 # CI runs the lifecycle on Mamba; the same checks on the other architectures are slow-marked
 # (their per-layer parity is in tests/test_mamba2.py and tests/test_rwkv.py)
 KINDS = [pytest.param(k, marks=() if k == "mamba" else pytest.mark.slow) for k in BUILDERS]

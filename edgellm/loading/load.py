@@ -86,9 +86,10 @@ def load_recurrent_hf(folder: Path, dtype: str):
     from edgellm.dtypes import compute_dtype
     from edgellm.models.mamba import load_mamba
     from edgellm.models.mamba2 import load_mamba2
+    from edgellm.models.rwkv import load_rwkv
 
     # the names config.RECURRENT_HF_ARCHITECTURES lists
-    loaders = {"MambaForCausalLM": load_mamba, "Mamba2ForCausalLM": load_mamba2}
+    loaders = {"MambaForCausalLM": load_mamba, "Mamba2ForCausalLM": load_mamba2, "RwkvForCausalLM": load_rwkv}
     try:
         data = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
