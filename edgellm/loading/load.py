@@ -100,6 +100,20 @@ def load_recurrent_hf(folder: Path, dtype: str):
     return loaders[archs[0]](folder, data, compute_dtype(dtype))
 
 
+def recurrent_config_from_json(data: dict, name: str = ""):
+    """The ModelConfig of a recurrent model's config.json (its mixer's sizes in ``extra["recurrent"]``,
+    for the roofline analyzer), or None when the file names another architecture."""
+    from edgellm.models.mamba import mamba_config
+    from edgellm.models.mamba2 import mamba2_config
+    from edgellm.models.rwkv import rwkv_config
+
+    configs = {"MambaForCausalLM": mamba_config, "Mamba2ForCausalLM": mamba2_config, "RwkvForCausalLM": rwkv_config}
+    archs = data.get("architectures") if isinstance(data, dict) else None
+    if not isinstance(archs, list) or not archs or archs[0] not in configs:
+        return None
+    return configs[archs[0]](data, name)[0]
+
+
 def build_model(cfg: ModelConfig, weights: ModelWeights) -> LlamaModel | Gemma3Model:
     """The model class of ``cfg.architecture`` over ``weights``: Gemma 3 has its own blocks."""
     return Gemma3Model(cfg, weights) if cfg.architecture == "gemma3" else LlamaModel(cfg, weights)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -195,19 +195,22 @@ def mamba_config(data: dict, name: str) -> tuple[ModelConfig, MambaShape]:
     rank = data.get("time_step_rank", "auto")
     shape = MambaShape(d_inner=d_inner, d_state=int(data.get("state_size", 16)), d_conv=int(data.get("conv_kernel", 4)),
                        dt_rank=math.ceil(hidden / 16) if rank == "auto" else int(rank))
-    cfg = recurrent_config("mamba", data, name, ffn_size=d_inner, eps=float(data.get("layer_norm_epsilon", 1e-5)))
+    cfg = recurrent_config("mamba", data, name, ffn_size=d_inner, eps=float(data.get("layer_norm_epsilon", 1e-5)),
+                           sizes=asdict(shape))
     return cfg, shape
 
 
-def recurrent_config(arch: str, data: dict, name: str, ffn_size: int, eps: float) -> ModelConfig:
+def recurrent_config(arch: str, data: dict, name: str, ffn_size: int, eps: float, sizes: dict) -> ModelConfig:
     """A ModelConfig for an attention-free model: the attention fields are placeholders (one head
     of width 2, which ModelConfig's checks accept) that nothing reads -- the runtime keeps a
-    StatePool for these models, never a KV cache."""
+    StatePool for these models, never a KV cache. ``extra["recurrent"]`` holds the mixer's sizes
+    (``sizes``), which the roofline analyzer reads."""
     return ModelConfig(
         architecture=arch, n_layers=data["num_hidden_layers"], hidden_size=data["hidden_size"], n_heads=1,
         n_kv_heads=1, head_dim=2, ffn_size=ffn_size, vocab_size=data["vocab_size"],
         context_length=RECURRENT_CONTEXT, rms_norm_eps=eps,
-        tie_embeddings=bool(data.get("tie_word_embeddings", True)), name=name or str(data.get("_name_or_path", "")))
+        tie_embeddings=bool(data.get("tie_word_embeddings", True)), name=name or str(data.get("_name_or_path", "")),
+        extra={"recurrent": dict(sizes)})
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ the convolution's last ``d_conv - 1`` inputs (``conv`` [conv_dim, d_conv - 1]) a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -203,7 +203,8 @@ def mamba2_config(data: dict, name: str) -> tuple[ModelConfig, Mamba2Shape]:
                         d_conv=int(data.get("conv_kernel", 4)), heads=heads, head_dim=head_dim, groups=groups,
                         dt_min=float(limit[0]), dt_max=float(limit[1]))
     data = {"tie_word_embeddings": False, **data}      # transformers' default for Mamba-2
-    cfg = recurrent_config("mamba2", data, name, ffn_size=d_inner, eps=float(data.get("layer_norm_epsilon", 1e-5)))
+    cfg = recurrent_config("mamba2", data, name, ffn_size=d_inner, eps=float(data.get("layer_norm_epsilon", 1e-5)),
+                           sizes=asdict(shape))
     return cfg, shape
 
 

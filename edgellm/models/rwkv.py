@@ -197,7 +197,8 @@ def _wkv_piece(num, den, mx, decay, first, k, v):
     return out, ((q * v).sum(0) + q_old * num, q.sum(0) + q_old * den, new_max)
 
 
-def load_rwkv(folder: Path, data: dict, dtype: torch.dtype) -> RwkvModel:
+def rwkv_config(data: dict, name: str) -> tuple[ModelConfig, int, int]:
+    """(ModelConfig, attention width, rescale_every) of an ``RwkvForCausalLM`` config.json."""
     for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
         if not isinstance(data.get(key), int) or data[key] <= 0:
             raise ModelFormatError(f"config.json '{key}' is {data.get(key)!r}, expected a positive integer",
@@ -207,7 +208,14 @@ def load_rwkv(folder: Path, data: dict, dtype: torch.dtype) -> RwkvModel:
     F_ = int(data.get("intermediate_size") or 4 * H)
     rescale = int(data.get("rescale_every", 6) or 0)
     data = {"tie_word_embeddings": False, **data}       # transformers' default for RWKV
-    cfg = recurrent_config("rwkv", data, folder.name, ffn_size=F_, eps=float(data.get("layer_norm_epsilon", 1e-5)))
+    cfg = recurrent_config("rwkv", data, name, ffn_size=F_, eps=float(data.get("layer_norm_epsilon", 1e-5)),
+                           sizes={"att_size": A, "ffn_size": F_})
+    return cfg, A, rescale
+
+
+def load_rwkv(folder: Path, data: dict, dtype: torch.dtype) -> RwkvModel:
+    cfg, A, rescale = rwkv_config(data, folder.name)
+    H, F_ = cfg.hidden_size, cfg.ffn_size
     src = TensorSource(read_safetensors(folder), dtype, folder)
 
     def ln(name: str) -> tuple[torch.Tensor, torch.Tensor]:
