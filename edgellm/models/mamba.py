@@ -13,10 +13,10 @@ then ``out_proj(y * silu(z))``. The state of one layer of one sequence is the la
 convolution inputs (``conv``: [d_inner, d_conv - 1]) and ``state`` (``ssm``: [d_inner, d_state]),
 kept in a :class:`~edgellm.kv.state.StatePool`.
 
-Prefill scans a piece of L positions at once: with ``S[t] = sum_{j<=t} dt[j] * A`` (a cumulative
-sum, <= 0), ``state[t] = exp(S[t]) * state0 + sum_{j<=t} exp(S[t] - S[j]) * dt[j] B[j] u[j]``:
-every factor is at most 1, so nothing overflows, at the cost of an [L, L, d_inner, d_state]
-intermediate (L = 16). Decode applies the recurrence once, batched over sequences.
+Prefill scans up to 128 positions at once as a parallel prefix scan of the recurrence (log2 L
+rounds of whole-tensor operations, every factor a product of decays <= 1), keeping the state of
+each position: the outputs read them all, and the snapshots owed at block edges are picked from
+them. Decode applies the recurrence once, batched over sequences.
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ import torch.nn.functional as F
 from edgellm.config import ModelConfig
 from edgellm.errors import ModelFormatError, UnsupportedModelError
 from edgellm.kv.state import StatePool
-from edgellm.models.recurrent import RecurrentModel, RecurrentStep, Segment, scan_pieces
+from edgellm.models.recurrent import RecurrentModel, RecurrentStep, Segment
 from edgellm.quant.base import Weight
 from edgellm.quant.dense import DenseWeight
 
 #: a recurrent model has no position limit; the context admitted is bounded by memory only
 RECURRENT_CONTEXT = 1 << 20
+#: positions scanned at once: the scan holds a state per position ([L, d_inner, d_state] floats)
+SCAN_POSITIONS = 128
 
 
 @dataclass(frozen=True)
@@ -136,12 +138,16 @@ class MambaModel(RecurrentModel):
         u = F.silu(F.conv1d(xpad.t().unsqueeze(0), w.conv_w.unsqueeze(1), w.conv_b, groups=s.d_inner)[0].t())
         dt, B, C = self._ssm_inputs(u, w)
         y = torch.empty_like(u)
-        for lo, hi, block in scan_pieces(seg):
-            y[lo:hi], state = _scan_piece(state, w.A, dt[lo:hi], B[lo:hi], C[lo:hi], u[lo:hi])
-            if block is not None:
-                b = torch.tensor([block])
-                pool.write(layer, "conv", b, xpad[hi:hi + k - 1].t().unsqueeze(0))
-                pool.write(layer, "ssm", b, state.unsqueeze(0))
+        writes = dict(seg.writes)
+        for lo in range(0, seg.length, SCAN_POSITIONS):
+            hi = min(lo + SCAN_POSITIONS, seg.length)
+            states = _scan_states(state, w.A, dt[lo:hi], B[lo:hi], u[lo:hi])          # [L, d_inner, d_state]
+            y[lo:hi] = torch.einsum("tdn,tn->td", states, C[lo:hi])
+            for t in (t for t in range(lo, hi) if t in writes):
+                b = torch.tensor([writes[t]])
+                pool.write(layer, "conv", b, xpad[t + 1:t + k].t().unsqueeze(0))
+                pool.write(layer, "ssm", b, states[t - lo].unsqueeze(0))
+            state = states[-1]
         return y + u * w.D
 
     def _decode(self, x: torch.Tensor, w: MambaLayer, layer: int, step: RecurrentStep,
@@ -161,16 +167,22 @@ class MambaModel(RecurrentModel):
         return (state @ C.unsqueeze(-1)).squeeze(-1) + u * w.D
 
 
-def _scan_piece(state, A, dt, B, C, u):
-    """The selective scan over L positions at once. state [d, n] (before the piece), A [d, n],
-    dt and u [L, d], B and C [L, n]. Returns (y [L, d] without the D term, state after the piece)."""
-    S = torch.cumsum(dt.unsqueeze(-1) * A, dim=0)                          # [L, d, n], <= 0, falling
-    # exp(S[t] - S[j]) for j <= t: the decay from position j to t; -inf (factor 0) above the diagonal
-    decay = (S.unsqueeze(1) - S.unsqueeze(0) + causal_mask(dt.shape[0])).exp()
-    inputs = (dt * u).unsqueeze(-1) * B.unsqueeze(1)                        # [L, d, n]
-    states = torch.exp(S) * state + torch.einsum("tjdn,jdn->tdn", decay, inputs)
-    y = torch.einsum("tdn,tn->td", states, C)
-    return y, states[-1]
+def _scan_states(state, A, dt, B, u):
+    """The state after each of L positions: state [d, n] before them, A [d, n], dt and u [L, d],
+    B [L, n]. ``h[t] = a[t] h[t-1] + b[t]`` solved as a parallel prefix scan (Hillis-Steele):
+    log2(L) rounds, each combining every position with the one ``step`` before it, so the work is
+    a few whole-tensor operations per round rather than a Python step per position. Every factor
+    is a product of decays (<= 1): nothing overflows."""
+    a = torch.exp(dt.unsqueeze(-1) * A)                                   # [L, d, n]
+    h = (dt * u).unsqueeze(-1) * B.unsqueeze(1)
+    h[0] += a[0] * state
+    step = 1
+    while step < a.shape[0]:
+        # (a, h) at t absorbs (a, h) at t - step: h[t] += a[t] h[t - step]; a[t] *= a[t - step]
+        h = torch.cat([h[:step], torch.addcmul(h[step:], a[step:], h[:-step])])
+        a = torch.cat([a[:step], a[step:] * a[:-step]])
+        step *= 2
+    return h
 
 
 @functools.cache
