@@ -120,3 +120,19 @@ def test_unknown_architecture_lists_the_recurrent_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FalconMambaForCausalLM"]}))
     with pytest.raises(UnsupportedModelError, match="MambaForCausalLM"):
         load_model(str(tmp_path))
+
+
+def test_a_missing_tensor_is_named(folder, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from edgellm.errors import ModelFormatError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    del tensors["backbone.layers.1.mixer.A_log"]
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(ModelFormatError, match="backbone.layers.1.mixer.A_log"):
+        load_model(str(broken))
