@@ -13,7 +13,7 @@ then ``out_proj(y * silu(z))``. The state of one layer of one sequence is the la
 convolution inputs (``conv``: [d_inner, d_conv - 1]) and ``state`` (``ssm``: [d_inner, d_state]),
 kept in a :class:`~edgellm.kv.state.StatePool`.
 
-Prefill scans up to 128 positions at once as a parallel prefix scan of the recurrence (log2 L
+Prefill scans up to 32 positions at once as a parallel prefix scan of the recurrence (log2 L
 rounds of whole-tensor operations, every factor a product of decays <= 1), keeping the state of
 each position: the outputs read them all, and the snapshots owed at block edges are picked from
 them. Decode applies the recurrence once, batched over sequences.
@@ -38,8 +38,9 @@ from edgellm.quant.dense import DenseWeight
 
 #: a recurrent model has no position limit; the context admitted is bounded by memory only
 RECURRENT_CONTEXT = 1 << 20
-#: positions scanned at once: the scan holds a state per position ([L, d_inner, d_state] floats)
-SCAN_POSITIONS = 128
+#: positions scanned at once: the scan holds a state per position ([L, d_inner, d_state] floats;
+#: 32 keeps that near 2 MB for d_inner 1024 -- cache-sized temporaries, few Python rounds)
+SCAN_POSITIONS = 32
 
 
 @dataclass(frozen=True)
@@ -179,8 +180,9 @@ def _scan_states(state, A, dt, B, u):
     step = 1
     while step < a.shape[0]:
         # (a, h) at t absorbs (a, h) at t - step: h[t] += a[t] h[t - step]; a[t] *= a[t - step]
-        h = torch.cat([h[:step], torch.addcmul(h[step:], a[step:], h[:-step])])
-        a = torch.cat([a[:step], a[step:] * a[:-step]])
+        # (each right-hand side is computed whole before the assignment: the old values are read)
+        h[step:] = torch.addcmul(h[step:], a[step:], h[:-step])
+        a[step:] = a[step:] * a[:-step]
         step *= 2
     return h
 
