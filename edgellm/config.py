@@ -66,6 +66,8 @@ _HF_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Gemma3ForCausalLM": "gemma3",
 }
+#: attention-free models, each read by its own module (``edgellm.loading.load.load_recurrent_hf``)
+RECURRENT_HF_ARCHITECTURES = ("MambaForCausalLM", "Mamba2ForCausalLM", "RwkvForCausalLM")
 
 #: Gemma 3: every ``GEMMA3_SLIDING_PATTERN``-th layer attends globally, the others through the
 #: sliding window; the sliding layers' RoPE base. GGUF files carry neither (llama.cpp and
@@ -296,10 +298,15 @@ class ModelConfig:
                                    "use the config.json that came with the model's weights")
         model_type = cfg.get("model_type", "")
         arch = _HF_ARCHITECTURES.get(archs[0] if archs else "", model_type if isinstance(model_type, str) else "")
+        if archs and archs[0] in RECURRENT_HF_ARCHITECTURES:
+            # load_model reads these with their own modules; what comes here wants a Llama-shaped config
+            raise UnsupportedModelError(
+                f"{archs[0]} is a recurrent model: edgellm runs it as it is, but converting or quantising its "
+                "weights (--weights, edgellm quantize) is not implemented", "drop --weights, or use --dtype bfloat16")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture {archs or cfg.get('model_type')!r} is not supported",
-                f"edgellm runs: {', '.join(_HF_ARCHITECTURES)}")
+                f"edgellm runs: {', '.join([*_HF_ARCHITECTURES, *RECURRENT_HF_ARCHITECTURES])}")
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                                "vocab_size") if k not in cfg]
         if missing:

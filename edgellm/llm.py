@@ -12,9 +12,9 @@ import math
 from typing import Callable
 
 from edgellm.dtypes import kv_dtype_name
-from edgellm.kv.cache import BLOCK_SIZE, KVCache
+from edgellm.kv.cache import BLOCK_SIZE
 from edgellm.loading.load import LoadedModel, load_model
-from edgellm.runtime.engine import Engine
+from edgellm.runtime.engine import Engine, pool_bytes_per_block, refuse_speculation
 from edgellm.runtime.input import check_params, encode_prompt
 from edgellm.runtime.speculative import parse_speculative, prepare_speculative
 from edgellm.runtime.types import Completion, Request
@@ -52,6 +52,7 @@ class LLM:
             self.loaded = convert_weights(self.loaded, weights, keep)
         self.cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
+        refuse_speculation(self.loaded, self.speculative)
         if self.speculative is not None:      # a draft model is loaded (and checked) once, here
             self.speculative = prepare_speculative(self.speculative, self.loaded)
         self._engine: Engine | None = None
@@ -65,7 +66,7 @@ class LLM:
             if self._engine is not None:
                 self._engine.close()
                 self._engine = None   # free the old pool before allocating its successor
-            pool = blocks * KVCache.bytes_per_block(self.cfg, BLOCK_SIZE, self.kv_dtype)
+            pool = blocks * pool_bytes_per_block(self.loaded, BLOCK_SIZE, self.kv_dtype)
             self._engine = Engine(self, kv_memory=pool, host_memory=0, max_batch_tokens=PREFILL_CHUNK)
         return self._engine
 

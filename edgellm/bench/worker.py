@@ -130,7 +130,8 @@ class OursEngine:
 
         self.baseline_rss_mb = rss_now_mb()
         keep = [k for k in (args.keep or "").split(",") if k]
-        from edgellm.kv.cache import BLOCK_SIZE, KVCache
+        from edgellm.kv.cache import BLOCK_SIZE
+        from edgellm.runtime.engine import pool_bytes_per_block
 
         split, threads = None, args.threads
         if args.pipeline_parallel * args.tensor_parallel > 1:     # the model split across local ranks
@@ -156,14 +157,15 @@ class OursEngine:
                                         "ask for fewer --prompt-tokens")
         loaded = self.llm.loaded
         weights = loaded.model.weights
-        formats = sorted({w.format for b in weights.blocks for w in (b.qkv, b.o, b.gate_up, b.down)})
+        formats = sorted({w.format for w in block_matrices(weights)})
         self.info = {
             "model_name": loaded.source.name, "model_path": str(loaded.source.path),
             "model_kind": loaded.source.kind, "file_bytes": loaded.file_bytes,
             "weight_bytes": loaded.weight_bytes, "dtype": loaded.dtype, "weight_formats": formats,
             "lm_head_format": weights.lm_head.format, "tied_embeddings": weights.lm_head is weights.embed,
             "n_layers": cfg.n_layers, "context_length": cfg.context_length,
-            "kv_bytes_per_token": KVCache.bytes_per_block(cfg, BLOCK_SIZE, self.llm.kv_dtype) / BLOCK_SIZE,
+            # a recurrent model's pool: one state snapshot per block (edgellm.kv.state)
+            "kv_bytes_per_token": pool_bytes_per_block(loaded, BLOCK_SIZE, self.llm.kv_dtype) / BLOCK_SIZE,
             "kv_dtype": self.llm.kv_dtype, "architecture": cfg.architecture,
             "prompt_ids": self.ids, "prompt_source": self.prompt_source,
             "baseline_rss_mb": self.baseline_rss_mb, "loaded_rss_mb": rss_now_mb(), "load_peak_rss_mb": peak_rss_mb(),
@@ -283,6 +285,13 @@ def _split_step(step) -> dict:
         elif op == "decode_blocks":
             out["blocks"] += seconds
     return out
+
+
+def block_matrices(weights) -> list:
+    """The matrices of a model's blocks (a recurrent model's weights list theirs: ``matrices()``)."""
+    if hasattr(weights, "matrices"):
+        return weights.matrices()
+    return [w for b in weights.blocks for w in (b.qkv, b.o, b.gate_up, b.down)]
 
 
 def _traced_generation(llm, ids: list[int], steps: int):

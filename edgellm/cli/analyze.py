@@ -81,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="same as --format json")
     parser.add_argument("--crossover", action="store_true",
                         help="the context length at which attention costs as much as the linear layers")
+    parser.add_argument("--against", metavar="MODEL",
+                        help="with --crossover and a recurrent --model (Mamba, RWKV): the attention model to compare "
+                             "with -- the context at which its step costs as much as the recurrent model's")
     parser.add_argument("--plot", metavar="FILE",
                         help="write a log-log roofline of the hardware with every layer of prefill and decode "
                              "(with --measure: each engine op where the roofline puts it and where it ran)")
@@ -126,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidParameterError(f"--json and --format {args.format} ask for two formats", "keep one")
         args.format = "json"
     _check_planner_flags(args)
+    if args.against and not args.crossover:
+        raise InvalidParameterError("--against only applies to --crossover", "add --crossover, or leave --against out")
     if args.measure:
         return _run_measure(args)
     if args.repeat is not None:
@@ -156,6 +161,14 @@ def run(args: argparse.Namespace) -> int:
                       f"{g['max_kv_tokens']},{g['max_context_at_batch']},{g['max_batch_at_full_context']}")
         else:
             print(an.format_plan(plan))
+    elif args.crossover and args.against:
+        other = resolve_model(args.against)
+        rows = an.crossover_versus_table(cfg, other, hw, args.batch, weight_bits, act_bits, kv_bits)
+        if args.format == "json":
+            print(an.format_json({"model": cfg.name, "against": other.name, "hardware": hw.name,
+                                  "batch": args.batch, "crossover": rows}))
+        else:
+            print(an.format_crossover_versus(cfg, other, hw, rows, args.batch))
     elif args.crossover:
         rows = an.crossover_table(cfg, hw, args.batch, weight_bits, act_bits, kv_bits)
         if args.format == "json":

@@ -43,6 +43,10 @@ _SCALE_MIN = 2.0 ** -24         # smallest float16 (subnormal): a scale never ro
 
 
 class KVCache:
+    #: a sequence cut back to any length keeps the KV of the positions before it (a recurrent
+    #: model's StatePool cannot: it resumes at block edges only)
+    resumes_mid_block = True
+
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, dtype=torch.float32):
         self.cfg = cfg
         self.num_blocks = num_blocks

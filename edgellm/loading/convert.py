@@ -107,6 +107,10 @@ def convert_weights(loaded, format: str, keep=(), progress: bool = False):
     """
     from edgellm.loading.load import LoadedModel, build_model
 
+    if getattr(loaded.model, "recurrent", False):
+        raise UnsupportedModelError(
+            f"converting the weights of the recurrent model '{loaded.config.architecture}' to {format} is not "
+            "implemented", "drop --weights: this model runs in float32, or bfloat16 with --dtype bfloat16")
     fmt, kept = prepare(loaded.config, format, keep)
     t0 = time.perf_counter()
     weights = convert_model_weights(loaded.model.weights, loaded.config, fmt, kept, progress)

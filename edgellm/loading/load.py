@@ -69,16 +69,57 @@ def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = 
         dtype = meta.get("edgellm.weights", dtype)   # the format it was written in (reports say so)
     else:
         folder = Path(src.path)
-        cfg = read_hf_config(folder)
+        recurrent = load_recurrent_hf(folder, dtype)   # Mamba, Mamba-2, RWKV: models of their own
+        cfg = read_hf_config(folder) if recurrent is None else recurrent.cfg
         tokenizer = Tokenizer.from_file(folder / "tokenizer.json")
         cfg.check_token_count(tokenizer.vocab_size, str(folder), padded=True)
-        weights = load_hf_weights(folder, cfg, dtype, layers, ends)
-        check_vector_shapes(weights, cfg, hf_names=True)
+        if recurrent is None:
+            weights = load_hf_weights(folder, cfg, dtype, layers, ends)
+            check_vector_shapes(weights, cfg, hf_names=True)
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        if recurrent is not None:
+            heap.release_free_heap()
+            return LoadedModel(src, cfg, recurrent, tokenizer, dtype, size, time.perf_counter() - t0)
     model = build_model(cfg, weights)
     heap.release_free_heap()
     return LoadedModel(src, cfg, model, tokenizer, dtype, size, time.perf_counter() - t0)
 
+
+
+def load_recurrent_hf(folder: Path, dtype: str):
+    """The attention-free model of an HF folder whose config.json names one (loaded with its own
+    module), else None (the folder holds a Llama-family or Gemma model)."""
+    import json
+
+    from edgellm.dtypes import compute_dtype
+    from edgellm.models.mamba import load_mamba
+    from edgellm.models.mamba2 import load_mamba2
+    from edgellm.models.rwkv import load_rwkv
+
+    # the names config.RECURRENT_HF_ARCHITECTURES lists
+    loaders = {"MambaForCausalLM": load_mamba, "Mamba2ForCausalLM": load_mamba2, "RwkvForCausalLM": load_rwkv}
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None        # read_hf_config reports it
+    archs = data.get("architectures") if isinstance(data, dict) else None
+    if not isinstance(archs, list) or not archs or archs[0] not in loaders:
+        return None
+    return loaders[archs[0]](folder, data, compute_dtype(dtype))
+
+
+def recurrent_config_from_json(data: dict, name: str = ""):
+    """The ModelConfig of a recurrent model's config.json (its mixer's sizes in ``extra["recurrent"]``,
+    for the roofline analyzer), or None when the file names another architecture."""
+    from edgellm.models.mamba import mamba_config
+    from edgellm.models.mamba2 import mamba2_config
+    from edgellm.models.rwkv import rwkv_config
+
+    configs = {"MambaForCausalLM": mamba_config, "Mamba2ForCausalLM": mamba2_config, "RwkvForCausalLM": rwkv_config}
+    archs = data.get("architectures") if isinstance(data, dict) else None
+    if not isinstance(archs, list) or not archs or archs[0] not in configs:
+        return None
+    return configs[archs[0]](data, name)[0]
 
 
 def build_model(cfg: ModelConfig, weights: ModelWeights) -> LlamaModel | Gemma3Model:

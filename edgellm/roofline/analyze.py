@@ -28,6 +28,13 @@ from edgellm.roofline.layers import (
     validate_bits,
 )
 from edgellm.roofline.measure import MeasuredRates
+from edgellm.roofline.recurrent import (
+    RECURRENT_CORE,
+    RECURRENT_LINEARS,
+    is_recurrent,
+    recurrent_model_layers,
+    state_bytes,
+)
 
 PLAN_BITS = (32, 16, 8, 4)
 DEFAULT_RESERVE = 0.10     # share of memory the planner keeps for activations, runtime and fragmentation
@@ -129,6 +136,8 @@ class Analysis:
     @property
     def weight_bytes(self) -> float:
         """Bytes of the model's weights stored at the weight bits (embeddings once if tied)."""
+        if is_recurrent(self.model):   # ModelConfig's count is a transformer's: sum the layers' own
+            return sum(x.cost.params * x.cost.count for x in self.layers) * self.bits.weight / 8
         return self.model.n_parameters(include_embeddings=True) * self.bits.weight / 8
 
     @property
@@ -138,6 +147,8 @@ class Analysis:
 
     @property
     def kv_cache_bytes(self) -> float:
+        if is_recurrent(self.model):   # one fixed-size state per sequence, whatever the context
+            return self.batch * state_bytes(self.model, self.bits.kv)
         return self.batch * self.context_tokens * self.model.kv_bytes_per_token(self.bits.kv / 8)
 
     def group_time(self, names) -> float:
@@ -150,7 +161,7 @@ class Analysis:
             "ops": self.ops, "memory_bytes": self.memory_bytes, "time_s": t,
             "arithmetic_intensity": self.ops / self.memory_bytes if self.memory_bytes else 0.0,
             "weight_bytes": self.weight_bytes, "kv_cache_bytes": self.kv_cache_bytes,
-            "kv_bytes_per_token": self.model.kv_bytes_per_token(self.bits.kv / 8),
+            "kv_bytes_per_token": 0.0 if is_recurrent(self.model) else self.model.kv_bytes_per_token(self.bits.kv / 8),
             "memory_bound_time_fraction": memory_bound / t if t else 0.0,
             "linear_time_s": self.group_time(BLOCK_LINEARS),
             "attention_time_s": self.group_time(ATTENTION_CORE),
@@ -197,7 +208,10 @@ def analyze(cfg: ModelConfig, hw: Hardware, phase: str = "decode", batch: int = 
     storage formats, overriding ``weight_bits`` for those layers (see ``layers.block_layers``)."""
     kv_bits = act_bits if kv_bits is None else kv_bits
     bits = Bits(weight_bits, act_bits, kv_bits)
-    costs = model_layers(cfg, phase, batch, seq_len, bits, attention, weight_bytes)
+    if is_recurrent(cfg):       # Mamba, RWKV: a state instead of attention, flat in the context
+        costs = recurrent_model_layers(cfg, phase, batch, seq_len, bits, weight_bytes)
+    else:
+        costs = model_layers(cfg, phase, batch, seq_len, bits, attention, weight_bytes)
     results = []
     notes = []
     fallbacks = set()
@@ -233,6 +247,11 @@ def crossover_context(cfg: ModelConfig, hw: Hardware, phase: str, batch: int = 1
     if metric not in ("time", "ops"):
         raise InvalidParameterError(f"metric must be 'time' or 'ops', got {metric!r}")
 
+    if is_recurrent(cfg):
+        raise InvalidParameterError(
+            f"{cfg.name} is a recurrent model: it has no attention whose cost could cross its linear layers'",
+            "compare it with an attention model instead: --crossover --against MODEL")
+
     def attention_wins(n: int) -> bool:
         a = analyze(cfg, hw, phase, batch, n, weight_bits, act_bits, kv_bits, attention)
         if metric == "time":
@@ -241,18 +260,41 @@ def crossover_context(cfg: ModelConfig, hw: Hardware, phase: str, batch: int = 1
         lin = sum(x.ops for x in a.layers if x.name in BLOCK_LINEARS)
         return att >= lin
 
+    return _first_context(attention_wins, phase, limit)
+
+
+def crossover_versus(recurrent: ModelConfig, other: ModelConfig, hw: Hardware, phase: str, batch: int = 1,
+                     weight_bits: float = 16, act_bits: int = 16, kv_bits: int | None = None,
+                     attention: str = "unfused", metric: str = "time", limit: int = 1 << 24) -> int | None:
+    """Smallest context (prefill: prompt length; decode: tokens already held) at which the attention
+    model ``other``'s whole step costs at least as much as the recurrent model's, by ``metric``:
+    the recurrent decode step is flat in the context, the attention one grows with its KV cache.
+    None if not reached below ``limit``."""
+    if metric not in ("time", "ops"):
+        raise InvalidParameterError(f"metric must be 'time' or 'ops', got {metric!r}")
+
+    def cost(cfg: ModelConfig, n: int) -> float:
+        a = analyze(cfg, hw, phase, batch, n, weight_bits, act_bits, kv_bits, attention)
+        return a.time_s if metric == "time" else a.ops
+
+    return _first_context(lambda n: cost(other, n) >= cost(recurrent, n), phase, limit)
+
+
+def _first_context(wins, phase: str, limit: int) -> int | None:
+    """The smallest context n (from 1 in prefill, 0 in decode) with ``wins(n)``, by doubling then
+    bisection (``wins`` turns true once and stays so); None if not below ``limit``."""
     lo = 1 if phase == "prefill" else 0
-    if attention_wins(lo):
+    if wins(lo):
         return lo
     hi = max(lo + 1, 16)
-    while not attention_wins(hi):
+    while not wins(hi):
         lo = hi
         hi *= 2
         if hi > limit:
             return None
-    while hi - lo > 1:                # attention_wins(lo) is False, attention_wins(hi) is True
+    while hi - lo > 1:                # wins(lo) is False, wins(hi) is True
         mid = (lo + hi) // 2
-        if attention_wins(mid):
+        if wins(mid):
             hi = mid
         else:
             lo = mid
@@ -270,6 +312,32 @@ def crossover_table(cfg: ModelConfig, hw: Hardware, batch: int = 1, weight_bits:
                                                         attention, metric)
             rows.append(row)
     return rows
+
+
+def crossover_versus_table(recurrent: ModelConfig, other: ModelConfig, hw: Hardware, batch: int = 1,
+                           weight_bits: float = 16, act_bits: int = 16, kv_bits: int | None = None) -> list[dict]:
+    rows = []
+    for phase in ("prefill", "decode"):
+        for attention in ("unfused", "fused"):
+            row = {"phase": phase, "attention": attention}
+            for metric in ("time", "ops"):
+                row[f"by_{metric}"] = crossover_versus(recurrent, other, hw, phase, batch, weight_bits, act_bits,
+                                                       kv_bits, attention, metric)
+            rows.append(row)
+    return rows
+
+
+def format_crossover_versus(recurrent: ModelConfig, other: ModelConfig, hw: Hardware, rows: list[dict],
+                            batch: int) -> str:
+    lines = [f"Context at which {other.name}'s step (attention: its cost grows with the context) costs as much as "
+             f"{recurrent.name}'s (recurrent: its decode step is flat in the context)",
+             f"hardware {hw.name} · batch {batch}", "(prefill: prompt length; decode: tokens already held)", "",
+             f"{'phase':<9}{'attention':<11}{'by time on this hardware':>26}{'by ops':>12}"]
+    for r in rows:
+        t = "never" if r["by_time"] is None else f"{r['by_time']:,}"
+        o = "never" if r["by_ops"] is None else f"{r['by_ops']:,}"
+        lines.append(f"{r['phase']:<9}{r['attention']:<11}{t:>26}{o:>12}")
+    return "\n".join(lines)
 
 
 def format_crossover(cfg: ModelConfig, hw: Hardware, rows: list[dict], batch: int) -> str:
@@ -424,10 +492,18 @@ def format_table(a: Analysis, per_block: bool = False) -> str:
     else:
         lines.append(f"decode: {format_time(total)} per step  ·  {tot['tokens_per_s']:,.2f} tokens/s"
                      + (f" ({tot['tokens_per_s_per_sequence']:,.2f} per sequence)" if a.batch > 1 else ""))
-    lines.append(f"weights {format_bytes(a.weight_bytes)} · KV cache {format_bytes(a.kv_cache_bytes)} "
-                 f"({a.batch} x {a.context_tokens} tokens, {format_bytes(tot['kv_bytes_per_token'])}/token) · "
-                 f"{tot['memory_bound_time_fraction']:.0%} of the time in memory-bound layers")
-    lines.append(f"attention core {format_time(tot['attention_time_s'])} vs linear layers {format_time(tot['linear_time_s'])}")
+    if is_recurrent(a.model):      # a fixed-size state per sequence, no attention
+        lines.append(f"weights {format_bytes(a.weight_bytes)} · recurrent state {format_bytes(a.kv_cache_bytes)} "
+                     f"({a.batch} x a fixed-size state, whatever the context) · "
+                     f"{tot['memory_bound_time_fraction']:.0%} of the time in memory-bound layers")
+        lines.append(f"state layers {format_time(a.group_time(RECURRENT_CORE))} vs linear layers "
+                     f"{format_time(a.group_time(RECURRENT_LINEARS))} (per token: flat in the context)")
+    else:
+        lines.append(f"weights {format_bytes(a.weight_bytes)} · KV cache {format_bytes(a.kv_cache_bytes)} "
+                     f"({a.batch} x {a.context_tokens} tokens, {format_bytes(tot['kv_bytes_per_token'])}/token) · "
+                     f"{tot['memory_bound_time_fraction']:.0%} of the time in memory-bound layers")
+        lines.append(f"attention core {format_time(tot['attention_time_s'])} vs linear layers "
+                     f"{format_time(tot['linear_time_s'])}")
     if "joules_per_token" in tot:
         lines.append(f"energy at {tot['power_W']:g} W busy: {tot['energy_J']:.3g} J this step, "
                      f"{tot['joules_per_token']:.3g} J per {'prompt ' if a.phase == 'prefill' else ''}token "

@@ -65,7 +65,29 @@ ZOO: dict[str, dict] = {
                          repo="HuggingFaceTB/SmolLM2-360M"),
     "SmolLM2-1.7B": _cfg("llama", 2048, 24, 32, 32, 8192, 49152, 8192, tie=True, theta=130000.0,
                          repo="HuggingFaceTB/SmolLM2-1.7B"),
+    # attention-free models (their config.json as transformers writes it)
+    "Mamba-130M": {"architectures": ["MambaForCausalLM"], "hidden_size": 768, "num_hidden_layers": 24,
+                   "state_size": 16, "expand": 2, "conv_kernel": 4, "time_step_rank": 48, "vocab_size": 50280,
+                   "tie_word_embeddings": True, "_name_or_path": "state-spaces/mamba-130m-hf"},
+    "Mamba-2.8B": {"architectures": ["MambaForCausalLM"], "hidden_size": 2560, "num_hidden_layers": 64,
+                   "state_size": 16, "expand": 2, "conv_kernel": 4, "time_step_rank": 160, "vocab_size": 50280,
+                   "tie_word_embeddings": True, "_name_or_path": "state-spaces/mamba-2.8b-hf"},
+    "Mamba-Codestral-7B": {"architectures": ["Mamba2ForCausalLM"], "hidden_size": 4096, "num_hidden_layers": 64,
+                           "num_heads": 128, "head_dim": 64, "n_groups": 8, "state_size": 128, "expand": 2,
+                           "conv_kernel": 4, "vocab_size": 32768, "tie_word_embeddings": False,
+                           "_name_or_path": "mistralai/Mamba-Codestral-7B-v0.1"},
+    "RWKV-4-169M": {"architectures": ["RwkvForCausalLM"], "hidden_size": 768, "num_hidden_layers": 12,
+                    "attention_hidden_size": 768, "intermediate_size": 3072, "vocab_size": 50277,
+                    "tie_word_embeddings": False, "_name_or_path": "RWKV/rwkv-4-169m-pile"},
 }
+
+
+def from_config_json(data: dict, name: str) -> ModelConfig:
+    """A config.json's ModelConfig: a recurrent model's (with its mixer sizes) or a transformer's."""
+    from edgellm.loading.load import recurrent_config_from_json
+
+    cfg = recurrent_config_from_json(data, name)
+    return cfg if cfg is not None else ModelConfig.from_hf_config(data, name=name)
 
 
 def _norm(name: str) -> str:
@@ -80,7 +102,7 @@ def zoo_config(name: str) -> ModelConfig | None:
     key = _norm(name.split("/")[-1])
     for zoo_name, cfg in ZOO.items():
         if _norm(zoo_name) == key:
-            return ModelConfig.from_hf_config(cfg, name=zoo_name)
+            return from_config_json(cfg, zoo_name)
     return None
 
 
@@ -102,7 +124,7 @@ def config_from_hf_file(path: Path) -> ModelConfig:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ModelFormatError(f"{path}: field '{key}' must be a positive integer, got {value!r}",
                                    "use the model's config.json as published")
-    return ModelConfig.from_hf_config(data, name=path.parent.name if path.name == "config.json" else path.stem)
+    return from_config_json(data, path.parent.name if path.name == "config.json" else path.stem)
 
 
 def _gguf_value(field) -> Any:

@@ -43,6 +43,7 @@ from edgellm.errors import InvalidParameterError
 from edgellm.kv.block_manager import BlockManager
 from edgellm.kv.cache import BLOCK_SIZE, KVCache
 from edgellm.kv.offload import OffloadStore
+from edgellm.kv.state import StatePool, check_state_dtype
 from edgellm.runtime.input import InputProcessor
 from edgellm.runtime.model_runner import ModelRunner, SeqChunk
 from edgellm.runtime.output import append_token, build_result, stop_checker
@@ -79,6 +80,29 @@ def resolve_model(model: Any) -> tuple[Any, str]:
     if hasattr(model, "loaded"):
         return model.loaded, getattr(model, "kv_dtype", "fp32")
     return load_model(model), "fp32"
+
+
+def is_recurrent(loaded) -> bool:
+    """Whether the model keeps a recurrent state (Mamba, RWKV) instead of a KV cache."""
+    return getattr(loaded.model, "recurrent", False)
+
+
+def pool_bytes_per_block(loaded, block_size: int, kv_dtype) -> int:
+    """Bytes of one block of the model's pool: the KV of ``block_size`` tokens, or for a recurrent
+    model one state snapshot (``edgellm.kv.state``)."""
+    if is_recurrent(loaded):
+        check_state_dtype(kv_dtype)
+        return StatePool.bytes_per_block(loaded.model.state_shapes(), loaded.config.n_layers)
+    return KVCache.bytes_per_block(loaded.config, block_size, kv_dtype)
+
+
+def refuse_speculation(loaded, speculative) -> None:
+    """Speculative decoding verifies proposals and keeps the accepted ones' KV; a recurrent state
+    cannot drop the rejected tokens it has absorbed, so it is refused for such models."""
+    if speculative is not None and is_recurrent(loaded):
+        raise InvalidParameterError(
+            f"speculative decoding is not supported for the recurrent model '{loaded.config.architecture}' "
+            "(its state cannot take back rejected proposals)", "drop --speculative for this model")
 
 
 class Engine:
@@ -126,7 +150,8 @@ class Engine:
         if kv_dtype is None:
             kv_dtype = default_kv_dtype
         self.block_size = block_size
-        self.kv_bytes_per_block = KVCache.bytes_per_block(self.cfg, block_size, kv_dtype)
+        refuse_speculation(self.loaded, spec_config)
+        self.kv_bytes_per_block = pool_bytes_per_block(self.loaded, block_size, kv_dtype)
         num_blocks = pool_bytes // self.kv_bytes_per_block
         if num_blocks < 1:
             raise InvalidParameterError(
@@ -134,14 +159,17 @@ class Engine:
                 f"takes {self.kv_bytes_per_block} bytes",
                 f"give kv_memory at least {self.kv_bytes_per_block} bytes (e.g. '256MB')")
         split = getattr(model_or_llm, "parallel", None)   # an LLM split across ranks (runtime.parallel_runner)
-        if split is None:
-            self.cache = KVCache(self.cfg, num_blocks, block_size, kv_dtype)
-            self.runner = ModelRunner(self.loaded.model, self.cache)
-        else:   # each rank holds its share of every block's KV; the pool's bytes are for all ranks
+        if split is not None:   # each rank holds its share of every block's KV; the pool's bytes are for all ranks
             check_split_engine(spec_config, disk_dir, preemption, host_memory)
             host_bytes = 0          # KV moved out of the pool is dropped (recomputed when needed)
             self.runner = split.runner(num_blocks, block_size, kv_dtype)
             self.cache = self.runner.cache
+        else:
+            if is_recurrent(self.loaded):   # a block holds one state snapshot, not block_size tokens of KV
+                self.cache = StatePool(self.loaded.model.state_shapes(), self.cfg.n_layers, num_blocks, block_size)
+            else:
+                self.cache = KVCache(self.cfg, num_blocks, block_size, kv_dtype)
+            self.runner = ModelRunner(self.loaded.model, self.cache)
         self.block_manager = BlockManager(num_blocks, block_size, copy_block=self.cache.copy_block)
         self.store = OffloadStore(host_bytes, disk_dir, disk_bytes)
         self.speculator = None if spec_config is None else Speculator(spec_config, self.runner, self.loaded)

@@ -51,8 +51,10 @@ class ModelRunner:
         """One forward pass; returns logits [rows wanting them, vocab], in order (one row per chunk
         that wants logits, every row of a verify chunk). ``layers``: run only these blocks before
         the final norm and head (a speculative draft; not traced)."""
-        tokens, positions, batch, logit_rows = step_inputs(chunks)
         model = self.model
+        if getattr(model, "recurrent", False):   # Mamba, RWKV: states in a StatePool, no attention batch
+            return model.forward_chunks(chunks, self.cache)
+        tokens, positions, batch, logit_rows = step_inputs(chunks)
         trace = self.trace if layers is None else None
         if trace is not None:
             trace.begin_step(tokens.shape[0])

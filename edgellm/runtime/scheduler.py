@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Callable
 from edgellm.kv.block_manager import BlockManager, OutOfBlocks
 from edgellm.kv.cache import KVCache
 from edgellm.kv.offload import DISK, HOST, OffloadStore
+from edgellm.kv.state import StatePool
 from edgellm.runtime.types import (
     DONE,
     PREEMPT_RECOMPUTE,
@@ -70,7 +71,7 @@ def common_prefix(a: list[int], b: list[int], limit: int | None = None) -> int:
 
 
 class Scheduler:
-    def __init__(self, bm: BlockManager, cache: KVCache, store: OffloadStore, sessions: Callable[[], list[Session]],
+    def __init__(self, bm: BlockManager, cache: KVCache | StatePool, store: OffloadStore, sessions: Callable[[], list[Session]],
                  max_batch_tokens: int = 512, max_batch_seqs: int = 256, preemption: str = PREEMPT_RECOMPUTE):
         self.bm = bm
         self.cache = cache
@@ -327,6 +328,8 @@ class Scheduler:
         tokens = seq.all_tokens()
         limit = len(tokens) - 1          # at least one token is computed, for its logits
         keep = common_prefix(kv.token_ids, tokens, limit)
+        if keep < kv.num_tokens and not self.cache.resumes_mid_block:
+            keep -= keep % self.bm.block_size    # a recurrent state: snapshots at block edges only
         if keep < kv.num_tokens:
             try:
                 self.bm.truncate(kv, keep)
