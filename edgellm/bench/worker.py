@@ -148,7 +148,7 @@ class OursEngine:
                                         "ask for fewer --prompt-tokens")
         loaded = self.llm.loaded
         weights = loaded.model.weights
-        formats = sorted({w.format for b in weights.blocks for w in (b.qkv, b.o, b.gate_up, b.down)})
+        formats = sorted({w.format for b in weights.blocks for w in b.matrices()})   # MoE: experts too
         self.info = {
             "model_name": loaded.source.name, "model_path": str(loaded.source.path),
             "model_kind": loaded.source.kind, "file_bytes": loaded.file_bytes,
@@ -214,7 +214,7 @@ class OursSpeculativeEngine:
                 f"the model's context window of {cfg.context_length} tokens", "ask for fewer --gen-tokens")
         loaded = self.plain.loaded
         weights = loaded.model.weights
-        formats = sorted({w.format for b in weights.blocks for w in (b.qkv, b.o, b.gate_up, b.down)})
+        formats = sorted({w.format for b in weights.blocks for w in b.matrices()})   # MoE: experts too
         self.info = {
             "model_name": loaded.source.name, "model_path": str(loaded.source.path),
             "model_kind": loaded.source.kind, "file_bytes": loaded.file_bytes, "weight_bytes": loaded.weight_bytes,
