@@ -400,3 +400,84 @@ def test_expert_config_parameter_counts_by_hand():
     ex = ExpertConfig(n_experts=8, n_used=2, ffn_size=14336, norm_top_k=True)
     assert ex.layer_parameters(4096) == 8 * 4096 + 8 * 3 * 4096 * 14336
     assert ex.active_layer_parameters(4096) == 8 * 4096 + 2 * 3 * 4096 * 14336
+
+
+# ---------------------------------------------------------------------------------------------
+# the roofline analyzer: active against total parameters, worked by hand
+# ---------------------------------------------------------------------------------------------
+def test_expected_distinct_experts_by_hand():
+    from edgellm.roofline.experts import expected_distinct_experts
+
+    assert expected_distinct_experts(8, 2, 0) == 0
+    assert expected_distinct_experts(8, 2, 1) == pytest.approx(2)             # one token: its k experts
+    assert expected_distinct_experts(8, 2, 2) == pytest.approx(8 * (1 - 0.75 ** 2))   # 3.5
+    assert expected_distinct_experts(8, 8, 1) == pytest.approx(8)             # every expert chosen
+    assert expected_distinct_experts(128, 8, 512) == pytest.approx(128, rel=1e-9)   # a prefill reads them all
+
+
+def tiny_moe_config(shared: int = 0) -> ModelConfig:
+    return ModelConfig(architecture="qwen2moe" if shared else "mixtral", n_layers=3, hidden_size=16, n_heads=2,
+                       n_kv_heads=1, head_dim=8, ffn_size=24, vocab_size=100, context_length=64,
+                       experts=ExpertConfig(n_experts=4, n_used=2, ffn_size=32, norm_top_k=not shared,
+                                            shared_ffn_size=shared, dense_layers=(1,)))
+
+
+def test_decode_layers_read_the_union_of_chosen_experts():
+    """Batch 2 at 16-bit weights: 4 experts, 2 per token -> 4 * (1 - (1/2)^2) = 3 experts read;
+    the ops follow the 2 x 2 token-expert pairs; layer 1 keeps the dense MLP."""
+    from edgellm.roofline.layers import Bits, block_layers
+
+    by_name = {ly.name: ly for ly in block_layers(tiny_moe_config(shared=40), "decode", 2, 10, Bits(16, 16, 16))}
+    gate = by_name["expert_gate_proj"]
+    assert gate.count == 2 and by_name["gate_proj"].count == 1 and by_name["q_proj"].count == 3
+    assert gate.load_weight == 3 * 16 * 32 * 2            # 3 distinct experts' 16 x 32 matrices, 2 bytes each
+    assert gate.ops == 2 * (2 * 2) * 16 * 32               # 4 token-expert pairs
+    assert gate.params == 4 * 16 * 32                      # every expert stored
+    assert by_name["router"].load_weight == 16 * 4 * 2 and by_name["router"].ops == 2 * 2 * 16 * 4
+    assert by_name["shared_up_proj"].load_weight == 16 * 40 * 2 and by_name["shared_up_proj"].ops == 2 * 2 * 16 * 40
+    assert by_name["expert_act"].ops == 5 * 2 * (2 * 32 + 40)
+
+
+def test_active_and_total_parameters_of_mixtral_by_hand():
+    """Mixtral-8x7B as published (hidden 4096, 32 layers, 32/8 heads of 128, 8 experts of 14336,
+    2 per token, vocabulary 32000, untied): 46.7 B parameters, 12.9 B active per token."""
+    from edgellm.roofline.analyze import analyze
+    from edgellm.roofline.hardware import lookup_builtin
+    from edgellm.roofline.zoo import zoo_config
+
+    h, f, E = 4096, 14336, 8
+    attention = h * (4096 + 2 * 1024) + 4096 * h
+    per_layer = attention + 2 * h + h * E          # + norms + router
+    total = 32 * (per_layer + E * 3 * h * f) + h + 2 * 32000 * h
+    active = 32 * (per_layer + 2 * 3 * h * f) + h + 2 * 32000 * h
+    cfg = zoo_config("Mixtral-8x7B")
+    hw = lookup_builtin("A6000")
+    one = analyze(cfg, hw, "decode", batch=1, seq_len=100).totals()
+    assert one["total_parameters"] == total and round(total / 1e9, 1) == 46.7
+    assert one["active_parameters"] == pytest.approx(active) and round(active / 1e9, 1) == 12.9
+    four = analyze(cfg, hw, "decode", batch=4, seq_len=100).totals()
+    union = 8 * (1 - 0.75 ** 4)
+    assert four["active_experts_per_layer"] == pytest.approx(union)
+    assert four["active_parameters"] == pytest.approx(active + 32 * (union - 2) * 3 * h * f)
+    prefill = analyze(cfg, hw, "prefill", batch=1, seq_len=512).totals()
+    assert prefill["active_parameters"] == pytest.approx(total)
+
+
+@pytest.mark.parametrize("name,total,active", [("Qwen3-30B-A3B", 30.5, 3.3), ("Qwen1.5-MoE-A2.7B", 14.3, 2.7)])
+def test_zoo_moe_models_have_their_published_sizes(name, total, active):
+    from edgellm.roofline.zoo import zoo_config
+
+    cfg = zoo_config(name)   # the model cards round (3.35 B is "3.3B activated")
+    assert cfg.n_parameters() / 1e9 == pytest.approx(total, abs=0.06)
+    assert cfg.n_active_parameters() / 1e9 == pytest.approx(active, abs=0.06)
+
+
+def test_analyze_command_shows_active_parameters(capsys):
+    import edgellm.cli.main
+
+    code = edgellm.cli.main.main(["analyze", "--model", "Mixtral-8x7B", "--hardware", "A6000", "--batch", "4"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "expert_gate_proj" in out and "router" in out
+    # 8 * (1 - (3/4)^4) = 5.47 experts; 12.88 B + 32 layers x 3.47 more experts x 3 x 4096 x 14336 = 32.4 B
+    assert "mixture of experts: 32.4 B of 46.7 B parameters read this step (5.47 of 8 experts" in out
