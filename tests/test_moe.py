@@ -148,6 +148,44 @@ def test_greedy_tokens_through_the_engine(case, ids):
     assert [r.token_ids for r in got] == want
 
 
+def save_with_bpe_tokenizer(model, folder, source_gguf):
+    """``model`` saved as an HF folder with SmolLM2's byte-level BPE vocabulary and merges as its
+    tokenizer.json (built with the ``tokenizers`` library from the GGUF's token list)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from edgellm.loading.gguf import read_gguf
+
+    meta = read_gguf(source_gguf).metadata
+    vocab = {t: i for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
+    bpe = Tokenizer(models.BPE(vocab, [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    model.save_pretrained(str(folder))
+    bpe.save(str(folder / "tokenizer.json"))
+    return folder, bpe
+
+
+def test_text_prompt_with_a_bpe_tokenizer_through_the_engine(smollm2_path, tmp_path):
+    """Text in, text out: a Qwen3-MoE folder with a real BPE tokenizer; the Engine's greedy
+    continuation of a text prompt is transformers' (ids from the ``tokenizers`` library)."""
+    from edgellm.runtime.engine import Engine
+
+    reference = gguf_reference("qwen3moe")
+    folder, bpe = save_with_bpe_tokenizer(reference, tmp_path, smollm2_path)
+    prompt = "The experts of a mixture are chosen per token by a router."
+    ids = bpe.encode(prompt).ids
+    with torch.no_grad():
+        want = reference.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, len(ids):].tolist()
+    engine = Engine(load_model(str(folder)), kv_memory="4MB", host_memory=0)
+    try:
+        got = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    finally:
+        engine.close()
+    assert got.token_ids == want
+    assert got.text == bpe.decode(want)
+
+
 class CountingWeight(Weight):
     """A real expert matrix that also counts the rows it multiplies (a read of its weights)."""
 
