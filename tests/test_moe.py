@@ -519,3 +519,12 @@ def test_analyze_command_shows_active_parameters(capsys):
     assert "expert_gate_proj" in out and "router" in out
     # 8 * (1 - (3/4)^4) = 5.47 experts; 12.88 B + 32 layers x 3.47 more experts x 3 x 4096 x 14336 = 32.4 B
     assert "mixture of experts: 32.4 B of 46.7 B parameters read this step (5.47 of 8 experts" in out
+
+
+def test_measure_refuses_a_moe_model_clearly(case):
+    from edgellm.roofline.hardware import lookup_builtin
+    from edgellm.roofline.profile import measure_model
+
+    _, _, folder = case
+    with pytest.raises(UnsupportedModelError, match="does not profile mixture-of-experts"):
+        measure_model(load_model(str(folder)), lookup_builtin("A6000"), seq_len=8, repeats=1)
