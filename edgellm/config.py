@@ -488,6 +488,10 @@ def _gguf_experts(meta: Mapping[str, Any], arch: str, ffn_size: int) -> ExpertCo
     (or with 0: a dense model). llama.cpp renormalises the chosen experts' weights for Mixtral
     ("llama") and Qwen3-MoE but not for Qwen2-MoE, unless ``<arch>.expert_weights_norm`` says."""
     where = "GGUF metadata"
+    if arch == "mixtral":   # llama.cpp writes Mixtral as "llama" (q/k rows permuted as Llama's)
+        raise UnsupportedModelError("GGUF architecture 'mixtral' is not a layout llama.cpp writes",
+                                    "convert the model with llama.cpp's convert_hf_to_gguf.py (it writes 'llama' "
+                                    "with expert counts)")
     if arch in ("qwen2moe", "qwen3moe") and f"{arch}.expert_count" not in meta:
         raise ModelFormatError(f"GGUF metadata lacks '{arch}.expert_count'",
                                "the file is incomplete; re-export the model with llama.cpp's converter")

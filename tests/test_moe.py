@@ -528,3 +528,19 @@ def test_measure_refuses_a_moe_model_clearly(case):
     _, _, folder = case
     with pytest.raises(UnsupportedModelError, match="does not profile mixture-of-experts"):
         measure_model(load_model(str(folder)), lookup_builtin("A6000"), seq_len=8, repeats=1)
+
+
+def test_gguf_metadata_without_expert_counts_is_refused():
+    meta = {"general.architecture": "qwen3moe", "qwen3moe.block_count": 2, "qwen3moe.embedding_length": 64,
+            "qwen3moe.attention.head_count": 4, "qwen3moe.feed_forward_length": 48, "qwen3moe.context_length": 128,
+            "qwen3moe.vocab_size": 64}
+    with pytest.raises(ModelFormatError, match="lacks 'qwen3moe.expert_count'"):
+        ModelConfig.from_gguf_metadata(meta)
+    with pytest.raises(ModelFormatError, match="lacks 'qwen3moe.expert_used_count'"):
+        ModelConfig.from_gguf_metadata({**meta, "qwen3moe.expert_count": 8})
+    cfg = ModelConfig.from_gguf_metadata({**meta, "qwen3moe.expert_count": 8, "qwen3moe.expert_used_count": 2,
+                                          "qwen3moe.expert_feed_forward_length": 32})
+    assert cfg.experts == ExpertConfig(8, 2, 32, norm_top_k=True) and cfg.qk_norm
+    with pytest.raises(UnsupportedModelError, match="'mixtral' is not a layout llama.cpp writes"):
+        ModelConfig.from_gguf_metadata({k.replace("qwen3moe", "mixtral"): v.replace("qwen3moe", "mixtral")
+                                        if isinstance(v, str) else v for k, v in meta.items()})
