@@ -57,14 +57,19 @@ def _string(where: str, key: str, value: Any) -> str:
     return value
 
 # Architectures edgellm runs. Qwen2 adds q/k/v biases; Mistral is Llama-shaped (with a sliding
-# window); Gemma 3 has its own model (edgellm.models.gemma3).
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3")
+# window); Gemma 3 has its own model (edgellm.models.gemma3). The mixtures of experts (Mixtral,
+# Qwen2-MoE, Qwen3-MoE: edgellm.models.moe) are Llama-shaped blocks whose MLP is a routed set of
+# experts; llama.cpp writes Mixtral as "llama" with expert counts, so a GGUF "llama" may be one too.
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3", "mixtral", "qwen2moe", "qwen3moe")
 
 _HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral",
     "Gemma3ForCausalLM": "gemma3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2moe",
+    "Qwen3MoeForCausalLM": "qwen3moe",
 }
 #: attention-free models, each read by its own module (``edgellm.loading.load.load_recurrent_hf``)
 RECURRENT_HF_ARCHITECTURES = ("MambaForCausalLM", "Mamba2ForCausalLM", "RwkvForCausalLM")
@@ -84,6 +89,46 @@ class RopeScaling:
     low_freq_factor: float
     high_freq_factor: float
     original_max_position: int
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """A mixture-of-experts MLP: a router picks ``n_used`` of ``n_experts`` SwiGLU experts (each
+    ``ffn_size`` wide) per token and adds their outputs weighted by the router's softmax
+    probabilities, renormalised over the chosen ones when ``norm_top_k`` (Mixtral, Qwen3-MoE; not
+    Qwen2-MoE). ``shared_ffn_size`` > 0: an expert every token runs, its output scaled by
+    sigmoid(x . gate) (Qwen2-MoE). ``dense_layers`` keep the plain MLP of ``ModelConfig.ffn_size``
+    (Qwen's ``mlp_only_layers`` / ``decoder_sparse_step``)."""
+
+    n_experts: int
+    n_used: int
+    ffn_size: int
+    norm_top_k: bool
+    shared_ffn_size: int = 0
+    dense_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.n_used > self.n_experts:
+            raise ModelFormatError(
+                f"the model routes each token to {self.n_used} experts but has only {self.n_experts}",
+                "the expert counts (expert_used_count / num_experts_per_tok against expert_count / "
+                "num_experts) contradict each other; re-export the model")
+
+    def sparse(self, layer: int) -> bool:
+        """Whether ``layer``'s MLP is the routed experts (else the dense MLP)."""
+        return layer not in self.dense_layers
+
+    def layer_parameters(self, hidden: int) -> int:
+        """Weights of one sparse MLP: router, every expert, shared expert and its gate."""
+        shared = 3 * hidden * self.shared_ffn_size + hidden if self.shared_ffn_size else 0
+        return hidden * self.n_experts + self.n_experts * 3 * hidden * self.ffn_size + shared
+
+    def active_layer_parameters(self, hidden: int, experts: float | None = None) -> float:
+        """Weights one sparse MLP reads when ``experts`` distinct experts run (default ``n_used``,
+        one token): the router, those experts, the shared expert and its gate."""
+        used = self.n_used if experts is None else experts
+        shared = 3 * hidden * self.shared_ffn_size + hidden if self.shared_ffn_size else 0
+        return hidden * self.n_experts + used * 3 * hidden * self.ffn_size + shared
 
 
 @dataclass(frozen=True)
@@ -111,6 +156,8 @@ class ModelConfig:
     rope_local_theta: float | None = None          # RoPE base of the sliding layers (Gemma 3)
     query_pre_attn_scalar: float | None = None     # attention scale = this ** -0.5 (default head_dim)
     final_logit_softcapping: float | None = None   # logits = c * tanh(logits / c) (Gemma 2/3 configs)
+    experts: ExpertConfig | None = None            # mixture-of-experts MLP (None: dense)
+    qk_norm: bool = False                          # RMSNorm on each q and k head before RoPE (Qwen3-MoE)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -149,13 +196,19 @@ class ModelConfig:
         return self.n_kv_heads * self.head_dim
 
     def n_parameters(self, include_embeddings: bool = True) -> int:
+        """Every weight (a mixture of experts: all its experts; see ``n_active_parameters``)."""
         per_layer = (self.hidden_size * (self.q_size + 2 * self.kv_size)   # q, k, v
                      + self.q_size * self.hidden_size                      # o
                      + 3 * self.hidden_size * self.ffn_size                # gate, up, down
                      + 2 * self.hidden_size)                               # two norms
         if self.qkv_bias:
             per_layer += self.q_size + 2 * self.kv_size
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
         total = self.n_layers * per_layer + self.hidden_size               # final norm
+        if self.experts is not None:   # sparse layers: the experts instead of the dense MLP
+            n_sparse = sum(self.experts.sparse(i) for i in range(self.n_layers))
+            total += n_sparse * (self.experts.layer_parameters(self.hidden_size) - 3 * self.hidden_size * self.ffn_size)
         if include_embeddings:
             total += self.vocab_size * self.hidden_size
             if not self.tie_embeddings:
@@ -177,6 +230,16 @@ class ModelConfig:
                 f"{source}: the model's vocab_size (rows of the token embedding) is {self.vocab_size}, larger than "
                 f"its token list of {n_tokens} tokens: ids from {n_tokens} up could be generated but not decoded",
                 "the file's vocabulary is incomplete; re-convert the model with llama.cpp's convert_hf_to_gguf.py")
+
+    def n_active_parameters(self, include_embeddings: bool = True, experts: float | None = None) -> float:
+        """Weights a step reads when ``experts`` distinct experts run in each sparse layer (default:
+        ``n_used``, one token's); equal to ``n_parameters`` for a dense model."""
+        total = self.n_parameters(include_embeddings)
+        if self.experts is None:
+            return total
+        n_sparse = sum(self.experts.sparse(i) for i in range(self.n_layers))
+        h = self.hidden_size
+        return total - n_sparse * (self.experts.layer_parameters(h) - self.experts.active_layer_parameters(h, experts))
 
     def kv_bytes_per_token(self, bytes_per_element: float = 2.0) -> float:
         return 2 * self.n_layers * self.kv_size * bytes_per_element
@@ -267,6 +330,8 @@ class ModelConfig:
                                        "the file is incomplete; re-export the model with llama.cpp's converter")
         return cls(
             architecture=arch,
+            experts=_gguf_experts(meta, arch, count("feed_forward_length")),
+            qk_norm=arch == "qwen3moe",
             n_layers=count("block_count"),
             hidden_size=hidden,
             n_heads=n_heads,
@@ -347,6 +412,8 @@ class ModelConfig:
                 _positive_int(where, "rope_scaling.original_max_position_embeddings",
                               part("original_max_position_embeddings")))
         n_layers = count("num_hidden_layers")
+        if arch in ("qwen2moe", "qwen3moe") and not cfg.get("use_sliding_window"):
+            cfg = {**cfg, "sliding_window": None}   # Qwen MoE configs write 0 or a size they do not use
         attention = _hf_attention_fields(cfg, arch, n_layers, head_dim)
         theta = attention.pop("rope_theta", theta)   # Gemma 3 nests it per layer type
         return cls(
@@ -362,9 +429,12 @@ class ModelConfig:
             rope_theta=_positive_float(where, "rope_theta", theta),
             rms_norm_eps=_positive_float(where, "rms_norm_eps", cfg.get("rms_norm_eps", 1e-5)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", arch == "gemma3")),   # transformers' defaults
-            qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qkv_bias=(arch == "qwen2" or bool(cfg.get("attention_bias", False))
+                      or (arch == "qwen2moe" and bool(cfg.get("qkv_bias", True)))),
             rope_scaling=scaling,
             name=name or str(cfg.get("_name_or_path", "")),
+            experts=_hf_experts(cfg, arch, n_layers),
+            qk_norm=arch == "qwen3moe",
             **attention,
         )
 
@@ -389,7 +459,7 @@ def _hf_attention_fields(cfg: Mapping[str, Any], arch: str, n_layers: int, head_
     elif arch == "gemma3":
         pattern = _positive_int(where, "sliding_window_pattern", cfg.get("sliding_window_pattern", GEMMA3_SLIDING_PATTERN))
         sliding = tuple(i for i in range(n_layers) if (i + 1) % pattern)
-    elif arch == "qwen2":
+    elif arch in ("qwen2", "qwen2moe", "qwen3moe"):
         first = cfg.get("max_window_layers", n_layers)
         sliding = tuple(range(first, n_layers)) if cfg.get("use_sliding_window") else ()
     else:
@@ -418,6 +488,70 @@ def _hf_attention_fields(cfg: Mapping[str, Any], arch: str, n_layers: int, head_
         cap = cfg.get("final_logit_softcapping")
         out["final_logit_softcapping"] = None if cap is None else _positive_float(where, "final_logit_softcapping", cap)
     return out
+
+
+def _gguf_experts(meta: Mapping[str, Any], arch: str, ffn_size: int) -> ExpertConfig | None:
+    """The expert counts of a GGUF file (llama.cpp's keys), None without ``<arch>.expert_count``
+    (or with 0: a dense model). llama.cpp renormalises the chosen experts' weights for Mixtral
+    ("llama") and Qwen3-MoE but not for Qwen2-MoE, unless ``<arch>.expert_weights_norm`` says."""
+    where = "GGUF metadata"
+    if arch == "mixtral":   # llama.cpp writes Mixtral as "llama" (q/k rows permuted as Llama's)
+        raise UnsupportedModelError("GGUF architecture 'mixtral' is not a layout llama.cpp writes",
+                                    "convert the model with llama.cpp's convert_hf_to_gguf.py (it writes 'llama' "
+                                    "with expert counts)")
+    if arch in ("qwen2moe", "qwen3moe") and f"{arch}.expert_count" not in meta:
+        raise ModelFormatError(f"GGUF metadata lacks '{arch}.expert_count'",
+                               "the file is incomplete; re-export the model with llama.cpp's converter")
+    if meta.get(f"{arch}.expert_count", 0) == 0:
+        return None
+    n_experts = _positive_int(where, f"{arch}.expert_count", meta[f"{arch}.expert_count"])
+    if f"{arch}.expert_used_count" not in meta:
+        raise ModelFormatError(f"GGUF metadata lacks '{arch}.expert_used_count'",
+                               "the file is incomplete; re-export the model with llama.cpp's converter")
+    key = f"{arch}.expert_feed_forward_length"
+    expert_ffn = _positive_int(where, key, meta[key]) if key in meta else ffn_size
+    key = f"{arch}.expert_shared_feed_forward_length"
+    shared = _positive_int(where, key, meta[key]) if key in meta else 0
+    norm = meta.get(f"{arch}.expert_weights_norm", arch != "qwen2moe")
+    if not isinstance(norm, bool):
+        raise ModelFormatError(f"{where} '{arch}.expert_weights_norm' is {_describe(norm)}, expected a boolean",
+                               _DAMAGED)
+    return ExpertConfig(n_experts=n_experts,
+                        n_used=_positive_int(where, f"{arch}.expert_used_count", meta[f"{arch}.expert_used_count"]),
+                        ffn_size=expert_ffn, norm_top_k=norm, shared_ffn_size=shared)
+
+
+def _hf_experts(cfg: Mapping[str, Any], arch: str, n_layers: int) -> ExpertConfig | None:
+    """The experts of a config.json, named as transformers' Mixtral / Qwen2-MoE / Qwen3-MoE
+    configs name them (Mixtral always renormalises the chosen experts' weights; the Qwen MoE
+    models when ``norm_topk_prob``)."""
+    if arch not in ("mixtral", "qwen2moe", "qwen3moe"):
+        return None
+    where = "config.json"
+    experts_key = "num_local_experts" if arch == "mixtral" or "num_experts" not in cfg else "num_experts"
+    for key in (experts_key, "num_experts_per_tok"):
+        if key not in cfg:
+            raise ModelFormatError(f"config.json lacks '{key}'", "use the config.json that came with the model's weights")
+    n_experts = _positive_int(where, experts_key, cfg[experts_key])
+    n_used = _positive_int(where, "num_experts_per_tok", cfg["num_experts_per_tok"])
+    if arch == "mixtral":
+        return ExpertConfig(n_experts, n_used, _positive_int(where, "intermediate_size", cfg["intermediate_size"]),
+                            norm_top_k=True)
+    if "moe_intermediate_size" not in cfg:
+        raise ModelFormatError("config.json lacks 'moe_intermediate_size'",
+                               "use the config.json that came with the model's weights")
+    shared = 0
+    if arch == "qwen2moe":
+        shared = _positive_int(where, "shared_expert_intermediate_size", cfg.get("shared_expert_intermediate_size"))
+    step = _positive_int(where, "decoder_sparse_step", cfg.get("decoder_sparse_step", 1))
+    only = cfg.get("mlp_only_layers") or []
+    if not isinstance(only, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+        raise ModelFormatError(f"config.json 'mlp_only_layers' is {_describe(only)}, expected a list of layer numbers",
+                               "use the config.json that came with the model's weights")
+    # transformers' rule: a layer is sparse unless listed, and only every `step`-th one
+    dense = tuple(i for i in range(n_layers) if i in only or (i + 1) % step)
+    return ExpertConfig(n_experts, n_used, _positive_int(where, "moe_intermediate_size", cfg["moe_intermediate_size"]),
+                        norm_top_k=bool(cfg.get("norm_topk_prob", False)), shared_ffn_size=shared, dense_layers=dense)
 
 
 def _derived_head_dim(where: str, hidden_key: str, hidden: int, heads_key: str, n_heads: int) -> int:

@@ -224,7 +224,7 @@ class OursSpeculativeEngine:
                 f"the model's context window of {cfg.context_length} tokens", "ask for fewer --gen-tokens")
         loaded = self.plain.loaded
         weights = loaded.model.weights
-        formats = sorted({w.format for b in weights.blocks for w in (b.qkv, b.o, b.gate_up, b.down)})
+        formats = sorted({w.format for b in weights.blocks for w in b.matrices()})   # MoE: experts too
         self.info = {
             "model_name": loaded.source.name, "model_path": str(loaded.source.path),
             "model_kind": loaded.source.kind, "file_bytes": loaded.file_bytes, "weight_bytes": loaded.weight_bytes,
@@ -288,10 +288,11 @@ def _split_step(step) -> dict:
 
 
 def block_matrices(weights) -> list:
-    """The matrices of a model's blocks (a recurrent model's weights list theirs: ``matrices()``)."""
+    """The matrices of a model's blocks (a recurrent model's weights list theirs: ``matrices()``;
+    a mixture-of-experts block lists its experts too)."""
     if hasattr(weights, "matrices"):
         return weights.matrices()
-    return [w for b in weights.blocks for w in (b.qkv, b.o, b.gate_up, b.down)]
+    return [w for b in weights.blocks for w in b.matrices()]
 
 
 def _traced_generation(llm, ids: list[int], steps: int):

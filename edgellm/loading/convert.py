@@ -122,7 +122,7 @@ def convert_weights(loaded, format: str, keep=(), progress: bool = False):
 def weight_formats(weights) -> dict[str, int]:
     """{format name: number of matrices} of a ModelWeights (for reports)."""
     out: dict[str, int] = {}
-    mats = [weights.embed] + [m for b in weights.blocks for m in (b.qkv, b.o, b.gate_up, b.down)]
+    mats = [weights.embed] + [m for b in weights.blocks for m in b.matrices()]
     if weights.lm_head is not weights.embed:
         mats.append(weights.lm_head)
     for m in mats:
@@ -191,6 +191,11 @@ def resolve_keep(keep, cfg) -> set[str]:
 
 def check_model(fmt: WeightFormat, cfg, kept: set[str]) -> None:
     """Refuse the conversion of this model to ``fmt`` before any work, with the first bad matrix."""
+    if cfg.experts is not None:   # the matrix names and --keep patterns know dense blocks only
+        raise UnsupportedModelError(
+            "converting a mixture-of-experts model's weights (--weights, edgellm quantize) is not supported yet",
+            "run the model in the format it was stored in: a GGUF file quantised by llama.cpp keeps its experts "
+            "quantised as they are")
     for ly in model_layers(cfg):
         if ly.name not in kept:
             fmt.check_width(ly.name, ly.shape[1])

@@ -11,6 +11,7 @@ from edgellm.config import ModelConfig
 from edgellm.loading.resolve import ResolvedModel, resolve_model
 from edgellm.models.gemma3 import Gemma3Model
 from edgellm.models.llama import LlamaModel, ModelWeights
+from edgellm.models.moe import MoEModel
 from edgellm.tokenizer import Tokenizer
 
 
@@ -123,5 +124,8 @@ def recurrent_config_from_json(data: dict, name: str = ""):
 
 
 def build_model(cfg: ModelConfig, weights: ModelWeights) -> LlamaModel | Gemma3Model:
-    """The model class of ``cfg.architecture`` over ``weights``: Gemma 3 has its own blocks."""
+    """The model class of ``cfg.architecture`` over ``weights``: Gemma 3 has its own blocks, and a
+    mixture of experts (``cfg.experts``; a GGUF Mixtral says "llama") its own MLP."""
+    if cfg.experts is not None:
+        return MoEModel(cfg, weights)
     return Gemma3Model(cfg, weights) if cfg.architecture == "gemma3" else LlamaModel(cfg, weights)

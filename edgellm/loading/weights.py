@@ -19,9 +19,10 @@ from edgellm.config import ModelConfig
 from edgellm.dtypes import compute_dtype
 from edgellm.errors import ModelFormatError
 from edgellm.kernels import NATIVE_FORMATS, native
-from edgellm.loading.gguf import GGUFFile
+from edgellm.loading.gguf import GGUFFile, GGUFTensor
 from edgellm.models.gemma3 import Gemma3BlockWeights
 from edgellm.models.llama import BlockWeights, ModelWeights
+from edgellm.models.moe import ExpertWeights, MoEBlockWeights
 from edgellm.quant import gguf_blocks, repack
 from edgellm.quant.base import CONVERT_ROWS, Weight, concat_rows
 from edgellm.quant.dense import DenseWeight
@@ -66,6 +67,20 @@ class _GGUFSource:
             return self._matrix(t, expect, rope_heads)
         finally:
             t.release()   # copied: its file pages need not stay resident
+
+    def expert_matrices(self, name: str, n_experts: int, expect: tuple[int, int]) -> list[Weight]:
+        """The experts of a stacked [n_experts, rows, cols] tensor (llama.cpp's ``*_exps``), one
+        matrix each, kept in the file's format: quantisation is row-wise, so expert e's blocks are
+        rows e*rows .. (e+1)*rows of the tensor's bytes."""
+        t = self._tensor(name)
+        if tuple(t.shape) != (n_experts, *expect):
+            raise ModelFormatError(
+                f"{self.gf.path}: tensor '{name}' has shape {tuple(t.shape)}, expected {(n_experts, *expect)}",
+                "the stacked expert tensor contradicts the file's expert count or widths; re-export the model")
+        size = t.nbytes // n_experts
+        parts = [GGUFTensor(f"{name}[{e}]", expect, t.ggml_type, t.data[e * size:(e + 1) * size], t.offset + e * size)
+                 for e in range(n_experts)]
+        return [self._matrix(part, expect, None) for part in parts]
 
     def _matrix(self, t, expect: tuple[int, int], rope_heads: int | None) -> Weight:
         name = t.name
@@ -130,11 +145,38 @@ class _HFSource:
         "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
     }
 
+    # the experts of transformers' checkpoints ("{e}": the expert's number)
+    _MIXTRAL_BLOCK = {
+        **_BLOCK,
+        "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
+        "ffn_gate_exps.weight": "block_sparse_moe.experts.{e}.w1.weight",
+        "ffn_up_exps.weight": "block_sparse_moe.experts.{e}.w3.weight",
+        "ffn_down_exps.weight": "block_sparse_moe.experts.{e}.w2.weight",
+    }
+    _QWEN_MOE_BLOCK = {
+        **_BLOCK,
+        "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+        "ffn_gate_inp.weight": "mlp.gate.weight",
+        "ffn_gate_exps.weight": "mlp.experts.{e}.gate_proj.weight",
+        "ffn_up_exps.weight": "mlp.experts.{e}.up_proj.weight",
+        "ffn_down_exps.weight": "mlp.experts.{e}.down_proj.weight",
+        "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+        "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+        "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+        "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+    }
+
+    @classmethod
+    def names_of(cls, architecture: str) -> dict[str, str]:
+        """GGUF block tensor name -> the checkpoint's, for ``architecture``."""
+        return {"gemma3": cls._GEMMA3_BLOCK, "mixtral": cls._MIXTRAL_BLOCK, "qwen2moe": cls._QWEN_MOE_BLOCK,
+                "qwen3moe": cls._QWEN_MOE_BLOCK}.get(architecture, cls._BLOCK)
+
     def __init__(self, folder: Path, dtype: torch.dtype, architecture: str = "llama"):
         from safetensors import safe_open
 
         self.dtype = dtype
-        self.block_names = self._GEMMA3_BLOCK if architecture == "gemma3" else self._BLOCK
+        self.block_names = self.names_of(architecture)
         # Gemma checkpoints store w and apply (1 + w); the model takes the multiplier (as GGUF stores it)
         self.norm_offset = 1.0 if architecture == "gemma3" else 0.0
         self.files = {}
@@ -172,6 +214,23 @@ class _HFSource:
                                    "config.json does not describe these weights")
         return DenseWeight(t.to(self.dtype))
 
+    def expert_matrices(self, name: str, n_experts: int, expect: tuple[int, int]) -> list[Weight]:
+        """The experts of GGUF's stacked tensor ``name``: the checkpoint's one matrix per expert."""
+        _, i, rest = name.split(".", 2)
+        pattern = f"model.layers.{i}.{self.block_names[rest]}"
+        out = []
+        for e in range(n_experts):
+            key = pattern.format(e=e)
+            if key not in self.files:
+                raise ModelFormatError(f"tensor '{key}' is missing from the safetensors files",
+                                       f"config.json says {n_experts} experts; the folder's weights are incomplete")
+            t = self.files[key].get_tensor(key)
+            if tuple(t.shape) != expect:
+                raise ModelFormatError(f"tensor '{key}' has shape {tuple(t.shape)}, expected {expect}",
+                                       "config.json does not describe these weights")
+            out.append(DenseWeight(t.to(self.dtype)))
+        return out
+
 
 def _fused(parts: list[Weight]) -> Weight:
     fused = concat_rows(parts)
@@ -199,16 +258,23 @@ def _build(src, cfg: ModelConfig, label: str, layers: range | None = None, ends:
         if cfg.qkv_bias:
             bias = torch.cat([src.vector(p + "attn_q.bias"), src.vector(p + "attn_k.bias"),
                               src.vector(p + "attn_v.bias")])
+        sparse = cfg.experts is not None and cfg.experts.sparse(i)
         common = dict(
             attn_norm=src.vector(p + "attn_norm.weight"),
             qkv=_fused([q, k, v]),
             qkv_bias=bias,
             o=src.matrix(p + "attn_output.weight", (H, Q)),
             ffn_norm=src.vector(p + "ffn_norm.weight"),
-            gate_up=_fused([src.matrix(p + "ffn_gate.weight", (F, H)), src.matrix(p + "ffn_up.weight", (F, H))]),
-            down=src.matrix(p + "ffn_down.weight", (H, F)),
+            gate_up=None if sparse else _fused([src.matrix(p + "ffn_gate.weight", (F, H)),
+                                                src.matrix(p + "ffn_up.weight", (F, H))]),
+            down=None if sparse else src.matrix(p + "ffn_down.weight", (H, F)),
         )
-        if cfg.architecture == "gemma3":
+        if cfg.experts is not None:
+            blocks.append(MoEBlockWeights(
+                **common, experts=_expert_weights(src, cfg, p) if sparse else None,
+                q_norm=src.vector(p + "attn_q_norm.weight") if cfg.qk_norm else None,
+                k_norm=src.vector(p + "attn_k_norm.weight") if cfg.qk_norm else None))
+        elif cfg.architecture == "gemma3":
             blocks.append(Gemma3BlockWeights(
                 **common, q_norm=src.vector(p + "attn_q_norm.weight"), k_norm=src.vector(p + "attn_k_norm.weight"),
                 post_attn_norm=src.vector(p + "post_attention_norm.weight"),
@@ -221,6 +287,24 @@ def _build(src, cfg: ModelConfig, label: str, layers: range | None = None, ends:
     lm_head = embed if cfg.tie_embeddings or not src.has("output.weight") else \
         src.matrix("output.weight", (cfg.vocab_size, H))
     return ModelWeights(embed=embed, blocks=blocks, final_norm=src.vector("output_norm.weight"), lm_head=lm_head)
+
+
+def _expert_weights(src, cfg: ModelConfig, p: str) -> ExpertWeights:
+    """Router, experts (gate and up fused per expert) and shared expert of block prefix ``p``."""
+    H, ex = cfg.hidden_size, cfg.experts
+    E, F = ex.n_experts, ex.ffn_size
+    gates = src.expert_matrices(p + "ffn_gate_exps.weight", E, (F, H))
+    ups = src.expert_matrices(p + "ffn_up_exps.weight", E, (F, H))
+    out = ExpertWeights(router=src.matrix(p + "ffn_gate_inp.weight", (E, H)),
+                        gate_up=[_fused([g, u]) for g, u in zip(gates, ups)],
+                        down=src.expert_matrices(p + "ffn_down_exps.weight", E, (H, F)))
+    if ex.shared_ffn_size:
+        S = ex.shared_ffn_size
+        out.shared_gate_up = _fused([src.matrix(p + "ffn_gate_shexp.weight", (S, H)),
+                                     src.matrix(p + "ffn_up_shexp.weight", (S, H))])
+        out.shared_down = src.matrix(p + "ffn_down_shexp.weight", (H, S))
+        out.shared_gate = src.vector(p + "ffn_gate_inp_shexp.weight")   # [1, hidden] or [hidden]: flattened
+    return out
 
 
 def load_gguf_weights(gf: GGUFFile, cfg: ModelConfig, dtype: str = "float32", use_native: bool = True,
@@ -256,7 +340,7 @@ def check_vector_shapes(weights: ModelWeights, cfg: ModelConfig, hf_names: bool 
         if gguf_name in _HFSource._NAMES:
             return _HFSource._NAMES[gguf_name]
         _, i, rest = gguf_name.split(".", 2)
-        names = _HFSource._GEMMA3_BLOCK if cfg.architecture == "gemma3" else _HFSource._BLOCK
+        names = _HFSource.names_of(cfg.architecture)
         return f"model.layers.{i}.{names[rest]}"
 
     def check(gguf_name: str, vector: torch.Tensor | None, length: int) -> None:
@@ -272,6 +356,11 @@ def check_vector_shapes(weights: ModelWeights, cfg: ModelConfig, hf_names: bool 
         check(f"blk.{i}.ffn_norm.weight", block.ffn_norm, cfg.hidden_size)
         if block.qkv_bias is not None:   # q, k and v biases concatenated
             check(f"blk.{i}.attn_q.bias", block.qkv_bias, cfg.q_size + 2 * cfg.kv_size)
+        if isinstance(block, MoEBlockWeights):
+            for norm, tensor_name in ((block.q_norm, "attn_q_norm"), (block.k_norm, "attn_k_norm")):
+                check(f"blk.{i}.{tensor_name}.weight", norm, cfg.head_dim)
+            if block.experts is not None:
+                check(f"blk.{i}.ffn_gate_inp_shexp.weight", block.experts.shared_gate, cfg.hidden_size)
         if isinstance(block, Gemma3BlockWeights):
             check(f"blk.{i}.attn_q_norm.weight", block.q_norm, cfg.head_dim)
             check(f"blk.{i}.attn_k_norm.weight", block.k_norm, cfg.head_dim)

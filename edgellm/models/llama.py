@@ -33,6 +33,15 @@ class BlockWeights:
     gate_up: Weight                 # gate and up stacked: [2 * ffn, hidden]
     down: Weight
 
+    def matrices(self) -> list[Weight]:
+        """Every matrix of the block (a mixture-of-experts block has more: edgellm.models.moe)."""
+        return [self.qkv, self.o, self.gate_up, self.down]
+
+    @property
+    def nbytes(self) -> int:
+        vectors = self.attn_norm.numel() + self.ffn_norm.numel()
+        return sum(m.nbytes for m in self.matrices()) + vectors * 4
+
 
 @dataclass
 class ModelWeights:
@@ -48,10 +57,7 @@ class ModelWeights:
             (self.final_norm.numel() * 4 if self.final_norm is not None else 0)
         if self.lm_head is not self.embed and self.lm_head is not None:
             total += self.lm_head.nbytes
-        for b in self.blocks:
-            total += b.qkv.nbytes + b.o.nbytes + b.gate_up.nbytes + b.down.nbytes
-            total += (b.attn_norm.numel() + b.ffn_norm.numel()) * 4
-        return total
+        return total + sum(b.nbytes for b in self.blocks)
 
 
 class LlamaModel:

@@ -20,10 +20,11 @@ from edgellm.errors import InvalidParameterError
 from edgellm.roofline.hardware import Hardware
 from edgellm.roofline.layers import (
     ATTENTION_CORE,
-    BLOCK_LINEARS,
     CONVENTIONS,
+    LINEAR_LAYERS,
     Bits,
     LayerCost,
+    active_experts,
     model_layers,
     validate_bits,
 )
@@ -154,6 +155,20 @@ class Analysis:
     def group_time(self, names) -> float:
         return sum(layer.time_s for layer in self.layers if layer.name in names)
 
+    def parameter_counts(self) -> dict:
+        """Parameters stored and parameters this step reads: they differ for a mixture of experts,
+        whose sparse layers read only the (expected, uniform routing) distinct chosen experts."""
+        cfg = self.model
+        out = {"total_parameters": cfg.n_parameters(include_embeddings=True)}
+        if cfg.experts is None:
+            out["active_parameters"] = out["total_parameters"]
+            return out
+        experts = active_experts(cfg, self.phase, self.batch, self.seq_len)
+        out["active_parameters"] = cfg.n_active_parameters(include_embeddings=True, experts=experts)
+        out["active_experts_per_layer"] = experts
+        out["experts_per_layer"] = cfg.experts.n_experts
+        return out
+
     def totals(self) -> dict:
         t = self.time_s
         memory_bound = sum(layer.time_s for layer in self.layers if layer.bound == "memory")
@@ -163,9 +178,10 @@ class Analysis:
             "weight_bytes": self.weight_bytes, "kv_cache_bytes": self.kv_cache_bytes,
             "kv_bytes_per_token": 0.0 if is_recurrent(self.model) else self.model.kv_bytes_per_token(self.bits.kv / 8),
             "memory_bound_time_fraction": memory_bound / t if t else 0.0,
-            "linear_time_s": self.group_time(BLOCK_LINEARS),
+            "linear_time_s": self.group_time(LINEAR_LAYERS),
             "attention_time_s": self.group_time(ATTENTION_CORE),
         }
+        out.update(self.parameter_counts())
         if self.phase == "prefill":
             out["time_to_first_token_s"] = t
             out["prefill_tokens_per_s"] = self.batch * self.seq_len / t
@@ -242,7 +258,7 @@ def crossover_context(cfg: ModelConfig, hw: Hardware, phase: str, batch: int = 1
                       metric: str = "time", limit: int = 1 << 24) -> int | None:
     """Smallest context (prompt length for prefill, cached tokens for decode) at which the attention
     core (qk_matmul + softmax + sv_matmul, or fused_attention) costs at least as much as the block's
-    linear layers (q, k, v, o, gate, up, down), by ``metric`` = "time" on ``hw`` or "ops".
+    linear layers (q, k, v, o, gate, up, down; a mixture of experts' router and experts), by ``metric`` = "time" on ``hw`` or "ops".
     None if not reached below ``limit``."""
     if metric not in ("time", "ops"):
         raise InvalidParameterError(f"metric must be 'time' or 'ops', got {metric!r}")
@@ -255,9 +271,9 @@ def crossover_context(cfg: ModelConfig, hw: Hardware, phase: str, batch: int = 1
     def attention_wins(n: int) -> bool:
         a = analyze(cfg, hw, phase, batch, n, weight_bits, act_bits, kv_bits, attention)
         if metric == "time":
-            return a.group_time(ATTENTION_CORE) >= a.group_time(BLOCK_LINEARS)
+            return a.group_time(ATTENTION_CORE) >= a.group_time(LINEAR_LAYERS)
         att = sum(x.ops for x in a.layers if x.name in ATTENTION_CORE)
-        lin = sum(x.ops for x in a.layers if x.name in BLOCK_LINEARS)
+        lin = sum(x.ops for x in a.layers if x.name in LINEAR_LAYERS)
         return att >= lin
 
     return _first_context(attention_wins, phase, limit)
@@ -504,6 +520,9 @@ def format_table(a: Analysis, per_block: bool = False) -> str:
                      f"{tot['memory_bound_time_fraction']:.0%} of the time in memory-bound layers")
         lines.append(f"attention core {format_time(tot['attention_time_s'])} vs linear layers "
                      f"{format_time(tot['linear_time_s'])}")
+        lines.append(f"mixture of experts: {tot['active_parameters'] / 1e9:.3g} B of {tot['total_parameters'] / 1e9:.3g} B "
+                     f"parameters read this step ({tot['active_experts_per_layer']:.3g} of {tot['experts_per_layer']} "
+                     f"experts per sparse layer, {cfg.experts.n_used} per token; uniform routing assumed)")
     if "joules_per_token" in tot:
         lines.append(f"energy at {tot['power_W']:g} W busy: {tot['energy_J']:.3g} J this step, "
                      f"{tot['joules_per_token']:.3g} J per {'prompt ' if a.phase == 'prefill' else ''}token "

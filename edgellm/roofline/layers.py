@@ -31,6 +31,13 @@ from typing import Mapping
 
 from edgellm.config import ModelConfig
 from edgellm.errors import InvalidParameterError
+from edgellm.roofline.experts import (
+    EXPERT_LINEARS,
+    expected_distinct_experts,
+    expert_activation_elements,
+    expert_layer_specs,
+    per_weight_bytes,
+)
 
 # The bit widths the analyzer accepts. Fractional weight widths model quantization formats whose
 # scales add to the bits (GGUF Q4_0 = 4.5, Q4_1 = 5, Q8_0 = 8.5 bits per weight; BitNet 1.58).
@@ -42,6 +49,8 @@ ATTENTIONS = ("unfused", "fused")
 
 # layer names in execution order; which are "linear" and which are "attention" for the crossover
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# every linear layer a block may have (a mixture of experts' too): the "linear" side of the crossover
+LINEAR_LAYERS = BLOCK_LINEARS + EXPERT_LINEARS
 ATTENTION_CORE = ("qk_matmul", "softmax", "sv_matmul", "fused_attention")
 
 CONVENTIONS = [
@@ -60,6 +69,9 @@ CONVENTIONS = [
     "a precision the chip lacks runs at the next wider one it has",
     "time = max(ops / peak, bytes / bandwidth); attainable = min(peak, intensity * bandwidth)",
     "layer figures are for the whole model: per-block figures x n_layers (column 'x'); per-block with --per-block",
+    "mixture of experts: a sparse layer's expert ops follow the tokens (k experts each); its expert weight bytes "
+    "follow the distinct experts the step's T tokens chose, E * (1 - (1 - k/E)^T) assuming uniform, independent "
+    "routing (decode at batch B: T = B; a long prefill touches all E); x counts sparse and dense layers apart",
 ]
 
 
@@ -208,13 +220,53 @@ def block_layers(cfg: ModelConfig, phase: str, batch: int, seq_len: int, bits: B
     layers.append(linear("o_proj", H * d, h))
     layers.append(residual("attn_add"))
     layers.append(norm("ffn_norm"))
-    layers.append(linear("gate_proj", h, f))
-    layers.append(linear("up_proj", h, f))
-    layers.append(LayerCost("mlp_act", "elementwise", 5.0 * T * f, load_act=2 * T * f * ab, store_act=T * f * ab,
-                            compute_bits=act_bits))
-    layers.append(linear("down_proj", f, h))
-    layers.append(residual("ffn_add"))
-    return [replace(layer, count=cfg.n_layers) for layer in layers]
+    layers = [replace(layer, count=cfg.n_layers) for layer in layers]
+    ex = cfg.experts
+    n_sparse = sum(ex.sparse(i) for i in range(cfg.n_layers)) if ex is not None else 0
+    if n_sparse < cfg.n_layers:      # the dense MLP (every layer of a dense model)
+        dense = [linear("gate_proj", h, f), linear("up_proj", h, f),
+                 LayerCost("mlp_act", "elementwise", 5.0 * T * f, load_act=2 * T * f * ab, store_act=T * f * ab,
+                           compute_bits=act_bits),
+                 linear("down_proj", f, h)]
+        layers += [replace(layer, count=cfg.n_layers - n_sparse) for layer in dense]
+    if n_sparse:
+        layers += [replace(layer, count=n_sparse)
+                   for layer in sparse_mlp_layers(ex, h, T, ab, wb, per_weight, lin_bits, act_bits)]
+    return layers + [replace(residual("ffn_add"), count=cfg.n_layers)]
+
+
+def sparse_mlp_layers(ex, h: int, T: int, ab: float, wb: float, per_weight: Mapping[str, float],
+                      lin_bits: int, act_bits: int) -> list[LayerCost]:
+    """One sparse MLP's layers for T tokens (see :mod:`edgellm.roofline.experts`): the router and
+    its softmax/top-k, the chosen experts' projections (ops for T*k rows, weights of the expected
+    distinct experts), SiLU*up, the shared expert where there is one, and the weighted sum."""
+    out = []
+    for name, n_in, n_out, rows, read in expert_layer_specs(ex, h, T):
+        n_stored = ex.n_experts if name.startswith("expert_") else 1
+        out.append(LayerCost(name, "linear", 2.0 * rows * n_in * n_out,
+                             load_weight=read * n_in * n_out * per_weight_bytes(per_weight, name, wb),
+                             load_act=rows * n_in * ab, store_act=rows * n_out * ab,
+                             compute_bits=lin_bits, params=n_stored * n_in * n_out))
+        if name == "router":
+            out.append(LayerCost("router_softmax", "elementwise", 5.0 * T * ex.n_experts,
+                                 load_act=T * ex.n_experts * ab, store_act=2 * T * ex.n_used * ab,
+                                 compute_bits=act_bits))
+        if name == "expert_up_proj":
+            n = expert_activation_elements(ex, T)
+            out.append(LayerCost("expert_act", "elementwise", 5.0 * n, load_act=2 * n * ab, store_act=n * ab,
+                                 compute_bits=act_bits))
+    pairs = T * (ex.n_used + (1 if ex.shared_ffn_size else 0))   # outputs summed per token, each scaled
+    out.append(LayerCost("expert_mix", "elementwise", 2.0 * pairs * h, load_act=pairs * h * ab,
+                         store_act=T * h * ab, compute_bits=act_bits))
+    return out
+
+
+def active_experts(cfg: ModelConfig, phase: str, batch: int, seq_len: int) -> float:
+    """Expected distinct experts a sparse layer reads in this step (uniform routing); 0 if dense."""
+    if cfg.experts is None:
+        return 0.0
+    q, _ = _shape(phase, batch, seq_len)
+    return expected_distinct_experts(cfg.experts.n_experts, cfg.experts.n_used, batch * q)
 
 
 def head_layers(cfg: ModelConfig, phase: str, batch: int, seq_len: int, bits: Bits,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgellm.errors import InvalidParameterError
+from edgellm.roofline.experts import EXPERT_LINEARS
 
 _KIND_COLORS = {"linear": "tab:blue", "attention": "tab:red", "elementwise": "tab:green", "embedding": "tab:gray"}
 _PHASE_MARKERS = {"prefill": "o", "decode": "^"}
@@ -126,7 +127,9 @@ def plot_layers(analyses, path: Path | str) -> Path:
     by_name = {layer.name: layer for layer in first.layers}
     n = cfg.n_layers
     attn_params = sum(by_name[x].cost.params for x in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    mlp_params = sum(by_name[x].cost.params for x in ("gate_proj", "up_proj", "down_proj"))
+    # the MLP's weights per block, averaged over the blocks (a mixture of experts may keep some dense)
+    mlp_params = sum(layer.cost.params * layer.count for layer in first.layers
+                     if layer.name in ("gate_proj", "up_proj", "down_proj") + EXPERT_LINEARS) / n
     norm_params = sum(by_name[x].cost.params for x in ("attn_norm", "ffn_norm"))
     emb_params = by_name["embedding"].cost.params
     head_params = by_name["lm_head"].cost.params + by_name["final_norm"].cost.params

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from edgellm.errors import InvalidParameterError
+from edgellm.errors import InvalidParameterError, UnsupportedModelError
 from edgellm.roofline.measure import MeasuredRates
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -360,6 +360,11 @@ def measure_model(loaded, hw: "Hardware", phases=("prefill", "decode"), seq_len:
 
     if attention not in ATTENTIONS:
         raise InvalidParameterError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    if loaded.config.experts is not None:   # its engine ops do not map onto the analyzer's expert layers yet
+        raise UnsupportedModelError(
+            "edgellm analyze --measure does not profile mixture-of-experts models yet",
+            "analyze the model without --measure (its predicted figures count the experts each step reads), "
+            "or time it with edgellm bench")
     for phase in phases:
         check_seq_len(loaded.config, phase, seq_len)
     load_before = _load_average()

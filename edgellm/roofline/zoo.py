@@ -18,10 +18,11 @@ from edgellm.errors import ModelFormatError, ModelNotFoundError
 
 def _cfg(arch: str, hidden: int, layers: int, heads: int, kv: int, ffn: int, vocab: int, ctx: int, *,
          tie: bool = False, theta: float = 10000.0, eps: float = 1e-5, head_dim: int | None = None,
-         llama3_scaling: float | None = None, repo: str = "") -> dict:
+         llama3_scaling: float | None = None, repo: str = "", moe: dict | None = None) -> dict:
     d: dict[str, Any] = {
         "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                           "mistral": "MistralForCausalLM"}[arch]],
+                           "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
+                           "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}[arch]],
         "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
         "num_key_value_heads": kv, "intermediate_size": ffn, "vocab_size": vocab,
         "max_position_embeddings": ctx, "tie_word_embeddings": tie, "rope_theta": theta, "rms_norm_eps": eps,
@@ -29,6 +30,7 @@ def _cfg(arch: str, hidden: int, layers: int, heads: int, kv: int, ffn: int, voc
     }
     if head_dim:
         d["head_dim"] = head_dim
+    d.update(moe or {})   # the config.json's expert fields (mixtures of experts)
     if llama3_scaling:
         d["rope_scaling"] = {"rope_type": "llama3", "factor": llama3_scaling, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -63,6 +65,16 @@ ZOO: dict[str, dict] = {
                          repo="HuggingFaceTB/SmolLM2-135M"),
     "SmolLM2-360M": _cfg("llama", 960, 32, 15, 5, 2560, 49152, 8192, tie=True, theta=100000.0,
                          repo="HuggingFaceTB/SmolLM2-360M"),
+    # mixtures of experts: (experts, chosen per token, expert width[, shared expert width]) as published
+    "Mixtral-8x7B": _cfg("mixtral", 4096, 32, 32, 8, 14336, 32000, 32768, theta=1e6,
+                         moe={"num_local_experts": 8, "num_experts_per_tok": 2}, repo="mistralai/Mixtral-8x7B-v0.1"),
+    "Qwen1.5-MoE-A2.7B": _cfg("qwen2moe", 2048, 24, 16, 16, 5632, 151936, 8192, theta=1e6, eps=1e-6,
+                              moe={"num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+                                   "shared_expert_intermediate_size": 5632, "norm_topk_prob": False},
+                              repo="Qwen/Qwen1.5-MoE-A2.7B"),
+    "Qwen3-30B-A3B": _cfg("qwen3moe", 2048, 48, 32, 4, 6144, 151936, 40960, theta=1e6, eps=1e-6, head_dim=128,
+                          moe={"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                               "norm_topk_prob": True}, repo="Qwen/Qwen3-30B-A3B"),
     "SmolLM2-1.7B": _cfg("llama", 2048, 24, 32, 32, 8192, 49152, 8192, tie=True, theta=130000.0,
                          repo="HuggingFaceTB/SmolLM2-1.7B"),
     # attention-free models (their config.json as transformers writes it)
