@@ -160,3 +160,12 @@ def test_progress_line_says_when_decode_fell_back_to_fewer_threads():
     assert "decode steps by threads 1: 100, 2: 27" in harness._progress(0, 5, "ours", r)
     r["decode_steps_by_threads"] = {"2": 127}
     assert "decode steps by threads" not in harness._progress(0, 5, "ours", r)
+
+
+def test_prompt_of_a_tokenizer_that_folds_repeats_is_refused_not_looped():
+    # A word-level tokenizer with a tiny vocabulary maps any text to one <unk>: repeating the
+    # text never makes the prompt longer, so asking for 64 tokens must fail with a message.
+    with pytest.raises(InvalidParameterError, match="cannot be made"):
+        worker.prompt_ids(lambda text: [0], 64)
+    ids, source = worker.prompt_ids(lambda text: list(range(len(text.split()))), 5)
+    assert ids == [0, 1, 2, 3, 4]

@@ -43,6 +43,7 @@ import time
 import traceback
 from pathlib import Path
 
+from edgellm.errors import InvalidParameterError
 from edgellm.util import hwm_mb, peak_rss_mb, reset_hwm, rss_now_mb
 
 # The prompt text: a fixed English text present on every Debian/Ubuntu machine, with a
@@ -102,7 +103,13 @@ def prompt_ids(encode, n: int) -> tuple[list[int], str]:
     reps = 1
     while len(ids) < n:
         reps += 1
-        ids = list(encode("\n\n".join([text] * reps)))
+        longer = list(encode("\n\n".join([text] * reps)))
+        if len(longer) <= len(ids):   # a tokenizer that folds the whole text into a few tokens
+            raise InvalidParameterError(
+                f"the model's tokenizer turns the benchmark text ({source}) into {len(ids)} tokens, however "
+                f"often it is repeated, so a prompt of {n} tokens cannot be made",
+                "use a model with a real tokenizer, or ask for fewer --prompt-tokens")
+        ids = longer
     if reps > 1:
         source += f" (x{reps})"
     return ids[:n], source
@@ -125,7 +132,6 @@ class OursEngine:
     name = "ours"
 
     def __init__(self, args):
-        from edgellm.errors import InvalidParameterError
         from edgellm.llm import LLM
 
         self.baseline_rss_mb = rss_now_mb()
@@ -204,7 +210,6 @@ class OursSpeculativeEngine:
 
     def __init__(self, args):
         from edgellm.bench.workloads import get_workload
-        from edgellm.errors import InvalidParameterError
         from edgellm.llm import LLM
         from edgellm.runtime.speculative import parse_speculative
 
