@@ -520,6 +520,7 @@ def format_table(a: Analysis, per_block: bool = False) -> str:
                      f"{tot['memory_bound_time_fraction']:.0%} of the time in memory-bound layers")
         lines.append(f"attention core {format_time(tot['attention_time_s'])} vs linear layers "
                      f"{format_time(tot['linear_time_s'])}")
+    if "active_experts_per_layer" in tot:
         lines.append(f"mixture of experts: {tot['active_parameters'] / 1e9:.3g} B of {tot['total_parameters'] / 1e9:.3g} B "
                      f"parameters read this step ({tot['active_experts_per_layer']:.3g} of {tot['experts_per_layer']} "
                      f"experts per sparse layer, {cfg.experts.n_used} per token; uniform routing assumed)")
