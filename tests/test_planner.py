@@ -163,7 +163,7 @@ def test_model_that_fits_nowhere_is_refused_with_the_smallest_split():
 
 def test_splits_that_cannot_be_built_say_why():
     s = plan_split(TINY, CHIP, pp=1, tp=3, prompt_tokens=16, link=LINK)
-    assert not s.fits and "4 attention heads do not split evenly over 3" in s.reason
+    assert not s.fits and "4 attention heads do not split evenly over 3 chips and there are only 2 KV heads" in s.reason
     s = plan_split(TINY, CHIP, pp=5, prompt_tokens=16, link=LINK)
     assert "only 4 blocks" in s.reason
 
@@ -291,3 +291,28 @@ def test_plain_analysis_reports_joules_per_token(cli):
     code, out, _ = cli("--model", "TINY", "--hardware", "CHIP", "--phase", "prefill", "--seq-len", "10", "--json")
     t = json.loads(out)["totals"]
     assert code == 0 and t["joules_per_token"] == pytest.approx(10 * t["time_s"] / 10)
+
+
+def test_uneven_heads_split_by_whole_kv_groups_as_the_runtime_does():
+    # 6 heads / 3 KV heads over 2 chips: the runtime (edgellm.runtime.sharding) gives one chip 2 KV
+    # groups (4 heads) and the other 1 (2 heads); the planner times the busier chip, so its
+    # head-split layers cost 2/3 of one chip's, not 1/2. Memory-bound decode on the toy chip: the
+    # block time per chip is (attention bytes x 2/3 + MLP bytes / 2 + norms) / bandwidth.
+    cfg = ModelConfig.from_hf_config({**TINY_HF, "hidden_size": 96, "num_attention_heads": 6,
+                                      "num_key_value_heads": 3}, name="tiny6")
+    assert plan_split(cfg, CHIP, pp=1, tp=2, prompt_tokens=16, link=LINK).reason == ""
+    assert "only 3 KV heads" in plan_split(cfg, CHIP, pp=1, tp=4, prompt_tokens=16, link=LINK).reason
+    one = analyze(cfg, CHIP, "decode", 1, 15, 16, 16, 16)
+    two = plan_split(cfg, CHIP, pp=1, tp=2, prompt_tokens=16, context=16, link=LINK)
+    by_name = {x.name: x.time_per_block_s for x in one.layers}
+    attn = sum(t for n, t in by_name.items() if n in ("q_proj", "k_proj", "v_proj", "o_proj", "rope",
+                                                      "qk_matmul", "softmax", "sv_matmul", "fused_attention"))
+    mlp = sum(t for n, t in by_name.items() if n in ("gate_proj", "up_proj", "mlp_act", "down_proj"))
+    whole = sum(t for n, t in by_name.items() if n in ("attn_norm", "ffn_norm", "attn_add", "ffn_add"))
+    ends = by_name["embedding"] / 2 + by_name["lm_head"] / 2 + by_name["final_norm"]   # vocab split; norm whole
+    expected = cfg.n_layers * (attn * 2 / 3 + mlp / 2 + whole) + ends
+    stage = two.stages[0]
+    assert set(by_name) <= {"q_proj", "k_proj", "v_proj", "o_proj", "rope", "qk_matmul", "softmax", "sv_matmul",
+                            "fused_attention", "gate_proj", "up_proj", "mlp_act", "down_proj", "attn_norm",
+                            "ffn_norm", "attn_add", "ffn_add", "embedding", "lm_head", "final_norm"}
+    assert stage.decode_s - stage.decode_comm_s == pytest.approx(expected, rel=1e-9)

@@ -64,7 +64,7 @@ from edgellm.config import ModelConfig
 from edgellm.errors import EdgeLLMError, InvalidParameterError
 from edgellm.roofline.analyze import DEFAULT_RESERVE, Analysis, analyze, format_bytes, format_time
 from edgellm.roofline.hardware import Hardware
-from edgellm.roofline.layers import validate_bits
+from edgellm.roofline.layers import ATTENTION_CORE, validate_bits
 
 MODES = ("pipeline", "tensor", "hybrid")
 BALANCES = ("time", "memory")
@@ -179,15 +179,22 @@ class _PhaseCosts:
     tokens: int                       # tokens in one forward pass of the phase (B x P, or B)
 
 
-def _chip_time(layer, tp: int, kv_share: float) -> float:
-    """A layer's roofline time on one of ``tp`` chips: ops and non-KV bytes / tp, KV bytes x the
+# Layers split by attention head: when the heads do not divide evenly over the chips, the chip
+# with the most KV groups (and their query heads) sets the pace of these.
+HEAD_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "q_norm", "k_norm") + ATTENTION_CORE
+
+
+def _chip_time(layer, tp: int, kv_share: float, head_share: float) -> float:
+    """A layer's roofline time on the busiest of ``tp`` chips: ops and non-KV bytes / tp (a
+    head-split layer: x ``head_share``, the busiest chip's share of the query heads), KV bytes x the
     chip's share of KV heads; REPLICATED layers are whole on every chip."""
     if tp == 1 or layer.name in REPLICATED:
         return layer.time_per_block_s
     c = layer.cost
     kv = c.load_kv + c.store_kv
     other = c.memory_bytes - kv
-    return max(c.ops / tp / layer.peak_ops_per_s, (other / tp + kv * kv_share) / layer.bandwidth)
+    part = head_share if layer.name in HEAD_LAYERS else 1 / tp
+    return max(c.ops * part / layer.peak_ops_per_s, (other * part + kv * kv_share) / layer.bandwidth)
 
 
 def _kv_share(cfg: ModelConfig, tp: int) -> float:
@@ -198,10 +205,13 @@ def _kv_share(cfg: ModelConfig, tp: int) -> float:
 def _phase_costs(a: Analysis, tp: int, link: Link | None) -> _PhaseCosts:
     cfg = a.model
     share = _kv_share(cfg, tp)
-    block = sum(_chip_time(x, tp, share) for x in a.layers if x.count == cfg.n_layers and x.name not in
+    # KV heads that do not divide evenly go by whole KV groups (with their query heads): the
+    # busiest chip holds ``share`` of the heads; past one KV head per chip the query heads split evenly
+    heads = share if cfg.n_kv_heads % tp and tp < cfg.n_kv_heads else 1 / tp
+    block = sum(_chip_time(x, tp, share, heads) for x in a.layers if x.count == cfg.n_layers and x.name not in
                 ("embedding",) + HEAD_NAMES)
-    emb = sum(_chip_time(x, tp, share) for x in a.layers if x.name == "embedding")
-    head = sum(_chip_time(x, tp, share) for x in a.layers if x.name in HEAD_NAMES)
+    emb = sum(_chip_time(x, tp, share, heads) for x in a.layers if x.name == "embedding")
+    head = sum(_chip_time(x, tp, share, heads) for x in a.layers if x.name in HEAD_NAMES)
     tokens = a.batch * (a.seq_len if a.phase == "prefill" else 1)
     act = a.bits.act / 8
     hidden_bytes = tokens * cfg.hidden_size * act
@@ -355,9 +365,11 @@ def _check_split(cfg: ModelConfig, pp: int, tp: int) -> str:
     """Why a pp x tp split cannot be built ('' if it can)."""
     if pp > cfg.n_layers:
         return f"{pp} pipeline stages but only {cfg.n_layers} blocks to place"
-    if cfg.n_heads % tp:
-        return (f"{cfg.n_heads} attention heads do not split evenly over {tp} chips "
-                f"(tensor parallel needs a divisor of {cfg.n_heads})")
+    if cfg.n_heads % tp and tp > cfg.n_kv_heads:
+        # uneven splits go by whole KV groups (as edgellm.runtime.sharding cuts them), so every
+        # chip needs a KV head of its own
+        return (f"{cfg.n_heads} attention heads do not split evenly over {tp} chips and there are only "
+                f"{cfg.n_kv_heads} KV heads to give each chip whole groups")
     if cfg.ffn_size % tp:
         return f"the MLP width {cfg.ffn_size} does not split evenly over {tp} chips"
     return ""
@@ -632,7 +644,8 @@ SPLIT_CONVENTIONS = [
     "pipeline: contiguous stages (GPipe), prefill in M token chunks, bubble (N-1)/(M+N-1) for balanced stages",
     "tensor: Megatron-LM column/row split, 2 ring all-reduces of the hidden activations per block, "
     "2(N-1)/N x size bytes sent per chip",
-    "time per layer per chip = max(ops / tp / peak, bytes / tp / bandwidth) (norms and adds whole on each chip)",
+    "time per layer per chip = max(ops / tp / peak, bytes / tp / bandwidth) (norms and adds whole on each chip; "
+    "KV heads that do not divide by tp: the busiest chip's share of whole KV groups for the attention layers)",
     "energy = busy W x roofline time + idle W x waiting (unknown idle = 0); link energy not counted",
     "memory per chip = weights + KV (context x batch x micro-batches) + the largest layer's activations; "
     "fits within capacity x (1 - reserve)",
