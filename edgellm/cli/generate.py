@@ -39,7 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgellm.errors import InvalidParameterError
+    from edgellm.util import startup_mark
 
+    startup_mark("python, command line")
     if args.list_models:
         from edgellm.loading.resolve import list_models
 
@@ -65,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     from edgellm.llm import LLM
 
+    startup_mark("imports (torch)")
     llm = LLM(args.model, dtype=args.dtype, threads=args.threads, weights=args.weights, keep=args.keep,
               kv_dtype=args.kv_dtype, speculative=speculative)
     ids = llm.encode_prompt(prompt, chat=args.chat, system=args.system)
@@ -78,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
                                for t, lp, top in zip(c.token_ids, c.logprobs, c.top_logprobs)]
         print(json.dumps(out, ensure_ascii=False))
         return 0
+    startup_mark("engine, prompt")
     c = llm.generate(ids, params, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     print()
+    startup_mark("generate")
     if args.stats:
         print(f"[{llm.loaded.source.name}, {llm.loaded.dtype}, KV {llm.kv_dtype}] prompt {c.prompt_tokens} tokens, "
               f"completion {c.completion_tokens} tokens ({c.finish_reason}); "
