@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.errors import InvalidParameterError
     from edgellm.util import startup_mark
 
-    startup_mark("python, command line")
+    startup_mark("python and command line")
     if args.list_models:
         from edgellm.loading.resolve import list_models
 
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
                                for t, lp, top in zip(c.token_ids, c.logprobs, c.top_logprobs)]
         print(json.dumps(out, ensure_ascii=False))
         return 0
-    startup_mark("engine, prompt")
+    startup_mark("engine and prompt")
     c = llm.generate(ids, params, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     print()
     startup_mark("generate")
