@@ -54,7 +54,7 @@ from edgellm.util import cache_dir
 
 SOURCE = Path(__file__).with_name("gguf_cpu.cpp")
 HEADERS = [Path(__file__).with_name("simd_portable.h")]
-LDFLAGS = ["-fopenmp"]
+LDFLAGS = ("-fopenmp",)   # a tuple: torch's builder appends to the list it is given
 DEFAULT_WAIT_S = 900.0
 
 
@@ -132,7 +132,7 @@ def module_name(variant: str = "avx2") -> str:
     h = hashlib.sha256(SOURCE.read_bytes())
     for header in HEADERS:
         h.update(header.read_bytes())
-    for part in (list(VARIANTS[variant].cflags), LDFLAGS, torch.__version__, sys.version_info[:2],
+    for part in (list(VARIANTS[variant].cflags), list(LDFLAGS), torch.__version__, sys.version_info[:2],
                  sysconfig.get_config_var("EXT_SUFFIX")):
         h.update(repr(part).encode())
     return f"edgellm_gguf_cpu_{variant}_{h.hexdigest()[:16]}"
@@ -246,7 +246,7 @@ def _compile(name: str, cflags: tuple[str, ...], build_dir: Path, verbose: bool)
                                "_write_ninja_file_and_build_library); install the torch edgellm pins")
     try:
         build_only(name=name, sources=[str(SOURCE)], extra_cflags=list(cflags), extra_cuda_cflags=[],
-                   extra_sycl_cflags=[], extra_ldflags=LDFLAGS, extra_include_paths=[],
+                   extra_sycl_cflags=[], extra_ldflags=list(LDFLAGS), extra_include_paths=[],
                    build_directory=str(build_dir), verbose=verbose, with_cuda=False, with_sycl=False,
                    is_standalone=False)
     except Exception as err:
