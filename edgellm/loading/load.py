@@ -58,7 +58,7 @@ def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = 
         if use_native:
             native()   # loaded here rather than by the first weight, so the start-up trace shows it apart
             startup_mark("native kernels")
-        with one_thread():   # copies: see one_thread's doc for what threads cost them on a busy machine
+        with one_thread(only_when_busy=True):   # copies: one_thread's doc says what threads cost them
             weights = load_gguf_weights(gf, cfg, dtype, use_native)
         check_vector_shapes(weights, cfg)
         startup_mark("weights")
