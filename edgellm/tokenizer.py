@@ -49,6 +49,7 @@ import codecs
 import functools
 import hashlib
 import json
+import marshal
 import os
 import re
 import sys
@@ -248,6 +249,9 @@ for _key in ("bos", "eos", "unknown", "padding", "eot", "eom"):
 for _key in ("add_bos_token", "add_eos_token", "add_space_prefix"):
     _GGUF_TOKENIZER_KEYS[f"tokenizer.ggml.{_key}"] = ("a boolean", lambda v: isinstance(v, (bool, int)), False)
 del _key
+# Item types that pass each array key's test for certain (a quick first check of 49k-item arrays).
+_ITEM_TYPES = {"tokenizer.ggml.tokens": {str}, "tokenizer.ggml.merges": {str}, "tokenizer.ggml.token_type": {int},
+               "tokenizer.ggml.scores": {int, float}}
 
 
 def _shown(value: Any) -> str:
@@ -265,6 +269,8 @@ def check_gguf_tokenizer_metadata(meta: Mapping[str, Any]) -> None:
             continue
         value = meta[key]
         if is_array and isinstance(value, (list, tuple)):
+            if set(map(type, value)) <= _ITEM_TYPES.get(key, set()):   # the usual case, at C speed
+                continue
             for i, item in enumerate(value):
                 if not ok(item):
                     raise ModelFormatError(
@@ -590,14 +596,14 @@ class Tokenizer:
                 "GPT-2's expression; tokenization may differ from the model's own",
                 stacklevel=2,
             )
-        cache = _backend_cache_path(meta) if len(tokens) >= _CACHE_MIN_TOKENS else None
-        parts = _read_cached_backend(cache, len(tokens)) if cache is not None else None
-        if parts is None:
-            build = cls._from_gguf_bpe if model == "gpt2" else cls._from_gguf_spm
-            parts = build(meta, tokens, types)
+        cache = _recipe_cache_path(meta) if len(tokens) >= _CACHE_MIN_TOKENS else None
+        recipe = _read_cached_recipe(cache, len(tokens)) if cache is not None else None
+        if recipe is None:
+            build = cls._gguf_bpe_recipe if model == "gpt2" else cls._gguf_spm_recipe
+            recipe = build(meta, tokens, types)
             if cache is not None:
-                _write_cached_backend(cache, parts)
-        return cls._from_gguf_parts(meta, tokens, types, parts)
+                _write_cached_recipe(cache, recipe)
+        return cls._from_gguf_parts(meta, tokens, types, _assemble_gguf(recipe, meta))
 
     @staticmethod
     def _special_ids_from_meta(meta: Mapping[str, Any], n: int) -> dict[str, int | None]:
@@ -653,36 +659,34 @@ class Tokenizer:
         )
 
     @classmethod
-    def _finish_gguf(
+    def _finish_recipe(
         cls,
-        backend: tokenizers.Tokenizer,
         meta: Mapping[str, Any],
         tokens: list[str],
         types: list[int],
         keys: list[str],
+        vocab: dict[str, int],
+        merges: list[tuple[str, str]],
+        model_options: dict[str, Any],
         pieces: list[bytes],
         default_add_bos: bool,
         strip_leading_space: bool,
         kind: str,
-    ) -> _GGUFBackend:
-        """Add the special tokens and the BOS/EOS post-processor to ``backend``."""
+    ) -> _GGUFRecipe:
+        """The special tokens and the BOS/EOS post-processor's arguments, added to the recipe."""
         ids = cls._special_ids_from_meta(meta, len(tokens))
         special, plain = cls._added_tokens(tokens, types, keys)
-        if special:
-            backend.add_special_tokens(special)
-        if plain:
-            backend.add_tokens(plain)
-
         add_bos = meta.get("tokenizer.ggml.add_bos_token")
         add_bos = default_add_bos if add_bos is None else bool(add_bos)
         add_eos = bool(meta.get("tokenizer.ggml.add_eos_token") or False)
         bos_id = ids["bos"] if add_bos else None
         eos_id = ids["eos"] if add_eos else None
+        post = None
         if bos_id is not None or eos_id is not None:
-            bos_t = keys[bos_id] if bos_id is not None else None
-            eos_t = keys[eos_id] if eos_id is not None else None
-            backend.post_processor = cls._post_processor(bos_t, bos_id, eos_t, eos_id)
-        return _GGUFBackend(backend, pieces, strip_leading_space, kind)
+            post = (keys[bos_id] if bos_id is not None else None, bos_id,
+                    keys[eos_id] if eos_id is not None else None, eos_id)
+        return _GGUFRecipe(kind, list(vocab), merges, model_options, [t.content for t in special],
+                           [t.content for t in plain], post, pieces, strip_leading_space)
 
     @classmethod
     def _from_gguf_parts(
@@ -707,7 +711,7 @@ class Tokenizer:
         )
 
     @classmethod
-    def _from_gguf_bpe(cls, meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> _GGUFBackend:
+    def _gguf_bpe_recipe(cls, meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> _GGUFRecipe:
         alphabet = frozenset(unicode_to_byte())
         to_bytes = _byte_level_translation()
         keys: list[str] = []
@@ -738,22 +742,11 @@ class Tokenizer:
                 merges.append((a, b))
 
         pre = meta.get("tokenizer.ggml.pre") or "default"
-        exprs = PRE_TOKENIZER_SPLITS.get(pre, [_GPT2])  # unknown: from_gguf_metadata warned
-        bpe = models.BPE(
-            vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=pre in _IGNORE_MERGES_PRE
-        )
-        backend = tokenizers.Tokenizer(bpe)
-        if pre in _NFC_PRE:
-            backend.normalizer = normalizers.NFC()
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(e), behavior="isolated", invert=False) for e in exprs]
-            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
-        backend.decoder = decoders.ByteLevel()
-        return cls._finish_gguf(backend, meta, tokens, types, keys, pieces, False, False, "bpe")
+        options = {"fuse_unk": False, "byte_fallback": False, "ignore_merges": pre in _IGNORE_MERGES_PRE}
+        return cls._finish_recipe(meta, tokens, types, keys, vocab, merges, options, pieces, False, False, "bpe")
 
     @classmethod
-    def _from_gguf_spm(cls, meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> _GGUFBackend:
+    def _gguf_spm_recipe(cls, meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> _GGUFRecipe:
         # llama.cpp's defaults for SentencePiece files that name no special tokens
         defaults = {
             "tokenizer.ggml.unknown_token_id": 0,
@@ -794,26 +787,11 @@ class Tokenizer:
         if unk_id is None:
             unk_id = next((i for i, ty in enumerate(types) if ty == TOKEN_UNKNOWN), None)
         has_bytes = any(ty == TOKEN_BYTE for ty in types)
-        bpe = models.BPE(
-            vocab=vocab,
-            merges=merges,
-            unk_token=keys[unk_id] if unk_id is not None else None,
-            fuse_unk=True,
-            byte_fallback=has_bytes,
-        )
-        backend = tokenizers.Tokenizer(bpe)
+        options = {"unk_token": keys[unk_id] if unk_id is not None else None, "fuse_unk": True,
+                   "byte_fallback": has_bytes}
         add_prefix = meta.get("tokenizer.ggml.add_space_prefix")
         add_prefix = True if add_prefix is None else bool(add_prefix)
-        norm = [normalizers.Replace(" ", SPM_SPACE)]
-        if add_prefix:
-            norm.insert(0, normalizers.Prepend(SPM_SPACE))
-        backend.normalizer = normalizers.Sequence(norm)
-        backend.pre_tokenizer = None
-        dec = [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-        if add_prefix:
-            dec.append(decoders.Strip(content=" ", left=1, right=0))
-        backend.decoder = decoders.Sequence(dec)
-        return cls._finish_gguf(backend, meta, tokens, types, keys, pieces, True, add_prefix, "spm")
+        return cls._finish_recipe(meta, tokens, types, keys, vocab, merges, options, pieces, True, add_prefix, "spm")
 
     # ---- construction from tokenizer.json ---------------------------------------------------
 
@@ -1237,18 +1215,35 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Cache of the backends built from GGUF vocabularies: building SmolLM2's 49k-token BPE costs a
-# noticeable part of a start; reading it back costs far less. The key covers everything the
-# result depends on (the tokenizer metadata, this module's code, the tokenizers version), so a
+# GGUF vocabularies become a tokenizers BPE in two steps: a recipe of plain data, made by Python
+# loops over every token and merge (the slow part: ~0.3 s for SmolLM2's 49k tokens), then the
+# backend assembled from it in Rust. Recipes of large vocabularies are cached: reading one back
+# and assembling it costs less than reading tokenizers' own JSON of the finished backend. The key covers everything the
+# recipe depends on (the tokenizer metadata, this module's code, the tokenizers and Python versions), so a
 # changed file or a new edgellm never reads a stale entry; a damaged entry is rebuilt.
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 _CACHE_MIN_TOKENS = 4096  # smaller vocabularies build in milliseconds: not worth a file
 
 
 @dataclass
+class _GGUFRecipe:
+    """What a GGUF vocabulary's backend is made of, as plain data (JSON-serialisable)."""
+
+    kind: str                          # "bpe" (byte-level, GPT-2 style) or "spm" (SentencePiece)
+    vocab: list[str]                   # token text by id, repeated texts given placeholder names
+    merges: list[tuple[str, str]]      # in priority order
+    model_options: dict[str, Any]      # the rest of models.BPE's arguments
+    special: list[str]                 # added tokens matched whole, special
+    plain: list[str]                   # added tokens matched whole, not special
+    post: tuple[str | None, int | None, str | None, int | None] | None   # BOS and EOS added around text
+    pieces: list[bytes]                # each token's bytes
+    strip_leading_space: bool
+
+
+@dataclass
 class _GGUFBackend:
-    """What building a GGUF tokenizer produces, apart from what is read straight from the metadata."""
+    """The assembled recipe: the backend and what the Tokenizer keeps beside it."""
 
     backend: tokenizers.Tokenizer
     pieces: list[bytes]
@@ -1256,43 +1251,93 @@ class _GGUFBackend:
     kind: str
 
 
-def _backend_cache_path(meta: Mapping[str, Any]) -> Path:
-    h = hashlib.sha256(f"{_CACHE_FORMAT} {tokenizers.__version__}".encode())
+def _assemble_gguf(recipe: _GGUFRecipe, meta: Mapping[str, Any]) -> _GGUFBackend:
+    """The tokenizers backend of a recipe (``meta``: the GGUF metadata it was made from)."""
+    vocab = {text: i for i, text in enumerate(recipe.vocab)}
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=recipe.merges, **recipe.model_options))
+    if recipe.kind == "bpe":
+        pre = meta.get("tokenizer.ggml.pre") or "default"
+        exprs = PRE_TOKENIZER_SPLITS.get(pre, [_GPT2])  # unknown: from_gguf_metadata warned
+        if pre in _NFC_PRE:
+            backend.normalizer = normalizers.NFC()
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(e), behavior="isolated", invert=False) for e in exprs]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+        backend.decoder = decoders.ByteLevel()
+    else:
+        add_prefix = recipe.strip_leading_space   # SentencePiece: the space it prepends is stripped again
+        norm = [normalizers.Replace(" ", SPM_SPACE)]
+        if add_prefix:
+            norm.insert(0, normalizers.Prepend(SPM_SPACE))
+        backend.normalizer = normalizers.Sequence(norm)
+        backend.pre_tokenizer = None
+        dec = [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+        if add_prefix:
+            dec.append(decoders.Strip(content=" ", left=1, right=0))
+        backend.decoder = decoders.Sequence(dec)
+    if recipe.special:
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in recipe.special])
+    if recipe.plain:
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in recipe.plain])
+    if recipe.post is not None:
+        backend.post_processor = Tokenizer._post_processor(*recipe.post)
+    return _GGUFBackend(backend, recipe.pieces, recipe.strip_leading_space, recipe.kind)
+
+
+def _hash_value(h, value: Any) -> None:
+    # Arrays of strings are joined rather than repr()'d: a 49k-token list's repr cost ~10 ms.
+    if isinstance(value, list):
+        try:
+            joined = "\x00".join(value)
+        except TypeError:   # not all strings
+            joined = None
+        if joined is not None:
+            h.update(b"S%d:" % len(value))
+            h.update(joined.encode("utf-8", "surrogateescape"))
+            return
+    h.update(repr(value).encode("utf-8", "surrogateescape"))
+
+
+def _recipe_cache_path(meta: Mapping[str, Any]) -> Path:
+    # marshal's format may change with the Python version: it is part of the key
+    h = hashlib.sha256(f"{_CACHE_FORMAT} {tokenizers.__version__} {sys.version_info[:2]} {marshal.version}".encode())
     h.update(Path(__file__).read_bytes())
     for key in sorted(k for k in meta if k.startswith("tokenizer.ggml.")):
-        h.update(f"{key}={meta[key]!r}".encode())
-    return cache_dir() / "tokenizers" / f"{h.hexdigest()[:32]}.json"
+        h.update(f"\n{key}=".encode())
+        _hash_value(h, meta[key])
+    return cache_dir() / "tokenizers" / f"{h.hexdigest()[:32]}.recipe"
 
 
-def _read_cached_backend(path: Path, n_tokens: int) -> _GGUFBackend | None:
-    """The cached backend, or None when there is none or it is damaged (then it is rebuilt)."""
+# The recipe is stored with marshal (lists, tuples, str, bytes as Python holds them): reading
+# SmolLM2's back took a tenth of the time json took. marshal trusts its input, like the native
+# kernels loaded from the same cache directory; a damaged file fails to load or to check, and is rebuilt.
+_RECIPE_FIELDS = ("kind", "vocab", "merges", "model_options", "special", "plain", "post", "pieces",
+                  "strip_leading_space")
+
+
+def _read_cached_recipe(path: Path, n_tokens: int) -> _GGUFRecipe | None:
+    """The cached recipe, or None when there is none or it is damaged (then it is rebuilt)."""
     try:
-        text = path.read_text(encoding="utf-8")
-        head, backend_json = text.split("\n", 1)
-        info = json.loads(head)
-        pieces = [p.encode("latin-1") for p in info["pieces"]]
-        if len(pieces) != n_tokens:
+        d = marshal.loads(path.read_bytes())
+        recipe = _GGUFRecipe(**{f: d[f] for f in _RECIPE_FIELDS})
+        if len(recipe.pieces) != n_tokens or len(recipe.vocab) != n_tokens or recipe.kind not in ("bpe", "spm"):
             return None
-        backend = tokenizers.Tokenizer.from_str(backend_json)
-        return _GGUFBackend(backend, pieces, bool(info["strip_leading_space"]), str(info["kind"]))
+        return recipe
     except Exception:  # noqa: BLE001 - missing, damaged or unreadable: the caller rebuilds it
         return None
 
 
-def _write_cached_backend(path: Path, parts: _GGUFBackend) -> None:
+def _write_cached_recipe(path: Path, recipe: _GGUFRecipe) -> None:
     """Write atomically (a temporary file renamed into place), so a killed process or a concurrent
     reader never sees half a file. A cache that cannot be written (read-only home) is skipped."""
-    head = json.dumps({
-        "pieces": [p.decode("latin-1") for p in parts.pieces],  # latin-1: bytes <-> str one to one
-        "strip_leading_space": parts.strip_leading_space,
-        "kind": parts.kind,
-    })
+    data = marshal.dumps({f: getattr(recipe, f) for f in _RECIPE_FIELDS})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(head + "\n" + parts.backend.to_str())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.chmod(tmp, 0o644)  # mkstemp makes it private; it holds nothing secret
             os.replace(tmp, path)
         except BaseException:

@@ -91,3 +91,47 @@ def set_threads(threads: int | None) -> None:
     import torch  # here, not at the top: the CLI's --help must not wait for torch
 
     torch.set_num_threads(threads)
+
+
+# ---- start-up trace: EDGELLM_TRACE_STARTUP=1 prints where the time to the first token went -----
+_startup_marks: list[tuple[str, float]] = []
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux: from /proc, 10 ms resolution), else None."""
+    import time
+
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")     # field 22: start time, in ticks since boot
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def startup_mark(phase: str) -> None:
+    """Note that start-up phase ``phase`` ended now; with ``EDGELLM_TRACE_STARTUP=1`` the phases are
+    printed to standard error at exit (the first call also counts the interpreter's own start)."""
+    if os.environ.get("EDGELLM_TRACE_STARTUP", "0") in ("", "0"):
+        return
+    import time
+
+    if not _startup_marks:
+        import atexit
+
+        age = process_age_s()
+        _startup_marks.append(("", time.perf_counter() - (age or 0.0)))
+        atexit.register(_print_startup)
+    _startup_marks.append((phase, time.perf_counter()))
+
+
+def startup_phases() -> list[tuple[str, float]]:
+    """(phase, seconds) in order, for the marks made so far."""
+    return [(name, t - _startup_marks[i][1]) for i, (name, t) in enumerate(_startup_marks[1:])]
+
+
+def _print_startup() -> None:
+    phases = startup_phases()
+    total = sum(s for _, s in phases)
+    parts = ", ".join(f"{name} {s:.3f}" for name, s in phases)
+    print(f"edgellm start-up (s): {parts}; total {total:.3f}", file=sys.stderr)

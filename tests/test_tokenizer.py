@@ -355,7 +355,7 @@ def test_chatml_fallback_without_template(smollm2_path):
 
 
 def _cache_files(root):
-    return sorted((root / "edgellm" / "tokenizers").glob("*.json"))
+    return sorted((root / "edgellm" / "tokenizers").glob("*.recipe"))
 
 
 def _same_tokenizer(a: Tokenizer, b: Tokenizer) -> None:
@@ -376,7 +376,7 @@ def test_gguf_tokenizer_cache_gives_the_built_tokenizer(smollm2_path, tmp_path, 
     def no_build(*args, **kwargs):
         raise AssertionError("rebuilt although the cache holds this vocabulary")
 
-    monkeypatch.setattr(Tokenizer, "_from_gguf_bpe", no_build)
+    monkeypatch.setattr(Tokenizer, "_gguf_bpe_recipe", no_build)
     cached = Tokenizer.from_gguf_metadata(meta)
     _same_tokenizer(cached, built)
     assert _cache_files(tmp_path) == [entry]
@@ -388,9 +388,9 @@ def test_gguf_tokenizer_cache_damaged_or_stale(smollm2_path, tmp_path, monkeypat
     meta = read_gguf_metadata(smollm2_path)
     built = Tokenizer.from_gguf_metadata(meta)
     (entry,) = _cache_files(tmp_path)
-    entry.write_text(entry.read_text(encoding="utf-8")[:1000], encoding="utf-8")  # cut short, as by a full disk
+    entry.write_bytes(entry.read_bytes()[:1000])  # cut short, as by a full disk
     _same_tokenizer(Tokenizer.from_gguf_metadata(meta), built)
-    assert len(entry.read_text(encoding="utf-8")) > 1000  # rewritten whole
+    assert len(entry.read_bytes()) > 1000  # rewritten whole
     # Changed tokenizer metadata is another entry, never the old one.
     flipped = not meta.get("tokenizer.ggml.add_bos_token", False)
     other = Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.add_bos_token": flipped})

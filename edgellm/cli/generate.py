@@ -17,6 +17,7 @@ from edgellm.cli.common import (
     speculative_config,
     start_split,
 )
+from edgellm.util import startup_mark
 
 HELP = "generate a completion for one prompt, streamed as it is produced"
 
@@ -43,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from edgellm.errors import InvalidParameterError
 
+    startup_mark("python and command line")
     if args.list_models:
         from edgellm.loading.resolve import list_models
 
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace, prompt: str, params, speculative, split) -> int:
     from edgellm.llm import LLM
 
+    startup_mark("imports (torch)")
     llm = LLM(args.model, dtype=args.dtype, threads=args.threads, weights=args.weights, keep=args.keep,
               kv_dtype=args.kv_dtype, speculative=speculative, parallel=split)
     ids = llm.encode_prompt(prompt, chat=args.chat, system=args.system)
@@ -90,8 +93,10 @@ def _generate(args: argparse.Namespace, prompt: str, params, speculative, split)
                                for t, lp, top in zip(c.token_ids, c.logprobs, c.top_logprobs)]
         print(json.dumps(out, ensure_ascii=False))
         return 0
+    startup_mark("engine and prompt")
     c = llm.generate(ids, params, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     print()
+    startup_mark("generate")
     if args.stats:
         print(f"[{llm.loaded.source.name}, {llm.loaded.dtype}, KV {llm.kv_dtype}] prompt {c.prompt_tokens} tokens, "
               f"completion {c.completion_tokens} tokens ({c.finish_reason}); "

@@ -1,4 +1,9 @@
-// Native CPU kernels for GGUF block-quantised weights (AVX2 + FMA + F16C).
+// Native CPU kernels for GGUF block-quantised weights, written with AVX2 + FMA + F16C intrinsics.
+//
+// One source, built per CPU kind (edgellm/kernels/build.py, VARIANTS): "avx2" with those
+// instructions; "avx512" with AVX-512 F/BW/VL/DQ enabled too (the same intrinsics, so the same
+// bits; the compiler gets 32 vector registers and EVEX encodings); "portable" without any, where
+// simd_portable.h supplies the intrinsics in plain C++ (CPUs without AVX2, ARM).
 //
 // Why: decode multiplies one activation row by every weight matrix, so it is bound by the bytes
 // of weights read. Reading GGUF blocks as they lie in the file (Q4_1: 20 bytes per 32 weights)
@@ -20,12 +25,16 @@
 // In a nibble byte i, the low nibble is element i and the high nibble element i + 16.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <cstdint>
 #include <cmath>
 #include <cstring>
 #include <vector>
 #include <omp.h>
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#else
+#include "simd_portable.h"   // after every other header: it defines the intrinsics' names as macros
+#endif
 
 namespace {
 

@@ -43,15 +43,54 @@ _TYPE_NAMES = {_UINT8: "UINT8", _INT8: "INT8", _UINT16: "UINT16", _INT16: "INT16
 _TYPE_IDS = {v: k for k, v in _TYPE_NAMES.items()}
 
 
-def _ggml_type_table() -> dict[int, tuple[str, int, int]]:
-    """type id -> (name, block elems, block bytes), for every type the gguf package knows."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-    return {int(t): (t.name, be, bb) for t, (be, bb) in GGML_QUANT_SIZES.items()
-            if isinstance(t, GGMLQuantizationType)}
+# ggml tensor types: id -> (name, elements per block, bytes per block), from ggml's block layouts
+# (an fp16 scale "d" is 2 bytes, K-quant super-blocks hold 256 elements). Written out here rather
+# than read from the gguf package, whose import costs ~0.13 s of every start; a type id not listed
+# here (one newer than this table) is looked up in the gguf package.
+_QK_K = 256
+_GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 28: ("F64", 1, 8),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8),
+    2: ("Q4_0", 32, 2 + 16),              # d, 32 nibbles
+    3: ("Q4_1", 32, 2 + 2 + 16),          # d, m, 32 nibbles
+    6: ("Q5_0", 32, 2 + 4 + 16),          # d, 32 high bits, 32 nibbles
+    7: ("Q5_1", 32, 2 + 2 + 4 + 16),
+    8: ("Q8_0", 32, 2 + 32),              # d, 32 int8
+    9: ("Q8_1", 32, 4 + 4 + 32),          # fp32 d and sum, 32 int8
+    10: ("Q2_K", _QK_K, 2 + 2 + _QK_K // 16 + _QK_K // 4),
+    11: ("Q3_K", _QK_K, 2 + _QK_K // 4 + _QK_K // 8 + 12),
+    12: ("Q4_K", _QK_K, 2 + 2 + _QK_K // 2 + 12),
+    13: ("Q5_K", _QK_K, 2 + 2 + _QK_K // 2 + _QK_K // 8 + 12),
+    14: ("Q6_K", _QK_K, 2 + _QK_K // 2 + _QK_K // 4 + _QK_K // 16),
+    15: ("Q8_K", _QK_K, 4 + _QK_K + _QK_K // 8),
+}
 
 
-_GGML_TYPES = _ggml_type_table()
-_GGML_TYPE_IDS = {name: tid for tid, (name, _, _) in _GGML_TYPES.items()}
+def ggml_type_info(type_id: int) -> tuple[str, int, int] | None:
+    """(name, block elements, block bytes) of a ggml type id, or None for an id nobody knows."""
+    info = _GGML_TYPES.get(type_id)
+    if info is None:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        try:
+            t = GGMLQuantizationType(type_id)
+        except ValueError:
+            return None
+        if t not in GGML_QUANT_SIZES:
+            return None
+        info = (t.name, *GGML_QUANT_SIZES[t])
+    return info
+
+
+def ggml_type_id(name: str) -> int | None:
+    """The ggml type id of a type name ("Q4_1"), or None if unknown."""
+    for tid, (tname, _, _) in _GGML_TYPES.items():
+        if tname == name:
+            return tid
+    from gguf.constants import GGMLQuantizationType
+
+    t = GGMLQuantizationType.__members__.get(name)
+    return None if t is None else int(t)
 
 
 @dataclass
@@ -195,15 +234,22 @@ class _Parser:
                 out = []
                 buf, pos, size = self.buf, self.pos, self.size
                 unpack = struct.Struct("<Q").unpack_from
+                append = out.append
+                # The loop of a 49k-token vocabulary: kept to the bare minimum per string (slicing
+                # the mmap already makes bytes; _decode's call only for the rare invalid UTF-8).
                 for _ in range(count):
                     if pos + 8 > size:
                         raise _Truncated(f"array '{key}'")
                     (n,) = unpack(buf, pos)
-                    pos += 8
-                    if pos + n > size:
+                    end = pos + 8 + n
+                    if end > size:
                         raise _Truncated(f"array '{key}'")
-                    out.append(_decode(bytes(buf[pos:pos + n])))
-                    pos += n
+                    raw = buf[pos + 8:end]
+                    try:
+                        append(raw.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        append(_decode(raw))
+                    pos = end
                 self.pos = pos
                 return out
             if itype == _ARRAY:
@@ -356,11 +402,12 @@ def _parse(path: Path, mm: mmap.mmap, size: int, allow_unsupported: bool) -> GGU
     for name, ne, type_id, offset in infos:
         if name in tensors:
             raise _fmt_err(path, f"tensor name '{name}' appears twice")
-        if type_id not in _GGML_TYPES:
+        info = ggml_type_info(type_id)
+        if info is None:
             raise UnsupportedModelError(f"{path}: tensor '{name}' has unknown tensor type id {type_id}",
                                         "the file is damaged, or was made by a newer llama.cpp than "
                                         "edgellm understands; use a Q4_K/Q8_0/F16 model")
-        tname, be, bb = _GGML_TYPES[type_id]
+        tname, be, bb = info
         if tname not in gguf_blocks.BLOCK_ELEMS and not allow_unsupported:
             raise UnsupportedModelError(
                 f"{path}: tensor '{name}' has type {tname}, which edgellm does not run",
@@ -452,7 +499,7 @@ def _as_raw(data, ggml_type: str, shape: tuple[int, ...], name: str) -> np.ndarr
     data = np.asarray(data)
     if data.dtype == np.uint8:
         want = gguf_blocks.nbytes(ggml_type, n_el) if ggml_type in gguf_blocks.BLOCK_ELEMS else \
-            n_el // _GGML_TYPES[_GGML_TYPE_IDS[ggml_type]][1] * _GGML_TYPES[_GGML_TYPE_IDS[ggml_type]][2]
+            n_el // ggml_type_info(ggml_type_id(ggml_type))[1] * ggml_type_info(ggml_type_id(ggml_type))[2]
         if data.size != want:
             raise ValueError(f"tensor '{name}': {data.size} bytes given, {ggml_type} of shape {shape} "
                              f"takes {want}")
@@ -514,10 +561,11 @@ def write_gguf(path, metadata: dict[str, Any],
                 writer.add_key_value(key, value, t)
         for name, data, ggml_type, shape in tensors:
             shape = tuple(int(s) for s in shape)
-            if ggml_type not in _GGML_TYPE_IDS:
+            type_id = ggml_type_id(ggml_type)
+            if type_id is None:
                 raise UnsupportedModelError(f"cannot write tensor '{name}' as {ggml_type!r}: unknown tensor type")
-            qtype = GGMLQuantizationType(_GGML_TYPE_IDS[ggml_type])
-            be, bb = _GGML_TYPES[int(qtype)][1:]
+            qtype = GGMLQuantizationType(type_id)
+            be, bb = ggml_type_info(type_id)[1:]
             if not shape or any(d <= 0 for d in shape) or shape[-1] % be:
                 raise ValueError(f"tensor '{name}': shape {shape} is impossible for {ggml_type} "
                                  f"(positive dims, last one a multiple of {be})")

@@ -8,11 +8,14 @@ from pathlib import Path
 
 from edgellm import heap
 from edgellm.config import ModelConfig
+from edgellm.kernels import native
+from edgellm.kernels.threads import one_thread
 from edgellm.loading.resolve import ResolvedModel, resolve_model
 from edgellm.models.gemma3 import Gemma3Model
 from edgellm.models.llama import LlamaModel, ModelWeights
 from edgellm.models.moe import MoEModel
 from edgellm.tokenizer import Tokenizer
+from edgellm.util import startup_mark
 
 
 @dataclass
@@ -52,10 +55,17 @@ def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = 
 
         gf = read_gguf(src.path)
         cfg = gf.config()
+        startup_mark("read GGUF header")
         tokenizer = Tokenizer.from_gguf_metadata(gf.metadata)
         cfg.check_token_count(tokenizer.vocab_size, str(src.path))
-        weights = load_gguf_weights(gf, cfg, dtype, use_native, layers, ends)
+        startup_mark("tokenizer")
+        if use_native:
+            native()   # loaded here rather than by the first weight, so the start-up trace shows it apart
+            startup_mark("native kernels")
+        with one_thread(only_when_busy=True):   # copies: one_thread's doc says what threads cost them
+            weights = load_gguf_weights(gf, cfg, dtype, use_native, layers, ends)
         check_vector_shapes(weights, cfg)
+        startup_mark("weights")
         size = gf.file_size
     elif src.kind == "edgellm":   # a file written by `edgellm quantize`: matrices in their own formats
         from edgellm.loading.edgellm_format import load_edgellm
@@ -83,6 +93,7 @@ def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = 
             return LoadedModel(src, cfg, recurrent, tokenizer, dtype, size, time.perf_counter() - t0)
     model = build_model(cfg, weights)
     heap.release_free_heap()
+    startup_mark("model")
     return LoadedModel(src, cfg, model, tokenizer, dtype, size, time.perf_counter() - t0)
 
 
