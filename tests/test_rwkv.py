@@ -14,14 +14,16 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from edgellm.kv.state import StatePool  # noqa: E402
-from edgellm.loading.load import load_model  # noqa: E402
-from edgellm.runtime.model_runner import ModelRunner, SeqChunk  # noqa: E402
-from tiny_model import save_hf_folder  # noqa: E402
+from recurrent_parity import (  # noqa: E402
+    VOCAB,
+    check_chunked_prefill_and_decode,
+    check_resume_from_block_edge,
+    reference_logits,
+    token_ids,
+)
 
-VOCAB, BLOCK = 64, 8
-PROMPT_LEN, DECODE_STEPS, CHUNK = 40, 6, 13
-TOLERANCE = 1e-3
+from edgellm.loading.load import load_model  # noqa: E402
+from tiny_model import save_hf_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +57,12 @@ def folder(reference, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ids() -> list[int]:
-    gen = torch.Generator().manual_seed(2)
-    return torch.randint(3, VOCAB, (PROMPT_LEN + DECODE_STEPS,), generator=gen).tolist()
+    return token_ids()
 
 
 @pytest.fixture(scope="module")
 def expected(reference, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return reference(torch.tensor([ids]), use_cache=False).logits[0].float()
-
-
-def _runner(loaded) -> ModelRunner:
-    return ModelRunner(loaded.model, StatePool(loaded.model.state_shapes(), loaded.config.n_layers, 16, BLOCK))
-
-
-def _chunk(ids, start, n, table, pool) -> SeqChunk:
-    return SeqChunk(ids[start:start + n], start, pool.block_slots(table, start + n))
+    return reference_logits(reference, ids)
 
 
 def test_loads_as_a_recurrent_model(folder):
@@ -80,23 +72,8 @@ def test_loads_as_a_recurrent_model(folder):
 
 
 def test_chunked_prefill_and_decode_match_transformers(folder, ids, expected):
-    runner = _runner(load_model(str(folder)))
-    table = list(range(16))
-    for start in range(0, PROMPT_LEN, CHUNK):
-        n = min(CHUNK, PROMPT_LEN - start)
-        logits = runner.run([_chunk(ids, start, n, table, runner.cache)])
-        torch.testing.assert_close(logits[0], expected[start + n - 1], atol=TOLERANCE, rtol=0)
-    for p in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
-        logits = runner.run([_chunk(ids, p, 1, table, runner.cache)])
-        torch.testing.assert_close(logits[0], expected[p], atol=TOLERANCE, rtol=0)
+    check_chunked_prefill_and_decode(folder, ids, expected)
 
 
 def test_resuming_from_a_block_edge_snapshot_matches(folder, ids, expected):
-    runner = _runner(load_model(str(folder)))
-    first = list(range(8))
-    runner.run([_chunk(ids, 0, PROMPT_LEN, first, runner.cache)])
-    second = first[:2] + [10, 11, 12, 13]
-    logits = runner.run([_chunk(ids, PROMPT_LEN, 1, first, runner.cache),
-                         _chunk(ids, 2 * BLOCK, PROMPT_LEN - 2 * BLOCK, second, runner.cache)])
-    torch.testing.assert_close(logits[0], expected[PROMPT_LEN], atol=TOLERANCE, rtol=0)
-    torch.testing.assert_close(logits[1], expected[PROMPT_LEN - 1], atol=TOLERANCE, rtol=0)
+    check_resume_from_block_edge(folder, ids, expected)
