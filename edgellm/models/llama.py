@@ -178,6 +178,12 @@ class LlamaModel:
     def block(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], w: BlockWeights,
               batch: AttentionBatch, cache: KVCache, layer: int, trace: Trace | None = None) -> torch.Tensor:
         """One transformer block; each op ends with a mark in ``trace`` (a None check when off)."""
+        h = self.attention_half(h, rope, w, batch, cache, layer, trace)
+        return self.mlp_half(h, w, layer, trace)
+
+    def attention_half(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], w: BlockWeights,
+                       batch: AttentionBatch, cache: KVCache, layer: int, trace: Trace | None = None) -> torch.Tensor:
+        """attn_norm, q/k/v, RoPE and the KV write, attention, o_proj and the residual add."""
         cfg = self.cfg
         x = F.rms_norm(h, (cfg.hidden_size,), w.attn_norm, cfg.rms_norm_eps)
         if trace is not None:
@@ -187,6 +193,7 @@ class LlamaModel:
             qkv = qkv + w.qkv_bias
         if trace is not None:
             trace.end("qkv_proj", layer)
+        qkv = self.norm_qk(qkv, w)
         q = write_kv(qkv, rope, cache, layer, batch, cfg.n_heads, cfg.n_kv_heads)
         if trace is not None:
             trace.end("rope", layer)
@@ -196,6 +203,15 @@ class LlamaModel:
         h = self.project_add(w.o, attn, h)
         if trace is not None:
             trace.end("o_proj+attn_add", layer)
+        return h
+
+    def norm_qk(self, qkv: torch.Tensor, w: BlockWeights) -> torch.Tensor:
+        """Per-head norms of queries and keys before RoPE: none in Llama (Qwen3-MoE has them)."""
+        return qkv
+
+    def mlp_half(self, h: torch.Tensor, w: BlockWeights, layer: int, trace: Trace | None = None) -> torch.Tensor:
+        """ffn_norm, gate/up, SiLU(gate) x up, down and the residual add."""
+        cfg = self.cfg
         x = F.rms_norm(h, (cfg.hidden_size,), w.ffn_norm, cfg.rms_norm_eps)
         if trace is not None:
             trace.end("ffn_norm", layer)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from edgellm.config import ExpertConfig, ModelConfig
 from edgellm.kv.cache import KVCache
-from edgellm.layers.attention import AttentionBatch, attend, write_kv
+from edgellm.layers.attention import AttentionBatch
 from edgellm.models.llama import BlockWeights, LlamaModel, ModelWeights, silu_mul
 from edgellm.models.trace import Trace
 from edgellm.quant.base import Weight
@@ -127,43 +127,24 @@ class MoEModel(LlamaModel):
     def fused_decode_supported(self, batch: AttentionBatch, cache: KVCache) -> bool:
         return False
 
-    def block(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], w: MoEBlockWeights,
-              batch: AttentionBatch, cache: KVCache, layer: int, trace: Trace | None = None) -> torch.Tensor:
-        """One block: attention as Llama's (plus Qwen3-MoE's q/k norms), then the dense MLP or
-        the experts."""
+    def mlp_half(self, h: torch.Tensor, w: MoEBlockWeights, layer: int, trace: Trace | None = None) -> torch.Tensor:
+        """The experts (with the shared expert where the layout has one); a dense layer (Qwen's
+        mlp_only_layers) is Llama's MLP."""
+        if w.experts is None:
+            return super().mlp_half(h, w, layer, trace)
         cfg = self.cfg
-        x = F.rms_norm(h, (cfg.hidden_size,), w.attn_norm, cfg.rms_norm_eps)
-        if trace is not None:
-            trace.end("attn_norm", layer)
-        qkv = w.qkv.matmul(x)
-        if w.qkv_bias is not None:
-            qkv = qkv + w.qkv_bias
-        if trace is not None:
-            trace.end("qkv_proj", layer)
-        if w.q_norm is not None:
-            qkv = self._norm_qk(qkv, w)
-        q = write_kv(qkv, rope, cache, layer, batch, cfg.n_heads, cfg.n_kv_heads)
-        if trace is not None:
-            trace.end("rope", layer)
-        attn = attend(q, cache, layer, batch, self._windows[layer])
-        if trace is not None:
-            trace.end("attention", layer)
-        h = w.o.matmul_add(attn, h)
-        if trace is not None:
-            trace.end("o_proj+attn_add", layer)
         x = F.rms_norm(h, (cfg.hidden_size,), w.ffn_norm, cfg.rms_norm_eps)
         if trace is not None:
             trace.end("ffn_norm", layer)
-        if w.experts is not None:
-            h = h + mix_experts(x, w.experts, cfg.experts)
-        else:
-            h = w.down.matmul_add(silu_mul(w.gate_up.matmul(x)), h)
+        h = h + mix_experts(x, w.experts, cfg.experts)
         if trace is not None:
             trace.end("down_proj+ffn_add", layer)
         return h
 
-    def _norm_qk(self, qkv: torch.Tensor, w: MoEBlockWeights) -> torch.Tensor:
-        """RMSNorm of every query and key head (Qwen3), back into one row per token for write_kv."""
+    def norm_qk(self, qkv: torch.Tensor, w: MoEBlockWeights) -> torch.Tensor:
+        """RMSNorm of every query and key head (Qwen3-MoE), back into one row per token for write_kv."""
+        if w.q_norm is None:
+            return qkv
         cfg = self.cfg
         T, H, KVH, D = qkv.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         q, k, v = qkv.split([H * D, KVH * D, KVH * D], dim=-1)
