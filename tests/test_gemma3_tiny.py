@@ -13,10 +13,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from edgellm.kv.cache import KVCache  # noqa: E402
 from edgellm.loading.load import load_model  # noqa: E402
-from edgellm.runtime.model_runner import ModelRunner, SeqChunk  # noqa: E402
-from tiny_model import save_hf_folder  # noqa: E402
+from tiny_model import run_chunks, save_hf_folder  # noqa: E402
 
 WINDOW, VOCAB = 8, 64
 PROMPT_LEN, DECODE_STEPS = 40, 6
@@ -67,16 +65,7 @@ def test_prefill_and_decode_match_transformers(folder, reference, ids, chunk):
     with torch.no_grad():
         want = reference(torch.tensor([ids])).logits[0]       # teacher-forced: every position
     loaded = load_model(str(folder))
-    cache = KVCache(loaded.config, num_blocks=-(-len(ids) // 16))
-    runner = ModelRunner(loaded.model, cache)
-    slots = slice(0, cache.num_blocks * 16)
-    with torch.inference_mode():
-        for start in range(0, PROMPT_LEN, chunk):
-            part = ids[start:min(start + chunk, PROMPT_LEN)]
-            out = runner.run([SeqChunk(part, start, slots, want_logits=start + len(part) == PROMPT_LEN)])
-        got = [out[0]]
-        for pos in range(PROMPT_LEN, len(ids) - 1):
-            got.append(runner.run([SeqChunk([ids[pos]], pos, slots)])[0])
+    got = run_chunks(loaded.model, loaded.config, ids, PROMPT_LEN, chunk)
     for step, logits in enumerate(got):
         pos = PROMPT_LEN - 1 + step
         err = (logits - want[pos]).abs().max().item()

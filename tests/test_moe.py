@@ -28,7 +28,7 @@ from edgellm.loading.load import load_model  # noqa: E402
 from edgellm.quant.base import Weight  # noqa: E402
 from edgellm.runtime.model_runner import ModelRunner, SeqChunk  # noqa: E402
 from edgellm.sampling import SamplingParams  # noqa: E402
-from tiny_model import save_hf_folder  # noqa: E402
+from tiny_model import run_chunks, save_hf_folder  # noqa: E402
 
 VOCAB, EXPERTS, TOP_K = 64, 8, 2
 PROMPT_LEN, DECODE_STEPS = 24, 6
@@ -80,22 +80,6 @@ def ids() -> list[int]:
     return torch.randint(3, VOCAB, (PROMPT_LEN + DECODE_STEPS,), generator=gen).tolist()
 
 
-def run_chunks(model, cfg, ids: list[int], chunk: int) -> list[torch.Tensor]:
-    """Prefill ids[:PROMPT_LEN] in chunks of ``chunk`` tokens, then decode the rest one by one;
-    the logits after the prompt and after each decode step."""
-    cache = KVCache(cfg, num_blocks=-(-len(ids) // 16))
-    runner = ModelRunner(model, cache)
-    slots = slice(0, cache.num_blocks * 16)
-    with torch.inference_mode():
-        for start in range(0, PROMPT_LEN, chunk):
-            part = ids[start:min(start + chunk, PROMPT_LEN)]
-            out = runner.run([SeqChunk(part, start, slots, want_logits=start + len(part) == PROMPT_LEN)])
-        got = [out[0]]
-        for pos in range(PROMPT_LEN, len(ids) - 1):
-            got.append(runner.run([SeqChunk([ids[pos]], pos, slots)])[0])
-    return got
-
-
 def assert_matches(got: list[torch.Tensor], want: torch.Tensor, label: str) -> None:
     for step, logits in enumerate(got):
         pos = PROMPT_LEN - 1 + step
@@ -124,7 +108,7 @@ def test_prefill_and_decode_match_transformers(case, ids, chunk):
     with torch.no_grad():
         want = reference(torch.tensor([ids])).logits[0]       # teacher-forced: every position
     loaded = load_model(str(folder))
-    assert_matches(run_chunks(loaded.model, loaded.config, ids, chunk), want, f"{arch}, chunks of {chunk}")
+    assert_matches(run_chunks(loaded.model, loaded.config, ids, PROMPT_LEN, chunk), want, f"{arch}, chunks of {chunk}")
 
 
 def test_greedy_tokens_through_the_engine(case, ids):
@@ -389,7 +373,7 @@ def test_gguf_with_quantised_experts_matches_transformers(arch, expert_type, smo
     block = loaded.model.weights.blocks[0]
     assert {m.format for m in block.experts.gate_up + block.experts.down} == {expert_type}   # kept quantised
     assert loaded.config.experts.norm_top_k == (arch != "qwen2moe")
-    assert_matches(run_chunks(loaded.model, loaded.config, ids, 7), want, f"{arch} GGUF")
+    assert_matches(run_chunks(loaded.model, loaded.config, ids, PROMPT_LEN, 7), want, f"{arch} GGUF")
 
 
 def test_gguf_with_more_used_than_experts_is_refused(smollm2_path, tmp_path):

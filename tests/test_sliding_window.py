@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from edgellm.kv.cache import KVCache  # noqa: E402
 from edgellm.loading.load import load_model  # noqa: E402
 from edgellm.runtime.model_runner import ModelRunner, SeqChunk  # noqa: E402
-from tiny_model import save_hf_folder  # noqa: E402
+from tiny_model import run_chunks, save_hf_folder  # noqa: E402
 
 WINDOW = 8
 PROMPT_LEN, DECODE_STEPS = 40, 6
@@ -72,28 +72,12 @@ def test_the_window_changes_this_models_logits(reference, want, ids):
     assert diff[WINDOW + 2:].min() > 10 * TOLERANCE
 
 
-def run_chunks(model, cfg, ids: list[int], chunk: int, fused: bool = True) -> list[torch.Tensor]:
-    """Prefill ``ids[:PROMPT_LEN]`` in chunks of ``chunk`` tokens, then decode the rest one by one;
-    the logits after the prompt and after each decode step."""
-    cache = KVCache(cfg, num_blocks=-(-len(ids) // 16))
-    runner = ModelRunner(model, cache, fused_decode=fused)
-    slots = slice(0, cache.num_blocks * 16)
-    with torch.inference_mode():
-        for start in range(0, PROMPT_LEN, chunk):
-            part = ids[start:min(start + chunk, PROMPT_LEN)]
-            out = runner.run([SeqChunk(part, start, slots, want_logits=start + len(part) == PROMPT_LEN)])
-        got = [out[0]]
-        for pos in range(PROMPT_LEN, len(ids) - 1):
-            got.append(runner.run([SeqChunk([ids[pos]], pos, slots)])[0])
-    return got
-
-
 @pytest.mark.parametrize("chunk", [PROMPT_LEN, 5, 13])
 def test_prefill_and_decode_match_transformers(folder, want, ids, chunk):
     loaded = load_model(str(folder))
     assert loaded.config.sliding_window == WINDOW
     assert [loaded.config.layer_window(i) for i in range(2)] == [WINDOW, WINDOW]
-    got = run_chunks(loaded.model, loaded.config, ids, chunk)
+    got = run_chunks(loaded.model, loaded.config, ids, PROMPT_LEN, chunk)
     for step, logits in enumerate(got):
         pos = PROMPT_LEN - 1 + step
         err = (logits - want[pos]).abs().max().item()
@@ -131,9 +115,9 @@ def test_gguf_window_on_the_fused_decode_path(smollm2_path, tmp_path, ids):
     model = windowed.model
     if not model.has_fused_decode:
         pytest.skip("native kernels unavailable on this machine")
-    fused = run_chunks(model, windowed.config, ids, 16, fused=True)
-    per_layer = run_chunks(model, windowed.config, ids, 16, fused=False)
-    full = run_chunks(plain.model, plain.config, ids, 16)
+    fused = run_chunks(model, windowed.config, ids, PROMPT_LEN, 16, fused=True)
+    per_layer = run_chunks(model, windowed.config, ids, PROMPT_LEN, 16, fused=False)
+    full = run_chunks(plain.model, plain.config, ids, PROMPT_LEN, 16)
     for step, (a, b) in enumerate(zip(fused, per_layer)):
         assert (a - b).abs().max().item() < 1e-4, f"decode step {step}: fused and per-layer paths differ"
     assert max((a - c).abs().max().item() for a, c in zip(fused[1:], full[1:])) > 10 * TOLERANCE

@@ -68,3 +68,25 @@ def save_hf_folder(model, out: Path, vocab_size: int) -> Path:
     vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
     Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(out / "tokenizer.json"))
     return out
+
+
+def run_chunks(model, cfg, ids: list[int], prompt_len: int, chunk: int, fused: bool = True) -> list:
+    """Prefill ``ids[:prompt_len]`` in chunks of ``chunk`` tokens through an engine ModelRunner
+    over a KV pool of its own, then decode the rest one by one; the logits after the prompt and
+    after each decode step (position prompt_len - 1, prompt_len, ...)."""
+    import torch
+
+    from edgellm.kv.cache import KVCache
+    from edgellm.runtime.model_runner import ModelRunner, SeqChunk
+
+    cache = KVCache(cfg, num_blocks=-(-len(ids) // 16))
+    runner = ModelRunner(model, cache, fused_decode=fused)
+    slots = slice(0, cache.num_blocks * 16)
+    with torch.inference_mode():
+        for start in range(0, prompt_len, chunk):
+            part = ids[start:min(start + chunk, prompt_len)]
+            out = runner.run([SeqChunk(part, start, slots, want_logits=start + len(part) == prompt_len)])
+        got = [out[0]]
+        for pos in range(prompt_len, len(ids) - 1):
+            got.append(runner.run([SeqChunk([ids[pos]], pos, slots)])[0])
+    return got
