@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections import Counter
 from pathlib import Path
@@ -58,6 +59,17 @@ def test_copy_bytes_is_exact_and_drops_the_file_pages(smollm2_path):
     assert copy.nbytes == t.nbytes == ref.data.nbytes
     assert np.array_equal(copy, np.asarray(ref.data).reshape(-1).view(np.uint8))
     assert after - before < 8 * 1024, f"{(after - before) / 1024:.0f} MiB of file pages stayed resident"
+
+
+def test_copy_bytes_from_the_mapping_equals_the_file_read(smollm2_path):
+    """Without its file's path (a tensor made from a mapping alone) the copy is made from the
+    mapping, piece by piece; both ways give the bytes gguf-py reads."""
+    t = read_gguf(smollm2_path).tensors["blk.3.ffn_down.weight"]
+    mapped = dataclasses.replace(t, path=None).copy_bytes(piece=1 << 16)
+    reader = gguf.GGUFReader(smollm2_path)
+    ref = next(x for x in reader.tensors if x.name == "blk.3.ffn_down.weight")
+    assert np.array_equal(mapped, np.asarray(ref.data).reshape(-1).view(np.uint8))
+    assert np.array_equal(t.copy_bytes(), mapped)
 
 
 def test_real_file_config(smollm2):

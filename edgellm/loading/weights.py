@@ -78,7 +78,7 @@ class _GGUFSource:
                 f"{self.gf.path}: tensor '{name}' has shape {tuple(t.shape)}, expected {(n_experts, *expect)}",
                 "the stacked expert tensor contradicts the file's expert count or widths; re-export the model")
         size = t.nbytes // n_experts
-        parts = [GGUFTensor(f"{name}[{e}]", expect, t.ggml_type, t.data[e * size:(e + 1) * size], t.offset + e * size)
+        parts = [GGUFTensor(f"{name}[{e}]", expect, t.ggml_type, t.data[e * size:(e + 1) * size], t.offset + e * size, t.path)
                  for e in range(n_experts)]
         return [self._matrix(part, expect, None) for part in parts]
 
