@@ -490,3 +490,55 @@ def test_non_utf8_strings_are_kept_recoverably(tmp_path):
     body = (struct.pack("<Q", 3) + b"tok" + struct.pack("<IIQ", 9, 8, 1) + struct.pack("<Q", 2) + token)
     f = read_gguf(_handmade(tmp_path, body))
     assert f.metadata["tok"][0].encode("utf-8", "surrogateescape") == token
+
+
+# ---------------------------------------------------------------------------------------------
+# the header cache (a large vocabulary is parsed once per file version)
+# ---------------------------------------------------------------------------------------------
+
+def _write_big_vocab_gguf(path: Path, words: list[str]) -> None:
+    """A GGUF whose header (a 30k-string array) is over the cache's size threshold, written with
+    gguf-py's own writer."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_array("tokenizer.ggml.tokens", words)
+    w.add_uint32("test.count", len(words))
+    w.add_tensor("t.weight", np.arange(64, dtype=np.float32).reshape(2, 32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_header_cache_serves_the_same_file_and_never_a_changed_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "big.gguf"
+    words = [f"w{i}-é" for i in range(30000)]
+    _write_big_vocab_gguf(path, words)
+    first = read_gguf(path)
+    cached = list((tmp_path / "cache" / "edgellm" / "gguf-headers").iterdir())
+    assert len(cached) == 1, "a header over the threshold is kept after its first parse"
+    second = read_gguf(path)   # from the cache
+    assert second.metadata == first.metadata
+    assert second.metadata["tokenizer.ggml.tokens"] == words
+    assert second.data_offset == first.data_offset
+    assert np.array_equal(second.tensors["t.weight"].dequantize().numpy(),
+                          np.arange(64, dtype=np.float32).reshape(2, 32))
+
+    # rewritten in place with another vocabulary: the new file's header, not the cached one
+    _write_big_vocab_gguf(path, words[:-1] + ["changed"])
+    assert read_gguf(path).metadata["tokenizer.ggml.tokens"][-1] == "changed"
+    ref = gguf.GGUFReader(str(path)).fields["test.count"]
+    assert read_gguf(path).metadata["test.count"] == int(ref.parts[ref.data[0]][0]) == 30000
+
+    # a damaged cache entry is parsed again, and replaced
+    for entry in (tmp_path / "cache" / "edgellm" / "gguf-headers").iterdir():
+        entry.write_bytes(b"\x00garbage")
+    assert read_gguf(path).metadata["tokenizer.ggml.tokens"][-1] == "changed"
+
+
+def test_small_headers_are_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "small.gguf"
+    _write_big_vocab_gguf(path, ["a", "b"])
+    assert read_gguf(path).metadata["tokenizer.ggml.tokens"] == ["a", "b"]
+    assert not (tmp_path / "cache" / "edgellm" / "gguf-headers").exists()
