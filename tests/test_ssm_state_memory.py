@@ -16,6 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from edgellm.errors import InvalidParameterError  # noqa: E402
 from edgellm.kv.block_manager import KVSequence, prefix_hashes  # noqa: E402
 from edgellm.kv.state import StatePool  # noqa: E402
 from edgellm.kv.state_manager import StateManager  # noqa: E402
@@ -23,6 +24,7 @@ from edgellm.loading.load import load_model  # noqa: E402
 from edgellm.roofline.recurrent import state_bytes  # noqa: E402
 from edgellm.runtime.engine import Engine  # noqa: E402
 from edgellm.sampling import SamplingParams  # noqa: E402
+from tiny_model import save_hf_folder  # noqa: E402
 from tiny_recurrent import hf_greedy, save_chat_folder, words  # noqa: E402
 
 VOCAB, HIDDEN, EXPAND, D_STATE, D_CONV, LAYERS = 64, 32, 2, 8, 4, 2
@@ -145,3 +147,16 @@ def test_which_prompt_edges_are_snapshotted():
     d = list(range(400, 412))
     run_prompt(d)
     assert pool.data["x"][0, bm.snapshots[edges_of(d)[12]]].tolist() == [12.0] * 3
+
+
+def test_bad_state_settings_are_refused_clearly(mamba, tmp_path):
+    _, loaded = mamba
+    with pytest.raises(InvalidParameterError, match=f"holds no recurrent state.*takes {STATE_BYTES} bytes"):
+        Engine(loaded, kv_memory=STATE_BYTES - 1)
+    with pytest.raises(InvalidParameterError, match="state_snapshots must be a non-negative integer"):
+        Engine(loaded, kv_memory=4 * STATE_BYTES, state_snapshots=-1)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1))
+    with pytest.raises(InvalidParameterError, match="keeps a KV cache, not a recurrent state"):
+        Engine(load_model(str(save_hf_folder(llama, tmp_path, VOCAB))), kv_memory="1MB", state_snapshots=4)

@@ -155,12 +155,17 @@ class Engine:
             kv_dtype = default_kv_dtype
         self.block_size = block_size
         refuse_speculation(self.loaded, spec_config)
+        if state_snapshots is not None and not is_recurrent(self.loaded):
+            raise InvalidParameterError(
+                f"state_snapshots was given for '{self.cfg.architecture}', which keeps a KV cache, not a recurrent "
+                "state", "drop state_snapshots / --state-snapshots (it applies to Mamba, Mamba-2 and RWKV only)")
         self.kv_bytes_per_block = pool_bytes_per_block(self.loaded, block_size, kv_dtype)
         num_blocks = pool_bytes // self.kv_bytes_per_block
         if num_blocks < 1 and is_recurrent(self.loaded):
             raise InvalidParameterError(
                 f"kv_memory={kv_memory!r} holds no recurrent state: one sequence's state of this model takes "
-                f"{self.kv_bytes_per_block} bytes", f"give kv_memory at least {self.kv_bytes_per_block} bytes (e.g. '256MB')")
+                f"{self.kv_bytes_per_block} bytes",
+                f"give kv_memory at least {self.kv_bytes_per_block} bytes (e.g. '256MB')")
         if num_blocks < 1:
             raise InvalidParameterError(
                 f"kv_memory={kv_memory!r} holds no KV block: one block of {block_size} tokens of this model "
