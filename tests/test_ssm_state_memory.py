@@ -160,3 +160,29 @@ def test_bad_state_settings_are_refused_clearly(mamba, tmp_path):
         num_key_value_heads=1))
     with pytest.raises(InvalidParameterError, match="keeps a KV cache, not a recurrent state"):
         Engine(load_model(str(save_hf_folder(llama, tmp_path, VOCAB))), kv_memory="1MB", state_snapshots=4)
+
+
+def test_more_conversations_than_states_take_turns_through_offload(mamba):
+    """Three states in the pool, six conversations at once: a turn waiting for a state gets the
+    one of an idle session, whose state moves to host memory (one state's bytes); that session's
+    follow-up turn brings it back and computes only the new turn. Every reply is transformers'."""
+    hf, loaded = mamba
+    users = [words(700 + i, 6 + i, VOCAB) for i in range(6)]
+    with Engine(loaded, kv_memory=3 * STATE_BYTES, host_memory=64 * STATE_BYTES) as eng:
+        sessions = [eng.session(sampling=SamplingParams.greedy(max_tokens=6)) for _ in users]
+        handles = [s.send(u) for s, u in zip(sessions, users)]
+        firsts = [h.result() for h in handles]
+        eng.block_manager.check()
+        assert eng.block_manager.num_used == 3 and eng.scheduler.offloads == 3
+        s = sessions[0]
+        assert eng.kv_tier(s) == "host"
+        assert eng.store.counters()["host_bytes"] == 3 * STATE_BYTES
+        history = s.kv.num_tokens
+        second = s.chat(users[0] + " w9")
+        assert eng.kv_tier(s) == "pool" and second.cached_tokens == history
+        prompts = [eng.input.encode([{"role": "user", "content": u}], chat=True) for u in users]
+        follow = eng.input.encode([{"role": "user", "content": users[0]},
+                                   {"role": "assistant", "content": firsts[0].text},
+                                   {"role": "user", "content": users[0] + " w9"}], chat=True)
+    assert [r.token_ids for r in firsts] == [hf_greedy(hf, p, 6) for p in prompts]
+    assert second.token_ids == hf_greedy(hf, follow, 6)
