@@ -109,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
     if args.session_idle_timeout < 0:
         raise InvalidParameterError(f"--session-idle-timeout must be >= 0, got {args.session_idle_timeout}",
                                     "pass e.g. --session-idle-timeout 1800 (0 keeps idle sessions)")
+    if args.state_snapshots is not None and args.state_snapshots < 0:
+        raise InvalidParameterError(f"--state-snapshots must be >= 0, got {args.state_snapshots}",
+                                    "pass e.g. --state-snapshots 64 (0: no prefix reuse for a recurrent model)")
     check_precision(args)       # --weights/--keep/--kv-dtype, before the model is loaded
     speculative = speculative_config(args)
     if args.offload_dir is not None:
