@@ -106,6 +106,7 @@ def test_engine_options_reach_the_engine(smollm2_path, llm, tmp_path):
     (["--preemption", "sometimes"], "invalid choice: 'sometimes'"),
     (["--keep", "blk.0"], "--keep needs --weights"),
     (["--weights", "int5"], "unknown weight format"),
+    (["--state-snapshots", "-1"], "--state-snapshots must be >= 0"),
 ])
 def test_bad_engine_options_are_refused_before_loading(capsys, monkeypatch, args, needle):
     """Exit 2 with the reason, and the model is never loaded."""

@@ -102,7 +102,7 @@ def test_the_engine_keeps_a_state_pool(tiny):
     _, loaded = tiny
     with Engine(loaded, kv_memory="1MB") as eng:
         assert isinstance(eng.cache, StatePool)
-        # one block = one snapshot of every layer's state, whatever the block size
+        # one slot = one sequence's whole state, every layer, whatever its length
         assert eng.kv_bytes_per_block == 4 * loaded.config.n_layers * sum(
             math.prod(shape) for shape in loaded.model.state_shapes().values())
 
@@ -129,6 +129,8 @@ def test_offload_to_disk_and_follow_up_turn_continue_from_the_state(tiny, tmp_pa
         history = s.kv.num_tokens                       # prompt + reply tokens whose state is held
         assert eng.offload_idle() == 1
         assert eng.kv_tier(s) == "disk" and len(eng.store.files()) == 1
+        # what left the pool is the one live state, not a snapshot per block of the history
+        assert eng.store.counters()["disk_bytes"] == eng.kv_bytes_per_block and history > 2 * BLOCK
         second = s.chat(USERS[2])
         assert eng.kv_tier(s) == "pool" and eng.store.counters()["restored_disk"] == 1
         # nothing of the history recomputed: only the new turn's tokens
@@ -146,7 +148,8 @@ def test_a_shared_system_prompt_is_computed_once(tiny):
         prompts = [eng.input.encode(conversation(u), chat=True) for u in USERS[:4]]
         shared = min(next(i for i, (a, b) in enumerate(zip(p, prompts[0])) if a != b) for p in prompts[1:])
         reused = shared - shared % BLOCK                # the full blocks every prompt starts with
-        assert reused >= 2 * BLOCK
+        # block 2's edge: a power of two, snapshotted by the first prompt (edgellm.kv.state_manager)
+        assert reused == 2 * BLOCK
         results = [eng.session(system=SYSTEM, sampling=greedy()).chat(u) for u in USERS[:4]]
     assert results[0].computed_prompt_tokens == len(prompts[0])
     for r, p in zip(results[1:], prompts[1:]):
@@ -174,7 +177,9 @@ def test_an_edited_history_resumes_at_the_block_edge_before_the_change(tiny):
         ids = eng.input.encode(conversation(USERS[3], "w9 w9 w9", USERS[4]), chat=True)
         common = next(i for i, (a, b) in enumerate(zip(ids, held)) if a != b)
         assert common % BLOCK                           # the change falls inside a block
-        assert second.cached_tokens == common - common % BLOCK
+        # the last edge of the first prompt is snapshotted, and the change falls after it
+        first_prompt = len(eng.input.encode(conversation(USERS[3]), chat=True))
+        assert second.cached_tokens == common - common % BLOCK == first_prompt - first_prompt % BLOCK
         assert second.computed_prompt_tokens == len(ids) - second.cached_tokens
         assert second.token_ids == hf_greedy(hf, ids, NEW_TOKENS, eos=None)
 

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-memory", default="256MB", metavar="SIZE",
                    help="KV cache pool size, e.g. 512MB or 2GB (default 256MB); a larger load queues, "
                         "preempts or offloads")
+    p.add_argument("--state-snapshots", type=int, default=None, metavar="N",
+                   help="recurrent models (Mamba, RWKV) only: most prompt-prefix state snapshots kept in the "
+                        "--kv-memory pool for reuse (default: a quarter of its states; 0: none)")
     p.add_argument("--host-memory", default=None, metavar="SIZE",
                    help="host-memory budget for KV offloaded out of the pool (default: as large as the pool)")
     p.add_argument("--offload-dir", default=None, metavar="DIR",
@@ -106,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
     if args.session_idle_timeout < 0:
         raise InvalidParameterError(f"--session-idle-timeout must be >= 0, got {args.session_idle_timeout}",
                                     "pass e.g. --session-idle-timeout 1800 (0 keeps idle sessions)")
+    if args.state_snapshots is not None and args.state_snapshots < 0:
+        raise InvalidParameterError(f"--state-snapshots must be >= 0, got {args.state_snapshots}",
+                                    "pass e.g. --state-snapshots 64 (0: no prefix reuse for a recurrent model)")
     check_precision(args)       # --weights/--keep/--kv-dtype, before the model is loaded
     speculative = speculative_config(args)
     if args.offload_dir is not None:
@@ -146,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
               kv_dtype=args.kv_dtype, speculative=speculative, parallel=split)
     engine = Engine(llm, kv_memory=args.kv_memory, host_memory=args.host_memory,
                     max_batch_tokens=args.max_batch_tokens, disk_dir=args.offload_dir, preemption=args.preemption,
-                    idle_retire_s=args.session_idle_timeout or None)
+                    idle_retire_s=args.session_idle_timeout or None, state_snapshots=args.state_snapshots)
     model_id = args.served_model_name or llm.loaded.source.name
     aliases = (args.model,) if args.model and args.model != model_id else ()
     app = create_app(engine, model_id, aliases, api_key=api_keys, max_queue=args.max_queue, max_body=max_body,
@@ -163,8 +169,9 @@ def run(args: argparse.Namespace) -> int:
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
         serve_log.addHandler(handler)
         serve_log.setLevel(args.log_level.upper())
-    print(f"edgellm serve: {model_id} on http://{args.host}:{args.port}  (KV pool {engine.num_blocks} blocks, "
-          f"{engine.pool_tokens} tokens, KV {llm.kv_dtype}, weights {llm.loaded.dtype}, preemption {args.preemption}, "
+    pool = (f"state pool {engine.num_blocks} sequences' states" if engine.per_sequence_state else
+            f"KV pool {engine.num_blocks} blocks, {engine.pool_tokens} tokens")
+    print(f"edgellm serve: {model_id} on http://{args.host}:{args.port}  ({pool}, KV {llm.kv_dtype}, weights {llm.loaded.dtype}, preemption {args.preemption}, "
           f"speculative {speculative.name if speculative else 'off'}; "
           f"{_split_text(split)}"
           "live page at /, metrics at /metrics)", flush=True)

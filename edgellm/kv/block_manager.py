@@ -134,6 +134,11 @@ class BlockManager:
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
 
+    def tokens_room(self, seq: KVSequence) -> int:
+        """Positions ``seq`` can reach with its blocks and every available one (the state
+        manager of a recurrent model answers differently: its states do not grow)."""
+        return (len(seq.blocks) + self.num_available) * self.block_size
+
     # ---- single blocks ---------------------------------------------------------------------
     def allocate(self) -> int:
         """A block with ref 1 and no hash: from the free list, else the least recently cached."""

@@ -1,57 +1,75 @@
 """The state pool: what a recurrent model (Mamba, Mamba-2, RWKV) keeps instead of a KV cache.
 
 A state-space model summarises everything it has read in a fixed-size state per layer (Mamba: the
-last few convolution inputs and the SSM state). To fit the engine's lifecycle unchanged -- the
-block manager's reference counts, prefix hashes, copy-on-write, offload and preemption -- the pool
-is addressed by the same block ids as the KV pool, but a block holds one *state snapshot* instead
-of ``block_size`` keys and values:
+last few convolution inputs and the SSM state), so a sequence's memory must not grow with its
+length. The pool is ``num_slots`` *slots*, each one state of every layer; a slot is either
 
-* a full block holds the state after its last token. Its prefix hash names every token before
-  it, so the hash fixes the snapshot exactly as it fixes a KV block's contents: a sequence whose
-  prompt starts with the same full blocks takes them from the prefix cache and goes on from the
-  snapshot of the last one (a shared system prompt is computed once);
-* a sequence's last, partly filled block holds the state after its last computed token: the
-  state a decode step or a follow-up turn continues from. Partial blocks are private, so it is
-  overwritten in place as the sequence advances; full blocks are never written again.
+* a sequence's **live state**: its state after its last computed token. Each sequence holding a
+  state (running, or inactive between turns) owns exactly one live slot, whatever its length; a
+  step reads it and writes it back in place (a chunk starts where the sequence stands). Offload
+  and restore move this one slot; or
+* a **snapshot**: the state at a block edge of some prompt, named by the prefix hash of every token
+  before the edge (``edgellm.kv.block_manager.prefix_hashes``). Snapshots are a bounded,
+  evictable cache (:class:`edgellm.kv.state_manager.StateManager` keeps the books): a sequence
+  whose prompt starts with a cached prefix copies the snapshot into its live slot and goes on from
+  there (a shared system prompt is computed once); evicting one changes only what is recomputed.
 
-A sequence therefore resumes only at its own end or at a block edge (:attr:`resumes_mid_block`
-is False): cut back inside a block, it recomputes from the edge before. The memory a sequence
-holds grows by one snapshot per ``block_size`` tokens -- the price of prefix reuse at every
-block edge; a larger block size trades reuse granularity for memory.
+Why not one snapshot per block, as KV blocks are paged: then a sequence held one snapshot per
+``block_size`` tokens (1.3 MiB each for Mamba-130M), its memory grew with its length like a KV
+cache's, and a long conversation could not stay resident. Here the per-sequence cost is one slot;
+the prefix cache costs what its capacity allows, shared by all sequences.
 
-The pool stores float32 snapshots, one tensor per named part of a layer's state
-(``[n_layers, num_blocks, *shape]``); the model says which parts and shapes
-(``state_shapes()``) and reads/writes them by block id. ``export_blocks``/``import_blocks``/
-``copy_block`` have the KV cache's signatures, so offload and copy-on-write take either.
+The pool stores float32 states, one tensor per named part of a layer's state
+(``[n_layers, num_slots, *shape]``); the model says which parts and shapes (``state_shapes()``)
+and reads/writes them by slot. ``export_blocks``/``import_blocks``/``copy_block`` have the KV
+cache's signatures (a "block" here is a slot), so offload takes either.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
 from edgellm.errors import InvalidParameterError
 
 
+@dataclass
+class StateSlots:
+    """Where one chunk of a sequence reads and writes its state (``SeqChunk.slots`` for a recurrent
+    model): it starts from ``live`` (unless it starts at position 0: zeros), leaves its state after
+    its last token in ``live``, and stores the state after position ``edge - 1`` in ``slot`` for
+    each ``(edge, slot)`` of ``snapshots`` (edges inside the chunk, before its last token)."""
+
+    live: int
+    snapshots: list[tuple[int, int]] = field(default_factory=list)
+
+
 class StatePool:
-    #: a sequence cut back inside a block cannot resume there (only block edges hold snapshots)
+    #: a sequence cut back inside its history cannot resume there: only its end (the live state)
+    #: and cached block-edge snapshots hold states
     resumes_mid_block = False
 
-    def __init__(self, state_shapes: dict[str, tuple[int, ...]], n_layers: int, num_blocks: int,
+    def __init__(self, state_shapes: dict[str, tuple[int, ...]], n_layers: int, num_slots: int,
                  block_size: int = 16):
         """``state_shapes``: name -> shape of that part of one layer's state for one sequence."""
         self.shapes = dict(state_shapes)
         self.n_layers = n_layers
-        self.num_blocks = num_blocks
+        self.num_slots = num_slots
         self.block_size = block_size
         self.dtype = torch.float32
-        self.data = {name: torch.zeros(n_layers, num_blocks, *shape, dtype=self.dtype)
+        self.data = {name: torch.zeros(n_layers, num_slots, *shape, dtype=self.dtype)
                      for name, shape in self.shapes.items()}
 
+    @property
+    def num_blocks(self) -> int:
+        """Slots, under the KV cache's name (the engine sizes either pool in these units)."""
+        return self.num_slots
+
     @staticmethod
-    def bytes_per_block(state_shapes: dict[str, tuple[int, ...]], n_layers: int) -> int:
-        """Bytes of one snapshot (every layer, every part), float32."""
+    def bytes_per_state(state_shapes: dict[str, tuple[int, ...]], n_layers: int) -> int:
+        """Bytes of one slot: one sequence's state, every layer and part, float32."""
         return 4 * n_layers * sum(math.prod(s) for s in state_shapes.values())
 
     @property
@@ -59,36 +77,32 @@ class StatePool:
         return sum(t.numel() * t.element_size() for t in self.data.values())
 
     # ---- the model's access ---------------------------------------------------------------------
-    def read(self, layer: int, name: str, blocks: torch.Tensor) -> torch.Tensor:
-        """The snapshots of ``blocks`` ([B] ids) of one layer's part ``name``: [B, *shape] (a copy)."""
-        return self.data[name][layer].index_select(0, blocks)
+    def read(self, layer: int, name: str, slots: torch.Tensor) -> torch.Tensor:
+        """The states in ``slots`` ([B] ids) of one layer's part ``name``: [B, *shape] (a copy)."""
+        return self.data[name][layer].index_select(0, slots)
 
-    def write(self, layer: int, name: str, blocks: torch.Tensor, values: torch.Tensor) -> None:
-        """Store ``values`` ([B, *shape]) as the snapshots of ``blocks`` ([B] distinct ids)."""
-        self.data[name][layer].index_copy_(0, blocks, values.to(self.dtype))
+    def write(self, layer: int, name: str, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """Store ``values`` ([B, *shape]) in ``slots`` ([B] distinct ids)."""
+        self.data[name][layer].index_copy_(0, slots, values.to(self.dtype))
 
-    def block_slots(self, block_table: list[int], length: int) -> torch.Tensor:
-        """The block ids covering positions 0..length-1 (what the model reads and writes snapshots
-        by; the KV cache's method of the same name returns token slots)."""
-        return torch.tensor(block_table[:-(-length // self.block_size)], dtype=torch.int64)
-
-    # ---- offload and copy-on-write ------------------------------------------------------------------
-    def export_blocks(self, blocks: list[int]) -> dict[str, torch.Tensor]:
-        """A copy of these blocks' snapshots (for offload to host memory or disk)."""
-        idx = torch.tensor(blocks, dtype=torch.int64)
+    # ---- offload and snapshots ------------------------------------------------------------------
+    def export_blocks(self, slots: list[int]) -> dict[str, torch.Tensor]:
+        """A copy of these slots' states (for offload to host memory or disk)."""
+        idx = torch.tensor(slots, dtype=torch.int64)
         return {name: t.index_select(1, idx) for name, t in self.data.items()}
 
-    def import_blocks(self, blocks: list[int], saved: dict[str, torch.Tensor]) -> None:
-        """Put back what ``export_blocks`` returned, possibly into other block ids."""
+    def import_blocks(self, slots: list[int], saved: dict[str, torch.Tensor]) -> None:
+        """Put back what ``export_blocks`` returned, possibly into other slots."""
         if set(saved) != set(self.data):
             raise ValueError(f"saved state has parts {sorted(saved)}, this pool {sorted(self.data)}")
-        idx = torch.tensor(blocks, dtype=torch.int64)
+        idx = torch.tensor(slots, dtype=torch.int64)
         for name, t in self.data.items():
             t.index_copy_(1, idx, saved[name].to(self.dtype))
 
     def copy_block(self, src: int, dst: int) -> None:
-        """Block ``src``'s snapshot, every layer, into block ``dst``."""
-        self.import_blocks([dst], self.export_blocks([src]))
+        """Slot ``src``'s state, every layer, into slot ``dst`` (a snapshot taken or resumed from)."""
+        for t in self.data.values():
+            t[:, dst] = t[:, src]
 
 
 def check_state_dtype(kv_dtype) -> None:

@@ -44,6 +44,7 @@ from edgellm.kv.block_manager import BlockManager
 from edgellm.kv.cache import BLOCK_SIZE, KVCache
 from edgellm.kv.offload import OffloadStore
 from edgellm.kv.state import StatePool, check_state_dtype
+from edgellm.kv.state_manager import StateManager
 from edgellm.runtime.input import InputProcessor
 from edgellm.runtime.model_runner import ModelRunner, SeqChunk
 from edgellm.runtime.output import append_token, build_result, stop_checker
@@ -89,10 +90,10 @@ def is_recurrent(loaded) -> bool:
 
 def pool_bytes_per_block(loaded, block_size: int, kv_dtype) -> int:
     """Bytes of one block of the model's pool: the KV of ``block_size`` tokens, or for a recurrent
-    model one state snapshot (``edgellm.kv.state``)."""
+    model one slot -- one sequence's whole state, whatever its length (``edgellm.kv.state``)."""
     if is_recurrent(loaded):
         check_state_dtype(kv_dtype)
-        return StatePool.bytes_per_block(loaded.model.state_shapes(), loaded.config.n_layers)
+        return StatePool.bytes_per_state(loaded.model.state_shapes(), loaded.config.n_layers)
     return KVCache.bytes_per_block(loaded.config, block_size, kv_dtype)
 
 
@@ -111,7 +112,8 @@ class Engine:
                  disk_dir: str | None = None, disk_memory: int | str | None = None,
                  idle_retire_s: float | None = None, preemption: str = PREEMPT_RECOMPUTE,
                  kv_dtype=None, seed: int | None = None, threads: int | None = None,
-                 speculative: str | SpeculativeConfig | None = None, draft_tokens: int | None = None):
+                 speculative: str | SpeculativeConfig | None = None, draft_tokens: int | None = None,
+                 state_snapshots: int | None = None):
         """``model_or_llm``: an :class:`edgellm.llm.LLM`, a ``LoadedModel``, or a model spec (path
         or registry name; None: the default model). ``kv_memory``: the pool's size;
         ``host_memory``: the host offload tier's budget (default: as large as the pool; 0 for
@@ -120,7 +122,9 @@ class Engine:
         ``kv_dtype``: the pool's precision (a name or torch dtype; default: the LLM's ``kv_dtype``);
         ``speculative``: speculative decoding -- "ngram", "early-exit:L" or "draft:MODEL" (see
         ``edgellm.runtime.speculative``), with at most ``draft_tokens`` proposed per step; the
-        tokens are those of plain decoding (greedy: identical; sampled: the same distribution)."""
+        tokens are those of plain decoding (greedy: identical; sampled: the same distribution).
+        ``state_snapshots`` (recurrent models only): most block-edge snapshots of prompts kept for
+        prefix reuse (default: a quarter of the pool's slots; ``edgellm.kv.state_manager``)."""
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise InvalidParameterError(f"block_size must be a positive integer, got {block_size!r}",
                                         "use 16 (the default)")
@@ -151,8 +155,17 @@ class Engine:
             kv_dtype = default_kv_dtype
         self.block_size = block_size
         refuse_speculation(self.loaded, spec_config)
+        if state_snapshots is not None and not is_recurrent(self.loaded):
+            raise InvalidParameterError(
+                f"state_snapshots was given for '{self.cfg.architecture}', which keeps a KV cache, not a recurrent "
+                "state", "drop state_snapshots / --state-snapshots (it applies to Mamba, Mamba-2 and RWKV only)")
         self.kv_bytes_per_block = pool_bytes_per_block(self.loaded, block_size, kv_dtype)
         num_blocks = pool_bytes // self.kv_bytes_per_block
+        if num_blocks < 1 and is_recurrent(self.loaded):
+            raise InvalidParameterError(
+                f"kv_memory={kv_memory!r} holds no recurrent state: one sequence's state of this model takes "
+                f"{self.kv_bytes_per_block} bytes",
+                f"give kv_memory at least {self.kv_bytes_per_block} bytes (e.g. '256MB')")
         if num_blocks < 1:
             raise InvalidParameterError(
                 f"kv_memory={kv_memory!r} holds no KV block: one block of {block_size} tokens of this model "
@@ -165,16 +178,21 @@ class Engine:
             self.runner = split.runner(num_blocks, block_size, kv_dtype)
             self.cache = self.runner.cache
         else:
-            if is_recurrent(self.loaded):   # a block holds one state snapshot, not block_size tokens of KV
+            if is_recurrent(self.loaded):   # a slot holds one sequence's state, not block_size tokens of KV
                 self.cache = StatePool(self.loaded.model.state_shapes(), self.cfg.n_layers, num_blocks, block_size)
             else:
                 self.cache = KVCache(self.cfg, num_blocks, block_size, kv_dtype)
             self.runner = ModelRunner(self.loaded.model, self.cache)
-        self.block_manager = BlockManager(num_blocks, block_size, copy_block=self.cache.copy_block)
+        if isinstance(self.cache, StatePool):   # one live slot per sequence, and a snapshot cache
+            self.block_manager = StateManager(num_blocks, block_size, self.cache.copy_block, state_snapshots)
+        else:
+            self.block_manager = BlockManager(num_blocks, block_size, copy_block=self.cache.copy_block)
         self.store = OffloadStore(host_bytes, disk_dir, disk_bytes)
         self.speculator = None if spec_config is None else Speculator(spec_config, self.runner, self.loaded)
+        # a recurrent state does not grow: the pool bounds how many sequences, not how long
+        pool_tokens = self.cfg.context_length if self.per_sequence_state else num_blocks * block_size
         self.input = InputProcessor(self.tokenizer, self.cfg.context_length, self.cfg.vocab_size,
-                                    num_blocks * block_size, block_size, self.kv_bytes_per_block)
+                                    pool_tokens, block_size, self.kv_bytes_per_block)
         self.sampler = Sampler(seed=seed)
         self.max_batch_tokens = max_batch_tokens
         self.idle_retire_s = idle_retire_s
@@ -205,12 +223,19 @@ class Engine:
         return self.cache.num_blocks
 
     @property
+    def per_sequence_state(self) -> bool:
+        """Whether the pool holds a fixed-size state per sequence (a recurrent model) rather than
+        KV per token."""
+        return isinstance(self.cache, StatePool)
+
+    @property
     def pool_tokens(self) -> int:
-        return self.cache.num_blocks * self.block_size
+        """Tokens the pool can hold for one sequence (a recurrent model: its whole context)."""
+        return self.input.pool_tokens
 
     @property
     def kv_bytes_per_token(self) -> float:
-        return self.kv_bytes_per_block / self.block_size
+        return 0.0 if self.per_sequence_state else self.kv_bytes_per_block / self.block_size
 
     def kv_bytes(self, n_tokens: int) -> int:
         """Bytes of KV that ``n_tokens`` tokens take in whole blocks."""
@@ -457,9 +482,8 @@ class Engine:
         if spec is not None:
             spec.propose(chunks, self.cache.block_slots)
         t1 = time.perf_counter()
-        logits = self.runner.run([
-            SeqChunk(c.tokens, c.start, self.cache.block_slots(c.seq.kv.blocks, c.start + len(c.tokens)),
-                     c.want_logits, c.verify) for c in chunks])
+        logits = self.runner.run([SeqChunk(c.tokens, c.start, self._slots(c), c.want_logits, c.verify)
+                                  for c in chunks])
         t2 = time.perf_counter()
         n_decode = n_prefill = 0
         wanting: list[Chunk] = []
@@ -489,6 +513,13 @@ class Engine:
         st.max_batch_rows = max(st.max_batch_rows, len(chunks))
         st.add(n_decode, n_prefill, t3 - t1)
         return True
+
+    def _slots(self, c: Chunk):
+        """Where chunk ``c`` reads and writes: its cache slots, or for a recurrent model its live
+        state slot and the prompt-edge snapshots it takes (planned by the state manager)."""
+        if self.per_sequence_state:
+            return self.block_manager.chunk_slots(c.seq.kv, c.tokens, c.seq.prompt_ids)
+        return self.cache.block_slots(c.seq.kv.blocks, c.start + len(c.tokens))
 
     def _commit(self, c: Chunk, n: int) -> None:
         """The first ``n`` tokens of chunk ``c`` are computed: record them in the block manager and
@@ -733,9 +764,7 @@ class Engine:
                 "phase_s": {p.value: phase_s.get(p.value, 0.0) for p in Phase},
                 "tokens": dict(tokens),
                 "blocks": bm.counters(),
-                "kv": {"block_size": self.block_size, "bytes_per_block": self.kv_bytes_per_block,
-                       "bytes_per_token": self.kv_bytes_per_token, "pool_bytes": self.cache.nbytes,
-                       "pool_tokens": self.pool_tokens},
+                "kv": self._pool_stats(),
                 "offload": self.store.counters(),
                 "scheduler": {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                               "preemptions": self.scheduler.preempted_total, "offloads": self.scheduler.offloads,
@@ -744,6 +773,16 @@ class Engine:
                 "speculative": self.speculator.stats() if self.speculator is not None else None,
                 "requests": dict(self.counts),
             }
+
+    def _pool_stats(self) -> dict:
+        out = {"block_size": self.block_size, "bytes_per_block": self.kv_bytes_per_block,
+               "bytes_per_token": self.kv_bytes_per_token, "pool_bytes": self.cache.nbytes,
+               "pool_tokens": self.pool_tokens}
+        if self.per_sequence_state:   # a "block" is one sequence's state; snapshots are a bounded cache
+            bm = self.block_manager
+            out.update(per_sequence=True, bytes_per_sequence=self.kv_bytes_per_block,
+                       snapshot_capacity=bm.snapshot_capacity, snapshot_bytes=bm.num_cached * self.kv_bytes_per_block)
+        return out
 
 
 def check_split_engine(speculative, disk_dir, preemption: str, host_memory) -> None:

@@ -13,8 +13,10 @@ Each engine step runs *one* forward pass (``ModelRunner.run``) over a token budg
    cut back to the longest prefix of the new prompt it holds, extended with cached blocks of
    the prefix cache -- and its first chunk is scheduled in the same step.
 
-Memory. Blocks are reserved before the pass for every token it writes. When the pool runs short,
-the scheduler reclaims, cheapest first:
+Memory. Blocks are reserved before the pass for every token it writes (for a recurrent model,
+``bm`` is a :class:`~edgellm.kv.state_manager.StateManager`: one slot per sequence, whatever its
+length, and cached snapshots in place of cached blocks). When the pool runs short, the scheduler
+reclaims, cheapest first:
 
 * cached blocks (unreferenced, in the prefix cache) are evicted by the block manager itself;
 * the least recently used *idle* session (inactive, or queued but not yet admitted) moves its KV
@@ -38,6 +40,7 @@ from edgellm.kv.block_manager import BlockManager, OutOfBlocks
 from edgellm.kv.cache import KVCache
 from edgellm.kv.offload import DISK, HOST, OffloadStore
 from edgellm.kv.state import StatePool
+from edgellm.kv.state_manager import StateManager
 from edgellm.runtime.types import (
     DONE,
     PREEMPT_RECOMPUTE,
@@ -71,7 +74,7 @@ def common_prefix(a: list[int], b: list[int], limit: int | None = None) -> int:
 
 
 class Scheduler:
-    def __init__(self, bm: BlockManager, cache: KVCache | StatePool, store: OffloadStore, sessions: Callable[[], list[Session]],
+    def __init__(self, bm: BlockManager | StateManager, cache: KVCache | StatePool, store: OffloadStore, sessions: Callable[[], list[Session]],
                  max_batch_tokens: int = 512, max_batch_seqs: int = 256, preemption: str = PREEMPT_RECOMPUTE):
         self.bm = bm
         self.cache = cache
@@ -186,12 +189,12 @@ class Scheduler:
 
     def _reserve_upto(self, seq: Sequence, n: int) -> int:
         """Reserve blocks for up to ``n`` more tokens of a prefilling sequence; how many fit."""
-        kv, bs = seq.kv, self.bm.block_size
+        kv = seq.kv
         start = kv.num_tokens
         need = self.bm.blocks_for(start + n) - len(kv.blocks)
         if need > self.bm.num_available:
             self._reclaim(need, seq, allow_preempt=False)
-        n = min(n, (len(kv.blocks) + self.bm.num_available) * bs - start)
+        n = min(n, self.bm.tokens_room(kv) - start)
         if n <= 0:
             return 0
         self.bm.reserve(kv, start + n)
@@ -329,7 +332,8 @@ class Scheduler:
         limit = len(tokens) - 1          # at least one token is computed, for its logits
         keep = common_prefix(kv.token_ids, tokens, limit)
         if keep < kv.num_tokens and not self.cache.resumes_mid_block:
-            keep -= keep % self.bm.block_size    # a recurrent state: snapshots at block edges only
+            # a recurrent state: snapshots at block edges only (truncate goes back to a cached one)
+            keep -= keep % self.bm.block_size
         if keep < kv.num_tokens:
             try:
                 self.bm.truncate(kv, keep)
