@@ -1,0 +1,280 @@
+"""Mamba from GGUF files in llama.cpp's layout, against transformers and against llama.cpp itself.
+
+A tiny random transformers ``MambaForCausalLM`` (widths multiples of 32, so every projection
+splits into quantisation blocks; SmolLM2's real BPE vocabulary) is written here with the ``gguf``
+package as llama.cpp's ``convert_hf_to_gguf.py`` lays Mamba out: ``ssm_*`` tensor names, the
+convolution squeezed to [d_inner, d_conv], ``ssm_a`` stored as ``-exp(A_log)``, the head tied to
+the embedding (no ``output.weight``), the ``mamba.ssm.*`` keys. One copy holds every tensor as
+F32; others hold the projections and the embedding quantised (Q8_0, Q4_0) by ``gguf.quants``,
+the small tensors (convolution, A, D, norms, biases) F32, as llama.cpp's quantiser leaves them.
+
+References, each independent of edgellm:
+
+* the F32 file against transformers on the same weights: prompt logits (in chunks that cross
+  block edges) and every decode step within 1e-3;
+* a quantised file against transformers on the weights ``gguf.quants.dequantize`` decodes from
+  it: within 1e-3 as well (edgellm's kernels multiply the blocks with float32 activations);
+* llama.cpp (llama-cpp-python) on the same quantised file: identical greedy tokens, and logits
+  within ``LLAMA_CPP_TOLERANCE`` (see there why it is looser than 1e-3).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+from recurrent_parity import (  # noqa: E402
+    PROMPT_LEN,
+    TOLERANCE,
+    check_chunked_prefill_and_decode,
+    check_resume_from_block_edge,
+    reference_logits,
+    token_ids,
+)
+
+from edgellm.errors import ModelFormatError  # noqa: E402
+from edgellm.loading.gguf import read_gguf  # noqa: E402
+from edgellm.loading.load import load_model  # noqa: E402
+
+HIDDEN, STATE, DT_RANK, LAYERS = 64, 16, 32, 2
+#: the projections and the embedding llama.cpp's quantiser converts (ssm_conv1d, ssm_a, ssm_d,
+#: norms and biases stay F32)
+QUANTISED = ("ssm_in.weight", "ssm_x.weight", "ssm_dt.weight", "ssm_out.weight", "token_embd.weight")
+#: llama.cpp rounds the activations to 8-bit blocks (Q8_0) before every quantised matmul; edgellm
+#: multiplies them in float32. On this model (logits of standard deviation ~0.9, largest ~6.2) that
+#: rounding is worth ~0.05: transformers with its Linear inputs rounded to Q8_0 blocks moves by
+#: 0.050 from its float32-activation self, and llama.cpp differs from edgellm by 0.047 (Q8_0) and
+#: 0.050 (Q4_0) -- while on the F32 file, where neither side rounds, the two agree within 2e-6.
+#: 0.1 is twice the measured rounding effect and still catches any layout error (a transposed,
+#: missing or mis-signed tensor moves logits by whole units); the greedy tokens' margins are >1.4.
+LLAMA_CPP_TOLERANCE = 0.1
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_path):
+    vocab = len(read_gguf(smollm2_path).metadata["tokenizer.ggml.tokens"])
+    cfg = transformers.MambaConfig(vocab_size=vocab, hidden_size=HIDDEN, state_size=STATE, num_hidden_layers=LAYERS,
+                                   expand=2, conv_kernel=4, time_step_rank=DT_RANK, use_bias=False,
+                                   use_conv_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(cfg).float().eval()
+    with torch.no_grad():   # random norms, skips and step sizes: every term of the mixer shows
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "norm_f.weight", ".D")):
+                p.normal_(1.0, 0.3)
+            elif name.endswith("A_log"):
+                p.uniform_(-1.0, 1.5)
+            elif name.endswith("dt_proj.bias"):
+                p.uniform_(-3.0, 0.5)
+            elif name.endswith("dt_proj.weight"):
+                p.normal_(0.0, 0.2)
+    return model
+
+
+def write_mamba_gguf(path, reference, source_gguf, qtype: str | None = None, drop_key: str | None = None,
+                     drop_tensor: str | None = None) -> dict[str, torch.Tensor]:
+    """``reference`` as llama.cpp's converter writes a Mamba (``qtype``: the QUANTISED tensors in
+    that block type), with ``source_gguf``'s tokenizer. Returns the state dict transformers must
+    load to compute what the file holds (the quantised tensors as ``gguf.quants`` decodes them)."""
+    from gguf.quants import dequantize, quantize
+
+    cfg = reference.config
+    sd = {k: v.detach().float().numpy() for k, v in reference.state_dict().items()}
+    held = dict(sd)
+    w = gguf.GGUFWriter(str(path), "mamba")
+    keys = {"block_count": (w.add_block_count, LAYERS), "context_length": (w.add_context_length, 1 << 20),
+            "embedding_length": (w.add_embedding_length, HIDDEN), "feed_forward_length": (w.add_feed_forward_length, 0),
+            "attention.head_count": (w.add_head_count, 0), "ssm.conv_kernel": (w.add_ssm_conv_kernel, cfg.conv_kernel),
+            "ssm.inner_size": (w.add_ssm_inner_size, cfg.intermediate_size),
+            "ssm.state_size": (w.add_ssm_state_size, STATE), "ssm.time_step_rank": (w.add_ssm_time_step_rank, DT_RANK),
+            "attention.layer_norm_rms_epsilon": (w.add_layer_norm_rms_eps, cfg.layer_norm_epsilon)}
+    for key, (add, value) in keys.items():
+        if key != drop_key:
+            add(value)
+    w.add_ssm_dt_b_c_rms(False)
+    meta = read_gguf(source_gguf).metadata
+    w.add_tokenizer_model(meta["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    w.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
+    w.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
+
+    def put(name: str, hf_name: str, array: np.ndarray | None = None):
+        array = np.ascontiguousarray(sd[hf_name] if array is None else array, dtype=np.float32)
+        if name == drop_tensor:
+            return
+        if qtype is not None and name.endswith(QUANTISED):
+            t = gguf.GGMLQuantizationType[qtype]
+            data = quantize(array, t)
+            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=t)
+            held[hf_name] = dequantize(data, t).reshape(array.shape)
+        else:
+            w.add_tensor(name, array)
+
+    put("token_embd.weight", "backbone.embeddings.weight")
+    held["lm_head.weight"] = held["backbone.embeddings.weight"]   # tied: one tensor, as the file holds it
+    put("output_norm.weight", "backbone.norm_f.weight")
+    for i in range(LAYERS):
+        hf, p = f"backbone.layers.{i}.", f"blk.{i}."
+        m = hf + "mixer."
+        put(p + "attn_norm.weight", hf + "norm.weight")
+        put(p + "ssm_in.weight", m + "in_proj.weight")
+        put(p + "ssm_conv1d.weight", m + "conv1d.weight", sd[m + "conv1d.weight"][:, 0, :])   # [d_inner, d_conv]
+        put(p + "ssm_conv1d.bias", m + "conv1d.bias")
+        put(p + "ssm_x.weight", m + "x_proj.weight")
+        put(p + "ssm_dt.weight", m + "dt_proj.weight")
+        put(p + "ssm_dt.bias", m + "dt_proj.bias")
+        put(p + "ssm_a", m + "A_log", -np.exp(sd[m + "A_log"]))
+        put(p + "ssm_d", m + "D")
+        put(p + "ssm_out.weight", m + "out_proj.weight")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in held.items()}
+
+
+@pytest.fixture(scope="module")
+def ids() -> list[int]:
+    return token_ids()
+
+
+@pytest.fixture(scope="module")
+def f32_file(reference, smollm2_path, tmp_path_factory):
+    path = tmp_path_factory.mktemp("mamba_gguf") / "mamba-f32.gguf"
+    write_mamba_gguf(path, reference, smollm2_path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["Q8_0", "Q4_0"])
+def quantised(request, reference, smollm2_path, tmp_path_factory):
+    """(file, transformers on the weights the file holds, block type)."""
+    path = tmp_path_factory.mktemp("mamba_gguf") / f"mamba-{request.param}.gguf"
+    held = write_mamba_gguf(path, reference, smollm2_path, request.param)
+    dequantised = copy.deepcopy(reference)
+    dequantised.load_state_dict(held)
+    return path, dequantised, request.param
+
+
+def test_reads_the_layout(f32_file):
+    loaded = load_model(str(f32_file))
+    cfg, model = loaded.config, loaded.model
+    assert (cfg.architecture, cfg.n_layers, cfg.hidden_size, cfg.vocab_size) == ("mamba", LAYERS, HIDDEN, 49152)
+    assert cfg.tie_embeddings and model.weights.lm_head is model.weights.embed
+    assert model.state_shapes() == {"conv": (2 * HIDDEN, 3), "ssm": (2 * HIDDEN, STATE)}
+
+
+def test_f32_file_matches_transformers(f32_file, reference, ids):
+    check_chunked_prefill_and_decode(f32_file, ids, reference_logits(reference, ids))
+
+
+def test_f32_file_resumes_from_a_block_edge_snapshot(f32_file, reference, ids):
+    check_resume_from_block_edge(f32_file, ids, reference_logits(reference, ids))
+
+
+def test_quantised_file_stays_quantised_and_matches_its_dequantised_weights(quantised, ids):
+    path, dequantised, qtype = quantised
+    weights = load_model(str(path)).model.weights
+    assert {m.format for m in weights.matrices()} == {qtype}
+    assert weights.embed.format == qtype
+    assert all(t.dtype == torch.float32 for layer in weights.layers for t in (layer.conv_w, layer.A, layer.D))
+    check_chunked_prefill_and_decode(path, ids, reference_logits(dequantised, ids))
+
+
+def llama_cpp_logits(path, prompt: list[int], steps: int) -> tuple[np.ndarray, list[int]]:
+    """llama.cpp's logits after the prompt and after each of ``steps`` greedy tokens it feeds back
+    (one eval of the prompt, then one token at a time), and those greedy tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + steps + 1, n_batch=64, n_threads=2,
+                          logits_all=True, verbose=False)
+    try:
+        llm.eval(prompt)
+        rows, tokens = [np.array(llm.scores[len(prompt) - 1])], []
+        for _ in range(steps):
+            tokens.append(int(rows[-1].argmax()))
+            llm.eval([tokens[-1]])
+            rows.append(np.array(llm.scores[llm.n_tokens - 1]))
+    finally:
+        llm.close()
+    return np.stack(rows), tokens
+
+
+def edgellm_logits(path, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """edgellm's logits after the prompt and after each of ``tokens`` (fed one at a time)."""
+    from edgellm.kv.state import StatePool
+    from edgellm.runtime.model_runner import ModelRunner, SeqChunk
+
+    loaded = load_model(str(path))
+    pool = StatePool(loaded.model.state_shapes(), loaded.config.n_layers, 16, 8)
+    runner = ModelRunner(loaded.model, pool)
+    table = list(range(16))
+    rows = [runner.run([SeqChunk(prompt, 0, pool.block_slots(table, len(prompt)))])[0]]
+    seq = list(prompt)
+    for t in tokens:
+        seq.append(t)
+        rows.append(runner.run([SeqChunk([t], len(seq) - 1, pool.block_slots(table, len(seq)))])[0])
+    return torch.stack(rows)
+
+
+def test_llama_cpp_on_the_quantised_file_agrees(quantised, ids):
+    path = quantised[0]
+    want, llama_tokens = llama_cpp_logits(path, ids[:PROMPT_LEN], 8)
+    got = edgellm_logits(path, ids[:PROMPT_LEN], llama_tokens)
+    assert got.argmax(-1)[:-1].tolist() == llama_tokens          # the same greedy continuation
+    err = (got - torch.from_numpy(want)).abs().max().item()
+    assert err < LLAMA_CPP_TOLERANCE, f"llama.cpp and edgellm logits differ by {err:.3e}"
+
+
+def test_llama_cpp_on_the_f32_file_agrees_closely(f32_file, ids):
+    """No block rounding on either side: the two agree as closely as two float32 programs can."""
+    want, llama_tokens = llama_cpp_logits(f32_file, ids[:PROMPT_LEN], 4)
+    got = edgellm_logits(f32_file, ids[:PROMPT_LEN], llama_tokens)
+    assert got.argmax(-1)[:-1].tolist() == llama_tokens
+    torch.testing.assert_close(got, torch.from_numpy(want), atol=TOLERANCE, rtol=0)
+
+
+def test_engine_greedy_matches_transformers(quantised, smollm2_path):
+    """Text through the whole lifecycle (encode, schedule, prefill, decode, detokenise) on the Q8_0
+    / Q4_0 file: the Engine's greedy tokens are transformers' on the dequantised weights."""
+    from edgellm.runtime.engine import Engine
+    from edgellm.sampling import SamplingParams
+
+    path, dequantised, _ = quantised
+    loaded = load_model(str(path))
+    prompts = ["The state of a recurrent model", "Mamba reads one token at a time and"]
+    engine = Engine(loaded, kv_memory="4MB", host_memory=0)
+    try:
+        got = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    finally:
+        engine.close()
+    for prompt, result in zip(prompts, got):
+        ids = loaded.tokenizer.encode(prompt)
+        with torch.no_grad():
+            out = dequantised.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                       pad_token_id=0)
+        assert result.token_ids == out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("key", ["ssm.state_size", "attention.layer_norm_rms_epsilon"])
+def test_a_missing_key_is_named(reference, smollm2_path, tmp_path, key):
+    path = tmp_path / "bad.gguf"
+    write_mamba_gguf(path, reference, smollm2_path, drop_key=key)
+    with pytest.raises(ModelFormatError, match=f"mamba.{key}") as err:
+        load_model(str(path))
+    assert "convert_hf_to_gguf" in err.value.fix
+
+
+def test_a_missing_tensor_is_named(reference, smollm2_path, tmp_path):
+    path = tmp_path / "bad.gguf"
+    write_mamba_gguf(path, reference, smollm2_path, drop_tensor="blk.1.ssm_a")
+    with pytest.raises(ModelFormatError, match="blk.1.ssm_a' is missing") as err:
+        load_model(str(path))
+    assert "Mamba" in err.value.fix
