@@ -383,3 +383,98 @@ def test_llama_cpp_on_the_mamba2_file_agrees(mamba2_q8, ids):
     got = edgellm_logits(path, ids[:PROMPT_LEN], llama_tokens)
     err = (got - torch.from_numpy(want)).abs().max().item()
     assert err < LLAMA_CPP_TOLERANCE, f"llama.cpp and edgellm logits differ by {err:.3e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# --weights on HF folders: a recurrent model's matrices converted at load time
+# ---------------------------------------------------------------------------------------------
+def tiny_hf(kind: str):
+    """A tiny transformers model whose matrices are 32 or 64 wide (Q8_0 blocks split them), with
+    every parameter drawn so each term of the mixer shows; vocabulary of 64 word tokens."""
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, bos_token_id=1, eos_token_id=2)
+    if kind == "mamba":
+        cfg = transformers.MambaConfig(**common, state_size=8, expand=2, pad_token_id=0)
+        model = transformers.MambaForCausalLM(cfg)
+    elif kind == "mamba2":
+        cfg = transformers.Mamba2Config(**common, state_size=8, expand=2, num_heads=8, head_dim=8, n_groups=2,
+                                        chunk_size=1, pad_token_id=0)
+        model = transformers.Mamba2ForCausalLM(cfg)
+    else:
+        cfg = transformers.RwkvConfig(**common, attention_hidden_size=32, intermediate_size=64, rescale_every=0,
+                                      context_length=128)
+        model = transformers.RwkvForCausalLM(cfg)
+    torch.manual_seed(4)
+    model = model.float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "norm_f.weight", ".D")) or ("ln" in name and name.endswith("weight")):
+                p.normal_(1.0, 0.3)
+            elif name.endswith("A_log") or name.endswith("time_decay"):
+                p.uniform_(-1.0, 1.5)
+            elif name.endswith(("dt_proj.bias", "dt_bias")):
+                p.uniform_(-3.0, 0.5)
+            elif "time_mix" in name:
+                p.uniform_(0.0, 1.0)
+            elif p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+def q8_0_round_trip(model):
+    """``model`` with every matrix whose rows split into 32-wide blocks (Linear weights, the
+    embedding) replaced by what ``gguf.quants`` makes of it as Q8_0 (bit-exact with llama.cpp)."""
+    from gguf.quants import dequantize, quantize
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in out.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and module.weight.shape[1] % 32 == 0:
+                w = module.weight.detach().numpy()
+                module.weight.copy_(torch.from_numpy(dequantize(quantize(w, q8), q8).reshape(w.shape)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2", "rwkv"])
+def test_weights_q8_0_on_an_hf_folder_matches_transformers_on_the_rounded_weights(kind, tmp_path):
+    from recurrent_parity import DECODE_STEPS, state_runner
+
+    from edgellm.loading.convert import convert_weights
+    from edgellm.runtime.model_runner import SeqChunk
+    from tiny_model import save_hf_folder
+
+    model = tiny_hf(kind)
+    folder = save_hf_folder(model, tmp_path / kind, 64)
+    loaded = convert_weights(load_model(str(folder)), "q8_0")
+    weights = loaded.model.weights
+    formats = {m.format for m in [*weights.matrices(), weights.embed, weights.lm_head]}
+    assert formats == ({"Q8_0", "float32"} if kind == "mamba" else {"Q8_0"})   # Mamba's dt_proj: 2 wide
+    assert loaded.dtype == "q8_0"
+    ids = token_ids()
+    want = reference_logits(q8_0_round_trip(model), ids)
+    runner = state_runner(loaded)
+    table = list(range(16))
+    got = [runner.run([SeqChunk(ids[:PROMPT_LEN], 0, runner.cache.block_slots(table, PROMPT_LEN))])[0]]
+    for p in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
+        got.append(runner.run([SeqChunk([ids[p]], p, runner.cache.block_slots(table, p + 1))])[0])
+    torch.testing.assert_close(torch.stack(got), want[PROMPT_LEN - 1:], atol=TOLERANCE, rtol=0)
+
+
+def test_weights_int8_runs_a_recurrent_model_and_keep_is_refused(tmp_path):
+    from edgellm.errors import InvalidParameterError
+    from edgellm.llm import LLM
+    from edgellm.sampling import SamplingParams
+    from tiny_model import save_hf_folder
+
+    model = tiny_hf("mamba2")
+    folder = save_hf_folder(model, tmp_path / "m2", 64)
+    llm = LLM(str(folder), weights="int8")
+    assert {m.format for m in llm.loaded.model.weights.matrices()} == {"int8"}
+    ids = token_ids()[:12]
+    got = llm.generate(ids, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)).token_ids
+    with torch.no_grad():
+        want = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(ids):].tolist()
+    assert got == want      # int8's rounding is far below this model's greedy margins
+    with pytest.raises(InvalidParameterError, match="--keep"):
+        LLM(str(folder), weights="int8", keep=["blk.0"])

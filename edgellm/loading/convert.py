@@ -108,15 +108,56 @@ def convert_weights(loaded, format: str, keep=(), progress: bool = False):
     from edgellm.loading.load import LoadedModel, build_model
 
     if getattr(loaded.model, "recurrent", False):
-        raise UnsupportedModelError(
-            f"converting the weights of the recurrent model '{loaded.config.architecture}' to {format} is not "
-            "implemented", "drop --weights: this model runs in float32, or bfloat16 with --dtype bfloat16")
+        return convert_recurrent(loaded, format, keep)
     fmt, kept = prepare(loaded.config, format, keep)
     t0 = time.perf_counter()
     weights = convert_model_weights(loaded.model.weights, loaded.config, fmt, kept, progress)
     label = fmt.name + (f"+keep({','.join(parse_keep(keep))})" if kept else "")
     return LoadedModel(loaded.source, loaded.config, build_model(loaded.config, weights), loaded.tokenizer,
                        label, loaded.file_bytes, loaded.load_s + time.perf_counter() - t0)
+
+
+def convert_recurrent(loaded, format: str, keep=()):
+    """A recurrent model (Mamba, Mamba-2, RWKV) with its matrices -- every :class:`Weight` of its
+    weights and of their layers: projections, embedding, head -- in ``format``. The small tensors
+    (convolution, decays, norms, biases) stay float32. A matrix whose width the format cannot
+    split (Mamba's dt projection is dt_rank = hidden / 16 wide) is left as it is, as llama.cpp's
+    quantiser leaves it; ``--keep`` is refused (its names are the Llama family's)."""
+    import copy
+    from dataclasses import fields
+
+    if keep:
+        raise InvalidParameterError(
+            f"--keep names matrices of Llama-family models; the recurrent model '{loaded.config.architecture}' "
+            "has other ones", f"drop --keep: {format} applies to all of this model's projections")
+    fmt = format if isinstance(format, WeightFormat) else parse_format(format)
+    t0 = time.perf_counter()
+
+    def conv(w: Weight) -> Weight:
+        try:
+            fmt.check_width("", w.shape[1])
+        except InvalidParameterError:
+            return w
+        return convert_matrix(fmt, w)
+
+    def converted(obj, done: dict[int, Weight]):
+        """``obj`` (a dataclass) with its Weight fields converted; ``done``: by id, so a tied head
+        stays the embedding's one matrix."""
+        changes = {}
+        for f in fields(obj):
+            v = getattr(obj, f.name)
+            if isinstance(v, Weight):
+                changes[f.name] = done[id(v)] = done.get(id(v)) or conv(v)
+        return replace(obj, **changes)
+
+    from edgellm.loading.load import LoadedModel
+
+    weights = loaded.model.weights
+    done: dict[int, Weight] = {}
+    model = copy.copy(loaded.model)    # the same model class and sizes over the converted weights
+    model.weights = converted(replace(weights, layers=[converted(layer, done) for layer in weights.layers]), done)
+    return LoadedModel(loaded.source, loaded.config, model, loaded.tokenizer, fmt.name, loaded.file_bytes,
+                       loaded.load_s + time.perf_counter() - t0)
 
 
 def weight_formats(weights) -> dict[str, int]:
