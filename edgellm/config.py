@@ -368,8 +368,8 @@ class ModelConfig:
         if archs and archs[0] in RECURRENT_HF_ARCHITECTURES:
             # load_model reads these with their own modules; what comes here wants a Llama-shaped config
             raise UnsupportedModelError(
-                f"{archs[0]} is a recurrent model: edgellm runs it as it is, but converting or quantising its "
-                "weights (--weights, edgellm quantize) is not implemented", "drop --weights, or use --dtype bfloat16")
+                f"{archs[0]} is a recurrent model, read by its own loader (edgellm.loading.load.load_recurrent_hf), "
+                "not as a Llama-family config", "load it with load_model / --model, which reads it whole")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture {archs or cfg.get('model_type')!r} is not supported",

@@ -478,3 +478,15 @@ def test_weights_int8_runs_a_recurrent_model_and_keep_is_refused(tmp_path):
     assert got == want      # int8's rounding is far below this model's greedy margins
     with pytest.raises(InvalidParameterError, match="--keep"):
         LLM(str(folder), weights="int8", keep=["blk.0"])
+
+
+def test_quantize_refuses_a_recurrent_model_and_names_the_way_that_works(f32_file, tmp_path):
+    from edgellm.errors import UnsupportedModelError
+    from edgellm.loading.convert import peek_config, quantize_model
+
+    cfg = peek_config(str(f32_file))[1]          # from the header alone
+    assert (cfg.architecture, cfg.n_layers, cfg.extra["recurrent"]["dt_rank"]) == ("mamba", LAYERS, DT_RANK)
+    with pytest.raises(UnsupportedModelError, match="recurrent") as err:
+        quantize_model(str(f32_file), "q4_0", tmp_path / "out.gguf", progress=False)
+    assert "--weights q4_0" in err.value.fix
+    assert not (tmp_path / "out.gguf").exists()

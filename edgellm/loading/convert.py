@@ -93,6 +93,9 @@ def convert_model_weights(weights, cfg, fmt: WeightFormat, kept: set[str], progr
 def prepare(cfg, format: str | WeightFormat, keep=()) -> tuple[WeightFormat, set[str]]:
     """Parse and check a format and ``--keep`` against a model config (no tensor touched)."""
     fmt = format if isinstance(format, WeightFormat) else parse_format(format)
+    if is_recurrent(cfg):      # its matrices are not the Llama family's: convert_recurrent checks them
+        refuse_keep_on_recurrent(cfg, format, keep)
+        return fmt, set()
     kept = resolve_keep(keep, cfg)
     check_model(fmt, cfg, kept)
     return fmt, kept
@@ -126,10 +129,7 @@ def convert_recurrent(loaded, format: str, keep=()):
     import copy
     from dataclasses import fields
 
-    if keep:
-        raise InvalidParameterError(
-            f"--keep names matrices of Llama-family models; the recurrent model '{loaded.config.architecture}' "
-            "has other ones", f"drop --keep: {format} applies to all of this model's projections")
+    refuse_keep_on_recurrent(loaded.config, format, keep)
     fmt = format if isinstance(format, WeightFormat) else parse_format(format)
     t0 = time.perf_counter()
 
@@ -158,6 +158,18 @@ def convert_recurrent(loaded, format: str, keep=()):
     model.weights = converted(replace(weights, layers=[converted(layer, done) for layer in weights.layers]), done)
     return LoadedModel(loaded.source, loaded.config, model, loaded.tokenizer, fmt.name, loaded.file_bytes,
                        loaded.load_s + time.perf_counter() - t0)
+
+
+def is_recurrent(cfg) -> bool:
+    """An attention-free model's config (its mixer's sizes are in ``extra["recurrent"]``)."""
+    return "recurrent" in (cfg.extra or {})
+
+
+def refuse_keep_on_recurrent(cfg, format, keep) -> None:
+    if keep:
+        raise InvalidParameterError(
+            f"--keep names matrices of Llama-family models; the recurrent model '{cfg.architecture}' has other ones",
+            f"drop --keep: {format} applies to all of this model's projections")
 
 
 def weight_formats(weights) -> dict[str, int]:
@@ -277,13 +289,26 @@ def peek_config(spec):
 
     src = resolve_model(spec)
     if src.kind == "gguf":
+        from edgellm.config import RECURRENT_GGUF_ARCHITECTURES
         from edgellm.loading.gguf import read_gguf
-        return src, read_gguf(src.path).config()
+
+        gf = read_gguf(src.path)
+        if gf.metadata.get("general.architecture") in RECURRENT_GGUF_ARCHITECTURES:
+            from edgellm.loading.recurrent_gguf import recurrent_gguf_config
+            return src, recurrent_gguf_config(gf)
+        return src, gf.config()
     if src.kind == "edgellm":
         from edgellm.loading.edgellm_format import read_config
         return src, read_config(src.path)
+    from edgellm.loading.load import recurrent_config_from_json
     from edgellm.loading.weights import read_hf_config
-    return src, read_hf_config(Path(src.path))
+
+    try:
+        data = json.loads((Path(src.path) / "config.json").read_text())
+    except (OSError, ValueError):
+        data = None      # read_hf_config says what is wrong with it
+    recurrent = recurrent_config_from_json(data, Path(src.path).name) if data is not None else None
+    return src, recurrent or read_hf_config(Path(src.path))
 
 
 def quantize_model(model, format: str, out, keep=(), progress: bool = True, log=None) -> dict:
@@ -297,6 +322,10 @@ def quantize_model(model, format: str, out, keep=(), progress: bool = True, log=
     out = Path(out).expanduser()
     kind = _output_kind(out, fmt)
     src, cfg = peek_config(model)
+    if is_recurrent(cfg):
+        raise UnsupportedModelError(
+            f"edgellm quantize does not write recurrent models ('{cfg.architecture}') yet",
+            f"convert at load time instead: --weights {fmt.name} on generate, bench, eval or serve")
     _check_out(out, src.path if src.kind != "hf" else None)
     fmt, kept = prepare(cfg, fmt, keep)
     if kind == "gguf" and src.kind != "gguf":

@@ -79,12 +79,20 @@ class SSMKeys:
 
 def load_recurrent_gguf(gf: GGUFFile, dtype: str = "float32", use_native: bool = True):
     """The Mamba or Mamba-2 model of ``gf`` (an architecture of config.RECURRENT_GGUF_ARCHITECTURES)."""
+    return {"mamba": _load_mamba, "mamba2": _load_mamba2}[_architecture(gf)](gf, dtype, use_native)
+
+
+def recurrent_gguf_config(gf: GGUFFile) -> ModelConfig:
+    """The ModelConfig of ``gf``'s Mamba or Mamba-2, from its header alone (no tensor is read)."""
+    return {"mamba": mamba_sizes, "mamba2": mamba2_sizes}[_architecture(gf)](gf)[0]
+
+
+def _architecture(gf: GGUFFile) -> str:
     arch = gf.metadata.get("general.architecture")
-    loaders = {"mamba": _load_mamba, "mamba2": _load_mamba2}
-    if arch not in loaders:
+    if arch not in RECURRENT_GGUF_ARCHITECTURES:
         raise UnsupportedModelError(f"{gf.path}: architecture {arch!r} is not an attention-free model edgellm reads",
                                     f"edgellm reads these from GGUF: {', '.join(RECURRENT_GGUF_ARCHITECTURES)}")
-    return loaders[arch](gf, dtype, use_native)
+    return arch
 
 
 def _model_config(gf: GGUFFile, arch: str, keys: SSMKeys, ffn_size: int, sizes: dict) -> ModelConfig:
@@ -109,7 +117,8 @@ def _ends(src: RecurrentGGUFSource, cfg: ModelConfig):
     return embed, src.floats("output_norm.weight", (H,)), lm_head
 
 
-def _load_mamba(gf: GGUFFile, dtype: str, use_native: bool) -> MambaModel:
+def mamba_sizes(gf: GGUFFile) -> tuple[ModelConfig, MambaShape]:
+    """The ModelConfig and the mixer's sizes of a Mamba file (its header only)."""
     keys = SSMKeys(gf, "mamba")
     if gf.metadata.get("mamba.ssm.dt_b_c_rms"):
         raise UnsupportedModelError(f"{gf.path}: this Mamba normalises dt, B and C (mamba.ssm.dt_b_c_rms: a "
@@ -117,7 +126,11 @@ def _load_mamba(gf: GGUFFile, dtype: str, use_native: bool) -> MambaModel:
                                     "use a Mamba model (state-spaces/mamba-*)")
     s = MambaShape(d_inner=keys.count("ssm.inner_size"), d_state=keys.count("ssm.state_size"),
                    d_conv=keys.count("ssm.conv_kernel"), dt_rank=keys.count("ssm.time_step_rank"))
-    cfg = _model_config(gf, "mamba", keys, s.d_inner, asdict(s))
+    return _model_config(gf, "mamba", keys, s.d_inner, asdict(s)), s
+
+
+def _load_mamba(gf: GGUFFile, dtype: str, use_native: bool) -> MambaModel:
+    cfg, s = mamba_sizes(gf)
     src = RecurrentGGUFSource(gf, cfg, dtype, use_native, "a Mamba model")
     H, Di, N = cfg.hidden_size, s.d_inner, s.d_state
     layers = []
@@ -136,7 +149,8 @@ def _load_mamba(gf: GGUFFile, dtype: str, use_native: bool) -> MambaModel:
     return MambaModel(cfg, s, MambaWeights(embed, layers, final_norm, lm_head))
 
 
-def _load_mamba2(gf: GGUFFile, dtype: str, use_native: bool) -> Mamba2Model:
+def mamba2_sizes(gf: GGUFFile) -> tuple[ModelConfig, Mamba2Shape]:
+    """The ModelConfig and the mixer's sizes of a Mamba-2 file (its header only)."""
     keys = SSMKeys(gf, "mamba2")
     d_inner, heads = keys.count("ssm.inner_size"), keys.count("ssm.time_step_rank")
     groups = keys.count("ssm.group_count") if "mamba2.ssm.group_count" in gf.metadata else 1
@@ -147,7 +161,12 @@ def _load_mamba2(gf: GGUFFile, dtype: str, use_native: bool) -> Mamba2Model:
     # llama.cpp applies no time-step limit (transformers' default is none either: 0 to infinity)
     s = Mamba2Shape(d_inner=d_inner, d_state=keys.count("ssm.state_size"), d_conv=keys.count("ssm.conv_kernel"),
                     heads=heads, head_dim=d_inner // heads, groups=groups, dt_min=0.0, dt_max=math.inf)
-    cfg = _model_config(gf, "mamba2", keys, d_inner, asdict(s))
+    return _model_config(gf, "mamba2", keys, d_inner, asdict(s)), s
+
+
+def _load_mamba2(gf: GGUFFile, dtype: str, use_native: bool) -> Mamba2Model:
+    cfg, s = mamba2_sizes(gf)
+    d_inner, heads, groups = s.d_inner, s.heads, s.groups
     src = RecurrentGGUFSource(gf, cfg, dtype, use_native, "a Mamba-2 model")
     H = cfg.hidden_size
     layers = []
