@@ -190,6 +190,7 @@ def test_f32_file_matches_transformers(f32_file, reference, ids):
     check_chunked_prefill_and_decode(f32_file, ids, reference_logits(reference, ids))
 
 
+@pytest.mark.slow      # the resumption itself is tests/test_mamba.py's; here only the file differs
 def test_f32_file_resumes_from_a_block_edge_snapshot(f32_file, reference, ids):
     check_resume_from_block_edge(f32_file, ids, reference_logits(reference, ids))
 
