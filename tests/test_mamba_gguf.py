@@ -82,14 +82,16 @@ def reference(smollm2_path):
 
 
 def write_mamba_gguf(path, reference, source_gguf, qtype: str | None = None, drop_key: str | None = None,
-                     drop_tensor: str | None = None) -> dict[str, torch.Tensor]:
+                     drop_tensor: str | None = None, **keys_set) -> dict[str, torch.Tensor]:
     """``reference`` as llama.cpp's converter writes a Mamba (``qtype``: the QUANTISED tensors in
-    that block type), with ``source_gguf``'s tokenizer. Returns the state dict transformers must
-    load to compute what the file holds (the quantised tensors as ``gguf.quants`` decodes them)."""
+    that block type), with ``source_gguf``'s tokenizer; ``keys_set``: ``mamba.`` keys overridden
+    (dots as double underscores). Returns the state dict transformers must load to compute what the
+    file holds (the quantised tensors as ``gguf.quants`` decodes them)."""
     cfg = reference.config
     sd = {k: v.detach().float().numpy() for k, v in reference.state_dict().items()}
     keys = {"ssm.conv_kernel": cfg.conv_kernel, "ssm.inner_size": cfg.intermediate_size, "ssm.state_size": STATE,
-            "ssm.time_step_rank": DT_RANK, "ssm.dt_b_c_rms": False}
+            "ssm.time_step_rank": DT_RANK, "ssm.dt_b_c_rms": False,
+            **{k.replace("__", "."): v for k, v in keys_set.items()}}
     tensors = []
     for i in range(LAYERS):
         hf, p = f"backbone.layers.{i}.", f"blk.{i}."
@@ -491,3 +493,22 @@ def test_quantize_refuses_a_recurrent_model_and_names_the_way_that_works(f32_fil
         quantize_model(str(f32_file), "q4_0", tmp_path / "out.gguf", progress=False)
     assert "--weights q4_0" in err.value.fix
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_falcon_mamba_and_unknown_architectures_are_refused(reference, smollm2_path, tmp_path):
+    from edgellm.errors import UnsupportedModelError
+
+    path = tmp_path / "falcon.gguf"
+    write_mamba_gguf(path, reference, smollm2_path, ssm__dt_b_c_rms=True)   # Falcon-Mamba's extra norms
+    with pytest.raises(UnsupportedModelError, match="dt_b_c_rms"):
+        load_model(str(path))
+    path = tmp_path / "rwkv6.gguf"
+    w = gguf.GGUFWriter(str(path), "rwkv6")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModelError, match="'rwkv6' is not supported") as err:
+        load_model(str(path))
+    assert "mamba, mamba2" in err.value.fix
