@@ -73,6 +73,8 @@ _HF_ARCHITECTURES = {
 }
 #: attention-free models, each read by its own module (``edgellm.loading.load.load_recurrent_hf``)
 RECURRENT_HF_ARCHITECTURES = ("MambaForCausalLM", "Mamba2ForCausalLM", "RwkvForCausalLM")
+#: attention-free models read from GGUF (llama.cpp's layouts), by edgellm.loading.recurrent_gguf
+RECURRENT_GGUF_ARCHITECTURES = ("mamba", "mamba2")
 
 #: Gemma 3: every ``GEMMA3_SLIDING_PATTERN``-th layer attends globally, the others through the
 #: sliding window; the sliding layers' RoPE base. GGUF files carry neither (llama.cpp and
@@ -264,7 +266,7 @@ class ModelConfig:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture '{arch}' is not supported",
-                f"edgellm runs these architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
+                f"edgellm runs these architectures: {', '.join(SUPPORTED_ARCHITECTURES + RECURRENT_GGUF_ARCHITECTURES)}")
 
         def need(key: str) -> Any:
             full = f"{arch}.{key}"
@@ -366,8 +368,8 @@ class ModelConfig:
         if archs and archs[0] in RECURRENT_HF_ARCHITECTURES:
             # load_model reads these with their own modules; what comes here wants a Llama-shaped config
             raise UnsupportedModelError(
-                f"{archs[0]} is a recurrent model: edgellm runs it as it is, but converting or quantising its "
-                "weights (--weights, edgellm quantize) is not implemented", "drop --weights, or use --dtype bfloat16")
+                f"{archs[0]} is a recurrent model, read by its own loader (edgellm.loading.load.load_recurrent_hf), "
+                "not as a Llama-family config", "load it with load_model / --model, which reads it whole")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture {archs or cfg.get('model_type')!r} is not supported",

@@ -93,6 +93,9 @@ def convert_model_weights(weights, cfg, fmt: WeightFormat, kept: set[str], progr
 def prepare(cfg, format: str | WeightFormat, keep=()) -> tuple[WeightFormat, set[str]]:
     """Parse and check a format and ``--keep`` against a model config (no tensor touched)."""
     fmt = format if isinstance(format, WeightFormat) else parse_format(format)
+    if is_recurrent(cfg):      # its matrices are not the Llama family's: convert_recurrent checks them
+        refuse_keep_on_recurrent(cfg, format, keep)
+        return fmt, set()
     kept = resolve_keep(keep, cfg)
     check_model(fmt, cfg, kept)
     return fmt, kept
@@ -108,15 +111,65 @@ def convert_weights(loaded, format: str, keep=(), progress: bool = False):
     from edgellm.loading.load import LoadedModel, build_model
 
     if getattr(loaded.model, "recurrent", False):
-        raise UnsupportedModelError(
-            f"converting the weights of the recurrent model '{loaded.config.architecture}' to {format} is not "
-            "implemented", "drop --weights: this model runs in float32, or bfloat16 with --dtype bfloat16")
+        return convert_recurrent(loaded, format, keep)
     fmt, kept = prepare(loaded.config, format, keep)
     t0 = time.perf_counter()
     weights = convert_model_weights(loaded.model.weights, loaded.config, fmt, kept, progress)
     label = fmt.name + (f"+keep({','.join(parse_keep(keep))})" if kept else "")
     return LoadedModel(loaded.source, loaded.config, build_model(loaded.config, weights), loaded.tokenizer,
                        label, loaded.file_bytes, loaded.load_s + time.perf_counter() - t0)
+
+
+def convert_recurrent(loaded, format: str, keep=()):
+    """A recurrent model (Mamba, Mamba-2, RWKV) with its matrices -- every :class:`Weight` of its
+    weights and of their layers: projections, embedding, head -- in ``format``. The small tensors
+    (convolution, decays, norms, biases) stay float32. A matrix whose width the format cannot
+    split (Mamba's dt projection is dt_rank = hidden / 16 wide) is left as it is, as llama.cpp's
+    quantiser leaves it; ``--keep`` is refused (its names are the Llama family's)."""
+    import copy
+    from dataclasses import fields
+
+    refuse_keep_on_recurrent(loaded.config, format, keep)
+    fmt = format if isinstance(format, WeightFormat) else parse_format(format)
+    t0 = time.perf_counter()
+
+    def conv(w: Weight) -> Weight:
+        try:
+            fmt.check_width("", w.shape[1])
+        except InvalidParameterError:
+            return w
+        return convert_matrix(fmt, w)
+
+    def converted(obj, done: dict[int, Weight]):
+        """``obj`` (a dataclass) with its Weight fields converted; ``done``: by id, so a tied head
+        stays the embedding's one matrix."""
+        changes = {}
+        for f in fields(obj):
+            v = getattr(obj, f.name)
+            if isinstance(v, Weight):
+                changes[f.name] = done[id(v)] = done.get(id(v)) or conv(v)
+        return replace(obj, **changes)
+
+    from edgellm.loading.load import LoadedModel
+
+    weights = loaded.model.weights
+    done: dict[int, Weight] = {}
+    model = copy.copy(loaded.model)    # the same model class and sizes over the converted weights
+    model.weights = converted(replace(weights, layers=[converted(layer, done) for layer in weights.layers]), done)
+    return LoadedModel(loaded.source, loaded.config, model, loaded.tokenizer, fmt.name, loaded.file_bytes,
+                       loaded.load_s + time.perf_counter() - t0)
+
+
+def is_recurrent(cfg) -> bool:
+    """An attention-free model's config (its mixer's sizes are in ``extra["recurrent"]``)."""
+    return "recurrent" in (cfg.extra or {})
+
+
+def refuse_keep_on_recurrent(cfg, format, keep) -> None:
+    if keep:
+        raise InvalidParameterError(
+            f"--keep names matrices of Llama-family models; the recurrent model '{cfg.architecture}' has other ones",
+            f"drop --keep: {format} applies to all of this model's projections")
 
 
 def weight_formats(weights) -> dict[str, int]:
@@ -236,13 +289,26 @@ def peek_config(spec):
 
     src = resolve_model(spec)
     if src.kind == "gguf":
+        from edgellm.config import RECURRENT_GGUF_ARCHITECTURES
         from edgellm.loading.gguf import read_gguf
-        return src, read_gguf(src.path).config()
+
+        gf = read_gguf(src.path)
+        if gf.metadata.get("general.architecture") in RECURRENT_GGUF_ARCHITECTURES:
+            from edgellm.loading.recurrent_gguf import recurrent_gguf_config
+            return src, recurrent_gguf_config(gf)
+        return src, gf.config()
     if src.kind == "edgellm":
         from edgellm.loading.edgellm_format import read_config
         return src, read_config(src.path)
+    from edgellm.loading.load import recurrent_config_from_json
     from edgellm.loading.weights import read_hf_config
-    return src, read_hf_config(Path(src.path))
+
+    try:
+        data = json.loads((Path(src.path) / "config.json").read_text())
+    except (OSError, ValueError):
+        data = None      # read_hf_config says what is wrong with it
+    recurrent = recurrent_config_from_json(data, Path(src.path).name) if data is not None else None
+    return src, recurrent or read_hf_config(Path(src.path))
 
 
 def quantize_model(model, format: str, out, keep=(), progress: bool = True, log=None) -> dict:
@@ -256,6 +322,10 @@ def quantize_model(model, format: str, out, keep=(), progress: bool = True, log=
     out = Path(out).expanduser()
     kind = _output_kind(out, fmt)
     src, cfg = peek_config(model)
+    if is_recurrent(cfg):
+        raise UnsupportedModelError(
+            f"edgellm quantize does not write recurrent models ('{cfg.architecture}') yet",
+            f"convert at load time instead: --weights {fmt.name} on generate, bench, eval or serve")
     _check_out(out, src.path if src.kind != "hf" else None)
     fmt, kept = prepare(cfg, fmt, keep)
     if kind == "gguf" and src.kind != "gguf":

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgellm import heap
-from edgellm.config import ModelConfig
+from edgellm.config import RECURRENT_GGUF_ARCHITECTURES, ModelConfig
 from edgellm.kernels import native
 from edgellm.kernels.threads import one_thread
 from edgellm.loading.resolve import ResolvedModel, resolve_model
@@ -54,6 +54,8 @@ def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = 
         from edgellm.loading.gguf import read_gguf
 
         gf = read_gguf(src.path)
+        if gf.metadata.get("general.architecture") in RECURRENT_GGUF_ARCHITECTURES:   # Mamba, Mamba-2
+            return _load_recurrent_gguf(src, gf, dtype, use_native, layers, ends, t0)
         cfg = gf.config()
         startup_mark("read GGUF header")
         tokenizer = Tokenizer.from_gguf_metadata(gf.metadata)
@@ -96,6 +98,28 @@ def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = 
     startup_mark("model")
     return LoadedModel(src, cfg, model, tokenizer, dtype, size, time.perf_counter() - t0)
 
+
+
+def _load_recurrent_gguf(src: ResolvedModel, gf, dtype: str, use_native: bool, layers, ends: bool,
+                         t0: float) -> LoadedModel:
+    """An attention-free model of a GGUF file (edgellm.loading.recurrent_gguf), with its tokenizer."""
+    from edgellm.loading.recurrent_gguf import load_recurrent_gguf
+
+    if layers is not None or not ends:
+        from edgellm.errors import InvalidParameterError
+
+        raise InvalidParameterError(f"{src.path}: a recurrent model cannot be loaded in parts (for a split model)",
+                                    "run it on one rank: drop --pipeline-parallel / --tensor-parallel")
+    tokenizer = Tokenizer.from_gguf_metadata(gf.metadata)
+    startup_mark("tokenizer")
+    if use_native:
+        native()
+    with one_thread(only_when_busy=True):
+        model = load_recurrent_gguf(gf, dtype, use_native)
+    model.cfg.check_token_count(tokenizer.vocab_size, str(src.path))
+    heap.release_free_heap()
+    startup_mark("model")
+    return LoadedModel(src, model.cfg, model, tokenizer, dtype, gf.file_size, time.perf_counter() - t0)
 
 
 def load_recurrent_hf(folder: Path, dtype: str):

@@ -39,7 +39,12 @@ def _rope_unpermute_rows(n_rows: int, n_heads: int) -> torch.Tensor:
     return torch.arange(n_rows).view(n_heads, head_dim // 2, 2).transpose(1, 2).reshape(n_rows)
 
 
-class _GGUFSource:
+class GGUFSource:
+    """Tensors of a GGUF file: vectors as float32, matrices kept in the file's block format where
+    the native kernels read it (``kind``: what the file should hold, for the missing-tensor error)."""
+
+    kind = "a Llama-family model"
+
     def __init__(self, gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, use_native: bool):
         self.gf, self.cfg, self.dtype = gf, cfg, dtype
         self.native = use_native and dtype == torch.float32 and native() is not None
@@ -52,7 +57,7 @@ class _GGUFSource:
         t = self.gf.tensors.get(name)
         if t is None:
             raise ModelFormatError(f"{self.gf.path}: tensor '{name}' is missing",
-                                   "the file is incomplete or not a Llama-family model; re-export it")
+                                   f"the file is incomplete or not {self.kind}; re-export it")
         return t
 
     def vector(self, name: str) -> torch.Tensor:
@@ -311,7 +316,7 @@ def load_gguf_weights(gf: GGUFFile, cfg: ModelConfig, dtype: str = "float32", us
                       layers: range | None = None, ends: bool = True) -> ModelWeights:
     """``use_native=False`` dequantises every matrix (the path taken where the kernels can't build);
     ``layers``/``ends``: a part of the model (see ``_build``)."""
-    return _build(_GGUFSource(gf, cfg, compute_dtype(dtype), use_native), cfg, gf.path.name, layers, ends)
+    return _build(GGUFSource(gf, cfg, compute_dtype(dtype), use_native), cfg, gf.path.name, layers, ends)
 
 
 def load_hf_weights(folder: Path, cfg: ModelConfig, dtype: str = "float32", layers: range | None = None,

@@ -59,7 +59,7 @@ class MambaLayer:
     conv_w: torch.Tensor            # [d_inner, d_conv]
     conv_b: torch.Tensor | None     # [d_inner]
     x_proj: Weight                  # [dt_rank + 2 * d_state, d_inner]
-    dt_w: torch.Tensor              # [d_inner, dt_rank]
+    dt_proj: Weight                 # [d_inner, dt_rank]
     dt_b: torch.Tensor              # [d_inner]
     A: torch.Tensor                 # [d_inner, d_state] = -exp(A_log)
     D: torch.Tensor                 # [d_inner]
@@ -76,14 +76,14 @@ class MambaWeights:
 
     def matrices(self) -> list[Weight]:
         """The blocks' matrices (for reports of formats)."""
-        return [m for w in self.layers for m in (w.in_proj, w.x_proj, w.out_proj)]
+        return [m for w in self.layers for m in (w.in_proj, w.x_proj, w.dt_proj, w.out_proj)]
 
     @property
     def nbytes(self) -> int:
         total = self.embed.nbytes + (0 if self.lm_head is self.embed else self.lm_head.nbytes)
+        total += sum(m.nbytes for m in self.matrices())
         for w in self.layers:
-            total += w.in_proj.nbytes + w.x_proj.nbytes + w.out_proj.nbytes
-            total += 4 * sum(t.numel() for t in (w.norm, w.conv_w, w.dt_w, w.dt_b, w.A, w.D) if t is not None)
+            total += 4 * sum(t.numel() for t in (w.norm, w.conv_w, w.dt_b, w.A, w.D) if t is not None)
         return total + 4 * self.final_norm.numel()
 
 
@@ -123,7 +123,7 @@ class MambaModel(RecurrentModel):
         """Step sizes dt [.., d_inner] and the input and output maps B, C [.., d_state] of ``u``."""
         s = self.shape
         dt, B, C = w.x_proj.matmul(u).split([s.dt_rank, s.d_state, s.d_state], dim=-1)
-        return F.softplus(F.linear(dt, w.dt_w, w.dt_b)), B, C
+        return F.softplus(w.dt_proj.matmul(dt) + w.dt_b), B, C
 
     def _prefill(self, x: torch.Tensor, w: MambaLayer, layer: int, seg: Segment, pool: StatePool) -> torch.Tensor:
         """One sequence's chunk x [n, d_inner] from its stored state; writes the snapshots it owes."""
@@ -276,7 +276,8 @@ def load_mamba(folder: Path, data: dict, dtype: torch.dtype) -> MambaModel:
             conv_w=src.get(m + "conv1d.weight", (Di, 1, s.d_conv))[:, 0].contiguous(),
             conv_b=src.get(m + "conv1d.bias", (Di,), optional=True),
             x_proj=src.matrix(m + "x_proj.weight", (s.dt_rank + 2 * N, Di)),
-            dt_w=src.get(m + "dt_proj.weight", (Di, s.dt_rank)), dt_b=src.get(m + "dt_proj.bias", (Di,)),
+            # float32 whatever --dtype says: a small matrix whose output goes through softplus and exp
+            dt_proj=DenseWeight(src.get(m + "dt_proj.weight", (Di, s.dt_rank))), dt_b=src.get(m + "dt_proj.bias", (Di,)),
             A=-torch.exp(src.get(m + "A_log", (Di, N))), D=src.get(m + "D", (Di,)),
             out_proj=src.matrix(m + "out_proj.weight", (H, Di)), out_bias=src.get(m + "out_proj.bias", optional=True)))
     embed_name = "backbone.embeddings.weight" if "backbone.embeddings.weight" in src.tensors else "backbone.embedding.weight"
