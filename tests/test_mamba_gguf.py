@@ -226,18 +226,17 @@ def llama_cpp_logits(path, prompt: list[int], steps: int) -> tuple[np.ndarray, l
 
 def edgellm_logits(path, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     """edgellm's logits after the prompt and after each of ``tokens`` (fed one at a time)."""
-    from edgellm.kv.state import StatePool
+    from edgellm.kv.state import StatePool, StateSlots
     from edgellm.runtime.model_runner import ModelRunner, SeqChunk
 
     loaded = load_model(str(path))
-    pool = StatePool(loaded.model.state_shapes(), loaded.config.n_layers, 16, 8)
+    pool = StatePool(loaded.model.state_shapes(), loaded.config.n_layers, 1)
     runner = ModelRunner(loaded.model, pool)
-    table = list(range(16))
-    rows = [runner.run([SeqChunk(prompt, 0, pool.block_slots(table, len(prompt)))])[0]]
+    rows = [runner.run([SeqChunk(prompt, 0, StateSlots(0))])[0]]   # one live state, slot 0
     seq = list(prompt)
     for t in tokens:
         seq.append(t)
-        rows.append(runner.run([SeqChunk([t], len(seq) - 1, pool.block_slots(table, len(seq)))])[0])
+        rows.append(runner.run([SeqChunk([t], len(seq) - 1, StateSlots(0))])[0])
     return torch.stack(rows)
 
 
@@ -442,6 +441,7 @@ def q8_0_round_trip(model):
 def test_weights_q8_0_on_an_hf_folder_matches_transformers_on_the_rounded_weights(kind, tmp_path):
     from recurrent_parity import DECODE_STEPS, state_runner
 
+    from edgellm.kv.state import StateSlots
     from edgellm.loading.convert import convert_weights
     from edgellm.runtime.model_runner import SeqChunk
     from tiny_model import save_hf_folder
@@ -456,10 +456,9 @@ def test_weights_q8_0_on_an_hf_folder_matches_transformers_on_the_rounded_weight
     ids = token_ids()
     want = reference_logits(q8_0_round_trip(model), ids)
     runner = state_runner(loaded)
-    table = list(range(16))
-    got = [runner.run([SeqChunk(ids[:PROMPT_LEN], 0, runner.cache.block_slots(table, PROMPT_LEN))])[0]]
+    got = [runner.run([SeqChunk(ids[:PROMPT_LEN], 0, StateSlots(0))])[0]]   # one live state, slot 0
     for p in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
-        got.append(runner.run([SeqChunk([ids[p]], p, runner.cache.block_slots(table, p + 1))])[0])
+        got.append(runner.run([SeqChunk([ids[p]], p, StateSlots(0))])[0])
     torch.testing.assert_close(torch.stack(got), want[PROMPT_LEN - 1:], atol=TOLERANCE, rtol=0)
 
 
