@@ -41,11 +41,11 @@ from typing import Any
 
 from edgellm.errors import InvalidParameterError
 from edgellm.kv.block_manager import BlockManager
-from edgellm.kv.cache import BLOCK_SIZE, KVCache
+from edgellm.kv.cache import BLOCK_SIZE, KVCache, KVLayout
 from edgellm.kv.offload import OffloadStore
 from edgellm.kv.state import StatePool, check_state_dtype
 from edgellm.runtime.input import InputProcessor
-from edgellm.runtime.model_runner import ModelRunner, SeqChunk
+from edgellm.runtime.model_runner import ModelRunner, SeqChunk, sequence_slots
 from edgellm.runtime.output import append_token, build_result, stop_checker
 from edgellm.runtime.scheduler import Scheduler
 from edgellm.runtime.session import RequestHandle, Session
@@ -87,13 +87,23 @@ def is_recurrent(loaded) -> bool:
     return getattr(loaded.model, "recurrent", False)
 
 
-def pool_bytes_per_block(loaded, block_size: int, kv_dtype) -> int:
-    """Bytes of one block of the model's pool: the KV of ``block_size`` tokens, or for a recurrent
-    model one state snapshot (``edgellm.kv.state``)."""
+def pool_bytes_per_block(loaded, block_size: int, kv_dtype, split: bool = False) -> int:
+    """Bytes of one block of the model's pool: the KV of ``block_size`` tokens (with sliding-window
+    layers, of one group of layers: ``KVLayout.for_model``), or for a recurrent model one state
+    snapshot (``edgellm.kv.state``). ``split``: a model split across ranks (one table, all layers)."""
     if is_recurrent(loaded):
         check_state_dtype(kv_dtype)
         return StatePool.bytes_per_block(loaded.model.state_shapes(), loaded.config.n_layers)
-    return KVCache.bytes_per_block(loaded.config, block_size, kv_dtype)
+    layout = None if split else KVLayout.for_model(loaded.config)
+    return KVCache.bytes_per_block(loaded.config, block_size, kv_dtype, layout)
+
+
+def pool_blocks_for(loaded, n_tokens: int, block_size: int, chunk: int = 0) -> int:
+    """Blocks of the pool one sequence of ``n_tokens`` tokens needs, prefilled in chunks of
+    ``chunk`` tokens: a sliding-window group's are bounded by its window (``KVLayout.pages_held``)."""
+    if is_recurrent(loaded):
+        return -(-n_tokens // block_size)
+    return KVLayout.for_model(loaded.config).pages_held(n_tokens, block_size, chunk)
 
 
 def refuse_speculation(loaded, speculative) -> None:
@@ -151,14 +161,14 @@ class Engine:
             kv_dtype = default_kv_dtype
         self.block_size = block_size
         refuse_speculation(self.loaded, spec_config)
-        self.kv_bytes_per_block = pool_bytes_per_block(self.loaded, block_size, kv_dtype)
+        split = getattr(model_or_llm, "parallel", None)   # an LLM split across ranks (runtime.parallel_runner)
+        self.kv_bytes_per_block = pool_bytes_per_block(self.loaded, block_size, kv_dtype, split is not None)
         num_blocks = pool_bytes // self.kv_bytes_per_block
         if num_blocks < 1:
             raise InvalidParameterError(
                 f"kv_memory={kv_memory!r} holds no KV block: one block of {block_size} tokens of this model "
                 f"takes {self.kv_bytes_per_block} bytes",
                 f"give kv_memory at least {self.kv_bytes_per_block} bytes (e.g. '256MB')")
-        split = getattr(model_or_llm, "parallel", None)   # an LLM split across ranks (runtime.parallel_runner)
         if split is not None:   # each rank holds its share of every block's KV; the pool's bytes are for all ranks
             check_split_engine(spec_config, disk_dir, preemption, host_memory)
             host_bytes = 0          # KV moved out of the pool is dropped (recomputed when needed)
@@ -168,13 +178,17 @@ class Engine:
             if is_recurrent(self.loaded):   # a block holds one state snapshot, not block_size tokens of KV
                 self.cache = StatePool(self.loaded.model.state_shapes(), self.cfg.n_layers, num_blocks, block_size)
             else:
-                self.cache = KVCache(self.cfg, num_blocks, block_size, kv_dtype)
+                # sliding-window layers on block tables of their own, which give back what leaves the window
+                self.cache = KVCache(self.cfg, num_blocks, block_size, kv_dtype, KVLayout.for_model(self.cfg))
             self.runner = ModelRunner(self.loaded.model, self.cache)
-        self.block_manager = BlockManager(num_blocks, block_size, copy_block=self.cache.copy_block)
+        self.layout = getattr(self.cache, "layout", None) or KVLayout.single(self.cfg.n_layers)
+        self.block_manager = BlockManager(num_blocks, block_size, copy_block=self.cache.copy_block,
+                                          windows=self.layout.windows)
         self.store = OffloadStore(host_bytes, disk_dir, disk_bytes)
         self.speculator = None if spec_config is None else Speculator(spec_config, self.runner, self.loaded)
+        self._pool_tokens = self.layout.max_tokens(num_blocks, block_size, self.cfg.context_length)
         self.input = InputProcessor(self.tokenizer, self.cfg.context_length, self.cfg.vocab_size,
-                                    num_blocks * block_size, block_size, self.kv_bytes_per_block)
+                                    self._pool_tokens, block_size, self.kv_bytes_per_block)
         self.sampler = Sampler(seed=seed)
         self.max_batch_tokens = max_batch_tokens
         self.idle_retire_s = idle_retire_s
@@ -206,15 +220,21 @@ class Engine:
 
     @property
     def pool_tokens(self) -> int:
-        return self.cache.num_blocks * self.block_size
+        """The longest sequence the pool holds (sliding-window layers hold only their window)."""
+        return self._pool_tokens
 
     @property
     def kv_bytes_per_token(self) -> float:
-        return self.kv_bytes_per_block / self.block_size
+        """What one more token of a long sequence costs: the full-attention layers' KV only, once
+        the sliding-window layers hold their whole window."""
+        full_groups = sum(w is None for w in self.layout.windows)
+        return self.kv_bytes_per_block * full_groups / self.block_size
 
     def kv_bytes(self, n_tokens: int) -> int:
-        """Bytes of KV that ``n_tokens`` tokens take in whole blocks."""
-        return self.kv_bytes_per_block * self.block_manager.blocks_for(n_tokens)
+        """Bytes of KV that ``n_tokens`` tokens take in whole blocks (a sliding-window layer's bounded)."""
+        if is_recurrent(self.loaded):
+            return self.kv_bytes_per_block * self.block_manager.blocks_for(n_tokens)
+        return self.kv_bytes_per_block * self.layout.pages_held(n_tokens, self.block_size)
 
     def kv_tier(self, session: Session) -> str:
         """Where a session's KV is: "pool", "host", "disk", or "none"."""
@@ -455,10 +475,10 @@ class Engine:
         self._step_seqs = [c.seq for c in chunks]
         t_draft = time.perf_counter()
         if spec is not None:
-            spec.propose(chunks, self.cache.block_slots)
+            spec.propose(chunks, lambda kv, length: sequence_slots(self.cache, kv, length))
         t1 = time.perf_counter()
         logits = self.runner.run([
-            SeqChunk(c.tokens, c.start, self.cache.block_slots(c.seq.kv.blocks, c.start + len(c.tokens)),
+            SeqChunk(c.tokens, c.start, sequence_slots(self.cache, c.seq.kv, c.start + len(c.tokens)),
                      c.want_logits, c.verify) for c in chunks])
         t2 = time.perf_counter()
         n_decode = n_prefill = 0
@@ -735,7 +755,7 @@ class Engine:
                 "blocks": bm.counters(),
                 "kv": {"block_size": self.block_size, "bytes_per_block": self.kv_bytes_per_block,
                        "bytes_per_token": self.kv_bytes_per_token, "pool_bytes": self.cache.nbytes,
-                       "pool_tokens": self.pool_tokens},
+                       "pool_tokens": self.pool_tokens, **self._window_stats()},
                 "offload": self.store.counters(),
                 "scheduler": {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                               "preemptions": self.scheduler.preempted_total, "offloads": self.scheduler.offloads,
@@ -744,6 +764,19 @@ class Engine:
                 "speculative": self.speculator.stats() if self.speculator is not None else None,
                 "requests": dict(self.counts),
             }
+
+
+    def _window_stats(self) -> dict:
+        """The bounded cost of sliding-window layers (none for a model without them)."""
+        windows = [w for w in self.layout.windows if w is not None]
+        if not windows:
+            return {}
+        bs = self.block_size
+        return {"layers_per_block": self.layout.width, "groups": len(self.layout.windows),
+                "sliding_groups": len(windows), "windows": sorted(set(windows)),
+                # what a sequence's sliding layers hold at most, whatever its length
+                "sliding_blocks_per_sequence_max": sum(-(-w // bs) + 1 for w in windows),
+                "sliding_bytes_per_sequence_max": self.kv_bytes_per_block * sum(-(-w // bs) + 1 for w in windows)}
 
 
 def check_split_engine(speculative, disk_dir, preemption: str, host_memory) -> None:
