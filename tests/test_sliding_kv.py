@@ -223,3 +223,19 @@ def test_engine_sessions_prefix_hits_and_offload_match_transformers(loaded, refe
         a.close()
         assert eng.block_manager.num_used == 0
         eng.block_manager.check()
+
+
+def test_kv_memory_figures_count_a_window_only(pair):
+    """A 100-token sequence's KV, worked by hand (2 KV heads of 16 floats, fp32): Mistral's two
+    sliding layers hold 8 positions each, Gemma 3's one full layer 100 and two sliding ones 8 each
+    (the roofline's kv_cache_bytes); the engine's block-granular figure with blocks of 4: a
+    1-layer page is k|v x 4 tokens x 2 heads x 16 x 4 bytes = 1024 bytes, the full table holds 25
+    pages and each sliding one 3."""
+    _, loaded = pair
+    gemma = loaded.config.architecture == "gemma3"
+    per_position = 2 * 2 * 16 * 4
+    assert loaded.config.kv_bytes(100, 4) == per_position * ((100 + 8 + 8) if gemma else (8 + 8))
+    with Engine(loaded, kv_memory="1MB", block_size=BLOCK) as eng:
+        page = eng.kv_bytes_per_block
+        assert page == (1 if gemma else 2) * 1024
+        assert eng.kv_bytes(100) == page * ((25 + 3 + 3) if gemma else 3)
