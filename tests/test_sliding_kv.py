@@ -239,3 +239,27 @@ def test_kv_memory_figures_count_a_window_only(pair):
         page = eng.kv_bytes_per_block
         assert page == (1 if gemma else 2) * 1024
         assert eng.kv_bytes(100) == page * ((25 + 3 + 3) if gemma else 3)
+
+
+def test_fused_decode_on_a_windowed_gguf_reads_only_held_blocks(smollm2_path, tmp_path):
+    """A quantised GGUF with a window of 8 (its decode steps take the fused native kernel, which
+    reads the one table of all layers): the engine, on blocks of 4 and a pool of 6 blocks for a
+    30-token prompt plus 12 tokens, gives the greedy tokens of the unbounded path (a pool holding
+    every position, the window only masked: test_sliding_window.py checks it against the per-layer
+    path and the window's effect)."""
+    from tiny_model import run_chunks, write_tiny_llama
+
+    loaded = load_model(str(write_tiny_llama(tmp_path / "w.gguf", smollm2_path, context=128,
+                                             overrides={"llama.attention.sliding_window": WINDOW})))
+    if not loaded.model.has_fused_decode:
+        pytest.skip("native kernels unavailable on this machine")
+    prompt = list(range(300, 330))
+    want = []
+    ids = list(prompt)
+    for _ in range(NEW_TOKENS):   # the unbounded path's greedy continuation, one token at a time
+        want.append(int(run_chunks(loaded.model, loaded.config, ids + [0], len(ids), 16)[0].argmax()))
+        ids.append(want[-1])
+    with Engine(loaded, kv_memory=pool_of(loaded, 6), block_size=BLOCK, host_memory=0) as eng:
+        got = eng.generate([prompt], greedy(ignore_eos=True))[0].token_ids
+        assert eng.stats()["steps"]["steps"] > NEW_TOKENS - 1
+    assert got == want
