@@ -114,14 +114,13 @@ class KVLayout:
         return sum(blocks if w is None else min(blocks, -(-(w + chunk) // block_size) + 1) for w in self.windows)
 
     def max_tokens(self, num_pages: int, block_size: int, context: int) -> int:
-        """The longest sequence (at most ``context``) whose pages fit ``num_pages``."""
+        """The longest sequence whose pages fit ``num_pages`` (``context`` when only sliding
+        groups, whose pages are bounded, hold it)."""
         full = sum(w is None for w in self.windows)
-        sliding = num_pages - sum(-(-w // block_size) + 1 for w in self.windows if w is not None)
-        if sliding < 0:
+        left = num_pages - sum(-(-w // block_size) + 1 for w in self.windows if w is not None)
+        if left < 0:
             return 0
-        if full == 0:
-            return context
-        return min(context, sliding // full * block_size)
+        return context if full == 0 else left // full * block_size
 
 
 class KVCache:
