@@ -263,3 +263,23 @@ def test_fused_decode_on_a_windowed_gguf_reads_only_held_blocks(smollm2_path, tm
         got = eng.generate([prompt], greedy(ignore_eos=True))[0].token_ids
         assert eng.stats()["steps"]["steps"] > NEW_TOKENS - 1
     assert got == want
+
+
+def test_copy_on_write_copies_the_shared_block_of_every_table():
+    """Two sequences share 12 tokens (3 blocks) from the prefix cache, in a full table and a
+    sliding one (window 8: the sharer, starting at 12, takes blocks 1 and 2 only -- positions
+    5..11). Cut back to 11 tokens (window at 11: positions 4..10, blocks 1 and 2, still held), the
+    sharer's last block, shared in both tables, is copied once per table."""
+    copies = []
+    bm = BlockManager(20, BLOCK, copy_block=lambda src, dst: copies.append((src, dst)), windows=(None, WINDOW))
+    a, b = KVSequence(), KVSequence()
+    tokens = list(range(200, 212))
+    assert bm.reserve(a, 12)
+    bm.commit(a, tokens)
+    assert bm.match_prefix(b, tokens + [7], 12) == 12
+    assert b.blocks == a.blocks and b.extra[0] == [NULL_BLOCK] + a.extra[0][1:]
+    bm.truncate(b, 11)
+    assert b.num_tokens == 11 and bm.cow_copies == 2
+    assert sorted(src for src, _ in copies) == sorted([a.blocks[2], a.extra[0][2]])
+    assert b.blocks[2] != a.blocks[2] and b.extra[0][2] != a.extra[0][2]
+    bm.check()
