@@ -8,13 +8,12 @@ as the server's requests, so what ``edgellm generate`` and ``edgellm bench`` mea
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 from edgellm.dtypes import kv_dtype_name
 from edgellm.kv.cache import BLOCK_SIZE
 from edgellm.loading.load import LoadedModel, load_model
-from edgellm.runtime.engine import Engine, pool_bytes_per_block, refuse_speculation
+from edgellm.runtime.engine import Engine, pool_blocks_for, pool_bytes_per_block, refuse_speculation
 from edgellm.runtime.input import check_params, encode_prompt
 from edgellm.runtime.speculative import parse_speculative, prepare_speculative
 from edgellm.runtime.types import Completion, Request
@@ -61,7 +60,8 @@ class LLM:
         """This LLM's engine, its KV pool holding at least ``n_tokens`` tokens. A pool is sized to
         the requests seen rather than to the whole context window: ``KVCache`` zeroes its memory,
         and SmolLM2's 8k-token fp32 window would take 360 MB."""
-        blocks = math.ceil(n_tokens / BLOCK_SIZE)
+        # a sliding-window layer holds its window and one prefill chunk, not the whole sequence
+        blocks = pool_blocks_for(self.loaded, n_tokens, BLOCK_SIZE, PREFILL_CHUNK)
         if self._engine is None or self._engine.num_blocks < blocks:
             if self._engine is not None:
                 self._engine.close()

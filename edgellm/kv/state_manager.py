@@ -126,9 +126,24 @@ class StateManager:
         """Slots a sequence of ``n_tokens`` tokens needs: one, whatever its length."""
         return 1 if n_tokens > 0 else 0
 
-    def tokens_room(self, seq: KVSequence) -> int:
-        """Positions ``seq`` can reach with its slot or one it could get: any, or none."""
+    def pages_needed(self, seq: KVSequence, n_tokens: int) -> int:
+        """Slots ``reserve(seq, n_tokens)`` takes: one if ``seq`` has none yet."""
+        return max(0, self.blocks_for(n_tokens) - len(seq.blocks))
+
+    def room(self, seq: KVSequence) -> int:
+        """Tokens ``seq`` can go on by with its slot or one it could get: any, or none (the
+        block manager answers by its free blocks; a state does not grow)."""
         return UNBOUNDED if seq.blocks or self.num_available else 0
+
+    def held(self, seq: KVSequence) -> list[int]:
+        """The slots ``seq`` holds (its live state): what offload exports."""
+        return list(seq.blocks)
+
+    def detach(self, seq: KVSequence) -> None:
+        """Give up ``seq``'s live slot after offload exported it; ``adopt`` gives a restored one."""
+        for slot in reversed(seq.blocks):
+            self.release(slot)
+        seq.blocks = []
 
     # ---- slots ----------------------------------------------------------------------------------
     def allocate(self) -> int:

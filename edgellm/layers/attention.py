@@ -11,6 +11,9 @@ Sliding-window layers (Mistral, Gemma 3) pass ``window``: the query at position 
 keys of positions p - window + 1 .. p only. Decode rows read just those positions (the batch's
 histories trimmed once per step and window, :meth:`AttentionBatch.windowed`); prefill chunks mask
 the rest and skip keys no query of the chunk can see.
+
+With a grouped KV layout (``edgellm.kv.cache.KVLayout``: sliding layers on block tables of their
+own) the step has one batch per group (``AttentionBatch.groups``); each layer uses its group's.
 """
 
 from __future__ import annotations
@@ -47,6 +50,14 @@ class AttentionBatch:
     decode_seqs: list[SequenceSlice] = field(default_factory=list)   # the decode rows' sequences
     # the decode part restricted to each window size asked for this step (see ``windowed``)
     windows: dict = field(default_factory=dict, repr=False)
+    # one batch per group of a grouped KV layout (each its own slots), else None: this one serves all
+    groups: list | None = None
+
+    def for_layer(self, cache: KVCache, layer: int) -> "AttentionBatch":
+        """The batch addressing ``layer``'s KV: its group's with a grouped layout, else this one."""
+        if self.groups is None:
+            return self
+        return self.groups[cache.group_of[layer]]
 
     @classmethod
     def build(cls, seqs: list[tuple[int, int, torch.Tensor | slice]]) -> "AttentionBatch":
@@ -115,9 +126,10 @@ def write_kv(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: 
     Returns q, [T, H, D]."""
     T = qkv.shape[0]
     D = cache.cfg.head_dim
+    batch = batch.for_layer(cache, layer)
     ext = native() if cache.dtype == torch.float32 else None
     if ext is not None:  # fused: RoPE + cache write in one call
-        kc, vc = cache.data[layer, 0], cache.data[layer, 1]
+        kc, vc = cache.keys_values(layer)
         return ext.rope_qkv_write(qkv, rope[0].view(T, D), rope[1].view(T, D), kc, vc, batch.write_index,
                                   n_heads, n_kv_heads)
     q, k, v = qkv.split([n_heads * D, n_kv_heads * D, n_kv_heads * D], dim=-1)
@@ -133,11 +145,11 @@ def attend(q: torch.Tensor, cache: KVCache, layer: int, batch: AttentionBatch,
     sequence (written by :func:`write_kv`, this step's included), or over the last ``window``
     positions of it (sliding-window layers). Returns [T, H * D]."""
     T, H, D = q.shape
-    batch = batch.windowed(window)
+    batch = batch.for_layer(cache, layer).windowed(window)
     # The native kernels read a float32 cache only; other cache formats dequantise in cache.read.
     ext = native() if cache.dtype == torch.float32 else None
     if not batch.prefills and ext is not None:  # decode-only step: the common case
-        return ext.decode_attention(q, cache.data[layer, 0], cache.data[layer, 1], batch.decode_index,
+        return ext.decode_attention(q, *cache.keys_values(layer), batch.decode_index,
                                     batch.decode_lens)
     out = torch.empty(T, H, D, dtype=q.dtype)
     for s in batch.prefills:
@@ -167,7 +179,7 @@ def attend(q: torch.Tensor, cache: KVCache, layer: int, batch: AttentionBatch,
     if batch.decode_rows is not None:
         qd = q.index_select(0, batch.decode_rows)                     # [B, H, D]
         if ext is not None:
-            o = ext.decode_attention(qd, cache.data[layer, 0], cache.data[layer, 1], batch.decode_index,
+            o = ext.decode_attention(qd, *cache.keys_values(layer), batch.decode_index,
                                      batch.decode_lens).view(-1, H, D)
         else:
             keys, vals = cache.read(layer, batch.decode_slots, q.dtype)   # [B, L, KVH, D] or [L, KVH, D]

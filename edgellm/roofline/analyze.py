@@ -150,7 +150,8 @@ class Analysis:
     def kv_cache_bytes(self) -> float:
         if is_recurrent(self.model):   # one fixed-size state per sequence, whatever the context
             return self.batch * state_bytes(self.model, self.bits.kv)
-        return self.batch * self.context_tokens * self.model.kv_bytes_per_token(self.bits.kv / 8)
+        # sliding-window layers (Gemma 3, Mistral) hold their window only (edgellm.kv.cache.KVLayout)
+        return self.batch * self.model.kv_bytes(self.context_tokens, self.bits.kv / 8)
 
     def group_time(self, names) -> float:
         return sum(layer.time_s for layer in self.layers if layer.name in names)

@@ -41,12 +41,12 @@ from typing import Any
 
 from edgellm.errors import InvalidParameterError
 from edgellm.kv.block_manager import BlockManager
-from edgellm.kv.cache import BLOCK_SIZE, KVCache
+from edgellm.kv.cache import BLOCK_SIZE, KVCache, KVLayout
 from edgellm.kv.offload import OffloadStore
 from edgellm.kv.state import StatePool, check_state_dtype
 from edgellm.kv.state_manager import StateManager
 from edgellm.runtime.input import InputProcessor
-from edgellm.runtime.model_runner import ModelRunner, SeqChunk
+from edgellm.runtime.model_runner import ModelRunner, SeqChunk, sequence_slots
 from edgellm.runtime.output import append_token, build_result, stop_checker
 from edgellm.runtime.scheduler import Scheduler
 from edgellm.runtime.session import RequestHandle, Session
@@ -88,13 +88,25 @@ def is_recurrent(loaded) -> bool:
     return getattr(loaded.model, "recurrent", False)
 
 
-def pool_bytes_per_block(loaded, block_size: int, kv_dtype) -> int:
-    """Bytes of one block of the model's pool: the KV of ``block_size`` tokens, or for a recurrent
-    model one slot -- one sequence's whole state, whatever its length (``edgellm.kv.state``)."""
+def pool_bytes_per_block(loaded, block_size: int, kv_dtype, split: bool = False) -> int:
+    """Bytes of one block of the model's pool: the KV of ``block_size`` tokens (with sliding-window
+    layers, of one group of layers: ``KVLayout.for_model``), or for a recurrent model one slot --
+    one sequence's whole state, whatever its length (``edgellm.kv.state``). ``split``: a model split
+    across ranks (one table, all layers)."""
     if is_recurrent(loaded):
         check_state_dtype(kv_dtype)
         return StatePool.bytes_per_state(loaded.model.state_shapes(), loaded.config.n_layers)
-    return KVCache.bytes_per_block(loaded.config, block_size, kv_dtype)
+    layout = None if split else KVLayout.for_model(loaded.config)
+    return KVCache.bytes_per_block(loaded.config, block_size, kv_dtype, layout)
+
+
+def pool_blocks_for(loaded, n_tokens: int, block_size: int, chunk: int = 0) -> int:
+    """Blocks of the pool one sequence of ``n_tokens`` tokens needs, prefilled in chunks of
+    ``chunk`` tokens: a sliding-window group's are bounded by its window (``KVLayout.pages_held``);
+    a recurrent model's sequence needs one slot, whatever its length."""
+    if is_recurrent(loaded):
+        return 1
+    return KVLayout.for_model(loaded.config).pages_held(n_tokens, block_size, chunk)
 
 
 def refuse_speculation(loaded, speculative) -> None:
@@ -159,7 +171,8 @@ class Engine:
             raise InvalidParameterError(
                 f"state_snapshots was given for '{self.cfg.architecture}', which keeps a KV cache, not a recurrent "
                 "state", "drop state_snapshots / --state-snapshots (it applies to Mamba, Mamba-2 and RWKV only)")
-        self.kv_bytes_per_block = pool_bytes_per_block(self.loaded, block_size, kv_dtype)
+        split = getattr(model_or_llm, "parallel", None)   # an LLM split across ranks (runtime.parallel_runner)
+        self.kv_bytes_per_block = pool_bytes_per_block(self.loaded, block_size, kv_dtype, split is not None)
         num_blocks = pool_bytes // self.kv_bytes_per_block
         if num_blocks < 1 and is_recurrent(self.loaded):
             raise InvalidParameterError(
@@ -171,7 +184,6 @@ class Engine:
                 f"kv_memory={kv_memory!r} holds no KV block: one block of {block_size} tokens of this model "
                 f"takes {self.kv_bytes_per_block} bytes",
                 f"give kv_memory at least {self.kv_bytes_per_block} bytes (e.g. '256MB')")
-        split = getattr(model_or_llm, "parallel", None)   # an LLM split across ranks (runtime.parallel_runner)
         if split is not None:   # each rank holds its share of every block's KV; the pool's bytes are for all ranks
             check_split_engine(spec_config, disk_dir, preemption, host_memory)
             host_bytes = 0          # KV moved out of the pool is dropped (recomputed when needed)
@@ -181,16 +193,20 @@ class Engine:
             if is_recurrent(self.loaded):   # a slot holds one sequence's state, not block_size tokens of KV
                 self.cache = StatePool(self.loaded.model.state_shapes(), self.cfg.n_layers, num_blocks, block_size)
             else:
-                self.cache = KVCache(self.cfg, num_blocks, block_size, kv_dtype)
+                # sliding-window layers on block tables of their own, which give back what leaves the window
+                self.cache = KVCache(self.cfg, num_blocks, block_size, kv_dtype, KVLayout.for_model(self.cfg))
             self.runner = ModelRunner(self.loaded.model, self.cache)
+        self.layout = getattr(self.cache, "layout", None) or KVLayout.single(self.cfg.n_layers)
         if isinstance(self.cache, StatePool):   # one live slot per sequence, and a snapshot cache
             self.block_manager = StateManager(num_blocks, block_size, self.cache.copy_block, state_snapshots)
         else:
-            self.block_manager = BlockManager(num_blocks, block_size, copy_block=self.cache.copy_block)
+            self.block_manager = BlockManager(num_blocks, block_size, copy_block=self.cache.copy_block,
+                                              windows=self.layout.windows)
         self.store = OffloadStore(host_bytes, disk_dir, disk_bytes)
         self.speculator = None if spec_config is None else Speculator(spec_config, self.runner, self.loaded)
         # a recurrent state does not grow: the pool bounds how many sequences, not how long
-        pool_tokens = self.cfg.context_length if self.per_sequence_state else num_blocks * block_size
+        pool_tokens = (self.cfg.context_length if self.per_sequence_state
+                       else self.layout.max_tokens(num_blocks, block_size, self.cfg.context_length))
         self.input = InputProcessor(self.tokenizer, self.cfg.context_length, self.cfg.vocab_size,
                                     pool_tokens, block_size, self.kv_bytes_per_block)
         self.sampler = Sampler(seed=seed)
@@ -230,16 +246,24 @@ class Engine:
 
     @property
     def pool_tokens(self) -> int:
-        """Tokens the pool can hold for one sequence (a recurrent model: its whole context)."""
+        """The longest sequence the pool holds (sliding-window layers hold only their window; a
+        recurrent model: its whole context)."""
         return self.input.pool_tokens
 
     @property
     def kv_bytes_per_token(self) -> float:
-        return 0.0 if self.per_sequence_state else self.kv_bytes_per_block / self.block_size
+        """What one more token of a long sequence costs: the full-attention layers' KV only, once
+        the sliding-window layers hold their whole window (a recurrent state: nothing)."""
+        if self.per_sequence_state:
+            return 0.0
+        full_groups = sum(w is None for w in self.layout.windows)
+        return self.kv_bytes_per_block * full_groups / self.block_size
 
     def kv_bytes(self, n_tokens: int) -> int:
-        """Bytes of KV that ``n_tokens`` tokens take in whole blocks."""
-        return self.kv_bytes_per_block * self.block_manager.blocks_for(n_tokens)
+        """Bytes of KV that ``n_tokens`` tokens take in whole blocks (a sliding-window layer's bounded)."""
+        if is_recurrent(self.loaded):
+            return self.kv_bytes_per_block * self.block_manager.blocks_for(n_tokens)
+        return self.kv_bytes_per_block * self.layout.pages_held(n_tokens, self.block_size)
 
     def kv_tier(self, session: Session) -> str:
         """Where a session's KV is: "pool", "host", "disk", or "none"."""
@@ -480,7 +504,7 @@ class Engine:
         self._step_seqs = [c.seq for c in chunks]
         t_draft = time.perf_counter()
         if spec is not None:
-            spec.propose(chunks, self.cache.block_slots)
+            spec.propose(chunks, lambda kv, length: sequence_slots(self.cache, kv, length))
         t1 = time.perf_counter()
         logits = self.runner.run([SeqChunk(c.tokens, c.start, self._slots(c), c.want_logits, c.verify)
                                   for c in chunks])
@@ -519,7 +543,7 @@ class Engine:
         state slot and the prompt-edge snapshots it takes (planned by the state manager)."""
         if self.per_sequence_state:
             return self.block_manager.chunk_slots(c.seq.kv, c.tokens, c.seq.prompt_ids)
-        return self.cache.block_slots(c.seq.kv.blocks, c.start + len(c.tokens))
+        return sequence_slots(self.cache, c.seq.kv, c.start + len(c.tokens))
 
     def _commit(self, c: Chunk, n: int) -> None:
         """The first ``n`` tokens of chunk ``c`` are computed: record them in the block manager and
@@ -777,12 +801,24 @@ class Engine:
     def _pool_stats(self) -> dict:
         out = {"block_size": self.block_size, "bytes_per_block": self.kv_bytes_per_block,
                "bytes_per_token": self.kv_bytes_per_token, "pool_bytes": self.cache.nbytes,
-               "pool_tokens": self.pool_tokens}
+               "pool_tokens": self.pool_tokens, **self._window_stats()}
         if self.per_sequence_state:   # a "block" is one sequence's state; snapshots are a bounded cache
             bm = self.block_manager
             out.update(per_sequence=True, bytes_per_sequence=self.kv_bytes_per_block,
                        snapshot_capacity=bm.snapshot_capacity, snapshot_bytes=bm.num_cached * self.kv_bytes_per_block)
         return out
+
+    def _window_stats(self) -> dict:
+        """The bounded cost of sliding-window layers (none for a model without them)."""
+        windows = [w for w in self.layout.windows if w is not None]
+        if not windows:
+            return {}
+        bs = self.block_size
+        return {"layers_per_block": self.layout.width, "groups": len(self.layout.windows),
+                "sliding_groups": len(windows), "windows": sorted(set(windows)),
+                # what a sequence's sliding layers hold at most, whatever its length
+                "sliding_blocks_per_sequence_max": sum(-(-w // bs) + 1 for w in windows),
+                "sliding_bytes_per_sequence_max": self.kv_bytes_per_block * sum(-(-w // bs) + 1 for w in windows)}
 
 
 def check_split_engine(speculative, disk_dir, preemption: str, host_memory) -> None:

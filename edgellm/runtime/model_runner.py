@@ -10,7 +10,7 @@ set, the model marks its ops in it (``edgellm.models.trace``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,7 +28,9 @@ FUSED_DECODE_MAX_ROWS = 16
 class SeqChunk:
     token_ids: list[int]        # the new tokens of this sequence in this step
     start: int                  # position of the first new token (= tokens already cached)
-    slots: torch.Tensor | slice  # cache slots of positions 0 .. start + len(token_ids) - 1 (or more)
+    # cache slots of positions 0 .. start + len(token_ids) - 1 (or more); with a grouped KV layout,
+    # a list of them, one per group (``sequence_slots``)
+    slots: torch.Tensor | slice | list
     want_logits: bool = True    # False for a prefill chunk that does not end the prompt
     verify: bool = False        # a speculative verify pass: every token is a decode row with logits
 
@@ -94,10 +96,23 @@ class ModelRunner:
             self.thread_chooser.record(rows, threads, time.perf_counter() - start)
 
 
+def sequence_slots(cache, kv, length: int):
+    """The slots of positions 0..length-1 of the sequence whose KV is ``kv`` (a KVSequence): one
+    set for a cache with one block table, a list of them (one per group) for a grouped layout."""
+    if kv.extra:
+        return [cache.block_slots(table, length) for table in kv.tables]
+    return cache.block_slots(kv.blocks, length)
+
+
 def step_inputs(chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor]:
     """The forward pass's inputs for one step: token ids, their positions, the attention batch
-    (slots to write and read) and the rows whose logits are wanted (one per chunk that wants
-    them; every row of a verify chunk)."""
+    (slots to write and read; one per group of a grouped KV layout) and the rows whose logits
+    are wanted (one per chunk that wants them; every row of a verify chunk)."""
+    if chunks and isinstance(chunks[0].slots, list):
+        groups = [step_inputs([replace(c, slots=c.slots[g]) for c in chunks]) for g in range(len(chunks[0].slots))]
+        tokens, positions, batch, logit_rows = groups[0]
+        batch.groups = [b for _, _, b, _ in groups]
+        return tokens, positions, batch, logit_rows
     tokens, positions, logit_rows, seqs = [], [], [], []
     row = 0
     for c in chunks:

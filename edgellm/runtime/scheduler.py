@@ -169,7 +169,7 @@ class Scheduler:
     def _reserve(self, seq: Sequence, n_tokens: int) -> bool:
         """Blocks for ``n_tokens`` positions of a decoding sequence; may preempt lower priorities
         (or, failing that, ``seq`` itself: then False)."""
-        need = self.bm.blocks_for(n_tokens) - len(seq.kv.blocks)
+        need = self.bm.pages_needed(seq.kv, n_tokens)   # a page per layer group per new block
         if need <= 0:
             return True
         if not self._reclaim(need, seq, allow_preempt=True):
@@ -191,10 +191,10 @@ class Scheduler:
         """Reserve blocks for up to ``n`` more tokens of a prefilling sequence; how many fit."""
         kv = seq.kv
         start = kv.num_tokens
-        need = self.bm.blocks_for(start + n) - len(kv.blocks)
+        need = self.bm.pages_needed(kv, start + n)
         if need > self.bm.num_available:
             self._reclaim(need, seq, allow_preempt=False)
-        n = min(n, self.bm.tokens_room(kv) - start)
+        n = min(n, self.bm.room(kv))
         if n <= 0:
             return 0
         self.bm.reserve(kv, start + n)
@@ -236,11 +236,10 @@ class Scheduler:
         if not kv.blocks:
             self._drop(session)
             return
-        saved = self.cache.export_blocks(kv.blocks)
-        n = len(kv.blocks)
-        for b in reversed(kv.blocks):
-            self.bm.release(b)
-        kv.blocks = []
+        pages = self.bm.held(kv)    # every layer group's (a sliding group's window only)
+        saved = self.cache.export_blocks(pages)
+        n = len(pages)
+        self.bm.detach(kv)
         self.offloads += 1
         dropped = self.store.put(session.key, saved, n)
         by_key = {s.key: s for s in self.sessions()}

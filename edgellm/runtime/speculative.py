@@ -424,9 +424,10 @@ class Speculator:
         return (self.draft_seconds / self.draft_passes) / one_row if one_row > 0 else 0.0
 
     # ---- after the scheduler: the proposals themselves ------------------------------------------
-    def propose(self, chunks: list, block_slots) -> None:
+    def propose(self, chunks: list, slots_of) -> None:
         """Fill in the proposals of the decode chunks that got room (``chunk.draft_room``): their
-        tokens become the pending token plus the proposal, and they become verify passes."""
+        tokens become the pending token plus the proposal, and they become verify passes.
+        ``slots_of(kv, length)``: a sequence's cache slots (``model_runner.sequence_slots``)."""
         spec_chunks = [c for c in chunks if c.draft_room > 0]
         if not spec_chunks:
             return
@@ -436,7 +437,7 @@ class Speculator:
         else:
             start = time.perf_counter()
             if self.draft_layers is not None:
-                self._self_draft(spec_chunks, block_slots)
+                self._self_draft(spec_chunks, slots_of)
             else:
                 self.draft_model.propose(spec_chunks)
             self.draft_seconds += time.perf_counter() - start
@@ -447,7 +448,7 @@ class Speculator:
                 c.tokens = c.tokens + draft
                 c.verify = True
 
-    def _self_draft(self, chunks: list, block_slots) -> None:
+    def _self_draft(self, chunks: list, slots_of) -> None:
         """k passes of the draft's blocks of the target model, one token per sequence each, batched
         over sequences; those blocks' KV is written at the draft positions (the verify pass
         rewrites it with the full model's)."""
@@ -457,7 +458,7 @@ class Speculator:
         step = 0
         while active:     # pass `step` feeds each sequence its latest token (the pending one first)
             seq_chunks = [SeqChunk([(c.tokens + c.seq.spec.draft)[-1]], c.start + step,
-                                   block_slots(c.seq.kv.blocks, c.start + step + 1)) for c in active]
+                                   slots_of(c.seq.kv, c.start + step + 1)) for c in active]
             picks = greedy_pick(self.runner.run(seq_chunks, layers=self.draft_layers))
             step += 1
             for c, tok in zip(active, picks):
