@@ -206,7 +206,8 @@ inline void tile_dot(const uint8_t* row, const float* X, const float* xsum, floa
 }
 
 constexpr int64_t PREFETCH_ROWS = 4;
-// From this many activation rows on, matmul_many (measured: bench/kernel_rows.py).
+// From this many activation rows on, matmul_many; at 4, tile_dot's one tile of 4 was as fast
+// (block_matmul alone, SmolLM2's gate/up and down: 1.42 and 1.61 ns per pair-block against 1.48, 1.59).
 constexpr int64_t MANY_ROWS = 5;
 
 // ---- many activation rows ---------------------------------------------------------------------
@@ -222,13 +223,13 @@ constexpr int64_t MANY_ROWS = 5;
 constexpr int WIDE_TILE = 8;
 constexpr int CHUNK = 8;   // weight rows whose offsets share a vector
 
-// One weight row against MT activation rows over blocks [b0, b1): tile_dot's vector part. The
+// One weight row against MT activation rows over blocks [b0, b1) (X: their columns from 32 b0 on,
+// rows xstride floats apart): tile_dot's vector part. The
 // accumulators start at zero (b0 = 0) or from acc, and end in acc, or (b1 = nb) as the results
 // hsum(acc) + off, off[i * CHUNK] being the pair's offset sum computed beforehand.
 template <int FMT, bool ACC, int MT>
-inline void tile_wide(const uint8_t* row, const float* X, int64_t K, int64_t b0, int64_t b1, float* accp,
-                      const float* off, float* O, int64_t N) {
-  const int64_t nb = K / 32;
+inline void tile_wide(const uint8_t* row, const float* X, int64_t xstride, int64_t nb, int64_t b0, int64_t b1,
+                      float* accp, const float* off, float* O, int64_t N) {
   const int bb = block_bytes(FMT);
   __m256 acc[MT];
   for (int i = 0; i < MT; i++) acc[i] = b0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(accp + 8 * i);
@@ -237,7 +238,7 @@ inline void tile_wide(const uint8_t* row, const float* X, int64_t K, int64_t b0,
     load_block<FMT>(row + b * bb, blk);
     const __m256 d = _mm256_set1_ps(blk.d);
     for (int i = 0; i < MT; i++) {
-      const float* xp = X + i * K + b * 32;
+      const float* xp = X + i * xstride + (b - b0) * 32;
       __m256 t = _mm256_mul_ps(blk.v[0], _mm256_loadu_ps(xp));
       t = _mm256_fmadd_ps(blk.v[1], _mm256_loadu_ps(xp + 8), t);
       if (FMT == Q6_KR) {
@@ -282,6 +283,9 @@ void offset_sums(const uint8_t* W, int64_t row_bytes, int nc, const float* xsum,
 
 // Columns per slice: the slice of every activation row (M x cols floats) should stay in L1
 // (SLICE_BYTES of it) while the chunk's weight rows run over it; at least 2 blocks, whole blocks.
+// When there are several slices, each is copied into a buffer of its own with its rows adjacent:
+// rows K floats apart (K = 1536: 6 KB) fall on the same few L1 sets and evicted each other (32
+// rows of the down projection took 1.5-1.8x the time per pair of 16).
 constexpr int64_t SLICE_BYTES = 16 << 10;
 inline int64_t slice_blocks(int64_t M, int64_t nb) {
   return std::min<int64_t>(nb, std::max<int64_t>(2, SLICE_BYTES / (M * 32 * 4)));
@@ -292,8 +296,15 @@ void matmul_many(const float* X, const float* xsum, const uint8_t* W, float* O, 
                  int64_t n0, int64_t n1) {
   const int64_t nb = K / 32, sb = slice_blocks(M, nb);
   const int64_t row_bytes = nb * block_bytes(FMT);
-  thread_local std::vector<float> mv, offv, accv;
+  thread_local std::vector<float> mv, offv, accv, xv;
   if (static_cast<int64_t>(mv.size()) < nb * CHUNK) mv.resize(nb * CHUNK);
+  if (sb < nb) {   // slice-major copy of X: slice [b0, b1) at xv[M * 32 * b0], rows (b1 - b0) * 32 apart
+    if (static_cast<int64_t>(xv.size()) < M * K) xv.resize(M * K);
+    for (int64_t b0 = 0; b0 < nb; b0 += sb) {
+      const int64_t w = (std::min(nb, b0 + sb) - b0) * 32;
+      for (int64_t i = 0; i < M; i++) std::memcpy(xv.data() + M * 32 * b0 + i * w, X + i * K + 32 * b0, w * 4);
+    }
+  }
   if (static_cast<int64_t>(offv.size()) < M * CHUNK) offv.resize(M * CHUNK);
   if (static_cast<int64_t>(accv.size()) < CHUNK * M * 8) accv.resize(CHUNK * M * 8);
   float *off = offv.data(), *accs = accv.data();
@@ -306,22 +317,24 @@ void matmul_many(const float* X, const float* xsum, const uint8_t* W, float* O, 
       _mm_prefetch(reinterpret_cast<const char*>(W + (c + nc) * row_bytes + o), _MM_HINT_T0);
     for (int64_t b0 = 0; b0 < nb; b0 += sb) {
       const int64_t b1 = std::min(nb, b0 + sb);
+      const float* xs = sb < nb ? xv.data() + M * 32 * b0 : X;
+      const int64_t xstride = sb < nb ? (b1 - b0) * 32 : K;
       for (int r = 0; r < nc; r++) {
         const uint8_t* row = W + (c + r) * row_bytes;
         for (int64_t m0 = 0; m0 < M; m0 += WIDE_TILE) {
-          const float* x = X + m0 * K;
+          const float* x = xs + m0 * xstride;
           float* acc = accs + (r * M + m0) * 8;
           const float* of = off + m0 * CHUNK + r;
           float* o = O + m0 * N + c + r;
           switch (std::min<int64_t>(WIDE_TILE, M - m0)) {
-            case 8: tile_wide<FMT, ACC, 8>(row, x, K, b0, b1, acc, of, o, N); break;
-            case 7: tile_wide<FMT, ACC, 7>(row, x, K, b0, b1, acc, of, o, N); break;
-            case 6: tile_wide<FMT, ACC, 6>(row, x, K, b0, b1, acc, of, o, N); break;
-            case 5: tile_wide<FMT, ACC, 5>(row, x, K, b0, b1, acc, of, o, N); break;
-            case 4: tile_wide<FMT, ACC, 4>(row, x, K, b0, b1, acc, of, o, N); break;
-            case 3: tile_wide<FMT, ACC, 3>(row, x, K, b0, b1, acc, of, o, N); break;
-            case 2: tile_wide<FMT, ACC, 2>(row, x, K, b0, b1, acc, of, o, N); break;
-            default: tile_wide<FMT, ACC, 1>(row, x, K, b0, b1, acc, of, o, N); break;
+            case 8: tile_wide<FMT, ACC, 8>(row, x, xstride, nb, b0, b1, acc, of, o, N); break;
+            case 7: tile_wide<FMT, ACC, 7>(row, x, xstride, nb, b0, b1, acc, of, o, N); break;
+            case 6: tile_wide<FMT, ACC, 6>(row, x, xstride, nb, b0, b1, acc, of, o, N); break;
+            case 5: tile_wide<FMT, ACC, 5>(row, x, xstride, nb, b0, b1, acc, of, o, N); break;
+            case 4: tile_wide<FMT, ACC, 4>(row, x, xstride, nb, b0, b1, acc, of, o, N); break;
+            case 3: tile_wide<FMT, ACC, 3>(row, x, xstride, nb, b0, b1, acc, of, o, N); break;
+            case 2: tile_wide<FMT, ACC, 2>(row, x, xstride, nb, b0, b1, acc, of, o, N); break;
+            default: tile_wide<FMT, ACC, 1>(row, x, xstride, nb, b0, b1, acc, of, o, N); break;
           }
         }
       }
