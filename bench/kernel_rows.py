@@ -64,6 +64,11 @@ def main() -> None:
                           batch.write_index, batch.decode_index, batch.decode_lens,
                           cfg.n_heads, cfg.n_kv_heads, cfg.ffn_size, cfg.rms_norm_eps, args.threads)
 
+    def run(mod, m):
+        h = inputs[m][0].clone()
+        call(mod, h, inputs[m][1], inputs[m][2])
+        return h
+
     inputs = {}
     gen = torch.Generator().manual_seed(0)
     for m in rows:
@@ -74,7 +79,9 @@ def main() -> None:
         for mod in mods.values():
             for m in rows:
                 call(mod, inputs[m][0].clone(), inputs[m][1], inputs[m][2])
+    same = {name: all(torch.equal(run(mod, m), run(mods["new"], m)) for m in rows) for name, mod in mods.items()}
     times = {(name, m): [] for name in mods for m in rows}
+    fastest = {(name, m): float("inf") for name in mods for m in rows}
     order = list(mods.items())
     for r in range(args.rounds):
         for m in rows:
@@ -86,16 +93,19 @@ def main() -> None:
                     t0 = time.perf_counter()
                     call(mod, h, rope, batch)
                     step.append(time.perf_counter() - t0)
+                    fastest[(name, m)] = min(fastest[(name, m)], step[-1])
                 times[(name, m)].append(statistics.median(step))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"decode_blocks, {args.threads} threads, context {args.context}, medians of {args.rounds} rounds "
           f"x {args.steps} calls")
     print(f"{'rows':>5}" + "".join(f"{n + ' ms':>12}{n + ' x1':>9}" for n in mods)
-          + "".join(f"{n + '/new':>10}" for n in mods if n != "new"))
+          + "".join(f"{n + '/new':>10}" for n in mods if n != "new") + "".join(f"{n + ' min':>10}" for n in mods))
     for m in rows:
         line = f"{m:>5}" + "".join(f"{1e3 * med[(n, m)]:>12.2f}{med[(n, m)] / med[(n, rows[0])]:>9.2f}" for n in mods)
         line += "".join(f"{med[(n, m)] / med[('new', m)]:>10.2f}" for n in mods if n != "new")
+        line += "".join(f"{1e3 * fastest[(n, m)]:>10.2f}" for n in mods)
         print(line)
+    print("same bits as new: " + ", ".join(f"{n} {'yes' if ok else 'NO'}" for n, ok in same.items() if n != "new"))
 
 
 if __name__ == "__main__":

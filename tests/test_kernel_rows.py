@@ -19,44 +19,53 @@ from edgellm.kernels import NATIVE_FORMATS, native
 ext = native()
 pytestmark = pytest.mark.skipif(ext is None, reason="native kernels unavailable on this machine")
 
-MAX_ROWS = 17
+MAX_ROWS = 33   # past the 8-row tiles of the many-row path (matmul_many) several times, and odd
 
 
-def _matrix(fmt: str, n: int, k: int, seed: int) -> torch.Tensor:
-    """Raw blocks of a random [n, k] matrix in ``fmt`` (a native format code name)."""
+def _matrix(fmt: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw blocks of a random [n, k] matrix in ``fmt`` (a native format code name), and the gguf
+    package's dequantisation of the blocks it was made from (the independent reference)."""
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
     if fmt in ("Q4_KR", "Q6_KR"):   # K-quants, repacked for the kernels as at load time
         from edgellm.quant import gguf_blocks, repack
 
         kfmt = fmt[:-1]
-        raw = torch.from_numpy(np.ascontiguousarray(gguf_blocks.quantize(w, kfmt)).view(np.uint8).reshape(n, -1))
-        return repack.repack(raw, kfmt, n, k)
-    raw = quants.quantize(w, GGMLQuantizationType[fmt])
-    return torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).reshape(n, -1))
+        blocks = gguf_blocks.quantize(w, kfmt)
+        ref = quants.dequantize(blocks.reshape(n, -1), GGMLQuantizationType[kfmt]).reshape(n, k)
+        raw = torch.from_numpy(np.ascontiguousarray(blocks).view(np.uint8).reshape(n, -1))
+        return repack.repack(raw, kfmt, n, k), torch.from_numpy(ref)
+    blocks = quants.quantize(w, GGMLQuantizationType[fmt])
+    ref = quants.dequantize(blocks, GGMLQuantizationType[fmt]).reshape(n, k)
+    return torch.from_numpy(np.ascontiguousarray(blocks).view(np.uint8).reshape(n, -1)), torch.from_numpy(ref)
 
 
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q4_KR", "Q6_KR"])
 def test_block_matmul_rows_are_bit_identical_for_every_batch_size(fmt):
-    # 100 output rows: not a multiple of the kernel's row groups, so the short last groups run
-    # too; K = 768 = three 256-column slices of the many-row path (K-quants need multiples of 256),
-    # 608 = two slices and a partial one.
+    # 100 output rows: not a multiple of the kernel's chunks of 8 weight rows, so short chunks
+    # run too; K = 608 (19 blocks) or 768 (24: K-quants need multiples of 256) is cut into column
+    # slices of 128 / rows blocks from 7 rows on, the last one short.
     n, k = 100, 512 + 256 if fmt.endswith("KR") else 608
-    raw = _matrix(fmt, n, k, seed=len(fmt))
+    raw, ref = _matrix(fmt, n, k, seed=len(fmt))
     code = NATIVE_FORMATS[fmt]
     x = torch.randn(MAX_ROWS, k, generator=torch.Generator().manual_seed(1))
     alone = torch.cat([ext.block_matmul(x[i:i + 1], raw, code, n) for i in range(MAX_ROWS)])
+    # the independent reference: gguf's dequantised weights, products and sums in float64
+    assert torch.allclose(alone.double(), x.double() @ ref.double().T, atol=1e-4, rtol=1e-4)
     for m in range(1, MAX_ROWS + 1):
         got = ext.block_matmul(x[:m], raw, code, n)
         assert torch.equal(got, alone[:m]), f"{m} rows: max diff {(got - alone[:m]).abs().max()}"
     # the same rows in another order: each row's result moves with it, bit for bit
     perm = torch.randperm(MAX_ROWS, generator=torch.Generator().manual_seed(2))
     assert torch.equal(ext.block_matmul(x[perm], raw, code, n), alone[perm])
-    # and the thread count (which changes how output rows are shared out) changes nothing
+    # and the thread count (which changes how output rows are shared out, so where the chunks of
+    # weight rows start) changes nothing, on the few-row and the many-row path
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        assert torch.equal(ext.block_matmul(x[:5], raw, code, n), alone[:5])
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            for m in (3, 5, 16, MAX_ROWS):
+                assert torch.equal(ext.block_matmul(x[:m], raw, code, n), alone[:m]), (t, m)
     finally:
         torch.set_num_threads(threads)
 

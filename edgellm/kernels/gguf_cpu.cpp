@@ -206,6 +206,141 @@ inline void tile_dot(const uint8_t* row, const float* X, const float* xsum, floa
 }
 
 constexpr int64_t PREFETCH_ROWS = 4;
+// From this many activation rows on, matmul_many; at 4, tile_dot's one tile of 4 was as fast
+// (block_matmul alone, SmolLM2's gate/up and down: 1.42 and 1.61 ns per pair-block against 1.48, 1.59).
+constexpr int64_t MANY_ROWS = 5;
+
+// ---- many activation rows ---------------------------------------------------------------------
+// Past a few rows tile_dot's cost is the per-pair scalar offset term (an FMA on the same ports as
+// the vector ones, and a chain that holds registers) and the block unpacked again for every TILE
+// rows. matmul_many computes the same pairs with the same operations, grouped differently:
+//  - the offset sums off = fma(m, xsum, off), block after block, for 8 weight rows at once in the
+//    8 lanes of a vector (each lane runs tile_dot's scalar sequence for its pair, bit for bit);
+//  - without those scalars in registers a block unpacked once serves up to WIDE_TILE = 8 rows
+//    (8 accumulators, the 4 unpacked vectors, the scale and a temporary fill the 16 registers).
+// So every pair still ends as hsum(acc) + off with acc and off what tile_dot computes, and a
+// row's result is bit-identical on either path, in any tile, alone or in a batch.
+constexpr int WIDE_TILE = 8;
+constexpr int CHUNK = 8;   // weight rows whose offsets share a vector
+
+// One weight row against MT activation rows over blocks [b0, b1) (X: their columns from 32 b0 on,
+// rows xstride floats apart): tile_dot's vector part. The
+// accumulators start at zero (b0 = 0) or from acc, and end in acc, or (b1 = nb) as the results
+// hsum(acc) + off, off[i * CHUNK] being the pair's offset sum computed beforehand.
+template <int FMT, bool ACC, int MT>
+inline void tile_wide(const uint8_t* row, const float* X, int64_t xstride, int64_t nb, int64_t b0, int64_t b1,
+                      float* accp, const float* off, float* O, int64_t N) {
+  const int bb = block_bytes(FMT);
+  __m256 acc[MT];
+  for (int i = 0; i < MT; i++) acc[i] = b0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(accp + 8 * i);
+  Block blk;
+  for (int64_t b = b0; b < b1; b++) {
+    load_block<FMT>(row + b * bb, blk);
+    const __m256 d = _mm256_set1_ps(blk.d);
+    for (int i = 0; i < MT; i++) {
+      const float* xp = X + i * xstride + (b - b0) * 32;
+      __m256 t = _mm256_mul_ps(blk.v[0], _mm256_loadu_ps(xp));
+      t = _mm256_fmadd_ps(blk.v[1], _mm256_loadu_ps(xp + 8), t);
+      if (FMT == Q6_KR) {
+        __m256 u = _mm256_mul_ps(blk.v[2], _mm256_loadu_ps(xp + 16));
+        u = _mm256_fmadd_ps(blk.v[3], _mm256_loadu_ps(xp + 24), u);
+        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(blk.d1), u, _mm256_fmadd_ps(d, t, acc[i]));
+        continue;
+      }
+      t = _mm256_fmadd_ps(blk.v[2], _mm256_loadu_ps(xp + 16), t);
+      t = _mm256_fmadd_ps(blk.v[3], _mm256_loadu_ps(xp + 24), t);
+      acc[i] = _mm256_fmadd_ps(d, t, acc[i]);
+    }
+  }
+  if (b1 < nb) {
+    for (int i = 0; i < MT; i++) _mm256_storeu_ps(accp + 8 * i, acc[i]);
+    return;
+  }
+  for (int i = 0; i < MT; i++) {
+    const float v = hsum(acc[i]) + off[i * CHUNK];
+    if (ACC) O[i * N] += v; else O[i * N] = v;
+  }
+}
+
+// off[i * CHUNK + r] = the offset sum of weight row n + r and activation row i, for the nc <= CHUNK
+// rows from n (lanes past nc get m = 0). m[b * CHUNK + r]: scratch for the blocks' offsets.
+template <int FMT>
+void offset_sums(const uint8_t* W, int64_t row_bytes, int nc, const float* xsum, int64_t M, int64_t nb, float* m,
+                 float* off) {
+  Block blk;
+  for (int r = 0; r < CHUNK; r++)
+    for (int64_t b = 0; b < nb; b++) {
+      if (r < nc) load_block<FMT>(W + r * row_bytes + b * block_bytes(FMT), blk);
+      m[b * CHUNK + r] = r < nc ? blk.m : 0.0f;
+    }
+  for (int64_t i = 0; i < M; i++) {
+    __m256 o = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++)
+      o = _mm256_fmadd_ps(_mm256_loadu_ps(m + b * CHUNK), _mm256_set1_ps(xsum[i * nb + b]), o);
+    _mm256_storeu_ps(off + i * CHUNK, o);
+  }
+}
+
+// Columns per slice: the slice of every activation row (M x cols floats) should stay in L1
+// (SLICE_BYTES of it) while the chunk's weight rows run over it; at least 2 blocks, whole blocks.
+// When there are several slices, each is copied into a buffer of its own with its rows adjacent:
+// rows K floats apart (K = 1536: 6 KB) fall on the same few L1 sets and evicted each other (32
+// rows of the down projection took 1.5-1.8x the time per pair of 16).
+constexpr int64_t SLICE_BYTES = 16 << 10;
+inline int64_t slice_blocks(int64_t M, int64_t nb) {
+  return std::min<int64_t>(nb, std::max<int64_t>(2, SLICE_BYTES / (M * 32 * 4)));
+}
+
+template <int FMT, bool ACC>
+void matmul_many(const float* X, const float* xsum, const uint8_t* W, float* O, int64_t M, int64_t N, int64_t K,
+                 int64_t n0, int64_t n1) {
+  const int64_t nb = K / 32, sb = slice_blocks(M, nb);
+  const int64_t row_bytes = nb * block_bytes(FMT);
+  thread_local std::vector<float> mv, offv, accv, xv;
+  if (static_cast<int64_t>(mv.size()) < nb * CHUNK) mv.resize(nb * CHUNK);
+  if (sb < nb) {   // slice-major copy of X: slice [b0, b1) at xv[M * 32 * b0], rows (b1 - b0) * 32 apart
+    if (static_cast<int64_t>(xv.size()) < M * K) xv.resize(M * K);
+    for (int64_t b0 = 0; b0 < nb; b0 += sb) {
+      const int64_t w = (std::min(nb, b0 + sb) - b0) * 32;
+      for (int64_t i = 0; i < M; i++) std::memcpy(xv.data() + M * 32 * b0 + i * w, X + i * K + 32 * b0, w * 4);
+    }
+  }
+  if (static_cast<int64_t>(offv.size()) < M * CHUNK) offv.resize(M * CHUNK);
+  if (static_cast<int64_t>(accv.size()) < CHUNK * M * 8) accv.resize(CHUNK * M * 8);
+  float *off = offv.data(), *accs = accv.data();
+  if (!has_offset(FMT)) std::fill(off, off + M * CHUNK, 0.0f);
+  for (int64_t c = n0; c < n1; c += CHUNK) {
+    const int nc = static_cast<int>(std::min<int64_t>(CHUNK, n1 - c));
+    if (has_offset(FMT)) offset_sums<FMT>(W + c * row_bytes, row_bytes, nc, xsum, M, nb, mv.data(), off);
+    // the next chunk's rows, while this one computes (as in matmul_range)
+    for (int64_t o = 0; o < std::min<int64_t>(CHUNK, n1 - c - nc) * row_bytes; o += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(W + (c + nc) * row_bytes + o), _MM_HINT_T0);
+    for (int64_t b0 = 0; b0 < nb; b0 += sb) {
+      const int64_t b1 = std::min(nb, b0 + sb);
+      const float* xs = sb < nb ? xv.data() + M * 32 * b0 : X;
+      const int64_t xstride = sb < nb ? (b1 - b0) * 32 : K;
+      for (int r = 0; r < nc; r++) {
+        const uint8_t* row = W + (c + r) * row_bytes;
+        for (int64_t m0 = 0; m0 < M; m0 += WIDE_TILE) {
+          const float* x = xs + m0 * xstride;
+          float* acc = accs + (r * M + m0) * 8;
+          const float* of = off + m0 * CHUNK + r;
+          float* o = O + m0 * N + c + r;
+          switch (std::min<int64_t>(WIDE_TILE, M - m0)) {
+            case 8: tile_wide<FMT, ACC, 8>(row, x, xstride, nb, b0, b1, acc, of, o, N); break;
+            case 7: tile_wide<FMT, ACC, 7>(row, x, xstride, nb, b0, b1, acc, of, o, N); break;
+            case 6: tile_wide<FMT, ACC, 6>(row, x, xstride, nb, b0, b1, acc, of, o, N); break;
+            case 5: tile_wide<FMT, ACC, 5>(row, x, xstride, nb, b0, b1, acc, of, o, N); break;
+            case 4: tile_wide<FMT, ACC, 4>(row, x, xstride, nb, b0, b1, acc, of, o, N); break;
+            case 3: tile_wide<FMT, ACC, 3>(row, x, xstride, nb, b0, b1, acc, of, o, N); break;
+            case 2: tile_wide<FMT, ACC, 2>(row, x, xstride, nb, b0, b1, acc, of, o, N); break;
+            default: tile_wide<FMT, ACC, 1>(row, x, xstride, nb, b0, b1, acc, of, o, N); break;
+          }
+        }
+      }
+    }
+  }
+}
 
 template <int FMT, bool ACC>
 void matmul_range(const float* X, const float* xsum, const uint8_t* W, float* O, int64_t M, int64_t N,
@@ -214,6 +349,7 @@ void matmul_range(const float* X, const float* xsum, const uint8_t* W, float* O,
   const int bb = block_bytes(FMT);
   constexpr int TILE = 4;  // rows of x sharing each unpacked block
   const int64_t row_bytes = nb * bb;
+  if (M >= MANY_ROWS) return matmul_many<FMT, ACC>(X, xsum, W, O, M, N, K, n0, n1);
   for (int64_t n = n0; n < n1; n++) {
     const uint8_t* row = W + n * row_bytes;
     // Ask for the row PREFETCH_ROWS ahead while this one computes: a decode step streams every

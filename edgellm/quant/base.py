@@ -26,6 +26,14 @@ import torch.nn.functional as F
 # weights once; more rows (prefill) take dequantised slabs + BLAS sgemm, which wins there.
 # Measured on the SmolLM2 shapes: README, "Where the time goes", and docs/precision.md.
 DECODE_MAX_ROWS = 8
+# The native GGUF block kernel (GGUFBlockWeight) keeps up with dequantise + sgemm for longer: it
+# shares each unpacked block among up to 8 rows and reads the activations in L1-sized column
+# slices (edgellm/kernels/gguf_cpu.cpp, matmul_many). Measured alone, one thread: the 49152 x 576
+# Q8_0 vocabulary projection at 16 rows 59 ms against 119 (the sgemm path dequantises 113 MB);
+# SmolLM2's Q4_1 gate/up and down at 16 rows 1.1 and 0.54 ms against 1.6 and 0.72; at 24 rows the
+# down projection is faster with sgemm. A speculative verify pass of up to 16 rows then also takes
+# the same kernel as a one-row step, so its logits are those of plain decoding bit for bit.
+NATIVE_BLOCK_MAX_ROWS = 16
 # Float32 bytes of one dequantised slab of a native GGUF block matrix (GGUFBlockWeight): bounds
 # the transient copy. 8 MiB holds SmolLM2's largest block matrix (gate/up, 3072 x 576) whole;
 # Qwen2.5-0.5B's (9728 x 896) goes in five slabs, which cut its 512-token prefill peak by 20 MB

@@ -11,7 +11,7 @@ from edgellm.quant import gguf_blocks, repack
 from edgellm.quant.base import (
     BLOCK_SLAB_BYTES,
     BLOCK_SLAB_MIN_ROWS,
-    DECODE_MAX_ROWS,
+    NATIVE_BLOCK_MAX_ROWS,
     QuantizedWeight,
     Weight,
     list_shape,
@@ -44,12 +44,12 @@ class GGUFBlockWeight(Weight):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.shape
         x = x.float()
-        if x.shape[0] <= DECODE_MAX_ROWS:
+        if x.shape[0] <= NATIVE_BLOCK_MAX_ROWS:
             return self._ext.block_matmul(x, self.raw, self.code, n)
         return slab_matmul(x, n, self._step, lambda r0, r1: self._ext.block_dequant(self.raw, self.code, n, k, r0, r1))
 
     def matmul_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= DECODE_MAX_ROWS and x.dtype == torch.float32:
+        if x.shape[0] <= NATIVE_BLOCK_MAX_ROWS and x.dtype == torch.float32:
             return self._ext.block_matmul_add(x, self.raw, self.code, self.shape[0], residual)
         return residual + self.matmul(x)
 
