@@ -253,11 +253,18 @@ def _permute_for_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
+def _unpermute_for_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
 def write_moe_gguf(path, reference, arch: str, source_gguf, expert_type: str, drop: str | None = None,
-                   used: int = TOP_K):
+                   used: int = TOP_K, all_quantised: bool = False):
     """``reference``'s weights as llama.cpp lays out ``arch`` (experts stacked [E, rows, cols],
-    quantised ``expert_type``; the rest float32), with SmolLM2's tokenizer. Returns the state dict
-    transformers must load to compute what the file holds (experts dequantised)."""
+    quantised ``expert_type``; the rest float32, or with ``all_quantised`` the attention and
+    shared-expert matrices quantised too, as llama.cpp's quantiser leaves only the routers, norms
+    and biases float32), with SmolLM2's tokenizer. Returns the state dict transformers must load
+    to compute what the file holds (quantised matrices dequantised)."""
     import gguf
     from gguf.quants import dequantize, quantize
 
@@ -314,10 +321,14 @@ def write_moe_gguf(path, reference, arch: str, source_gguf, expert_type: str, dr
         q, k = sd[hf + "self_attn.q_proj.weight"], sd[hf + "self_attn.k_proj.weight"]
         if ga == "llama":
             q, k = _permute_for_llama_cpp(q, heads), _permute_for_llama_cpp(k, kv_heads)
-        put(p + "attn_q.weight", q)
-        put(p + "attn_k.weight", k)
-        put(p + "attn_v.weight", sd[hf + "self_attn.v_proj.weight"])
-        put(p + "attn_output.weight", sd[hf + "self_attn.o_proj.weight"])
+        q = put(p + "attn_q.weight", q, all_quantised)
+        k = put(p + "attn_k.weight", k, all_quantised)
+        if ga == "llama" and q is not None and k is not None:
+            q, k = _unpermute_for_llama_cpp(q, heads), _unpermute_for_llama_cpp(k, kv_heads)
+        exact[hf + "self_attn.q_proj.weight"], exact[hf + "self_attn.k_proj.weight"] = q, k
+        for part, name in (("v_proj", "attn_v"), ("o_proj", "attn_output")):
+            exact[hf + f"self_attn.{part}.weight"] = put(p + f"{name}.weight", sd[hf + f"self_attn.{part}.weight"],
+                                                         all_quantised)
         put(p + "attn_norm.weight", sd[hf + "input_layernorm.weight"])
         put(p + "ffn_norm.weight", sd[hf + "post_attention_layernorm.weight"])
         for part in ("q", "k", "v"):
@@ -337,22 +348,26 @@ def write_moe_gguf(path, reference, arch: str, source_gguf, expert_type: str, dr
             exact[hf + "mlp.experts.down_proj"] = held["down"]
         if arch == "qwen2moe":
             for part in ("gate", "up", "down"):
-                put(p + f"ffn_{part}_shexp.weight", sd[hf + f"mlp.shared_expert.{part}_proj.weight"])
+                name = hf + f"mlp.shared_expert.{part}_proj.weight"
+                exact[name] = put(p + f"ffn_{part}_shexp.weight", sd[name], all_quantised)
             put(p + "ffn_gate_inp_shexp.weight", sd[hf + "mlp.shared_expert_gate.weight"].reshape(-1))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in exact.items()}
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in exact.items() if v is not None}
 
 
-def gguf_reference(arch: str):
+def gguf_reference(arch: str, shared: int | None = None):
     """A reference whose every layer is sparse (llama.cpp's Qwen MoE layouts have no dense
-    layers) and whose vocabulary is SmolLM2's tokenizer's."""
+    layers) and whose vocabulary is SmolLM2's tokenizer's; ``shared``: Qwen2-MoE's shared expert
+    width (a multiple of 32 can be quantised)."""
     cfg = hf_config(arch)
     cfg.vocab_size = 49152
     if arch == "qwen2moe":
         cfg.mlp_only_layers = []
+        if shared is not None:
+            cfg.shared_expert_intermediate_size = shared
     torch.manual_seed(3)
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():
@@ -374,6 +389,36 @@ def test_gguf_with_quantised_experts_matches_transformers(arch, expert_type, smo
     assert {m.format for m in block.experts.gate_up + block.experts.down} == {expert_type}   # kept quantised
     assert loaded.config.experts.norm_top_k == (arch != "qwen2moe")
     assert_matches(run_chunks(loaded.model, loaded.config, ids, PROMPT_LEN, 7), want, f"{arch} GGUF")
+
+
+@pytest.mark.parametrize("arch,expert_type", [("mixtral", "Q4_0"), ("qwen2moe", "Q8_0"), ("qwen3moe", "Q4_0")])
+def test_fused_native_decode_step_matches_transformers(arch, expert_type, smollm2_path, tmp_path, ids):
+    """A file whose every matrix but the router is quantised decodes through the one-call native
+    step (moe_decode_blocks): every decode step within the tolerance of transformers on the
+    dequantised weights, batched rows included (through the Engine: its greedy tokens)."""
+    from edgellm.runtime.engine import Engine
+
+    reference = gguf_reference(arch, shared=32)
+    exact = write_moe_gguf(tmp_path / "moe.gguf", reference, arch, smollm2_path, expert_type, all_quantised=True)
+    reference.load_state_dict(exact)
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    loaded = load_model(str(tmp_path / "moe.gguf"))
+    assert loaded.model.has_fused_decode     # the native step is the one taken
+    assert_matches(run_chunks(loaded.model, loaded.config, ids, PROMPT_LEN, PROMPT_LEN), want, f"{arch} fused")
+    prompts = [ids[:PROMPT_LEN], ids[3:11], ids[7:20]]
+    greedy = []
+    for p in prompts:
+        with torch.no_grad():
+            out = reference.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                     pad_token_id=0)
+        greedy.append(out[0, len(p):].tolist())
+    engine = Engine(loaded, kv_memory="4MB", host_memory=0)
+    try:
+        got = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    finally:
+        engine.close()
+    assert [r.token_ids for r in got] == greedy
 
 
 def test_gguf_with_more_used_than_experts_is_refused(smollm2_path, tmp_path):
