@@ -132,6 +132,44 @@ def test_greedy_tokens_through_the_engine(case, ids):
     assert [r.token_ids for r in got] == want
 
 
+def save_stacked_folder(model, folder):
+    """An HF folder as save_hf_folder writes it, but with transformers' own stacked expert tensors."""
+    save_hf_folder(model, folder, VOCAB)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    model.save_pretrained(str(folder), save_original_format=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_folder_with_stacked_experts_matches_transformers(arch, ids, tmp_path):
+    """transformers 5 saves each layer's experts as two stacked tensors (gate_up_proj [E, 2F, H],
+    gate first, and down_proj [E, H, F]; Mixtral's router as mlp.gate) when asked to keep its
+    own layout: edgellm reads those too."""
+    from safetensors import safe_open
+
+    reference = build_reference(arch)
+    save_stacked_folder(reference, tmp_path)
+    keys = set(safe_open(str(tmp_path / "model.safetensors"), "pt").keys())
+    assert "model.layers.0.mlp.experts.gate_up_proj" in keys and not any(".experts.0." in k for k in keys)
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    loaded = load_model(str(tmp_path))
+    assert_matches(run_chunks(loaded.model, loaded.config, ids, PROMPT_LEN, 9), want, f"{arch}, stacked experts")
+
+
+def test_folder_with_a_misshapen_stacked_expert_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_stacked_folder(build_reference("qwen3moe"), tmp_path)
+    f = tmp_path / "model.safetensors"
+    tensors = load_file(str(f))
+    key = "model.layers.1.mlp.experts.down_proj"
+    tensors[key] = tensors[key][:, :, :16].contiguous()
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(ModelFormatError, match=r"experts\.down_proj' has shape \(8, 64, 16\), expected \(8, 64, 32\)"):
+        load_model(str(tmp_path))
+
+
 def save_with_bpe_tokenizer(model, folder, source_gguf):
     """``model`` saved as an HF folder with SmolLM2's byte-level BPE vocabulary and merges as its
     tokenizer.json (built with the ``tokenizers`` library from the GGUF's token list)."""
