@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 from edgellm.config import ExpertConfig, ModelConfig  # noqa: E402
 from edgellm.errors import ModelFormatError, UnsupportedModelError  # noqa: E402
+from edgellm.kernels import native  # noqa: E402
 from edgellm.kv.cache import KVCache  # noqa: E402
 from edgellm.loading.load import load_model  # noqa: E402
 from edgellm.quant.base import Weight  # noqa: E402
@@ -54,9 +55,13 @@ def hf_config(arch: str):
 ARCHS = ["mixtral", "qwen2moe", "qwen3moe"]
 
 
-def build_reference(arch: str):
+def build_reference(arch: str, **config):
+    """``config``: config attributes changed from hf_config's."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch)).float().eval()
+    cfg = hf_config(arch)
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():   # decisive routing, a shared-expert gate that matters, non-trivial q/k norms
         for name, p in model.named_parameters():
             if name.endswith("gate.weight") and p.shape[0] in (EXPERTS, 1):
@@ -459,6 +464,54 @@ def test_fused_native_decode_step_matches_transformers(arch, expert_type, smollm
     assert [r.token_ids for r in got] == greedy
 
 
+def test_quantize_command_writes_quantised_stacked_experts(smollm2_path, tmp_path, ids, capsys):
+    """`edgellm quantize` of a MoE GGUF: the stacked expert tensors quantised row by row (read
+    back with the gguf package), the router left float32, and the written file computes what
+    transformers computes on the file's weights dequantised by the gguf package."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from edgellm.cli.main import main
+
+    reference = gguf_reference("qwen3moe")
+    write_moe_gguf(tmp_path / "src.gguf", reference, "qwen3moe", smollm2_path, "Q8_0")
+    assert main(["quantize", "--model", str(tmp_path / "src.gguf"), "--format", "q4_0",
+                 "--out", str(tmp_path / "q4.gguf")]) == 0
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "q4.gguf")).tensors}
+    assert tensors["blk.0.ffn_gate_exps.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+
+    def read(name: str) -> torch.Tensor:
+        t = tensors[name]
+        shape = tuple(int(n) for n in reversed(t.shape))
+        return torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(shape).copy())
+
+    state = reference.state_dict()
+    state.update({"model.embed_tokens.weight": read("token_embd.weight"), "lm_head.weight": read("output.weight")})
+    for i in range(reference.config.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        for hf, gg in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
+            state[p + f"self_attn.{hf}.weight"] = read(b + gg + ".weight")
+        state[p + "mlp.experts.gate_up_proj"] = torch.cat([read(b + "ffn_gate_exps.weight"),
+                                                           read(b + "ffn_up_exps.weight")], dim=1)
+        state[p + "mlp.experts.down_proj"] = read(b + "ffn_down_exps.weight")
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    loaded = load_model(str(tmp_path / "q4.gguf"))
+    assert {m.format for m in loaded.model.weights.blocks[1].experts.down} == {"Q4_0"}
+    assert_matches(run_chunks(loaded.model, loaded.config, ids, PROMPT_LEN, 9), want, "quantised file")
+
+
+def test_quantize_to_an_edgellm_file_is_refused_for_experts(case, tmp_path):
+    from edgellm.loading.convert import quantize_model
+
+    _, _, folder = case
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts model cannot be written"):
+        quantize_model(str(folder), "int8", tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_gguf_with_more_used_than_experts_is_refused(smollm2_path, tmp_path):
     write_moe_gguf(tmp_path / "bad.gguf", gguf_reference("qwen3moe"), "qwen3moe", smollm2_path, "Q8_0",
                    used=EXPERTS + 1)
@@ -492,12 +545,60 @@ def test_config_json_with_too_many_used_experts_is_refused(tmp_path):
         ModelConfig.from_hf_config(json.loads(json.dumps(data)))
 
 
-def test_converting_experts_is_refused_clearly(case):
+def dequantised_state(weights, cfg) -> dict[str, torch.Tensor]:
+    """transformers' parameters holding what converted ModelWeights hold (every matrix
+    dequantised; an HF folder's q/k rows are in transformers' order)."""
+    sd = {"model.embed_tokens.weight": weights.embed.dequantize(), "lm_head.weight": weights.lm_head.dequantize()}
+    for i, b in enumerate(weights.blocks):
+        p = f"model.layers.{i}."
+        q, k, v = b.qkv.dequantize().split([cfg.q_size, cfg.kv_size, cfg.kv_size])
+        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": b.o.dequantize()})
+        ex = b.experts
+        if ex is None:      # a dense layer
+            gate, up = b.gate_up.dequantize().chunk(2)
+            sd.update({p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                       p + "mlp.down_proj.weight": b.down.dequantize()})
+            continue
+        sd[p + "mlp.experts.gate_up_proj"] = torch.stack([m.dequantize() for m in ex.gate_up])
+        sd[p + "mlp.experts.down_proj"] = torch.stack([m.dequantize() for m in ex.down])
+        if ex.shared_gate_up is not None:
+            gate, up = ex.shared_gate_up.dequantize().chunk(2)
+            sd.update({p + "mlp.shared_expert.gate_proj.weight": gate, p + "mlp.shared_expert.up_proj.weight": up,
+                       p + "mlp.shared_expert.down_proj.weight": ex.shared_down.dequantize()})
+    return sd
+
+
+@pytest.mark.parametrize("arch,fmt", [("mixtral", "q4_0"), ("qwen2moe", "q4_1"), ("qwen3moe", "q8_0"),
+                                      ("qwen3moe", "int8")])
+def test_converted_experts_match_transformers_on_the_dequantised_weights(arch, fmt, ids, tmp_path):
+    """--weights FORMAT on a mixture of experts: each expert matrix converted on its own (the
+    router kept), and the model then computes what transformers computes on the dequantised
+    weights, prefill and every decode step: within 1e-3 for the block formats (float32
+    activations), within 1% of the largest logit for int8 (its kernels take bfloat16 activations)."""
     from edgellm.loading.convert import convert_weights
 
-    _, _, folder = case
-    with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
-        convert_weights(load_model(str(folder)), "q8_0")
+    # Qwen2-MoE's dense layer and shared expert as wide as whole blocks of 32
+    reference = build_reference(arch, intermediate_size=64, shared_expert_intermediate_size=32)
+    loaded = load_model(str(save_hf_folder(reference, tmp_path, VOCAB)))
+    converted = convert_weights(loaded, fmt)
+    if native() is not None:   # every matrix in a native block format, every layer sparse: the one-call step
+        assert converted.model.has_fused_decode == (fmt in ("q4_0", "q8_0"))
+    block = converted.model.weights.blocks[0]
+    assert len(block.experts.gate_up) == EXPERTS and block.experts.router.format == "float32"
+    assert {m.format for m in block.experts.gate_up + block.experts.down} == {fmt.upper() if "_" in fmt else fmt}
+    state = reference.state_dict()
+    state.update(dequantised_state(converted.model.weights, converted.config))
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    got = run_chunks(converted.model, converted.config, ids, PROMPT_LEN, 9)
+    if fmt != "int8":
+        assert_matches(got, want, f"{arch} as {fmt}")
+        return
+    for step, logits in enumerate(got):
+        row = want[PROMPT_LEN - 1 + step]
+        assert float((logits - row).abs().max() / row.abs().max()) < 1e-2, f"int8, decode step {step}"
 
 
 def test_expert_config_parameter_counts_by_hand():
