@@ -429,7 +429,8 @@ def test_gguf_with_quantised_experts_matches_transformers(arch, expert_type, smo
         want = reference(torch.tensor([ids])).logits[0]
     loaded = load_model(str(tmp_path / "moe.gguf"))
     block = loaded.model.weights.blocks[0]
-    assert {m.format for m in block.experts.gate_up + block.experts.down} == {expert_type}   # kept quantised
+    if native() is not None:    # kept quantised (without the kernels they are dequantised)
+        assert {m.format for m in block.experts.gate_up + block.experts.down} == {expert_type}
     assert loaded.config.experts.norm_top_k == (arch != "qwen2moe")
     assert_matches(run_chunks(loaded.model, loaded.config, ids, PROMPT_LEN, 7), want, f"{arch} GGUF")
 
