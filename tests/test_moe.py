@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 from edgellm.config import ExpertConfig, ModelConfig  # noqa: E402
 from edgellm.errors import ModelFormatError, UnsupportedModelError  # noqa: E402
+from edgellm.kernels import native  # noqa: E402
 from edgellm.kv.cache import KVCache  # noqa: E402
 from edgellm.loading.load import load_model  # noqa: E402
 from edgellm.quant.base import Weight  # noqa: E402
@@ -54,9 +55,13 @@ def hf_config(arch: str):
 ARCHS = ["mixtral", "qwen2moe", "qwen3moe"]
 
 
-def build_reference(arch: str):
+def build_reference(arch: str, **config):
+    """``config``: config attributes changed from hf_config's."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch)).float().eval()
+    cfg = hf_config(arch)
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():   # decisive routing, a shared-expert gate that matters, non-trivial q/k norms
         for name, p in model.named_parameters():
             if name.endswith("gate.weight") and p.shape[0] in (EXPERTS, 1):
@@ -130,6 +135,44 @@ def test_greedy_tokens_through_the_engine(case, ids):
     finally:
         engine.close()
     assert [r.token_ids for r in got] == want
+
+
+def save_stacked_folder(model, folder):
+    """An HF folder as save_hf_folder writes it, but with transformers' own stacked expert tensors."""
+    save_hf_folder(model, folder, VOCAB)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    model.save_pretrained(str(folder), save_original_format=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_folder_with_stacked_experts_matches_transformers(arch, ids, tmp_path):
+    """transformers 5 saves each layer's experts as two stacked tensors (gate_up_proj [E, 2F, H],
+    gate first, and down_proj [E, H, F]; Mixtral's router as mlp.gate) when asked to keep its
+    own layout: edgellm reads those too."""
+    from safetensors import safe_open
+
+    reference = build_reference(arch)
+    save_stacked_folder(reference, tmp_path)
+    keys = set(safe_open(str(tmp_path / "model.safetensors"), "pt").keys())
+    assert "model.layers.0.mlp.experts.gate_up_proj" in keys and not any(".experts.0." in k for k in keys)
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    loaded = load_model(str(tmp_path))
+    assert_matches(run_chunks(loaded.model, loaded.config, ids, PROMPT_LEN, 9), want, f"{arch}, stacked experts")
+
+
+def test_folder_with_a_misshapen_stacked_expert_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_stacked_folder(build_reference("qwen3moe"), tmp_path)
+    f = tmp_path / "model.safetensors"
+    tensors = load_file(str(f))
+    key = "model.layers.1.mlp.experts.down_proj"
+    tensors[key] = tensors[key][:, :, :16].contiguous()
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(ModelFormatError, match=r"experts\.down_proj' has shape \(8, 64, 16\), expected \(8, 64, 32\)"):
+        load_model(str(tmp_path))
 
 
 def save_with_bpe_tokenizer(model, folder, source_gguf):
@@ -253,11 +296,18 @@ def _permute_for_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
+def _unpermute_for_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
 def write_moe_gguf(path, reference, arch: str, source_gguf, expert_type: str, drop: str | None = None,
-                   used: int = TOP_K):
+                   used: int = TOP_K, all_quantised: bool = False):
     """``reference``'s weights as llama.cpp lays out ``arch`` (experts stacked [E, rows, cols],
-    quantised ``expert_type``; the rest float32), with SmolLM2's tokenizer. Returns the state dict
-    transformers must load to compute what the file holds (experts dequantised)."""
+    quantised ``expert_type``; the rest float32, or with ``all_quantised`` the attention and
+    shared-expert matrices quantised too, as llama.cpp's quantiser leaves only the routers, norms
+    and biases float32), with SmolLM2's tokenizer. Returns the state dict transformers must load
+    to compute what the file holds (quantised matrices dequantised)."""
     import gguf
     from gguf.quants import dequantize, quantize
 
@@ -314,10 +364,14 @@ def write_moe_gguf(path, reference, arch: str, source_gguf, expert_type: str, dr
         q, k = sd[hf + "self_attn.q_proj.weight"], sd[hf + "self_attn.k_proj.weight"]
         if ga == "llama":
             q, k = _permute_for_llama_cpp(q, heads), _permute_for_llama_cpp(k, kv_heads)
-        put(p + "attn_q.weight", q)
-        put(p + "attn_k.weight", k)
-        put(p + "attn_v.weight", sd[hf + "self_attn.v_proj.weight"])
-        put(p + "attn_output.weight", sd[hf + "self_attn.o_proj.weight"])
+        q = put(p + "attn_q.weight", q, all_quantised)
+        k = put(p + "attn_k.weight", k, all_quantised)
+        if ga == "llama" and q is not None and k is not None:
+            q, k = _unpermute_for_llama_cpp(q, heads), _unpermute_for_llama_cpp(k, kv_heads)
+        exact[hf + "self_attn.q_proj.weight"], exact[hf + "self_attn.k_proj.weight"] = q, k
+        for part, name in (("v_proj", "attn_v"), ("o_proj", "attn_output")):
+            exact[hf + f"self_attn.{part}.weight"] = put(p + f"{name}.weight", sd[hf + f"self_attn.{part}.weight"],
+                                                         all_quantised)
         put(p + "attn_norm.weight", sd[hf + "input_layernorm.weight"])
         put(p + "ffn_norm.weight", sd[hf + "post_attention_layernorm.weight"])
         for part in ("q", "k", "v"):
@@ -337,22 +391,26 @@ def write_moe_gguf(path, reference, arch: str, source_gguf, expert_type: str, dr
             exact[hf + "mlp.experts.down_proj"] = held["down"]
         if arch == "qwen2moe":
             for part in ("gate", "up", "down"):
-                put(p + f"ffn_{part}_shexp.weight", sd[hf + f"mlp.shared_expert.{part}_proj.weight"])
+                name = hf + f"mlp.shared_expert.{part}_proj.weight"
+                exact[name] = put(p + f"ffn_{part}_shexp.weight", sd[name], all_quantised)
             put(p + "ffn_gate_inp_shexp.weight", sd[hf + "mlp.shared_expert_gate.weight"].reshape(-1))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in exact.items()}
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in exact.items() if v is not None}
 
 
-def gguf_reference(arch: str):
+def gguf_reference(arch: str, shared: int | None = None):
     """A reference whose every layer is sparse (llama.cpp's Qwen MoE layouts have no dense
-    layers) and whose vocabulary is SmolLM2's tokenizer's."""
+    layers) and whose vocabulary is SmolLM2's tokenizer's; ``shared``: Qwen2-MoE's shared expert
+    width (a multiple of 32 can be quantised)."""
     cfg = hf_config(arch)
     cfg.vocab_size = 49152
     if arch == "qwen2moe":
         cfg.mlp_only_layers = []
+        if shared is not None:
+            cfg.shared_expert_intermediate_size = shared
     torch.manual_seed(3)
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():
@@ -371,9 +429,90 @@ def test_gguf_with_quantised_experts_matches_transformers(arch, expert_type, smo
         want = reference(torch.tensor([ids])).logits[0]
     loaded = load_model(str(tmp_path / "moe.gguf"))
     block = loaded.model.weights.blocks[0]
-    assert {m.format for m in block.experts.gate_up + block.experts.down} == {expert_type}   # kept quantised
+    if native() is not None:    # kept quantised (without the kernels they are dequantised)
+        assert {m.format for m in block.experts.gate_up + block.experts.down} == {expert_type}
     assert loaded.config.experts.norm_top_k == (arch != "qwen2moe")
     assert_matches(run_chunks(loaded.model, loaded.config, ids, PROMPT_LEN, 7), want, f"{arch} GGUF")
+
+
+@pytest.mark.parametrize("arch,expert_type", [("mixtral", "Q4_0"), ("qwen2moe", "Q8_0"), ("qwen3moe", "Q4_0")])
+def test_fused_native_decode_step_matches_transformers(arch, expert_type, smollm2_path, tmp_path, ids):
+    """A file whose every matrix but the router is quantised decodes through the one-call native
+    step (moe_decode_blocks): every decode step within the tolerance of transformers on the
+    dequantised weights, batched rows included (through the Engine: its greedy tokens)."""
+    from edgellm.runtime.engine import Engine
+
+    reference = gguf_reference(arch, shared=32)
+    exact = write_moe_gguf(tmp_path / "moe.gguf", reference, arch, smollm2_path, expert_type, all_quantised=True)
+    reference.load_state_dict(exact)
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    loaded = load_model(str(tmp_path / "moe.gguf"))
+    assert loaded.model.has_fused_decode == (native() is not None)    # the native step is the one taken
+    assert_matches(run_chunks(loaded.model, loaded.config, ids, PROMPT_LEN, PROMPT_LEN), want, f"{arch} fused")
+    prompts = [ids[:PROMPT_LEN], ids[3:11], ids[7:20]]
+    greedy = []
+    for p in prompts:
+        with torch.no_grad():
+            out = reference.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                     pad_token_id=0)
+        greedy.append(out[0, len(p):].tolist())
+    engine = Engine(loaded, kv_memory="4MB", host_memory=0)
+    try:
+        got = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    finally:
+        engine.close()
+    assert [r.token_ids for r in got] == greedy
+
+
+@pytest.mark.slow   # quantises and reads back SmolLM2's 49k-row embedding and head (43 s at load average 16)
+def test_quantize_command_writes_quantised_stacked_experts(smollm2_path, tmp_path, ids, capsys):
+    """`edgellm quantize` of a MoE GGUF: the stacked expert tensors quantised row by row (read
+    back with the gguf package), the router left float32, and the written file computes what
+    transformers computes on the file's weights dequantised by the gguf package."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from edgellm.cli.main import main
+
+    reference = gguf_reference("qwen3moe")
+    write_moe_gguf(tmp_path / "src.gguf", reference, "qwen3moe", smollm2_path, "Q8_0")
+    assert main(["quantize", "--model", str(tmp_path / "src.gguf"), "--format", "q4_0",
+                 "--out", str(tmp_path / "q4.gguf")]) == 0
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "q4.gguf")).tensors}
+    assert tensors["blk.0.ffn_gate_exps.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+
+    def read(name: str) -> torch.Tensor:
+        t = tensors[name]
+        shape = tuple(int(n) for n in reversed(t.shape))
+        return torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(shape).copy())
+
+    state = reference.state_dict()
+    state.update({"model.embed_tokens.weight": read("token_embd.weight"), "lm_head.weight": read("output.weight")})
+    for i in range(reference.config.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        for hf, gg in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
+            state[p + f"self_attn.{hf}.weight"] = read(b + gg + ".weight")
+        state[p + "mlp.experts.gate_up_proj"] = torch.cat([read(b + "ffn_gate_exps.weight"),
+                                                           read(b + "ffn_up_exps.weight")], dim=1)
+        state[p + "mlp.experts.down_proj"] = read(b + "ffn_down_exps.weight")
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    loaded = load_model(str(tmp_path / "q4.gguf"))
+    if native() is not None:    # kept in the file's blocks (without the kernels they are dequantised)
+        assert {m.format for m in loaded.model.weights.blocks[1].experts.down} == {"Q4_0"}
+    assert_matches(run_chunks(loaded.model, loaded.config, ids, PROMPT_LEN, 9), want, "quantised file")
+
+
+def test_quantize_to_an_edgellm_file_is_refused_for_experts(tmp_path):
+    from edgellm.loading.convert import quantize_model
+
+    folder = save_hf_folder(build_reference("mixtral"), tmp_path / "mixtral", VOCAB)
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts model cannot be written"):
+        quantize_model(str(folder), "int8", tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_gguf_with_more_used_than_experts_is_refused(smollm2_path, tmp_path):
@@ -409,12 +548,60 @@ def test_config_json_with_too_many_used_experts_is_refused(tmp_path):
         ModelConfig.from_hf_config(json.loads(json.dumps(data)))
 
 
-def test_converting_experts_is_refused_clearly(case):
+def dequantised_state(weights, cfg) -> dict[str, torch.Tensor]:
+    """transformers' parameters holding what converted ModelWeights hold (every matrix
+    dequantised; an HF folder's q/k rows are in transformers' order)."""
+    sd = {"model.embed_tokens.weight": weights.embed.dequantize(), "lm_head.weight": weights.lm_head.dequantize()}
+    for i, b in enumerate(weights.blocks):
+        p = f"model.layers.{i}."
+        q, k, v = b.qkv.dequantize().split([cfg.q_size, cfg.kv_size, cfg.kv_size])
+        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": b.o.dequantize()})
+        ex = b.experts
+        if ex is None:      # a dense layer
+            gate, up = b.gate_up.dequantize().chunk(2)
+            sd.update({p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                       p + "mlp.down_proj.weight": b.down.dequantize()})
+            continue
+        sd[p + "mlp.experts.gate_up_proj"] = torch.stack([m.dequantize() for m in ex.gate_up])
+        sd[p + "mlp.experts.down_proj"] = torch.stack([m.dequantize() for m in ex.down])
+        if ex.shared_gate_up is not None:
+            gate, up = ex.shared_gate_up.dequantize().chunk(2)
+            sd.update({p + "mlp.shared_expert.gate_proj.weight": gate, p + "mlp.shared_expert.up_proj.weight": up,
+                       p + "mlp.shared_expert.down_proj.weight": ex.shared_down.dequantize()})
+    return sd
+
+
+@pytest.mark.parametrize("arch,fmt", [("mixtral", "q4_0"), ("qwen2moe", "q4_1"), ("qwen3moe", "q8_0"),
+                                      ("qwen3moe", "int8")])
+def test_converted_experts_match_transformers_on_the_dequantised_weights(arch, fmt, ids, tmp_path):
+    """--weights FORMAT on a mixture of experts: each expert matrix converted on its own (the
+    router kept), and the model then computes what transformers computes on the dequantised
+    weights, prefill and every decode step: within 1e-3 for the block formats (float32
+    activations), within 1% of the largest logit for int8 (its kernels take bfloat16 activations)."""
     from edgellm.loading.convert import convert_weights
 
-    _, _, folder = case
-    with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
-        convert_weights(load_model(str(folder)), "q8_0")
+    # Qwen2-MoE's dense layer and shared expert as wide as whole blocks of 32
+    reference = build_reference(arch, intermediate_size=64, shared_expert_intermediate_size=32)
+    loaded = load_model(str(save_hf_folder(reference, tmp_path, VOCAB)))
+    converted = convert_weights(loaded, fmt)
+    if native() is not None:   # every matrix in a native block format, every layer sparse: the one-call step
+        assert converted.model.has_fused_decode == (fmt in ("q4_0", "q8_0"))
+    block = converted.model.weights.blocks[0]
+    assert len(block.experts.gate_up) == EXPERTS and block.experts.router.format == "float32"
+    assert {m.format for m in block.experts.gate_up + block.experts.down} == {fmt.upper() if "_" in fmt else fmt}
+    state = reference.state_dict()
+    state.update(dequantised_state(converted.model.weights, converted.config))
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    got = run_chunks(converted.model, converted.config, ids, PROMPT_LEN, 9)
+    if fmt != "int8":
+        assert_matches(got, want, f"{arch} as {fmt}")
+        return
+    for step, logits in enumerate(got):
+        row = want[PROMPT_LEN - 1 + step]
+        assert float((logits - row).abs().max() / row.abs().max()) < 1e-2, f"int8, decode step {step}"
 
 
 def test_expert_config_parameter_counts_by_hand():

@@ -877,6 +877,11 @@ void decode_blocks(torch::Tensor h, std::vector<torch::Tensor> weights, std::vec
                    num_threads, {});
 }
 
+void moe_decode_blocks(torch::Tensor, std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<torch::Tensor>,
+                       std::vector<int64_t>, std::vector<torch::Tensor>, std::vector<int64_t>, torch::Tensor,
+                       torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t,
+                       int64_t, int64_t, int64_t, int64_t, bool, double, int64_t, std::vector<int64_t>);  // MoE section, below
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_matmul", &block_matmul, "x @ W.T for a block-quantised W (Q4_0, Q4_1, Q8_0, repacked Q4_K and Q6_K)");
   m.def("block_dequant", &block_dequant, "rows of a GGUF block-quantised matrix as float32");
@@ -886,4 +891,314 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("decode_blocks", &decode_blocks, "every transformer block of a decode step, in one parallel region");
   m.def("decode_blocks_on", &decode_blocks_on, "chosen blocks of a decode step on chosen KV layers (a draft)");
+  m.def("moe_decode_blocks", &moe_decode_blocks, "every mixture-of-experts block of a decode step, in one parallel region");
+}
+
+// ==== mixture-of-experts decode step (edgellm/models/moe.py) ==================================
+// Every block of a Mixtral / Qwen2-MoE / Qwen3-MoE decode step in one parallel region, as
+// decode_blocks does for Llama's dense block: the attention half is the same (plus Qwen3-MoE's
+// RMSNorm of each query and key head before RoPE), and the MLP is the sparse layer of
+// models/moe.py. Run per layer as separate native calls, a step of a 16-expert model made ~40
+// calls and as many tensor allocations per layer, which took three times llama.cpp's step.
+//
+// Routing is tiny ([rows, experts] logits), so every thread computes it privately and gets the
+// same (row, expert) pairs, grouped by expert, without a barrier. Then only the chosen experts
+// are read: the gate|up rows of all chosen experts (and the shared expert's) are shared out as
+// one flat range among the threads; the down projections are shared by output column, so each
+// thread adds its columns of every pair's weighted output into the residual without a race.
+
+namespace moe {
+
+struct Step {   // one layer's pairs: pair p is (row tok[p], weight w[p]), grouped by expert
+  std::vector<int64_t> experts, first, tok;   // chosen experts in order, their first pair (+ end)
+  std::vector<float> w;
+};
+
+// softmax over the experts, the n_used largest (ties: the lower index, a fixed rule), renormalised
+// to sum to one when norm_top_k; then the pairs grouped by expert (a counting sort).
+inline void route(const float* logits, int64_t B, int64_t E, int64_t n_used, bool norm_top_k, Step& s,
+                  std::vector<float>& prob, std::vector<int64_t>& chosen, std::vector<float>& weight) {
+  std::vector<int64_t> count(E, 0);
+  for (int64_t b = 0; b < B; b++) {
+    const float* lg = logits + b * E;
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t e = 0; e < E; e++) mx = std::max(mx, lg[e]);
+    for (int64_t e = 0; e < E; e++) { prob[e] = std::exp(lg[e] - mx); sum += prob[e]; }
+    float kept = 0.0f;
+    for (int64_t k = 0; k < n_used; k++) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; e++)
+        if (prob[e] >= 0.0f && (best < 0 || prob[e] > prob[best])) best = e;
+      chosen[b * n_used + k] = best;
+      weight[b * n_used + k] = prob[best] / sum;
+      kept += prob[best] / sum;
+      prob[best] = -1.0f;   // taken
+      count[best]++;
+    }
+    if (norm_top_k)
+      for (int64_t k = 0; k < n_used; k++) weight[b * n_used + k] /= kept;
+  }
+  s.experts.clear(); s.first.clear();
+  std::vector<int64_t> next(E, 0);
+  int64_t at = 0;
+  for (int64_t e = 0; e < E; e++) {
+    next[e] = at;
+    if (count[e] == 0) continue;
+    s.experts.push_back(e);
+    s.first.push_back(at);
+    at += count[e];
+  }
+  s.first.push_back(at);
+  s.tok.assign(at, 0); s.w.assign(at, 0.0f);
+  for (int64_t b = 0; b < B; b++)   // rows in order within each expert
+    for (int64_t k = 0; k < n_used; k++) {
+      const int64_t p = next[chosen[b * n_used + k]]++;
+      s.tok[p] = b;
+      s.w[p] = weight[b * n_used + k];
+    }
+}
+
+inline void silu_mul_rows(const float* gu, float* out, int64_t M, int64_t F) {   // F % 8 == 0
+  const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-0.0f);
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t i = 0; i < F; i += 8) {
+      const __m256 g = _mm256_loadu_ps(gu + m * 2 * F + i);
+      const __m256 den = _mm256_add_ps(one, exp8(_mm256_xor_ps(g, neg)));
+      _mm256_storeu_ps(out + m * F + i, _mm256_mul_ps(_mm256_div_ps(g, den), _mm256_loadu_ps(gu + m * 2 * F + F + i)));
+    }
+}
+
+inline const float* opt(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+// Per layer l: attn[8 l ..] = attn_norm, qkv, qkv_bias|empty, q_norm|empty, k_norm|empty, o, ffn_norm,
+// router (float32 [E, C] when fmts[3 l + 2] is -1, else blocks); fmts[3 l ..] = qkv, o, router;
+// experts[2 E l ..] = gate|up of experts 0..E-1, then their down; expert_fmts alike;
+// shared[3 l ..] = gate|up, down, gate vector [C] (all empty when S == 0); shared_fmts[2 l ..].
+template <typename KV>
+void decode_impl(torch::Tensor h, const std::vector<torch::Tensor>& attn, const std::vector<int64_t>& fmts,
+                 const std::vector<torch::Tensor>& experts, const std::vector<int64_t>& expert_fmts,
+                 const std::vector<torch::Tensor>& shared, const std::vector<int64_t>& shared_fmts,
+                 torch::Tensor cos, torch::Tensor sin, torch::Tensor kv, torch::Tensor write_index,
+                 torch::Tensor ctx_index, torch::Tensor ctx_lens, int64_t H, int64_t KVH, int64_t E, int64_t n_used,
+                 int64_t F, int64_t S, bool norm_top_k, double eps_d, int nt, const std::vector<int64_t>& kv_layers) {
+  const int64_t B = h.size(0), C = h.size(1), L = static_cast<int64_t>(attn.size()) / 8,
+                n_slots = kv.size(2), D = kv.size(4);
+  const int64_t G = H / KVH, Q = H * D, QKV = (H + 2 * KVH) * D, Lmax = ctx_index.size(1), P = B * n_used;
+  const float eps = static_cast<float>(eps_d);
+  const int64_t *WI = write_index.data_ptr<int64_t>(), *CI = ctx_index.data_ptr<int64_t>(),
+                *CL = ctx_lens.data_ptr<int64_t>();
+  float* Hp = h.data_ptr<float>();
+  KV* KVp = kv.data_ptr<KV>();
+  const float *COS = cos.data_ptr<float>(), *SIN = sin.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  constexpr int64_t RANGE_POSITIONS = 128, MAX_RANGES = 8;   // as decode_blocks: a row's cut is its own
+  const int64_t pairs = B * KVH;
+  std::vector<int64_t> ranges(B), first_item(B + 1, 0);
+  for (int64_t b = 0; b < B; b++) {
+    ranges[b] = std::max<int64_t>(1, std::min<int64_t>(MAX_RANGES, CL[b] / RANGE_POSITIONS));
+    first_item[b + 1] = first_item[b] + KVH * ranges[b];
+  }
+  const int64_t n_items = first_item[B], part_stride = D + 2;
+  const int64_t W = std::max(std::max(C, Q), std::max(F, S));
+  std::vector<float> qkv(B * QKV), part(n_items * G * part_stride), gu(P * 2 * F), sgu(B * 2 * S);
+
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    std::vector<float> xn(B * C), xs(std::max(B, P) * W / 32), scores(G * Lmax), qr(G * D), krow(D), kn(D);
+    std::vector<float> attn_out(B * Q), logits(B * E), prob(E), weight(P), xg(P * C), act(P * F), tmp(P * C);
+    std::vector<float> act_s(B * S), tmp_s(B * C);
+    std::vector<int64_t> chosen(P);
+    Step st;
+    for (int64_t l = 0; l < L; l++) {
+      const torch::Tensor* a = &attn[8 * l];
+      const float *attn_norm = a[0].data_ptr<float>(), *bias = opt(a[2]), *q_norm = opt(a[3]), *k_norm = opt(a[4]),
+                  *ffn_norm = a[6].data_ptr<float>();
+      const int64_t kl = kv_layers.empty() ? l : kv_layers[l];
+      KV* KC = KVp + (kl * 2 + 0) * n_slots * KVH * D;
+      KV* VC = KVp + (kl * 2 + 1) * n_slots * KVH * D;
+      // 1. qkv = norm(h) @ Wqkv.T (my rows)
+      for (int64_t b = 0; b < B; b++) rms_norm(Hp + b * C, attn_norm, xn.data() + b * C, C, eps);
+      block_sums(xn.data(), B, C, xs.data());
+      Share s = share(QKV, t, T);
+      matmul_range_fmt<false>(fmts[3 * l], xn.data(), xs.data(), a[1].data_ptr<uint8_t>(), qkv.data(), B, QKV, C,
+                              s.n0, s.n1);
+#pragma omp barrier
+      // 2a. per (row, KV head): the key (+ bias, head norm), RoPE, written with the value
+      for (int64_t pair = t; pair < pairs; pair += T) {
+        const int64_t b = pair / KVH, g = pair % KVH;
+        const float *x = qkv.data() + b * QKV, *c = COS + b * D, *sn = SIN + b * D;
+        for (int64_t i = 0; i < D; i++) kn[i] = x[Q + g * D + i] + (bias ? bias[Q + g * D + i] : 0.0f);
+        if (k_norm) rms_norm(kn.data(), k_norm, kn.data(), D, eps);
+        rope_head(kn.data(), nullptr, c, sn, krow.data(), D);
+        store_row(krow.data(), KC + (WI[b] * KVH + g) * D, D);
+        for (int64_t i = 0; i < D; i++) krow[i] = x[Q + KVH * D + g * D + i] + (bias ? bias[Q + KVH * D + g * D + i] : 0.0f);
+        store_row(krow.data(), VC + (WI[b] * KVH + g) * D, D);
+      }
+#pragma omp barrier
+      // 2b. attention partials per (row, KV head, position range), queries normed and rotated here
+      for (int64_t item = t; item < n_items; item += T) {
+        int64_t b = 0;
+        while (first_item[b + 1] <= item) b++;
+        const int64_t R = ranges[b], local = item - first_item[b], g = local / R, r = local % R, len = CL[b];
+        const int64_t p0 = len * r / R, p1 = len * (r + 1) / R;
+        const float *x = qkv.data() + b * QKV, *c = COS + b * D, *sn = SIN + b * D;
+        for (int64_t j = 0; j < G; j++) {
+          const int64_t head = g * G + j;
+          for (int64_t i = 0; i < D; i++) kn[i] = x[head * D + i] + (bias ? bias[head * D + i] : 0.0f);
+          if (q_norm) rms_norm(kn.data(), q_norm, kn.data(), D, eps);
+          rope_head(kn.data(), nullptr, c, sn, qr.data() + j * D, D);
+        }
+        attend_range<KV>(qr.data(), KC, VC, CI + b * Lmax, p0, p1, KVH, g, G, D, scale, scores.data(),
+                         part.data() + ((first_item[b] + g * R) * G + r) * part_stride, R * part_stride);
+      }
+#pragma omp barrier
+      // 3. merge the partials (every thread, privately), h += attn @ Wo.T (my rows)
+      for (int64_t pair = 0; pair < pairs; pair++) {
+        const int64_t b = pair / KVH, g = pair % KVH, R = ranges[b];
+        for (int64_t j = 0; j < G; j++)
+          merge_partials(part.data() + ((first_item[b] + g * R) * G + j * R) * part_stride, R, part_stride, D,
+                         attn_out.data() + b * Q + (g * G + j) * D);
+      }
+      block_sums(attn_out.data(), B, Q, xs.data());
+      s = share(C, t, T);
+      matmul_range_fmt<true>(fmts[3 * l + 1], attn_out.data(), xs.data(), a[5].data_ptr<uint8_t>(), Hp, B, C, Q,
+                             s.n0, s.n1);
+#pragma omp barrier
+      // 4. x = norm(h); the router (every thread); gate|up of the chosen experts and the shared one
+      for (int64_t b = 0; b < B; b++) rms_norm(Hp + b * C, ffn_norm, xn.data() + b * C, C, eps);
+      if (fmts[3 * l + 2] < 0) {
+        const float* R = a[7].data_ptr<float>();
+        for (int64_t b = 0; b < B; b++)
+          for (int64_t e = 0; e < E; e++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t i = 0; i < C; i += 8)
+              acc = _mm256_fmadd_ps(_mm256_loadu_ps(xn.data() + b * C + i), _mm256_loadu_ps(R + e * C + i), acc);
+            logits[b * E + e] = hsum(acc);
+          }
+      } else {
+        block_sums(xn.data(), B, C, xs.data());
+        matmul_range_fmt<false>(fmts[3 * l + 2], xn.data(), xs.data(), a[7].data_ptr<uint8_t>(), logits.data(), B, E,
+                                C, 0, E);
+      }
+      route(logits.data(), B, E, n_used, norm_top_k, st, prob, chosen, weight);
+      const int64_t n_chosen = static_cast<int64_t>(st.experts.size());
+      for (int64_t p = 0; p < P; p++) std::memcpy(xg.data() + p * C, xn.data() + st.tok[p] * C, C * sizeof(float));
+      block_sums(xg.data(), P, C, xs.data());
+      const int64_t rows = n_chosen * 2 * F + 2 * S;   // one flat range: every chosen expert's rows, then the shared
+      s = share(rows, t, T);
+      for (int64_t j = 0; j < n_chosen && s.n0 < s.n1; j++) {
+        const int64_t r0 = std::max<int64_t>(s.n0 - j * 2 * F, 0), r1 = std::min<int64_t>(s.n1 - j * 2 * F, 2 * F);
+        if (r0 >= r1) continue;
+        const int64_t e = st.experts[j], p0 = st.first[j], cnt = st.first[j + 1] - p0;
+        matmul_range_fmt<false>(expert_fmts[2 * E * l + e], xg.data() + p0 * C, xs.data() + p0 * (C / 32),
+                                experts[2 * E * l + e].data_ptr<uint8_t>(), gu.data() + p0 * 2 * F, cnt, 2 * F, C,
+                                r0, r1);
+      }
+      if (S > 0) {
+        const int64_t base = n_chosen * 2 * F;
+        const int64_t r0 = std::max<int64_t>(s.n0 - base, 0), r1 = std::min<int64_t>(s.n1 - base, 2 * S);
+        if (r0 < r1) {
+          block_sums(xn.data(), B, C, xs.data());
+          matmul_range_fmt<false>(shared_fmts[2 * l], xn.data(), xs.data(), shared[3 * l].data_ptr<uint8_t>(),
+                                  sgu.data(), B, 2 * S, C, r0, r1);
+        }
+      }
+#pragma omp barrier
+      // 5. h += sum over pairs of weight * (silu(gate) * up) @ Wdown.T, my columns of h
+      s = share(C, t, T);
+      silu_mul_rows(gu.data(), act.data(), P, F);
+      block_sums(act.data(), P, F, xs.data());
+      for (int64_t j = 0; j < n_chosen; j++) {
+        const int64_t e = st.experts[j], p0 = st.first[j], cnt = st.first[j + 1] - p0;
+        matmul_range_fmt<false>(expert_fmts[2 * E * l + E + e], act.data() + p0 * F, xs.data() + p0 * (F / 32),
+                                experts[2 * E * l + E + e].data_ptr<uint8_t>(), tmp.data() + p0 * C, cnt, C, F,
+                                s.n0, s.n1);
+        for (int64_t p = p0; p < p0 + cnt; p++) {
+          float *hr = Hp + st.tok[p] * C, *o = tmp.data() + p * C;
+          for (int64_t n = s.n0; n < s.n1; n++) hr[n] += st.w[p] * o[n];
+        }
+      }
+      if (S > 0) {   // Qwen2-MoE: + sigmoid(x . gate) * the shared expert's output
+        silu_mul_rows(sgu.data(), act_s.data(), B, S);
+        block_sums(act_s.data(), B, S, xs.data());
+        matmul_range_fmt<false>(shared_fmts[2 * l + 1], act_s.data(), xs.data(), shared[3 * l + 1].data_ptr<uint8_t>(),
+                                tmp_s.data(), B, C, S, s.n0, s.n1);
+        const float* sg = shared[3 * l + 2].data_ptr<float>();
+        for (int64_t b = 0; b < B; b++) {
+          float dot = 0.0f;
+          for (int64_t i = 0; i < C; i++) dot += xn[b * C + i] * sg[i];
+          const float gate = 1.0f / (1.0f + std::exp(-dot));
+          for (int64_t n = s.n0; n < s.n1; n++) Hp[b * C + n] += gate * tmp_s[b * C + n];
+        }
+      }
+#pragma omp barrier
+    }
+  }
+}
+
+}  // namespace moe
+
+void moe_decode_blocks(torch::Tensor h, std::vector<torch::Tensor> attn, std::vector<int64_t> fmts,
+                       std::vector<torch::Tensor> experts, std::vector<int64_t> expert_fmts,
+                       std::vector<torch::Tensor> shared, std::vector<int64_t> shared_fmts, torch::Tensor cos,
+                       torch::Tensor sin, torch::Tensor kv, torch::Tensor write_index, torch::Tensor ctx_index,
+                       torch::Tensor ctx_lens, int64_t H, int64_t KVH, int64_t E, int64_t n_used, int64_t F,
+                       int64_t S, bool norm_top_k, double eps, int64_t num_threads, std::vector<int64_t> kv_layers) {
+  TORCH_CHECK(h.is_contiguous() && h.scalar_type() == torch::kFloat32, "h must be contiguous float32");
+  TORCH_CHECK(kv.is_contiguous() && (kv.scalar_type() == torch::kFloat32 || kv.scalar_type() == torch::kHalf),
+              "KV cache must be contiguous float32 or float16");
+  const int nt = num_threads > 0 ? static_cast<int>(num_threads) : at::get_num_threads();
+  cos = cos.contiguous(); sin = sin.contiguous();
+  write_index = write_index.contiguous(); ctx_index = ctx_index.contiguous(); ctx_lens = ctx_lens.contiguous();
+  const int64_t B = h.size(0), C = h.size(1), L = static_cast<int64_t>(attn.size()) / 8, n_slots = kv.size(2),
+                D = kv.size(4), Q = H * D, QKV = (H + 2 * KVH) * D, Lmax = ctx_index.size(1);
+  TORCH_CHECK(static_cast<int64_t>(attn.size()) == 8 * L && static_cast<int64_t>(fmts.size()) == 3 * L &&
+              static_cast<int64_t>(experts.size()) == 2 * E * L && static_cast<int64_t>(expert_fmts.size()) == 2 * E * L &&
+              static_cast<int64_t>(shared.size()) == 3 * L && static_cast<int64_t>(shared_fmts.size()) == 2 * L,
+              "per-layer argument lists do not match the number of layers");
+  TORCH_CHECK(kv_layers.empty() ? L == kv.size(0) : static_cast<int64_t>(kv_layers.size()) == L,
+              "one KV layer per block");
+  for (int64_t kl : kv_layers) TORCH_CHECK(kl >= 0 && kl < kv.size(0), "KV layer out of range");
+  TORCH_CHECK(C % 32 == 0 && F % 32 == 0 && S % 32 == 0 && Q % 32 == 0 && D % 8 == 0, "widths must be multiples of 32");
+  TORCH_CHECK(1 <= n_used && n_used <= E, "experts used must be between 1 and the number of experts");
+  for (int64_t l = 0; l < L; l++) {
+    check(attn[8 * l + 1], fmts[3 * l], QKV, C);
+    check(attn[8 * l + 5], fmts[3 * l + 1], C, Q);
+    if (fmts[3 * l + 2] < 0) {
+      TORCH_CHECK(attn[8 * l + 7].scalar_type() == torch::kFloat32 && attn[8 * l + 7].is_contiguous() &&
+                  attn[8 * l + 7].numel() == E * C, "a float router must be contiguous float32 [experts, hidden]");
+    } else {
+      check(attn[8 * l + 7], fmts[3 * l + 2], E, C);
+    }
+    for (int64_t i : {0, 2, 3, 4, 6}) {
+      const auto& v = attn[8 * l + i];
+      const int64_t want = i == 0 || i == 6 ? C : i == 2 ? QKV : D;
+      TORCH_CHECK(v.numel() == 0 || (v.scalar_type() == torch::kFloat32 && v.is_contiguous() && v.numel() == want),
+                  "norm weights and biases must be contiguous float32 of their width");
+    }
+    TORCH_CHECK(attn[8 * l].numel() == C && attn[8 * l + 6].numel() == C, "every block needs its two norms");
+    for (int64_t e = 0; e < E; e++) {
+      check(experts[2 * E * l + e], expert_fmts[2 * E * l + e], 2 * F, C);
+      check(experts[2 * E * l + E + e], expert_fmts[2 * E * l + E + e], C, F);
+    }
+    if (S > 0) {
+      check(shared[3 * l], shared_fmts[2 * l], 2 * S, C);
+      check(shared[3 * l + 1], shared_fmts[2 * l + 1], C, S);
+      TORCH_CHECK(shared[3 * l + 2].scalar_type() == torch::kFloat32 && shared[3 * l + 2].numel() == C &&
+                  shared[3 * l + 2].is_contiguous(), "the shared expert's gate must be contiguous float32 [hidden]");
+    }
+  }
+  const int64_t *WI = write_index.data_ptr<int64_t>(), *CI = ctx_index.data_ptr<int64_t>(),
+                *CL = ctx_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; b++) {
+    TORCH_CHECK(CL[b] >= 1 && CL[b] <= Lmax && WI[b] >= 0 && WI[b] < n_slots, "bad slot or length");
+    for (int64_t i = 0; i < CL[b]; i++) TORCH_CHECK(CI[b * Lmax + i] >= 0 && CI[b * Lmax + i] < n_slots, "bad slot");
+  }
+  if (kv.scalar_type() == torch::kHalf)
+    moe::decode_impl<at::Half>(h, attn, fmts, experts, expert_fmts, shared, shared_fmts, cos, sin, kv, write_index,
+                               ctx_index, ctx_lens, H, KVH, E, n_used, F, S, norm_top_k, eps, nt, kv_layers);
+  else
+    moe::decode_impl<float>(h, attn, fmts, experts, expert_fmts, shared, shared_fmts, cos, sin, kv, write_index,
+                            ctx_index, ctx_lens, H, KVH, E, n_used, F, S, norm_top_k, eps, nt, kv_layers);
 }

@@ -16,7 +16,11 @@ Format names are parsed by :mod:`edgellm.quant.registry`; a matrix is converted 
 registered entry (:mod:`edgellm.quant.builtin`). Matrices are named as in GGUF, after fusion:
 ``token_embd``, ``output`` (alias ``lm_head``), ``blk.N.attn_qkv`` (answers to
 ``attn_q``/``attn_k``/``attn_v`` too), ``blk.N.attn_output``, ``blk.N.ffn_gate_up``
-(``ffn_gate``/``ffn_up``), ``blk.N.ffn_down``. ``--keep`` patterns select matrices left at 16 bits
+(``ffn_gate``/``ffn_up``), ``blk.N.ffn_down``; a mixture-of-experts layer has ``blk.N.ffn_gate_up_exps`` (``ffn_gate_exps``/
+``ffn_up_exps``) and ``blk.N.ffn_down_exps`` (each converted expert by expert, one matrix per
+expert) and, in Qwen2-MoE, ``blk.N.ffn_gate_up_shexp`` and ``blk.N.ffn_down_shexp``; its router
+(``ffn_gate_inp``) keeps its precision, as llama.cpp's quantiser does, since it picks the experts.
+``--keep`` patterns select matrices left at 16 bits
 (bfloat16): a name, a prefix (``blk.0`` = the whole first block; ``blk.-1`` = the last), or a shell
 glob (``blk.*.ffn_down``). A pattern that matches nothing is an error. With tied embeddings
 ``token_embd`` and ``output`` are one matrix: keeping either keeps it.
@@ -82,8 +86,17 @@ def convert_model_weights(weights, cfg, fmt: WeightFormat, kept: set[str], progr
     blocks = []
     for i in iterator:
         b, p = weights.blocks[i], f"blk.{i}."
+        ex = getattr(b, "experts", None)
+        dense = ex is None
         blocks.append(replace(b, qkv=conv(p + "attn_qkv", b.qkv), o=conv(p + "attn_output", b.o),
-                              gate_up=conv(p + "ffn_gate_up", b.gate_up), down=conv(p + "ffn_down", b.down)))
+                              gate_up=conv(p + "ffn_gate_up", b.gate_up) if dense else None,
+                              down=conv(p + "ffn_down", b.down) if dense else None))
+        if not dense:
+            blocks[-1].experts = replace(
+                ex, gate_up=[conv(p + "ffn_gate_up_exps", m) for m in ex.gate_up],
+                down=[conv(p + "ffn_down_exps", m) for m in ex.down],
+                shared_gate_up=None if ex.shared_gate_up is None else conv(p + "ffn_gate_up_shexp", ex.shared_gate_up),
+                shared_down=None if ex.shared_down is None else conv(p + "ffn_down_shexp", ex.shared_down))
     tied = weights.lm_head is weights.embed
     embed = conv("token_embd", weights.embed)
     lm_head = embed if tied else conv("output", weights.lm_head)
@@ -205,11 +218,28 @@ def model_layers(cfg) -> list[Layer]:
         out += [
             Layer(p + "attn_qkv", (Q + 2 * KV, H), (Q, KV, KV), (p + "attn_q", p + "attn_k", p + "attn_v")),
             Layer(p + "attn_output", (H, Q), (H,), (p + "attn_o",)),
+        ]
+        if cfg.experts is not None and cfg.experts.sparse(i):
+            out += _expert_layers(cfg, p)
+            continue
+        out += [
             Layer(p + "ffn_gate_up", (2 * Fs, H), (Fs, Fs), (p + "ffn_gate", p + "ffn_up")),
             Layer(p + "ffn_down", (H, Fs), (H,), ()),
         ]
     if not tied:
         out.append(Layer("output", (cfg.vocab_size, H), (cfg.vocab_size,), ("lm_head",)))
+    return out
+
+
+def _expert_layers(cfg, p: str) -> list[Layer]:
+    """A sparse layer's matrices; each experts' entry stands for every expert's matrix (shape: one
+    expert's)."""
+    H, F, S = cfg.hidden_size, cfg.experts.ffn_size, cfg.experts.shared_ffn_size
+    out = [Layer(p + "ffn_gate_up_exps", (2 * F, H), (F, F), (p + "ffn_gate_exps", p + "ffn_up_exps")),
+           Layer(p + "ffn_down_exps", (H, F), (H,), ())]
+    if S:
+        out += [Layer(p + "ffn_gate_up_shexp", (2 * S, H), (S, S), (p + "ffn_gate_shexp", p + "ffn_up_shexp")),
+                Layer(p + "ffn_down_shexp", (H, S), (H,), ())]
     return out
 
 
@@ -237,18 +267,14 @@ def resolve_keep(keep, cfg) -> set[str]:
             raise InvalidParameterError(
                 f"--keep {pattern!r} matches no weight matrix of this model",
                 f"name matrices as token_embd, lm_head, blk.N (0..{cfg.n_layers - 1}), blk.N.attn_qkv, "
-                "blk.N.attn_output, blk.N.ffn_gate_up, blk.N.ffn_down, or globs like 'blk.*.ffn_down'")
+                "blk.N.attn_output, blk.N.ffn_gate_up, blk.N.ffn_down (mixtures of experts: blk.N.ffn_gate_up_exps, "
+                "blk.N.ffn_down_exps, blk.N.ffn_gate_up_shexp, blk.N.ffn_down_shexp), or globs like 'blk.*.ffn_down'")
         chosen |= hits
     return chosen
 
 
 def check_model(fmt: WeightFormat, cfg, kept: set[str]) -> None:
     """Refuse the conversion of this model to ``fmt`` before any work, with the first bad matrix."""
-    if cfg.experts is not None:   # the matrix names and --keep patterns know dense blocks only
-        raise UnsupportedModelError(
-            "converting a mixture-of-experts model's weights (--weights, edgellm quantize) is not supported yet",
-            "run the model in the format it was stored in: a GGUF file quantised by llama.cpp keeps its experts "
-            "quantised as they are")
     for ly in model_layers(cfg):
         if ly.name not in kept:
             fmt.check_width(ly.name, ly.shape[1])
@@ -353,7 +379,10 @@ def _gguf_layer(name: str) -> str | None:
     if len(parts) != 3 or parts[0] != "blk":
         return None
     fused = {"attn_q": "attn_qkv", "attn_k": "attn_qkv", "attn_v": "attn_qkv", "attn_output": "attn_output",
-             "ffn_gate": "ffn_gate_up", "ffn_up": "ffn_gate_up", "ffn_down": "ffn_down"}
+             "ffn_gate": "ffn_gate_up", "ffn_up": "ffn_gate_up", "ffn_down": "ffn_down",
+             "ffn_gate_exps": "ffn_gate_up_exps", "ffn_up_exps": "ffn_gate_up_exps", "ffn_down_exps": "ffn_down_exps",
+             "ffn_gate_shexp": "ffn_gate_up_shexp", "ffn_up_shexp": "ffn_gate_up_shexp",
+             "ffn_down_shexp": "ffn_down_shexp"}
     return f"blk.{parts[1]}.{fused[parts[2]]}" if parts[2] in fused else None
 
 
@@ -375,11 +404,13 @@ def _write_gguf(path: Path, cfg, fmt: WeightFormat, kept: set[str], out: Path, p
             layer = _gguf_layer(t.name)
             if layer == "output" and tied:
                 layer = "token_embd"
-            if layer is None or len(t.shape) != 2:     # norms, biases, anything else: as they are
+            # norms, biases, routers, anything else: as they are. Stacked experts [E, rows, cols]
+            # are quantised row by row like any matrix (rows of one expert never mix with another's)
+            if layer is None or len(t.shape) != (3 if layer.endswith("_exps") else 2):
                 types[t.ggml_type] = types.get(t.ggml_type, 0) + 1
                 yield t.name, t.data, t.ggml_type, t.shape
                 continue
-            target = "BF16" if layer in kept and fmt.gguf_type != "F32" else fmt.type_for_width(t.shape[1])
+            target = "BF16" if layer in kept and fmt.gguf_type != "F32" else fmt.type_for_width(t.shape[-1])
             types[target] = types.get(target, 0) + 1
             if target == t.ggml_type:
                 yield t.name, t.data, t.ggml_type, t.shape
@@ -471,6 +502,11 @@ def save_edgellm(out: Path, weights, cfg, fmt_name: str, keep, tokenizer_info: d
 
 
 def _check_writable(cfg) -> None:
+    if cfg.experts is not None:   # the file's layout (version 1) has one MLP per block
+        raise UnsupportedModelError(
+            "edgellm model files hold dense models; a mixture-of-experts model cannot be written as one",
+            "write a .gguf file from the model's GGUF (edgellm quantize --out FILE.gguf), or convert at load "
+            "time with --weights FORMAT")
     if cfg.architecture == "gemma3":   # its extra norms have no place in the file's layout (version 1)
         raise UnsupportedModelError(
             "edgellm model files hold Llama-family models; Gemma 3 cannot be written as one",

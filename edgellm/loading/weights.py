@@ -171,6 +171,16 @@ class _HFSource:
         "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
     }
 
+    # transformers 5 holds each layer's experts stacked (gate and up fused, gate first) and saves
+    # them so with save_pretrained(save_original_format=False); every layout then names its router
+    # mlp.gate, Mixtral included
+    _STACKED_EXPERTS = {
+        "ffn_gate_inp.weight": "mlp.gate.weight",
+        "ffn_gate_exps.weight": "mlp.experts.gate_up_proj",
+        "ffn_up_exps.weight": "mlp.experts.gate_up_proj",
+        "ffn_down_exps.weight": "mlp.experts.down_proj",
+    }
+
     @classmethod
     def names_of(cls, architecture: str) -> dict[str, str]:
         """GGUF block tensor name -> the checkpoint's, for ``architecture``."""
@@ -191,6 +201,9 @@ class _HFSource:
                 self.files[key] = handle
         if not self.files:
             raise ModelFormatError(f"{folder}: no *.safetensors files", "put the model's safetensors weights there")
+        self.stacked_experts = any(key.endswith("mlp.experts.gate_up_proj") for key in self.files)
+        if self.stacked_experts:
+            self.block_names = {**self.block_names, **self._STACKED_EXPERTS}
 
     def _hf(self, name: str) -> str:
         if name in self._NAMES:
@@ -220,9 +233,12 @@ class _HFSource:
         return DenseWeight(t.to(self.dtype))
 
     def expert_matrices(self, name: str, n_experts: int, expect: tuple[int, int]) -> list[Weight]:
-        """The experts of GGUF's stacked tensor ``name``: the checkpoint's one matrix per expert."""
+        """The experts of GGUF's stacked tensor ``name``: the checkpoint's one matrix per expert,
+        or the slices of its stacked tensor."""
         _, i, rest = name.split(".", 2)
         pattern = f"model.layers.{i}.{self.block_names[rest]}"
+        if self.stacked_experts:
+            return self._stacked_expert_matrices(pattern, rest, n_experts, expect)
         out = []
         for e in range(n_experts):
             key = pattern.format(e=e)
@@ -235,6 +251,24 @@ class _HFSource:
                                        "config.json does not describe these weights")
             out.append(DenseWeight(t.to(self.dtype)))
         return out
+
+
+    def _stacked_expert_matrices(self, key: str, rest: str, n_experts: int, expect: tuple[int, int]) -> list[Weight]:
+        """Expert e's matrix of a stacked [n_experts, rows, cols] tensor; gate_up_proj holds the
+        gate's rows, then the up projection's."""
+        if key not in self.files:
+            raise ModelFormatError(f"tensor '{key}' is missing from the safetensors files",
+                                   "the folder holds stacked experts in other layers; its weights are incomplete")
+        t = self.files[key].get_tensor(key)
+        rows, cols = expect
+        fused = key.endswith("gate_up_proj")
+        want = (n_experts, 2 * rows if fused else rows, cols)
+        if tuple(t.shape) != want:
+            raise ModelFormatError(f"tensor '{key}' has shape {tuple(t.shape)}, expected {want}",
+                                   "config.json does not describe these weights")
+        if fused:
+            t = t[:, rows:] if rest.startswith("ffn_up") else t[:, :rows]
+        return [DenseWeight(t[e].to(self.dtype)) for e in range(n_experts)]
 
 
 def _fused(parts: list[Weight]) -> Weight:

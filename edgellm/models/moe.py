@@ -16,10 +16,13 @@ Only the experts some token chose run: the step's (token, expert) pairs are sort
 each chosen expert multiplies its tokens' rows in one call, so a decode step reads the union of
 its rows' chosen experts and no other expert weight, and a prefill chunk runs each expert once
 on all of its tokens. Every expert matrix is a :class:`~edgellm.quant.base.Weight`: quantised
-GGUF experts stay quantised and take the same kernels as dense layers' matrices. The native fused
-all-blocks decode step implements Llama's dense block only, so every step takes the per-layer
-path. In a trace the whole expert MLP (router, experts, shared expert) is one op,
-"down_proj+ffn_add".
+GGUF experts stay quantised and take the same kernels as dense layers' matrices.
+
+A decode-only step of a model whose matrices are all in native block formats (every layer
+sparse) runs every block in one native call, ``moe_decode_blocks`` (the same math; the router may
+be float32, as llama.cpp keeps it): run op by op, a layer made ~40 native calls. Prefill, other
+formats and ``EDGELLM_NATIVE=0`` take the per-layer path. In a trace the whole expert MLP
+(router, experts, shared expert) is one op, "down_proj+ffn_add".
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from edgellm.config import ExpertConfig, ModelConfig
+from edgellm.kernels import native
 from edgellm.kv.cache import KVCache
 from edgellm.layers.attention import AttentionBatch
 from edgellm.models.llama import BlockWeights, LlamaModel, ModelWeights, silu_mul
 from edgellm.models.trace import Trace
 from edgellm.quant.base import Weight
+from edgellm.quant.dense import DenseWeight
+from edgellm.quant.gguf_weights import GGUFBlockWeight
 
 
 @dataclass
@@ -118,14 +124,30 @@ def mix_experts(x: torch.Tensor, w: ExpertWeights, cfg: ExpertConfig) -> torch.T
 
 class MoEModel(LlamaModel):
     """The Llama model's public parts (embed, rope_tables, forward_layers, logits) with the MoE
-    block; never the fused native decode step."""
+    block; its fused decode step is ``moe_decode_blocks`` (see :func:`native_moe_layers`)."""
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights):
         super().__init__(cfg, weights)
-        self._native_blocks = None   # the native decode step runs dense Llama blocks only
+        self._native_layers = native_moe_layers(weights, cfg)
+        self._native_blocks = None if self._native_layers is None else _flatten(self._native_layers)
 
-    def fused_decode_supported(self, batch: AttentionBatch, cache: KVCache) -> bool:
-        return False
+    def decode_blocks_fused(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
+                            cache: KVCache, threads: int, trace: Trace | None = None,
+                            layers: list[int] | None = None) -> None:
+        """Every block of a decode-only step in one native call (``layers``: only these blocks,
+        each on its own KV layer, for a speculative draft); updates h in place."""
+        cfg, ex = self.cfg, self.cfg.experts
+        args = self._native_blocks if layers is None else _flatten([self._native_layers[i] for i in layers])
+        batch = batch.windowed(self._windows[0])
+        T = h.shape[0]
+        if trace is not None:
+            trace.begin()
+        native().moe_decode_blocks(
+            h, *args, rope[0].view(T, -1), rope[1].view(T, -1), cache.data, batch.write_index, batch.decode_index,
+            batch.decode_lens, cfg.n_heads, cfg.n_kv_heads, ex.n_experts, ex.n_used, ex.ffn_size, ex.shared_ffn_size,
+            ex.norm_top_k, cfg.rms_norm_eps, threads, [] if layers is None else list(layers))
+        if trace is not None:
+            trace.end("decode_blocks", None)
 
     def mlp_half(self, h: torch.Tensor, w: MoEBlockWeights, layer: int, trace: Trace | None = None) -> torch.Tensor:
         """The experts (with the shared expert where the layout has one); a dense layer (Qwen's
@@ -151,3 +173,46 @@ class MoEModel(LlamaModel):
         q = F.rms_norm(q.reshape(T, H, D), (D,), w.q_norm, cfg.rms_norm_eps)
         k = F.rms_norm(k.reshape(T, KVH, D), (D,), w.k_norm, cfg.rms_norm_eps)
         return torch.cat([q.view(T, H * D), k.view(T, KVH * D), v], dim=-1)
+
+
+_NONE = torch.empty(0)   # an absent bias or norm, for the native step
+
+
+def native_moe_layers(weights: ModelWeights, cfg: ModelConfig) -> list[tuple] | None:
+    """Per block, the arguments of the native decode step (see ``moe_decode_blocks`` in
+    gguf_cpu.cpp for their order), or None when it cannot run this model: no native kernels, a
+    dense layer (Qwen's mlp_only_layers), or a matrix in another format (the router may also be
+    float32)."""
+    if native() is None:
+        return None
+    layers = []
+    for b in weights.blocks:
+        ex = b.experts
+        if ex is None:
+            return None
+        mats = [b.qkv, b.o, *ex.gate_up, *ex.down]
+        if ex.shared_gate_up is not None:
+            mats += [ex.shared_gate_up, ex.shared_down]
+        if not all(isinstance(m, GGUFBlockWeight) for m in mats):
+            return None
+        if isinstance(ex.router, GGUFBlockWeight):
+            router, router_fmt = ex.router.raw, ex.router.code
+        elif isinstance(ex.router, DenseWeight) and ex.router.tensor.dtype == torch.float32:
+            router, router_fmt = ex.router.tensor, -1
+        else:
+            return None
+        vec = [v.contiguous() if v is not None else _NONE for v in (b.qkv_bias, b.q_norm, b.k_norm)]
+        attn = [b.attn_norm.contiguous(), b.qkv.raw, *vec, b.o.raw, b.ffn_norm.contiguous(), router]
+        if ex.shared_gate_up is not None:
+            shared = [ex.shared_gate_up.raw, ex.shared_down.raw, ex.shared_gate.contiguous()]
+            shared_fmts = [ex.shared_gate_up.code, ex.shared_down.code]
+        else:
+            shared, shared_fmts = [_NONE] * 3, [0, 0]
+        layers.append((attn, [b.qkv.code, b.o.code, router_fmt], [m.raw for m in ex.gate_up + ex.down],
+                       [m.code for m in ex.gate_up + ex.down], shared, shared_fmts))
+    return layers
+
+
+def _flatten(layers: list[tuple]) -> list[list]:
+    """The per-layer argument lists joined into the six lists the native step takes."""
+    return [[x for layer in layers for x in layer[i]] for i in range(6)]
