@@ -44,6 +44,7 @@ from edgellm.kv.block_manager import BlockManager
 from edgellm.kv.cache import BLOCK_SIZE, KVCache
 from edgellm.kv.offload import OffloadStore
 from edgellm.kv.state import StatePool, check_state_dtype
+from edgellm.quant.activations import set_activations
 from edgellm.runtime.input import InputProcessor
 from edgellm.runtime.model_runner import ModelRunner, SeqChunk
 from edgellm.runtime.output import append_token, build_result, stop_checker
@@ -111,7 +112,8 @@ class Engine:
                  disk_dir: str | None = None, disk_memory: int | str | None = None,
                  idle_retire_s: float | None = None, preemption: str = PREEMPT_RECOMPUTE,
                  kv_dtype=None, seed: int | None = None, threads: int | None = None,
-                 speculative: str | SpeculativeConfig | None = None, draft_tokens: int | None = None):
+                 speculative: str | SpeculativeConfig | None = None, draft_tokens: int | None = None,
+                 activations: str | None = None):
         """``model_or_llm``: an :class:`edgellm.llm.LLM`, a ``LoadedModel``, or a model spec (path
         or registry name; None: the default model). ``kv_memory``: the pool's size;
         ``host_memory``: the host offload tier's budget (default: as large as the pool; 0 for
@@ -120,7 +122,10 @@ class Engine:
         ``kv_dtype``: the pool's precision (a name or torch dtype; default: the LLM's ``kv_dtype``);
         ``speculative``: speculative decoding -- "ngram", "early-exit:L" or "draft:MODEL" (see
         ``edgellm.runtime.speculative``), with at most ``draft_tokens`` proposed per step; the
-        tokens are those of plain decoding (greedy: identical; sampled: the same distribution)."""
+        tokens are those of plain decoding (greedy: identical; sampled: the same distribution);
+        ``activations``: "int8" or "fp32" sets the model's activation precision (see
+        ``edgellm.quant.activations``; it is the model's, so engines sharing a model share it),
+        None leaves it as it is."""
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise InvalidParameterError(f"block_size must be a positive integer, got {block_size!r}",
                                         "use 16 (the default)")
@@ -145,6 +150,8 @@ class Engine:
 
         set_threads(threads)
         self.loaded, default_kv_dtype = resolve_model(model_or_llm)
+        if activations is not None:
+            set_activations(self.loaded.model, activations)
         self.cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         if kv_dtype is None:
