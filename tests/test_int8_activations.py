@@ -42,53 +42,47 @@ def reference_quantize(x: torch.Tensor):
     return q.to(torch.int8).view(m, k), d
 
 
-def raw_matrix(fmt: str, n: int, k: int, seed: int) -> torch.Tensor:
-    """Raw blocks of a random [n, k] matrix (K-quants repacked for the kernels, as at load time)."""
+def raw_matrix(fmt: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw blocks of a random [n, k] matrix (K-quants repacked for the kernels, as at load time)
+    and its dequantisation by the gguf package (for the repacked ones, of the K-quant bytes they
+    were repacked from), float64."""
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
     if fmt in ("Q4_KR", "Q6_KR"):
         from edgellm.quant import gguf_blocks, repack
 
         kfmt = fmt[:-1]
-        raw = torch.from_numpy(np.ascontiguousarray(gguf_blocks.quantize(w, kfmt)).view(np.uint8).reshape(n, -1))
-        return repack.repack(raw, kfmt, n, k)
-    raw = quants.quantize(w, GGMLQuantizationType[fmt])
-    return torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).reshape(n, -1))
+        kraw = np.ascontiguousarray(gguf_blocks.quantize(w, kfmt)).view(np.uint8).reshape(n, -1)
+        ref = quants.dequantize(kraw, GGMLQuantizationType[kfmt]).reshape(n, k)
+        return repack.repack(torch.from_numpy(kraw), kfmt, n, k), torch.from_numpy(ref).double()
+    raw = np.ascontiguousarray(quants.quantize(w, GGMLQuantizationType[fmt])).view(np.uint8).reshape(n, -1)
+    ref = quants.dequantize(raw, GGMLQuantizationType[fmt]).reshape(n, k)
+    return torch.from_numpy(raw), torch.from_numpy(ref).double()
 
 
-def reference_weights(fmt: str, raw: torch.Tensor, n: int, k: int):
-    """(W float64 [n, k] dequantised by the gguf package, |d| and |m| float64 [n, k/32] read from
-    the block headers). Repacked K-quants are dequantised from their gguf originals' values: the
-    repacked fields d, m (float32) give w = d q + m exactly (the repacking test proves it), and the
-    gguf dequantisation of a repacked block is checked against that here."""
-    nb = k // 32
-    b = raw.numpy().reshape(n, nb, -1)
-    if fmt in ("Q4_KR", "Q6_KR"):
-        first = b[..., 0:4].copy().view(np.float32)[..., 0].astype(np.float64)
-        second = b[..., 4:8].copy().view(np.float32)[..., 0].astype(np.float64)
-        if fmt == "Q4_KR":
-            lo, hi = (b[..., 8:24] & 0x0F).astype(np.float64), (b[..., 8:24] >> 4).astype(np.float64)
-            q = np.concatenate([lo, hi], axis=-1)
-            w = first[..., None] * q + second[..., None]
-            return torch.from_numpy(w.reshape(n, k)), torch.from_numpy(np.abs(first)), torch.from_numpy(np.abs(second))
-        q = b[..., 8:40].view(np.int8).astype(np.float64)
-        scale = np.concatenate([np.repeat(first[..., None], 16, -1), np.repeat(second[..., None], 16, -1)], -1)
-        d = np.maximum(np.abs(first), np.abs(second))
-        return torch.from_numpy((scale * q).reshape(n, k)), torch.from_numpy(d), torch.zeros(n, nb, dtype=torch.float64)
-    w = quants.dequantize(raw.numpy().reshape(-1), GGMLQuantizationType[fmt]).reshape(n, k)
-    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
-    m = {"Q4_0": -8 * d, "Q5_0": -16 * d, "Q8_0": 0 * d}.get(fmt)
+def block_scales(fmt: str, raw: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """|d| and |m| per block, float64 [n, k/32], read from the block headers (for the bound only)."""
+    b = raw.numpy().reshape(n, k // 32, -1)
+    if fmt in ("Q4_KR", "Q6_KR"):   # fp32 d, fp32 m (Q6_KR: two scales d0, d1)
+        first = np.abs(b[..., 0:4].copy().view(np.float32)[..., 0].astype(np.float64))
+        second = np.abs(b[..., 4:8].copy().view(np.float32)[..., 0].astype(np.float64))
+        if fmt == "Q6_KR":
+            return torch.from_numpy(np.maximum(first, second)), torch.zeros(n, k // 32, dtype=torch.float64)
+        return torch.from_numpy(first), torch.from_numpy(second)
+    d = np.abs(b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64))
+    m = {"Q4_0": 8 * d, "Q5_0": 16 * d, "Q8_0": 0 * d}.get(fmt)
     if fmt == "Q4_1":
-        m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
-    return torch.from_numpy(w.astype(np.float64)), torch.from_numpy(np.abs(d)), torch.from_numpy(np.abs(m))
+        m = np.abs(b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64))
+    return torch.from_numpy(d), torch.from_numpy(m)
 
 
-def reference_matmul(x: torch.Tensor, fmt: str, raw: torch.Tensor, n: int):
+def reference_matmul(x: torch.Tensor, fmt: str, raw: torch.Tensor, w: torch.Tensor):
     """(W . x^ in float64, the bound on the kernel's distance from it)."""
     m, k = x.shape
+    n = w.shape[0]
     q, d = reference_quantize(x)
     xh = (q.double().view(m, k // 32, 32) * d.double().unsqueeze(-1)).view(m, k)
-    w, dabs, mabs = reference_weights(fmt, raw, n, k)
+    dabs, mabs = block_scales(fmt, raw, n, k)
     # Each block adds d_w d_x isum (|.| <= |d_w| CODE_MAX sum|x^|) and m s (|.| <= |m| sum|x^|);
     # every term passes through at most (blocks + 8) float32 roundings (the scale product, the
     # accumulating fma, the 8-lane sum, the offset's products and sums, the final add), plus one
@@ -115,10 +109,10 @@ def test_quantize_matches_the_specification():
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_int8_matmul_equals_the_reference_for_1_to_17_rows(fmt):
     n, k = 40, 512
-    raw = raw_matrix(fmt, n, k, seed=len(fmt) + 3)
+    raw, w = raw_matrix(fmt, n, k, seed=len(fmt) + 3)
     code = NATIVE_FORMATS[fmt]
     x = torch.randn(17, k, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 4.0, 17)[:, None]
-    want, bound = reference_matmul(x, fmt, raw, n)
+    want, bound = reference_matmul(x, fmt, raw, w)
     exact = ext.block_matmul(x, raw, code, n).double()
     for rows in range(1, 18):
         got = ext.block_matmul_q8(x[:rows], raw, code, n).double()
@@ -132,7 +126,7 @@ def test_int8_matmul_equals_the_reference_for_1_to_17_rows(fmt):
 @pytest.mark.parametrize("fmt", ["Q4_1", "Q6_KR", "Q8_0"])
 def test_int8_rows_are_bit_identical_alone_and_in_a_batch(fmt):
     n, k = 100, 768
-    raw = raw_matrix(fmt, n, k, seed=7)
+    raw, _ = raw_matrix(fmt, n, k, seed=7)
     code = NATIVE_FORMATS[fmt]
     x = torch.randn(17, k, generator=torch.Generator().manual_seed(2))
     alone = torch.cat([ext.block_matmul_q8(x[i:i + 1], raw, code, n) for i in range(17)])
@@ -140,6 +134,29 @@ def test_int8_rows_are_bit_identical_alone_and_in_a_batch(fmt):
         assert torch.equal(ext.block_matmul_q8(x[:m], raw, code, n), alone[:m])
     perm = torch.randperm(17, generator=torch.Generator().manual_seed(3))
     assert torch.equal(ext.block_matmul_q8(x[perm], raw, code, n), alone[perm])
+
+
+@pytest.mark.parametrize("variant", ["avx512", "avx2", "portable"])
+def test_every_runnable_variant_equals_the_reference(variant):
+    """The avx2 (maddubs) and portable (plain C++) builds here; avx512 (and its VNNI copy) where
+    the CPU runs it -- on this project's AVX2-only machine it is compiled but skipped."""
+    from edgellm.kernels import build as kbuild
+    from edgellm.kernels import load_variant
+
+    why = kbuild.missing_for(variant)
+    if why is not None:
+        pytest.skip(why)
+    if not kbuild.module_path(variant).exists() and not kbuild.have_compiler():
+        pytest.skip(f"the {variant} kernels are not built and there is no compiler")
+    mod = load_variant(variant)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(6))
+    q, d, _ = mod.quantize_q8(x)
+    assert torch.equal(q, reference_quantize(x)[0]) and torch.equal(d, reference_quantize(x)[1])
+    for fmt in FORMATS:
+        raw, w = raw_matrix(fmt, 24, 256, seed=9)
+        want, bound = reference_matmul(x, fmt, raw, w)
+        got = mod.block_matmul_q8(x, raw, NATIVE_FORMATS[fmt], 24).double()
+        assert ((got - want).abs() <= bound).all(), (variant, fmt)
 
 
 def test_the_dot_product_in_use_is_named():
@@ -194,11 +211,11 @@ def test_prefill_rounds_activations_like_the_kernel():
     from edgellm.quant.gguf_weights import GGUFBlockWeight
 
     n, k = 64, 256
-    raw = raw_matrix("Q4_1", n, k, seed=11)
+    raw, ref = raw_matrix("Q4_1", n, k, seed=11)
     w = GGUFBlockWeight(raw, "Q4_1", k)
     w.int8_activations = True
     x = torch.randn(40, k, generator=torch.Generator().manual_seed(4))
-    want, bound = reference_matmul(x, "Q4_1", raw, n)
+    want, bound = reference_matmul(x, "Q4_1", raw, ref)
     q, d = reference_quantize(x)
     assert torch.equal(dequantized_q8(x), (q.float().view(40, -1, 32) * d.unsqueeze(-1)).view(40, k))
     got = w.matmul(x).double()
