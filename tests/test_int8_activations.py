@@ -263,3 +263,12 @@ def test_the_cli_flag_end_to_end(smollm2_path):
     off = _cli(*args, "--activations", "int8", env={"EDGELLM_NATIVE": "0"})
     assert off.returncode == 2 and "Traceback" not in off.stderr
     assert "--activations int8 needs the native kernels" in off.stderr and "EDGELLM_NATIVE" in off.stderr
+
+
+def test_bench_measures_int8_as_a_peer():
+    from edgellm.bench import harness
+    from edgellm.bench.worker import ENGINES
+
+    assert harness.parse_peers("ours-int8, llama.cpp") == ["ours-int8", "llama.cpp"]
+    assert harness.parse_peers("int8") == ["ours-int8"]
+    assert "ours-int8" in ENGINES

@@ -182,7 +182,9 @@ def _run_agreement(args) -> int:
     refs = greedy_continuations(reference_model, ids, args.tokens)
     del reference_model
     r = agreement(loaded, ids, refs, kv)
-    r.pop("continuations")
+    # where each continuation first leaves the reference's (its length: never)
+    r["first_divergence"] = [next((i for i, (a, b) in enumerate(zip(c, ref)) if a != b), len(ref))
+                             for c, ref in zip(r.pop("continuations"), refs)]
     out = {**r, "weights": args.weights or loaded.dtype, "keep": args.keep, "kv_dtype": kv,
            "activations": args.activations, "reference": "exact activations" if args.activations != "fp32" and
            not args.weights else "float32 weights", "model": loaded.source.name}
@@ -190,7 +192,9 @@ def _run_agreement(args) -> int:
         print(json.dumps(out))
     else:
         print(f"greedy agreement with {out['reference']}: {r['agreement']:.3f} of tokens identical, "
-              f"top-1 (teacher-forced) {r['top1_agreement']:.3f}; {r['prompts']} prompts x {r['tokens_per_prompt']} "
+              f"top-1 (teacher-forced) {r['top1_agreement']:.3f}; first divergence at token "
+              f"{sorted(r['first_divergence'])[len(ids) // 2]} (median; {r['tokens_per_prompt']}: none); "
+              f"{r['prompts']} prompts x {r['tokens_per_prompt']} "
               f"tokens; weights {out['weights']}, KV {kv}")
     return 0
 
