@@ -19,7 +19,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def add_activations_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activations", default="fp32", choices=["fp32", "int8"],
                    help="fp32: exact (default); int8: activations rounded to int8 blocks of 32 and integer dot "
-                        "products against GGUF block weights (faster decode, approximate: README, 'Fast modes')")
+                        "products against GGUF block weights (approximate; its speed and quality cost: README, "
+                        "'Fast modes')")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
