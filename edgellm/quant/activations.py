@@ -9,8 +9,8 @@ rounding of x to 8 bits per block; its cost in quality is measured by ``edgellm 
 
 Decode (at most ``DECODE_MAX_ROWS`` rows, and the fused decode step) runs the integer kernels.
 Prefill rounds its activations the same way and multiplies them with the float32 BLAS, so a
-prompt sees the same arithmetic (and perplexity measures the mode) at the exact path's speed:
-on this project's AVX2 machine an int8 GEMM of ours did not beat the sgemm (docs/precision.md).
+prompt sees the same arithmetic (and perplexity, scored through prefill, measures the mode); the
+integer kernel is a decode kernel, not a blocked GEMM (docs/fast-modes.md).
 """
 
 from __future__ import annotations
