@@ -44,7 +44,7 @@ from edgellm.kv.block_manager import BlockManager
 from edgellm.kv.cache import BLOCK_SIZE, KVCache
 from edgellm.kv.offload import OffloadStore
 from edgellm.kv.state import StatePool, check_state_dtype
-from edgellm.quant.activations import set_activations
+from edgellm.quant.activations import activations_name, set_activations
 from edgellm.runtime.input import InputProcessor
 from edgellm.runtime.model_runner import ModelRunner, SeqChunk
 from edgellm.runtime.output import append_token, build_result, stop_checker
@@ -151,6 +151,9 @@ class Engine:
         set_threads(threads)
         self.loaded, default_kv_dtype = resolve_model(model_or_llm)
         if activations is not None:
+            if getattr(model_or_llm, "parallel", None) is not None and activations_name(activations) == "int8":
+                raise InvalidParameterError("int8 activations do not run on a model split across ranks",
+                                            "drop activations=, or use a model in one process")
             set_activations(self.loaded.model, activations)
         self.cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
