@@ -13,6 +13,7 @@ from typing import Callable
 from edgellm.dtypes import kv_dtype_name
 from edgellm.kv.cache import BLOCK_SIZE
 from edgellm.loading.load import LoadedModel, load_model
+from edgellm.quant.activations import activations_name, set_activations
 from edgellm.runtime.engine import Engine, pool_blocks_for, pool_bytes_per_block, refuse_speculation
 from edgellm.runtime.input import check_params, encode_prompt
 from edgellm.runtime.speculative import parse_speculative, prepare_speculative
@@ -27,18 +28,27 @@ PREFILL_CHUNK = 512
 class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", threads: int | None = None,
                  loaded: LoadedModel | None = None, use_native: bool = True, weights: str | None = None,
-                 keep=(), kv_dtype="fp32", speculative=None, draft_tokens: int | None = None, parallel=None):
+                 keep=(), kv_dtype="fp32", speculative=None, draft_tokens: int | None = None, parallel=None,
+                 activations: str | None = None):
         """``weights``: a precision format to convert the matrices to at load time (``--keep``
         patterns stay at 16 bits); ``kv_dtype``: the KV cache precision (fp32, fp16, bf16, fp8, int8);
         ``speculative`` ("ngram", "early-exit:L", "draft:MODEL") and ``draft_tokens``: speculative
         decoding for this LLM's generations and for every engine made over it (see
         ``edgellm.runtime.speculative``); ``parallel``: a ``SplitModel`` (the model split across
         ranks, ``edgellm.runtime.parallel_runner``): its rank-0 part is this LLM's model and every
-        engine made over it runs its steps on the ranks."""
+        engine made over it runs its steps on the ranks; ``activations``: "int8" multiplies the GGUF
+        block matrices with activations rounded to int8 blocks (``edgellm.quant.activations``; opt-in,
+        approximate), "fp32" the exact default, None leaves a given ``loaded`` model as it is."""
         set_threads(threads)
         self.kv_dtype = kv_dtype_name(kv_dtype)
         self.speculative = parse_speculative(speculative, draft_tokens)   # refused before loading
         self.parallel = parallel
+        activations = None if activations is None else activations_name(activations)   # refused before loading
+        if parallel is not None and activations == "int8":
+            from edgellm.errors import InvalidParameterError
+
+            raise InvalidParameterError("--activations int8 does not run on a model split across ranks",
+                                        "drop --activations, or drop --pipeline-parallel/--tensor-parallel")
         if parallel is not None and (weights or self.speculative is not None):
             from edgellm.errors import InvalidParameterError
 
@@ -49,6 +59,8 @@ class LLM:
             from edgellm.loading.convert import convert_weights
 
             self.loaded = convert_weights(self.loaded, weights, keep)
+        if activations is not None:
+            set_activations(self.loaded.model, activations)
         self.cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         refuse_speculation(self.loaded, self.speculative)

@@ -39,10 +39,12 @@ MEMBW = "membw"
 PEERS = {
     "transformers": ("transformers", "pip install 'transformers>=4.46' gguf  (or: pip install -e '.[reference]')"),
     "llama.cpp": ("llama_cpp", "pip install llama-cpp-python  (compiles llama.cpp: takes minutes)"),
+    # ours again with int8 activations (--activations int8), the exact path's opt-in fast mode
+    "ours-int8": ("edgellm", "nothing to install: it is edgellm"),
 }
 PEER_ALIASES = {"transformers": "transformers", "hf": "transformers", "huggingface": "transformers",
                 "llama.cpp": "llama.cpp", "llamacpp": "llama.cpp", "llama_cpp": "llama.cpp",
-                "llama-cpp": "llama.cpp", "llama-cpp-python": "llama.cpp"}
+                "llama-cpp": "llama.cpp", "llama-cpp-python": "llama.cpp", "ours-int8": "ours-int8", "int8": "ours-int8"}
 # Figures of one generation that get medians (and ratios: tok/s higher is better, the rest lower).
 METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "run_peak_rss_mb", "prefill_s", "decode_s", "rss_mb", "cpu_share", "others_cores")
 HIGHER_IS_BETTER = ("prefill_tok_s", "decode_tok_s")
@@ -66,6 +68,7 @@ class BenchOptions:
     kv_dtype: str = "fp32"                  # ours: KV cache precision
     pipeline: int = 1                       # ours: pipeline-parallel ranks (threads // ranks each)
     tensor: int = 1                         # ours: tensor-parallel ranks
+    activations: str = "fp32"               # ours: fp32 (exact) or int8 activations
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +254,7 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] | None = None) -> d
         log(f"loading ours ({opts.model or 'default model'}) and the bandwidth probe ...")
         ours_args = common + ["--dtype", opts.dtype, "--kv-dtype", opts.kv_dtype] + \
             (["--model", opts.model] if opts.model else []) + (["--weights", opts.weights] if opts.weights else []) + \
-            (["--keep", opts.keep] if opts.keep else []) + \
+            (["--keep", opts.keep] if opts.keep else []) + ["--activations", opts.activations] + \
             ["--pipeline-parallel", str(opts.pipeline), "--tensor-parallel", str(opts.tensor)]
         workers[OURS] = Worker(OURS, ours_args, opts.threads)
         workers[MEMBW] = Worker(MEMBW, common, opts.threads)

@@ -148,7 +148,7 @@ class OursEngine:
             split = SplitModel(ParallelConfig(args.pipeline_parallel, args.tensor_parallel, threads=threads),
                                args.model, args.dtype)
         self.llm = LLM(args.model, dtype=args.dtype, threads=threads, weights=args.weights, keep=keep,
-                       kv_dtype=args.kv_dtype, parallel=split)
+                       kv_dtype=args.kv_dtype, parallel=split, activations=args.activations)
         cfg = self.llm.cfg
         self.gen = args.gen_tokens
         if args.prompt_tokens + args.gen_tokens > cfg.context_length:
@@ -175,7 +175,7 @@ class OursEngine:
             "kv_dtype": self.llm.kv_dtype, "architecture": cfg.architecture,
             "prompt_ids": self.ids, "prompt_source": self.prompt_source,
             "baseline_rss_mb": self.baseline_rss_mb, "loaded_rss_mb": rss_now_mb(), "load_peak_rss_mb": peak_rss_mb(),
-            "load_s": loaded.load_s,
+            "load_s": loaded.load_s, "activations": args.activations,
         }
         reset_hwm()   # from here VmHWM is the peak of the runs alone (see harness.memory_breakdown)
 
@@ -199,6 +199,18 @@ class OursEngine:
 
     def profile(self, steps: int) -> dict:
         return profile_decode(self.llm, self.ids, steps)
+
+
+class OursInt8Engine(OursEngine):
+    """``--peers ours-int8``: our engine again, with int8 activations (``--activations int8``), on the
+    model file the harness resolved; measured in the same rounds as the exact path and the peers."""
+
+    name = "ours-int8"
+
+    def __init__(self, args):
+        args.model = args.model or args.model_path
+        args.activations = "int8"
+        super().__init__(args)
 
 
 class OursSpeculativeEngine:
@@ -552,7 +564,7 @@ class MemoryBandwidthEngine:
         return {"event": "result", "bandwidth_gb_s": 2 * MEMBW_BYTES / t / 1e9, "copy_s": times}
 
 
-ENGINES = {e.name: e for e in (OursEngine, OursSpeculativeEngine, TransformersEngine, LlamaCppEngine,
+ENGINES = {e.name: e for e in (OursEngine, OursInt8Engine, OursSpeculativeEngine, TransformersEngine, LlamaCppEngine,
                                 MemoryBandwidthEngine)}
 
 
@@ -573,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None)
     p.add_argument("--keep", default="")
     p.add_argument("--kv-dtype", default="fp32")
+    p.add_argument("--activations", default="fp32", help="ours: fp32 or int8")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pipeline-parallel", type=int, default=1, help="ours: ranks of a pipeline split")
     p.add_argument("--tensor-parallel", type=int, default=1, help="ours: ranks of a tensor-parallel split")

@@ -35,8 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="our engine's compute dtype (default auto)")
     from edgellm.cli.common import add_precision_arguments
     add_precision_arguments(p)   # --weights, --keep, --kv-dtype: our engine only
+    from edgellm.cli.common import add_activations_argument
+    add_activations_argument(p)
     p.add_argument("--peers", default="",
-                   help="comma-separated peer engines measured in the same run: transformers, llama.cpp")
+                   help="comma-separated peer engines measured in the same run: transformers, llama.cpp, "
+                        "ours-int8 (ours with --activations int8)")
     p.add_argument("--profile-decode", nargs="?", type=int, const=-1, default=None, metavar="STEPS",
                    help="also time STEPS decode steps of our engine (default: --gen-tokens) and report the share "
                         "of matrix-multiply kernels, attention and the rest")
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                         threads=args.threads, repeat=args.repeat, dtype=args.dtype,
                         peers=parse_peers(args.peers), profile_steps=steps, weights=args.weights,
                         keep=",".join(args.keep), kv_dtype=args.kv_dtype, pipeline=args.pipeline_parallel,
-                        tensor=args.tensor_parallel)
+                        tensor=args.tensor_parallel, activations=args.activations)
 
     def log(line: str) -> None:
         if not args.quiet:

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.util import parse_size
 
     kv_memory = parse_size(args.kv_memory, "--kv-memory")
-    llm = LLM(args.model, dtype=args.dtype, threads=args.threads, speculative=speculative)
+    llm = LLM(args.model, dtype=args.dtype, threads=args.threads, speculative=speculative, activations=args.activations)
     engine = Engine(llm, kv_memory=kv_memory)
     interactive = sys.stdin.isatty()
     print(f"edgellm chat — {llm.loaded.source.name}. Type /exit to leave, /reset to clear the history.",

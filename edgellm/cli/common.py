@@ -13,6 +13,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute precision: auto keeps GGUF Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K weights quantised and computes "
                         "in float32; bfloat16 holds every matrix as bf16 (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    add_activations_argument(p)
+
+
+def add_activations_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--activations", default="fp32", choices=["fp32", "int8"],
+                   help="fp32: exact (default); int8: activations rounded to int8 blocks of 32 and integer dot "
+                        "products against GGUF block weights (approximate; its speed and quality cost: README, "
+                        "'Fast modes')")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:

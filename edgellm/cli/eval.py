@@ -1,8 +1,9 @@
 """`edgellm eval`: what a precision format costs in quality (and, with `report`, in speed).
 
-    edgellm eval perplexity --model M [--weights F] [--keep L] [--kv-dtype D] [--corpus FILE]
-                            [--context 512] [--stride N] [--max-tokens N] [--json]
+    edgellm eval perplexity --model M [--weights F] [--keep L] [--kv-dtype D] [--activations int8]
+                            [--corpus FILE] [--context 512] [--stride N] [--max-tokens N] [--json]
     edgellm eval agreement  --model M --weights F [--kv-dtype D] [--prompts FILE] [--tokens 32] [--json]
+    edgellm eval agreement  --model M --activations int8 ...   (against the same weights, exact activations)
     edgellm eval report     [--weights F1,F2,...] [--kv-dtypes D1,...] [--out-md FILE] ...
 
 ``report`` runs each configuration in a fresh process (so resident memory is its own) and prints
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from edgellm.cli.common import add_activations_argument
 
 HELP = "measure a model's quality: perplexity on a text, greedy agreement with float32, or a full report"
 
@@ -37,6 +40,7 @@ def _common(p: argparse.ArgumentParser, weights_required: bool = False) -> None:
     p.add_argument("--kv-dtype", default="fp32", help="KV cache precision: fp32, fp16, bf16, fp8, int8 (default fp32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_activations_argument(p)   # agreement with int8: against the same weights with exact activations
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -102,6 +106,9 @@ def _finish_load(args):
     if args.weights:
         from edgellm.loading.convert import convert_weights
         loaded = convert_weights(loaded, args.weights, args.keep, progress=not args.json)
+    if args.activations != "fp32":
+        from edgellm.quant.activations import set_activations
+        set_activations(loaded.model, args.activations)
     return loaded
 
 
@@ -129,7 +136,7 @@ def _run_perplexity(args) -> int:
         print(file=sys.stderr)
     out = {"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "windows": r.windows,
            "context": r.context, "stride": r.stride, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s,
-           "weights": args.weights or loaded.dtype, "keep": args.keep, "kv_dtype": kv,
+           "weights": args.weights or loaded.dtype, "keep": args.keep, "kv_dtype": kv, "activations": args.activations,
            "model": loaded.source.name, "corpus": str(args.corpus or "/usr/share/common-licenses/GPL-3"),
            "corpus_tokens": corpus_tokens, "weight_bytes": loaded.weight_bytes}
     if args.json:
@@ -169,18 +176,25 @@ def _run_agreement(args) -> int:
     ids = [loaded.tokenizer.encode(p) for p in prompts]
     from edgellm.loading.convert import convert_weights
     from edgellm.loading.load import load_model
-    reference_model = convert_weights(load_model(args.model), "float32")
+    # the reference: float32 weights; for a fast mode (--activations int8), its own weights run exactly
+    reference_model = load_model(args.model) if args.activations != "fp32" and not args.weights else \
+        convert_weights(load_model(args.model), "float32")
     refs = greedy_continuations(reference_model, ids, args.tokens)
     del reference_model
     r = agreement(loaded, ids, refs, kv)
-    r.pop("continuations")
+    # where each continuation first leaves the reference's (its length: never)
+    r["first_divergence"] = [next((i for i, (a, b) in enumerate(zip(c, ref)) if a != b), len(ref))
+                             for c, ref in zip(r.pop("continuations"), refs)]
     out = {**r, "weights": args.weights or loaded.dtype, "keep": args.keep, "kv_dtype": kv,
-           "model": loaded.source.name}
+           "activations": args.activations, "reference": "exact activations" if args.activations != "fp32" and
+           not args.weights else "float32 weights", "model": loaded.source.name}
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"greedy agreement with float32: {r['agreement']:.3f} of tokens identical, "
-              f"top-1 (teacher-forced) {r['top1_agreement']:.3f}; {r['prompts']} prompts x {r['tokens_per_prompt']} "
+        print(f"greedy agreement with {out['reference']}: {r['agreement']:.3f} of tokens identical, "
+              f"top-1 (teacher-forced) {r['top1_agreement']:.3f}; first divergence at token "
+              f"{sorted(r['first_divergence'])[len(ids) // 2]} (median; {r['tokens_per_prompt']}: none); "
+              f"{r['prompts']} prompts x {r['tokens_per_prompt']} "
               f"tokens; weights {out['weights']}, KV {kv}")
     return 0
 

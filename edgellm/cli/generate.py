@@ -81,7 +81,7 @@ def _generate(args: argparse.Namespace, prompt: str, params, speculative, split)
 
     startup_mark("imports (torch)")
     llm = LLM(args.model, dtype=args.dtype, threads=args.threads, weights=args.weights, keep=args.keep,
-              kv_dtype=args.kv_dtype, speculative=speculative, parallel=split)
+              kv_dtype=args.kv_dtype, speculative=speculative, parallel=split, activations=args.activations)
     ids = llm.encode_prompt(prompt, chat=args.chat, system=args.system)
     if args.json:
         c = llm.generate(ids, params)

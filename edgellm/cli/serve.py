@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
 
     split = start_split(args)       # a model split across ranks, or None (this process alone)
     llm = LLM(args.model, dtype=args.dtype, threads=args.threads, weights=args.weights, keep=args.keep,
-              kv_dtype=args.kv_dtype, speculative=speculative, parallel=split)
+              kv_dtype=args.kv_dtype, speculative=speculative, parallel=split, activations=args.activations)
     engine = Engine(llm, kv_memory=args.kv_memory, host_memory=args.host_memory,
                     max_batch_tokens=args.max_batch_tokens, disk_dir=args.offload_dir, preemption=args.preemption,
                     idle_retire_s=args.session_idle_timeout or None, state_snapshots=args.state_snapshots)

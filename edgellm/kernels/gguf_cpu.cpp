@@ -577,6 +577,9 @@ torch::Tensor block_matmul_add(torch::Tensor x, torch::Tensor w, int64_t fmt, in
   return y;
 }
 
+// int8 activations (opt-in), in their own files: quantised blocks, integer dot products
+#include "int8_activations.h"
+
 // ---- every transformer block of a decode step, in one parallel region ------------------------
 // Launching a parallel region per matmul costs more than the matmul at SmolLM2's widths when two
 // threads share a busy machine (measured: 120 small matmuls ran slower on 2 threads than on 1).
@@ -707,7 +710,7 @@ inline void merge_partials(const float* part, int64_t S, int64_t part_stride, in
   for (int64_t i = 0; i < D; i++) out[i] *= inv;
 }
 
-template <typename KV>
+template <typename KV, bool INT8>   // INT8: the matmuls take int8 activation blocks (int8_activations.h)
 void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& fmts,
                         const std::vector<torch::Tensor>& qkv_bias, torch::Tensor cos, torch::Tensor sin,
                         torch::Tensor kv, torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
@@ -746,6 +749,7 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
     std::vector<float> xn(B * std::max(C, F)), xs(B * std::max(std::max(C, F), Q) / 32);
     std::vector<float> scores(G * Lmax), qr(G * D), krow(D), attn(B * Q);
+    int8act::Q8Scratch q8(INT8 ? B : 0, std::max(std::max(C, F), Q));
     for (int64_t l = 0; l < L; l++) {
       const float* attn_norm = weights[6 * l + 0].data_ptr<float>();
       const float* ffn_norm = weights[6 * l + 3].data_ptr<float>();
@@ -755,10 +759,15 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
       KV* VC = KVp + (kl * 2 + 1) * n_slots * KVH * D;
       // 1. x = norm(h); qkv = x @ Wqkv.T (my rows)
       for (int64_t b = 0; b < B; b++) rms_norm(Hp + b * C, attn_norm, xn.data() + b * C, C, eps);
-      block_sums(xn.data(), B, C, xs.data());
       Share s = share(QKV, t, T);
-      matmul_range_fmt<false>(fmts[4 * l], xn.data(), xs.data(), weights[6 * l + 1].data_ptr<uint8_t>(),
-                              qkv.data(), B, QKV, C, s.n0, s.n1);
+      if (INT8) {
+        int8act::step_matmul<false>(q8, fmts[4 * l], xn.data(), B, C, weights[6 * l + 1].data_ptr<uint8_t>(),
+                                    qkv.data(), QKV, s.n0, s.n1);
+      } else {
+        block_sums(xn.data(), B, C, xs.data());
+        matmul_range_fmt<false>(fmts[4 * l], xn.data(), xs.data(), weights[6 * l + 1].data_ptr<uint8_t>(),
+                                qkv.data(), B, QKV, C, s.n0, s.n1);
+      }
 #pragma omp barrier
       // 2a. per (row, KV head): RoPE on the new token's K, its K and V written to the cache. All
       //     writes land before any row attends: the rows of one sequence's verify pass (positions
@@ -794,17 +803,27 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
           merge_partials(part.data() + ((first_item[b] + g * S) * G + j * S) * part_stride, S, part_stride, D,
                          attn.data() + b * Q + (g * G + j) * D);
       }
-      block_sums(attn.data(), B, Q, xs.data());
       s = share(C, t, T);
-      matmul_range_fmt<true>(fmts[4 * l + 1], attn.data(), xs.data(), weights[6 * l + 2].data_ptr<uint8_t>(),
-                             Hp, B, C, Q, s.n0, s.n1);
+      if (INT8) {
+        int8act::step_matmul<true>(q8, fmts[4 * l + 1], attn.data(), B, Q, weights[6 * l + 2].data_ptr<uint8_t>(),
+                                   Hp, C, s.n0, s.n1);
+      } else {
+        block_sums(attn.data(), B, Q, xs.data());
+        matmul_range_fmt<true>(fmts[4 * l + 1], attn.data(), xs.data(), weights[6 * l + 2].data_ptr<uint8_t>(),
+                               Hp, B, C, Q, s.n0, s.n1);
+      }
 #pragma omp barrier
       // 4. gate|up = norm(h) @ Wgu.T (my rows)
       for (int64_t b = 0; b < B; b++) rms_norm(Hp + b * C, ffn_norm, xn.data() + b * C, C, eps);
-      block_sums(xn.data(), B, C, xs.data());
       s = share(2 * F, t, T);
-      matmul_range_fmt<false>(fmts[4 * l + 2], xn.data(), xs.data(), weights[6 * l + 4].data_ptr<uint8_t>(),
-                              gu.data(), B, 2 * F, C, s.n0, s.n1);
+      if (INT8) {
+        int8act::step_matmul<false>(q8, fmts[4 * l + 2], xn.data(), B, C, weights[6 * l + 4].data_ptr<uint8_t>(),
+                                    gu.data(), 2 * F, s.n0, s.n1);
+      } else {
+        block_sums(xn.data(), B, C, xs.data());
+        matmul_range_fmt<false>(fmts[4 * l + 2], xn.data(), xs.data(), weights[6 * l + 4].data_ptr<uint8_t>(),
+                                gu.data(), B, 2 * F, C, s.n0, s.n1);
+      }
 #pragma omp barrier
       // 5. h += (silu(gate) * up) @ Wdown.T (my rows); the activation is rebuilt privately
       for (int64_t b = 0; b < B; b++)   // F is a multiple of 32 (checked)
@@ -814,10 +833,15 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
           _mm256_storeu_ps(xn.data() + b * F + i,
                            _mm256_mul_ps(_mm256_div_ps(gt, den), _mm256_loadu_ps(gu.data() + b * 2 * F + F + i)));
         }
-      block_sums(xn.data(), B, F, xs.data());
       s = share(C, t, T);
-      matmul_range_fmt<true>(fmts[4 * l + 3], xn.data(), xs.data(), weights[6 * l + 5].data_ptr<uint8_t>(),
-                             Hp, B, C, F, s.n0, s.n1);
+      if (INT8) {
+        int8act::step_matmul<true>(q8, fmts[4 * l + 3], xn.data(), B, F, weights[6 * l + 5].data_ptr<uint8_t>(),
+                                   Hp, C, s.n0, s.n1);
+      } else {
+        block_sums(xn.data(), B, F, xs.data());
+        matmul_range_fmt<true>(fmts[4 * l + 3], xn.data(), xs.data(), weights[6 * l + 5].data_ptr<uint8_t>(),
+                               Hp, B, C, F, s.n0, s.n1);
+      }
 #pragma omp barrier
     }
   }
@@ -825,11 +849,12 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
 
 // The blocks given (weights: 6 tensors per block, fmts: 4 per block), block l on KV layer
 // kv_layers[l] (empty: on layer l, and then every layer of the cache must be given).
-void decode_blocks_on(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
-                      std::vector<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, torch::Tensor kv,
-                      torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
-                      int64_t H, int64_t KVH, int64_t F, double eps_d, int64_t num_threads,
-                      std::vector<int64_t> kv_layers) {
+// int8: the int8-activation flavour (decode_blocks_q8, decode_blocks_on_q8).
+void decode_blocks_run(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
+                       std::vector<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, torch::Tensor kv,
+                       torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
+                       int64_t H, int64_t KVH, int64_t F, double eps_d, int64_t num_threads,
+                       std::vector<int64_t> kv_layers, bool int8) {
   TORCH_CHECK(h.is_contiguous() && h.scalar_type() == torch::kFloat32, "h must be contiguous float32");
   const int nt = num_threads > 0 ? static_cast<int>(num_threads) : at::get_num_threads();
   TORCH_CHECK(kv.is_contiguous() && (kv.scalar_type() == torch::kFloat32 || kv.scalar_type() == torch::kHalf),
@@ -861,12 +886,34 @@ void decode_blocks_on(torch::Tensor h, std::vector<torch::Tensor> weights, std::
     TORCH_CHECK(CL[b] >= 1 && CL[b] <= Lmax && WI[b] >= 0 && WI[b] < n_slots, "bad slot or length");
     for (int64_t i = 0; i < CL[b]; i++) TORCH_CHECK(CI[b * Lmax + i] >= 0 && CI[b * Lmax + i] < n_slots, "bad slot");
   }
-  if (kv.scalar_type() == torch::kHalf)
-    decode_blocks_impl<at::Half>(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F,
-                                 eps_d, nt, kv_layers);
-  else
-    decode_blocks_impl<float>(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F,
-                              eps_d, nt, kv_layers);
+  // the four combinations of cache type and activation type
+  auto run = [&](auto kv_tag, auto int8_tag) {
+    decode_blocks_impl<decltype(kv_tag), decltype(int8_tag)::value>(h, weights, fmts, qkv_bias, cos, sin, kv,
+        write_index, ctx_index, ctx_lens, H, KVH, F, eps_d, nt, kv_layers);
+  };
+  if (kv.scalar_type() == torch::kHalf) {
+    if (int8) run(at::Half(), std::true_type()); else run(at::Half(), std::false_type());
+  } else {
+    if (int8) run(0.0f, std::true_type()); else run(0.0f, std::false_type());
+  }
+}
+
+void decode_blocks_on(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
+                      std::vector<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, torch::Tensor kv,
+                      torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
+                      int64_t H, int64_t KVH, int64_t F, double eps_d, int64_t num_threads,
+                      std::vector<int64_t> kv_layers) {
+  decode_blocks_run(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F, eps_d,
+                    num_threads, kv_layers, false);
+}
+
+void decode_blocks_on_q8(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
+                         std::vector<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, torch::Tensor kv,
+                         torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
+                         int64_t H, int64_t KVH, int64_t F, double eps_d, int64_t num_threads,
+                         std::vector<int64_t> kv_layers) {
+  decode_blocks_run(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F, eps_d,
+                    num_threads, kv_layers, true);
 }
 
 void decode_blocks(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
@@ -891,6 +938,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("decode_blocks", &decode_blocks, "every transformer block of a decode step, in one parallel region");
   m.def("decode_blocks_on", &decode_blocks_on, "chosen blocks of a decode step on chosen KV layers (a draft)");
+  // int8 activations (int8_activations.h)
+  m.def("quantize_q8", &quantize_q8, "activation rows as int8 blocks of 32: (q, scale d, d * sum q)");
+  m.def("block_matmul_q8", &block_matmul_q8, "x @ W.T with x quantised to int8 blocks, integer dot products");
+  m.def("decode_blocks_on_q8", &decode_blocks_on_q8, "decode_blocks_on with int8 activation blocks");
+  m.def("int8_dot_product", &int8_dot_product, "the integer dot product the int8 matmul uses here");
   m.def("moe_decode_blocks", &moe_decode_blocks, "every mixture-of-experts block of a decode step, in one parallel region");
 }
 

@@ -67,6 +67,8 @@ class LlamaModel:
     is the runner's choice (``edgellm.runtime.model_runner``). Each part takes an optional
     :class:`~edgellm.models.trace.Trace` and marks its ops in it."""
 
+    activations = "fp32"   # or "int8": edgellm.quant.activations.set_activations
+
     def __init__(self, cfg: ModelConfig, weights: ModelWeights):
         self.cfg = cfg
         self.weights = weights
@@ -166,7 +168,13 @@ class LlamaModel:
             trace.begin()
         args = (rope[0].view(T, -1), rope[1].view(T, -1), cache.data, batch.write_index, batch.decode_index,
                 batch.decode_lens, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_size, cfg.rms_norm_eps, threads)
-        if layers is None:
+        if self.activations == "int8":   # int8 activation blocks: edgellm.quant.activations
+            if layers is not None:
+                tensors = [t for i in layers for t in tensors[6 * i:6 * i + 6]]
+                formats = [f for i in layers for f in formats[4 * i:4 * i + 4]]
+                biases = [biases[i] for i in layers] if biases else []
+            native().decode_blocks_on_q8(h, tensors, formats, biases, *args, [] if layers is None else list(layers))
+        elif layers is None:
             native().decode_blocks(h, tensors, formats, biases, *args)
         else:
             native().decode_blocks_on(h, [t for i in layers for t in tensors[6 * i:6 * i + 6]],

@@ -8,6 +8,7 @@ import torch
 
 from edgellm.kernels import NATIVE_FORMATS, native
 from edgellm.quant import gguf_blocks, repack
+from edgellm.quant.activations import dequantized_q8
 from edgellm.quant.base import (
     BLOCK_SLAB_BYTES,
     BLOCK_SLAB_MIN_ROWS,
@@ -26,7 +27,11 @@ class GGUFBlockWeight(Weight):
 
     ``raw`` is a uint8 tensor [N, bytes_per_row]: each row holds K/32 blocks, so rows can be
     permuted, sliced and concatenated (fusing q/k/v) without touching the bits.
+    ``int8_activations`` (set by :func:`edgellm.quant.activations.set_activations`): multiply
+    activations rounded to int8 blocks, with integer dot products in decode.
     """
+
+    int8_activations = False
 
     def __init__(self, raw: torch.Tensor, ggml_type: str, n_cols: int):
         if ggml_type not in NATIVE_FORMATS:
@@ -44,12 +49,16 @@ class GGUFBlockWeight(Weight):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         n, k = self.shape
         x = x.float()
-        if x.shape[0] <= NATIVE_BLOCK_MAX_ROWS:
+        if self.int8_activations:
+            if x.shape[0] <= NATIVE_BLOCK_MAX_ROWS:
+                return self._ext.block_matmul_q8(x, self.raw, self.code, n)
+            x = dequantized_q8(x)    # prefill: the same rounding, then the BLAS
+        elif x.shape[0] <= NATIVE_BLOCK_MAX_ROWS:
             return self._ext.block_matmul(x, self.raw, self.code, n)
         return slab_matmul(x, n, self._step, lambda r0, r1: self._ext.block_dequant(self.raw, self.code, n, k, r0, r1))
 
     def matmul_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= NATIVE_BLOCK_MAX_ROWS and x.dtype == torch.float32:
+        if x.shape[0] <= NATIVE_BLOCK_MAX_ROWS and x.dtype == torch.float32 and not self.int8_activations:
             return self._ext.block_matmul_add(x, self.raw, self.code, self.shape[0], residual)
         return residual + self.matmul(x)
 

@@ -45,6 +45,7 @@ from edgellm.kv.cache import BLOCK_SIZE, KVCache, KVLayout
 from edgellm.kv.offload import OffloadStore
 from edgellm.kv.state import StatePool, check_state_dtype
 from edgellm.kv.state_manager import StateManager
+from edgellm.quant.activations import activations_name, set_activations
 from edgellm.runtime.input import InputProcessor
 from edgellm.runtime.model_runner import ModelRunner, SeqChunk, sequence_slots
 from edgellm.runtime.output import append_token, build_result, stop_checker
@@ -125,7 +126,7 @@ class Engine:
                  idle_retire_s: float | None = None, preemption: str = PREEMPT_RECOMPUTE,
                  kv_dtype=None, seed: int | None = None, threads: int | None = None,
                  speculative: str | SpeculativeConfig | None = None, draft_tokens: int | None = None,
-                 state_snapshots: int | None = None):
+                 state_snapshots: int | None = None, activations: str | None = None):
         """``model_or_llm``: an :class:`edgellm.llm.LLM`, a ``LoadedModel``, or a model spec (path
         or registry name; None: the default model). ``kv_memory``: the pool's size;
         ``host_memory``: the host offload tier's budget (default: as large as the pool; 0 for
@@ -136,7 +137,10 @@ class Engine:
         ``edgellm.runtime.speculative``), with at most ``draft_tokens`` proposed per step; the
         tokens are those of plain decoding (greedy: identical; sampled: the same distribution).
         ``state_snapshots`` (recurrent models only): most block-edge snapshots of prompts kept for
-        prefix reuse (default: a quarter of the pool's slots; ``edgellm.kv.state_manager``)."""
+        prefix reuse (default: a quarter of the pool's slots; ``edgellm.kv.state_manager``);
+        ``activations``: "int8" or "fp32" sets the model's activation precision (see
+        ``edgellm.quant.activations``; it is the model's, so engines sharing a model share it),
+        None leaves it as it is."""
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise InvalidParameterError(f"block_size must be a positive integer, got {block_size!r}",
                                         "use 16 (the default)")
@@ -161,6 +165,11 @@ class Engine:
 
         set_threads(threads)
         self.loaded, default_kv_dtype = resolve_model(model_or_llm)
+        if activations is not None:
+            if getattr(model_or_llm, "parallel", None) is not None and activations_name(activations) == "int8":
+                raise InvalidParameterError("int8 activations do not run on a model split across ranks",
+                                            "drop activations=, or use a model in one process")
+            set_activations(self.loaded.model, activations)
         self.cfg = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         if kv_dtype is None:
