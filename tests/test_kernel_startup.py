@@ -58,3 +58,24 @@ def test_startup_trace_accounts_for_the_run(smollm2_path):
     assert sum(phases.values()) == pytest.approx(total, abs=0.01)
     # Counted from the process's own start: within what the parent measured around it.
     assert 0.5 * wall < total <= wall + 0.05
+
+
+def test_the_collector_is_paused_only_while_loading(smollm2_path):
+    """Loading pauses the cyclic garbage collector and leaves it as it found it: on (with the
+    loaded objects frozen) after a paused start-up or when it was on, off when the caller had
+    turned it off. Run in a fresh interpreter so no other test's state counts."""
+    code = f"""
+import gc
+from edgellm.loading.load import load_model
+from edgellm.util import pause_gc_for_startup
+seen = []
+pause_gc_for_startup(); seen.append(gc.isenabled())
+load_model({str(smollm2_path)!r}); seen.append(gc.isenabled()); seen.append(gc.get_freeze_count() > 100000)
+load_model({str(smollm2_path)!r}); seen.append(gc.isenabled())
+gc.disable(); load_model({str(smollm2_path)!r}); seen.append(gc.isenabled())
+print(seen)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[False, True, True, True, False]"

@@ -16,6 +16,7 @@ from edgellm.cli.common import (
     sampling_params,
     speculative_config,
 )
+from edgellm.util import pause_gc_for_startup, resume_gc_after_startup
 
 HELP = "chat with a model in the terminal (history kept; /exit to leave, /reset to start over)"
 
@@ -33,12 +34,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)   # validate before loading anything
     speculative = speculative_config(args)
+    pause_gc_for_startup()   # until the model is loaded (edgellm.util says why)
     from edgellm.llm import LLM
     from edgellm.runtime.engine import Engine
     from edgellm.util import parse_size
 
     kv_memory = parse_size(args.kv_memory, "--kv-memory")
     llm = LLM(args.model, dtype=args.dtype, threads=args.threads, speculative=speculative, activations=args.activations)
+    resume_gc_after_startup()   # a split model is not loaded by load_model
     engine = Engine(llm, kv_memory=kv_memory)
     interactive = sys.stdin.isatty()
     print(f"edgellm chat — {llm.loaded.source.name}. Type /exit to leave, /reset to clear the history.",

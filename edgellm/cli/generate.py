@@ -17,7 +17,7 @@ from edgellm.cli.common import (
     speculative_config,
     start_split,
 )
-from edgellm.util import startup_mark
+from edgellm.util import pause_gc_for_startup, resume_gc_after_startup, startup_mark
 
 HELP = "generate a completion for one prompt, streamed as it is produced"
 
@@ -77,11 +77,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace, prompt: str, params, speculative, split) -> int:
+    pause_gc_for_startup()   # until the model is loaded (edgellm.util says why)
     from edgellm.llm import LLM
 
     startup_mark("imports (torch)")
     llm = LLM(args.model, dtype=args.dtype, threads=args.threads, weights=args.weights, keep=args.keep,
               kv_dtype=args.kv_dtype, speculative=speculative, parallel=split, activations=args.activations)
+    resume_gc_after_startup()   # a split model is not loaded by load_model
     ids = llm.encode_prompt(prompt, chat=args.chat, system=args.system)
     if args.json:
         c = llm.generate(ids, params)

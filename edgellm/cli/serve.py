@@ -14,6 +14,7 @@ from edgellm.cli.common import (
     speculative_config,
     start_split,
 )
+from edgellm.util import pause_gc_for_startup, resume_gc_after_startup
 
 HELP = ("serve a model over HTTP with OpenAI's API (/v1/chat/completions, /v1/completions with structured output "
         "and tool calls, /v1/embeddings), a sessions API, Prometheus metrics (/metrics, vLLM's names too) and a "
@@ -144,12 +145,14 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    pause_gc_for_startup()   # until the model is loaded (edgellm.util says why)
     from edgellm.llm import LLM
     from edgellm.runtime.engine import Engine
 
     split = start_split(args)       # a model split across ranks, or None (this process alone)
     llm = LLM(args.model, dtype=args.dtype, threads=args.threads, weights=args.weights, keep=args.keep,
               kv_dtype=args.kv_dtype, speculative=speculative, parallel=split, activations=args.activations)
+    resume_gc_after_startup()   # a split model is not loaded by load_model
     engine = Engine(llm, kv_memory=args.kv_memory, host_memory=args.host_memory,
                     max_batch_tokens=args.max_batch_tokens, disk_dir=args.offload_dir, preemption=args.preemption,
                     idle_retire_s=args.session_idle_timeout or None, state_snapshots=args.state_snapshots)

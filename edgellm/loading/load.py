@@ -15,7 +15,7 @@ from edgellm.models.gemma3 import Gemma3Model
 from edgellm.models.llama import LlamaModel, ModelWeights
 from edgellm.models.moe import MoEModel
 from edgellm.tokenizer import Tokenizer
-from edgellm.util import startup_mark
+from edgellm.util import gc_paused_while_loading, startup_mark
 
 
 @dataclass
@@ -42,6 +42,11 @@ def load_model(spec: str | None = None, dtype: str = "auto", use_native: bool = 
     these blocks, ``ends=False``: and no embedding, final norm or head (a rank of a split model,
     ``edgellm.runtime.sharding``; GGUF files and HF folders only).
     """
+    with gc_paused_while_loading():   # edgellm.util says why
+        return _load(spec, dtype, use_native, layers, ends)
+
+
+def _load(spec: str | None, dtype: str, use_native: bool, layers: range | None, ends: bool) -> LoadedModel:
     from edgellm.dtypes import compute_dtype
     from edgellm.loading.weights import check_vector_shapes, load_gguf_weights, load_hf_weights, read_hf_config
 
