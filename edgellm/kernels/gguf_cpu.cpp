@@ -849,7 +849,7 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
 
 // The blocks given (weights: 6 tensors per block, fmts: 4 per block), block l on KV layer
 // kv_layers[l] (empty: on layer l, and then every layer of the cache must be given).
-// int8: the int8-activation flavour (decode_blocks_q8, decode_blocks_on_q8).
+// int8: the int8-activation flavour (decode_blocks_on(..., int8 = true)).
 void decode_blocks_run(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
                        std::vector<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, torch::Tensor kv,
                        torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
@@ -898,22 +898,14 @@ void decode_blocks_run(torch::Tensor h, std::vector<torch::Tensor> weights, std:
   }
 }
 
+// int8: activations quantised to int8 blocks for every matmul (--activations int8, int8_activations.h)
 void decode_blocks_on(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
                       std::vector<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, torch::Tensor kv,
                       torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
                       int64_t H, int64_t KVH, int64_t F, double eps_d, int64_t num_threads,
-                      std::vector<int64_t> kv_layers) {
+                      std::vector<int64_t> kv_layers, bool int8) {
   decode_blocks_run(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F, eps_d,
-                    num_threads, kv_layers, false);
-}
-
-void decode_blocks_on_q8(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
-                         std::vector<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, torch::Tensor kv,
-                         torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
-                         int64_t H, int64_t KVH, int64_t F, double eps_d, int64_t num_threads,
-                         std::vector<int64_t> kv_layers) {
-  decode_blocks_run(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F, eps_d,
-                    num_threads, kv_layers, true);
+                    num_threads, kv_layers, int8);
 }
 
 void decode_blocks(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
@@ -921,7 +913,7 @@ void decode_blocks(torch::Tensor h, std::vector<torch::Tensor> weights, std::vec
                    torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
                    int64_t H, int64_t KVH, int64_t F, double eps_d, int64_t num_threads) {
   decode_blocks_on(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F, eps_d,
-                   num_threads, {});
+                   num_threads, {}, false);
 }
 
 void moe_decode_blocks(torch::Tensor, std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<torch::Tensor>,
@@ -937,11 +929,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one-token attention over slot-addressed history");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("decode_blocks", &decode_blocks, "every transformer block of a decode step, in one parallel region");
-  m.def("decode_blocks_on", &decode_blocks_on, "chosen blocks of a decode step on chosen KV layers (a draft)");
+  m.def("decode_blocks_on", &decode_blocks_on, "chosen blocks of a decode step on chosen KV layers (a draft), fp32 or int8 activations");
   // int8 activations (int8_activations.h)
   m.def("quantize_q8", &quantize_q8, "activation rows as int8 blocks of 32: (q, scale d, d * sum q)");
   m.def("block_matmul_q8", &block_matmul_q8, "x @ W.T with x quantised to int8 blocks, integer dot products");
-  m.def("decode_blocks_on_q8", &decode_blocks_on_q8, "decode_blocks_on with int8 activation blocks");
   m.def("int8_dot_product", &int8_dot_product, "the integer dot product the int8 matmul uses here");
   m.def("moe_decode_blocks", &moe_decode_blocks, "every mixture-of-experts block of a decode step, in one parallel region");
 }

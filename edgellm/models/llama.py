@@ -168,18 +168,13 @@ class LlamaModel:
             trace.begin()
         args = (rope[0].view(T, -1), rope[1].view(T, -1), cache.data, batch.write_index, batch.decode_index,
                 batch.decode_lens, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_size, cfg.rms_norm_eps, threads)
-        if self.activations == "int8":   # int8 activation blocks: edgellm.quant.activations
-            if layers is not None:
-                tensors = [t for i in layers for t in tensors[6 * i:6 * i + 6]]
-                formats = [f for i in layers for f in formats[4 * i:4 * i + 4]]
-                biases = [biases[i] for i in layers] if biases else []
-            native().decode_blocks_on_q8(h, tensors, formats, biases, *args, [] if layers is None else list(layers))
-        elif layers is None:
-            native().decode_blocks(h, tensors, formats, biases, *args)
-        else:
-            native().decode_blocks_on(h, [t for i in layers for t in tensors[6 * i:6 * i + 6]],
-                                      [f for i in layers for f in formats[4 * i:4 * i + 4]],
-                                      [biases[i] for i in layers] if biases else [], *args, list(layers))
+        if layers is not None:   # a draft's blocks, each on the KV layer it names
+            tensors = [t for i in layers for t in tensors[6 * i:6 * i + 6]]
+            formats = [f for i in layers for f in formats[4 * i:4 * i + 4]]
+            biases = [biases[i] for i in layers] if biases else []
+        # int8: activation blocks quantised for every matmul (edgellm.quant.activations)
+        native().decode_blocks_on(h, tensors, formats, biases, *args, [] if layers is None else list(layers),
+                                  self.activations == "int8")
         if trace is not None:
             trace.end("decode_blocks", None)
 
