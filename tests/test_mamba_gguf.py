@@ -23,7 +23,10 @@ runs with ``-m slow`` only (CI keeps Q8_0).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import json
 
 import numpy as np
 import pytest
@@ -511,3 +514,20 @@ def test_falcon_mamba_and_unknown_architectures_are_refused(reference, smollm2_p
     with pytest.raises(UnsupportedModelError, match="'rwkv6' is not supported") as err:
         load_model(str(path))
     assert "mamba, mamba2" in err.value.fix
+
+
+def test_bench_counts_one_state_not_kv_per_token(f32_file):
+    """`edgellm bench` on a Mamba file: the bytes a decode step reads beside the weights are one
+    sequence's state, worked from the config: per layer the last conv_kernel - 1 = 3 inputs and
+    the SSM state of 16 for each of 2 * 64 inner channels, float32 -- whatever the context."""
+    from edgellm.cli.main import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["bench", "--model", str(f32_file), "--prompt-tokens", "16", "--gen-tokens", "4", "--repeat", "1",
+                   "--json"])
+    assert rc == 0
+    run = json.loads(out.getvalue())
+    state = LAYERS * (2 * HIDDEN) * (3 + STATE) * 4
+    assert run["kv_bytes_at_mean_context"] == state
+    assert run["bytes_per_decode_step"] == run["model"]["weight_bytes"] + state

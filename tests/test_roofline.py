@@ -72,6 +72,21 @@ def test_qk_matmul_decode_by_hand():
     assert (qk.load_act, qk.load_kv, qk.store_act) == (256, 1024, 128)
 
 
+def test_sliding_window_layers_read_their_window_in_decode_by_hand():
+    # TINY with a window of 4 on block 0 only (as Gemma 3's sliding layers), 7 tokens cached -> 8 keys:
+    # block 0 reads 4 keys, block 1 all 8: on average 6 keys a block, so per block
+    #   ops = 2 * B * H * q * 6 * d = 2 * 2 * 4 * 1 * 6 * 16 = 1536;  K = 2 * 6 * 2 * 16 * 2 = 768 bytes
+    # and both blocks together 2 * 1536 = (1024 + 2048): block 0's 4 keys plus block 1's 8.
+    windowed = ModelConfig(**{**TINY.__dict__, "sliding_window": 4, "sliding_layers": (0,)})
+    qk = by_name(block_layers(windowed, "decode", 2, 7, Bits(16, 16, 16)))["qk_matmul"]
+    assert qk.ops == 1536 and qk.count == 2
+    assert (qk.load_act, qk.load_kv, qk.store_act) == (256, 768, 96)
+    # a context inside the window, and prefill (a masked square: every pair computed), are unchanged
+    assert by_name(block_layers(windowed, "decode", 2, 2, Bits(16, 16, 16)))["qk_matmul"].ops == \
+        by_name(block_layers(TINY, "decode", 2, 2, Bits(16, 16, 16)))["qk_matmul"].ops
+    assert by_name(block_layers(windowed, "prefill", 2, 8, Bits(16, 16, 16)))["qk_matmul"].ops == 16384
+
+
 def test_roofline_time_and_bound_by_hand():
     # q_proj above on TOY: compute 131072 / 1e14 = 1.31 ns, memory 12288 / 1e12 = 12.3 ns -> memory-bound,
     # attainable = 10.67 ops/B * 1e12 B/s = 10.67 Tops/s, time x 2 blocks = 24.6 ns.

@@ -365,7 +365,7 @@ def summarize(opts: BenchOptions, info: dict, samples: dict[str, list[dict]], pe
     bw_runs = [r["bandwidth_gb_s"] for r in samples[MEMBW]]
     bandwidth = median(bw_runs)
     mean_context = opts.prompt_tokens + opts.gen_tokens / 2
-    kv_bytes = info["kv_bytes_per_token"] * mean_context
+    kv_bytes = info.get("kv_bytes_mean_context", info["kv_bytes_per_token"] * mean_context)
     step_bytes = info["weight_bytes"] + kv_bytes
     ceiling = bandwidth * 1e9 / step_bytes
     ours_tokens = ours_runs[-1]["token_ids"] if ours_runs else []
@@ -406,8 +406,8 @@ def summarize(opts: BenchOptions, info: dict, samples: dict[str, list[dict]], pe
         "kv_bytes_at_mean_context": kv_bytes,
         "mean_decode_context": mean_context,
         "baseline_rss_mb": info["baseline_rss_mb"],
-        "memory_budget_mb": (1.5 * info["file_bytes"] + info["kv_bytes_per_token"]
-                             * (opts.prompt_tokens + opts.gen_tokens)) / 2**20,
+        "memory_budget_mb": (1.5 * info["file_bytes"] + info.get(
+            "kv_bytes_run", info["kv_bytes_per_token"] * (opts.prompt_tokens + opts.gen_tokens))) / 2**20,
         "memory": memory_breakdown(info, ours.get("run_peak_rss_mb", ours["peak_rss_mb"]),
                                    opts.prompt_tokens + opts.gen_tokens),
         "repeats": {e: [{k: v for k, v in r.items() if k not in ("event", "token_ids")} for r in rs]
@@ -428,7 +428,7 @@ def memory_breakdown(info: dict, run_peak_mb: float, tokens: int) -> dict:
     if "loaded_rss_mb" not in info:
         return {}
     weights = info["weight_bytes"] / 2**20
-    kv = info["kv_bytes_per_token"] * tokens / 2**20
+    kv = info.get("kv_bytes_run", info["kv_bytes_per_token"] * tokens) / 2**20
     base, loaded = info["baseline_rss_mb"], info["loaded_rss_mb"]
     return {"runtime_mb": base, "weights_mb": weights, "other_load_mb": loaded - base - weights, "kv_mb": kv,
             "generation_mb": run_peak_mb - loaded - kv, "run_peak_mb": run_peak_mb,

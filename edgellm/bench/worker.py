@@ -170,14 +170,29 @@ class OursEngine:
             "weight_bytes": loaded.weight_bytes, "dtype": loaded.dtype, "weight_formats": formats,
             "lm_head_format": weights.lm_head.format, "tied_embeddings": weights.lm_head is weights.embed,
             "n_layers": cfg.n_layers, "context_length": cfg.context_length,
-            # a recurrent model's pool: one state snapshot per block (edgellm.kv.state)
             "kv_bytes_per_token": pool_bytes_per_block(loaded, BLOCK_SIZE, self.llm.kv_dtype) / BLOCK_SIZE,
+            # what one sequence holds at the run's mean decode context and at its end, as the engine
+            # counts it: a sliding-window layer its window, a recurrent model one state
+            "kv_bytes_mean_context": self._kv_bytes(loaded, args.prompt_tokens + args.gen_tokens / 2),
+            "kv_bytes_run": self._kv_bytes(loaded, args.prompt_tokens + args.gen_tokens),
             "kv_dtype": self.llm.kv_dtype, "architecture": cfg.architecture,
             "prompt_ids": self.ids, "prompt_source": self.prompt_source,
             "baseline_rss_mb": self.baseline_rss_mb, "loaded_rss_mb": rss_now_mb(), "load_peak_rss_mb": peak_rss_mb(),
             "load_s": loaded.load_s, "activations": args.activations,
         }
         reset_hwm()   # from here VmHWM is the peak of the runs alone (see harness.memory_breakdown)
+
+    def _kv_bytes(self, loaded, n_tokens: float) -> float:
+        """Bytes of KV one sequence holds and a decode step reads at a context of ``n_tokens``: a
+        sliding-window layer only its window, a recurrent model its one state, whatever the length."""
+        from edgellm.runtime.engine import is_recurrent, pool_bytes_per_block
+
+        if is_recurrent(loaded):
+            return float(pool_bytes_per_block(loaded, 1, self.llm.kv_dtype))
+        cfg = loaded.config
+        per_layer_token = pool_bytes_per_block(loaded, 1, self.llm.kv_dtype, split=True) / cfg.n_layers
+        windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
+        return per_layer_token * sum(n_tokens if w is None else min(n_tokens, w) for w in windows)
 
     def _params(self, n: int):
         from edgellm.sampling import SamplingParams

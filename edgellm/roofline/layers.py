@@ -143,6 +143,17 @@ def _shape(phase: str, batch: int, seq_len: int) -> tuple[int, int]:
     return 1, seq_len + 1
 
 
+def keys_read(cfg: ModelConfig, phase: str, k: int) -> float:
+    """Keys one query reads, averaged over the blocks (attention costs are linear in it, so the
+    average gives the exact sum): in decode a sliding-window layer (Gemma 3, Mistral) reads at most
+    its window (edgellm.kv.cache.KVLayout keeps no more); prefill's masked square still computes
+    every (query, key) pair of the chunk, so it stays ``k``."""
+    windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
+    if phase == "prefill" or all(w is None for w in windows):
+        return k
+    return sum(k if w is None else min(k, w) for w in windows) / cfg.n_layers
+
+
 def validate_shape(phase: str, batch: int, seq_len: int) -> None:
     if phase not in PHASES:
         raise InvalidParameterError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
@@ -204,9 +215,10 @@ def block_layers(cfg: ModelConfig, phase: str, batch: int, seq_len: int, bits: B
     layers.append(LayerCost("rope", "elementwise", 3.0 * rope_elems, load_act=rope_elems * ab,
                             store_act=T * H * d * ab, store_kv=T * Hkv * d * kb, compute_bits=act_bits))
     q_bytes = T * H * d * ab                         # Q read, or O written
-    kv_read = B * k * Hkv * d * kb                   # K (or V) of the whole context, each KV head once
-    scores = B * H * q * k                           # elements of the score matrix
-    mm_ops = 2.0 * B * H * q * k * d                 # each of QK^T and SV
+    keys = keys_read(cfg, phase, k)                  # the context, or a sliding layer's window
+    kv_read = B * keys * Hkv * d * kb                # K (or V) of those keys, each KV head once
+    scores = B * H * q * keys                        # elements of the score matrix
+    mm_ops = 2.0 * B * H * q * keys * d              # each of QK^T and SV
     if attention == "unfused":
         layers.append(LayerCost("qk_matmul", "attention", mm_ops, load_act=q_bytes, load_kv=kv_read,
                                 store_act=scores * ab, compute_bits=att_bits))
