@@ -246,11 +246,15 @@ class ModelConfig:
     def kv_bytes_per_token(self, bytes_per_element: float = 2.0) -> float:
         return 2 * self.n_layers * self.kv_size * bytes_per_element
 
+    def kv_positions(self, context: float) -> float:
+        """Positions of KV one sequence of ``context`` tokens keeps, summed over the layers: a
+        sliding-window layer keeps (and a decode step reads) its window only."""
+        return sum(context if w is None else min(context, w)
+                   for w in (self.layer_window(i) for i in range(self.n_layers)))
+
     def kv_bytes(self, context: int, bytes_per_element: float = 2.0) -> float:
         """KV of one sequence of ``context`` tokens: a sliding-window layer keeps its window only."""
-        positions = sum(context if w is None else min(context, w)
-                        for w in (self.layer_window(i) for i in range(self.n_layers)))
-        return 2 * positions * self.kv_size * bytes_per_element
+        return 2 * self.kv_positions(context) * self.kv_size * bytes_per_element
 
     def to_dict(self) -> dict:
         return asdict(self)

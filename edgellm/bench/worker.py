@@ -191,8 +191,7 @@ class OursEngine:
             return float(pool_bytes_per_block(loaded, 1, self.llm.kv_dtype))
         cfg = loaded.config
         per_layer_token = pool_bytes_per_block(loaded, 1, self.llm.kv_dtype, split=True) / cfg.n_layers
-        windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
-        return per_layer_token * sum(n_tokens if w is None else min(n_tokens, w) for w in windows)
+        return per_layer_token * cfg.kv_positions(n_tokens)
 
     def _params(self, n: int):
         from edgellm.sampling import SamplingParams

@@ -15,7 +15,7 @@ length. The pool is ``num_slots`` *slots*, each one state of every layer; a slot
   there (a shared system prompt is computed once); evicting one changes only what is recomputed.
 
 Why not one snapshot per block, as KV blocks are paged: then a sequence held one snapshot per
-``block_size`` tokens (1.3 MiB each for Mamba-130M), its memory grew with its length like a KV
+``block_size`` tokens (2.7 MiB each for Mamba-130M), its memory grew with its length like a KV
 cache's, and a long conversation could not stay resident. Here the per-sequence cost is one slot;
 the prefix cache costs what its capacity allows, shared by all sequences.
 

@@ -148,10 +148,7 @@ def keys_read(cfg: ModelConfig, phase: str, k: int) -> float:
     average gives the exact sum): in decode a sliding-window layer (Gemma 3, Mistral) reads at most
     its window (edgellm.kv.cache.KVLayout keeps no more); prefill's masked square still computes
     every (query, key) pair of the chunk, so it stays ``k``."""
-    windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
-    if phase == "prefill" or all(w is None for w in windows):
-        return k
-    return sum(k if w is None else min(k, w) for w in windows) / cfg.n_layers
+    return k if phase == "prefill" else cfg.kv_positions(k) / cfg.n_layers
 
 
 def validate_shape(phase: str, batch: int, seq_len: int) -> None:

@@ -270,7 +270,7 @@ class Engine:
 
     def kv_bytes(self, n_tokens: int) -> int:
         """Bytes of KV that ``n_tokens`` tokens take in whole blocks (a sliding-window layer's bounded)."""
-        if is_recurrent(self.loaded):
+        if self.per_sequence_state:
             return self.kv_bytes_per_block * self.block_manager.blocks_for(n_tokens)
         return self.kv_bytes_per_block * self.layout.pages_held(n_tokens, self.block_size)
 
@@ -822,12 +822,12 @@ class Engine:
         windows = [w for w in self.layout.windows if w is not None]
         if not windows:
             return {}
-        bs = self.block_size
+        # what a sequence's sliding layers hold at most, whatever its length
+        most = sum(-(-w // self.block_size) + 1 for w in windows)
         return {"layers_per_block": self.layout.width, "groups": len(self.layout.windows),
                 "sliding_groups": len(windows), "windows": sorted(set(windows)),
-                # what a sequence's sliding layers hold at most, whatever its length
-                "sliding_blocks_per_sequence_max": sum(-(-w // bs) + 1 for w in windows),
-                "sliding_bytes_per_sequence_max": self.kv_bytes_per_block * sum(-(-w // bs) + 1 for w in windows)}
+                "sliding_blocks_per_sequence_max": most,
+                "sliding_bytes_per_sequence_max": self.kv_bytes_per_block * most}
 
 
 def check_split_engine(speculative, disk_dir, preemption: str, host_memory) -> None:
