@@ -66,12 +66,20 @@ class GGUFSource:
         t.release()
         return out
 
-    def matrix(self, name: str, expect: tuple[int, int], rope_heads: int | None = None) -> Weight:
+    def matrix(self, name: str, expect: tuple[int, int], rope_heads: int | None = None,
+               kept: bool = False) -> Weight:
+        """``kept``: the caller keeps the matrix as it is (fuses it with no other), so blocks the
+        kernels read as stored are used in place in the file's mapping rather than copied."""
         t = self._tensor(name)
+        in_place = kept and self._reads_as_stored(t, rope_heads)
         try:
-            return self._matrix(t, expect, rope_heads)
+            return self._matrix(t, expect, rope_heads, in_place)
         finally:
-            t.release()   # copied: its file pages need not stay resident
+            if not in_place:
+                t.release()   # copied: its file pages need not stay resident
+
+    def _reads_as_stored(self, t, rope_heads: int | None) -> bool:
+        return self.native and t.ggml_type in NATIVE_FORMATS and not (rope_heads and self.unpermute)
 
     def expert_matrices(self, name: str, n_experts: int, expect: tuple[int, int]) -> list[Weight]:
         """The experts of a stacked [n_experts, rows, cols] tensor (llama.cpp's ``*_exps``), one
@@ -87,19 +95,21 @@ class GGUFSource:
                  for e in range(n_experts)]
         return [self._matrix(part, expect, None) for part in parts]
 
-    def _matrix(self, t, expect: tuple[int, int], rope_heads: int | None) -> Weight:
+    def _matrix(self, t, expect: tuple[int, int], rope_heads: int | None, in_place: bool = False) -> Weight:
         name = t.name
         if tuple(t.shape) != expect:
             raise ModelFormatError(f"{self.gf.path}: tensor '{name}' has shape {tuple(t.shape)}, expected {expect}",
                                    "the tensor shapes contradict the file's own metadata; re-export the model")
         order = _rope_unpermute_rows(expect[0], rope_heads) if rope_heads and self.unpermute else None
         if self.native and t.ggml_type in NATIVE_FORMATS:
-            raw = torch.from_numpy(t.copy_bytes()).view(expect[0], -1)
+            # in place, or permuted straight out of the mapping (one copy): see GGUFTensor.mapped_bytes
+            stored = t.mapped_bytes() if in_place or order is not None else t.copy_bytes()
+            raw = torch.from_numpy(stored).view(expect[0], -1)
             if order is not None:
                 raw = raw.index_select(0, order)
             return GGUFBlockWeight(raw, t.ggml_type, expect[1])
         if self.native and t.ggml_type in repack.REPACKED:   # K-quants: per-32 constants multiplied out, exactly
-            raw = repack.repack(torch.from_numpy(t.copy_bytes()), t.ggml_type, *expect)
+            raw = repack.repack(torch.from_numpy(t.mapped_bytes()), t.ggml_type, *expect)
             if order is not None:
                 raw = raw.index_select(0, order)
             return GGUFBlockWeight(raw, repack.REPACKED[t.ggml_type], expect[1])
@@ -225,7 +235,9 @@ class _HFSource:
         v = self._get(name).float().reshape(-1)
         return v + self.norm_offset if name.endswith("norm.weight") and self.norm_offset else v
 
-    def matrix(self, name: str, expect: tuple[int, int], rope_heads: int | None = None) -> Weight:
+    def matrix(self, name: str, expect: tuple[int, int], rope_heads: int | None = None,
+               kept: bool = False) -> Weight:
+        """``kept`` is GGUFSource's: here every matrix is converted to the compute dtype anyway."""
         t = self._get(name)
         if tuple(t.shape) != expect:
             raise ModelFormatError(f"tensor '{self._hf(name)}' has shape {tuple(t.shape)}, expected {expect}",
@@ -302,11 +314,11 @@ def _build(src, cfg: ModelConfig, label: str, layers: range | None = None, ends:
             attn_norm=src.vector(p + "attn_norm.weight"),
             qkv=_fused([q, k, v]),
             qkv_bias=bias,
-            o=src.matrix(p + "attn_output.weight", (H, Q)),
+            o=src.matrix(p + "attn_output.weight", (H, Q), kept=True),
             ffn_norm=src.vector(p + "ffn_norm.weight"),
             gate_up=None if sparse else _fused([src.matrix(p + "ffn_gate.weight", (F, H)),
                                                 src.matrix(p + "ffn_up.weight", (F, H))]),
-            down=None if sparse else src.matrix(p + "ffn_down.weight", (H, F)),
+            down=None if sparse else src.matrix(p + "ffn_down.weight", (H, F), kept=True),
         )
         if cfg.experts is not None:
             blocks.append(MoEBlockWeights(
@@ -322,9 +334,9 @@ def _build(src, cfg: ModelConfig, label: str, layers: range | None = None, ends:
             blocks.append(BlockWeights(**common))
     if not ends:
         return ModelWeights(embed=None, blocks=blocks, final_norm=None, lm_head=None)
-    embed = src.matrix("token_embd.weight", (cfg.vocab_size, H))
+    embed = src.matrix("token_embd.weight", (cfg.vocab_size, H), kept=True)
     lm_head = embed if cfg.tie_embeddings or not src.has("output.weight") else \
-        src.matrix("output.weight", (cfg.vocab_size, H))
+        src.matrix("output.weight", (cfg.vocab_size, H), kept=True)
     return ModelWeights(embed=embed, blocks=blocks, final_norm=src.vector("output_norm.weight"), lm_head=lm_head)
 
 
