@@ -24,13 +24,15 @@ def loaded(smollm2_path):
 
 
 KEPT = ("token_embd.weight", "blk.3.attn_output.weight", "blk.17.ffn_down.weight", "blk.0.ffn_down.weight")
+FUSED = ("blk.3.attn_q.weight", "blk.3.attn_k.weight", "blk.3.attn_v.weight", "blk.3.ffn_gate.weight",
+         "blk.3.ffn_up.weight")
 
 
 @pytest.fixture(scope="module")
 def reference(smollm2_path) -> dict[str, np.ndarray]:
     """The raw bytes of the tensors in KEPT as gguf-py reads them (one reader: it takes seconds)."""
     return {t.name: np.asarray(t.data).reshape(-1).view(np.uint8).copy()
-            for t in gguf.GGUFReader(smollm2_path).tensors if t.name in KEPT}
+            for t in gguf.GGUFReader(smollm2_path).tensors if t.name in KEPT + FUSED}
 
 
 def _mapping_of(address: int) -> tuple[str, str]:
@@ -56,9 +58,25 @@ def test_kept_matrices_are_the_files_bytes_in_its_mapping(loaded, reference, smo
         assert perms.endswith("p"), f"{name}'s mapping is shared ({perms}), not private"
 
 
-def test_fused_and_permuted_matrices_are_copies(loaded):
-    """q/k/v and gate/up are fused (and q/k permuted): new memory, not the file's mapping."""
-    _, w = loaded
+def _hf_row_order(rows: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of a GGUF q/k matrix in the checkpoint's order: llama.cpp's converter interleaves each
+    head's two rotary halves (reshape to [heads, 2, half], swap), so undo that swap."""
+    half = rows.shape[0] // n_heads // 2
+    return rows.reshape(n_heads, half, 2, -1).swapaxes(1, 2).reshape(rows.shape)
+
+
+def test_fused_matrices_are_copies_of_the_files_parts(loaded, reference):
+    """q/k/v and gate/up are fused (q and k in the checkpoint's row order) into new memory, not
+    the file's mapping, with the bytes gguf-py reads."""
+    gf, w = loaded
+    cfg = gf.config()
+    per_row = w.blocks[3].qkv.raw.shape[1]
+    parts = {name: reference[f"blk.3.{name}.weight"].reshape(-1, per_row) for name in
+             ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up")}
+    qkv = np.concatenate([_hf_row_order(parts["attn_q"], cfg.n_heads), _hf_row_order(parts["attn_k"], cfg.n_kv_heads),
+                          parts["attn_v"]])
+    assert np.array_equal(w.blocks[3].qkv.raw.numpy(), qkv)
+    assert np.array_equal(w.blocks[3].gate_up.raw.numpy(), np.concatenate([parts["ffn_gate"], parts["ffn_up"]]))
     for weight in (w.blocks[3].qkv, w.blocks[3].gate_up):
         _, where = _mapping_of(weight.raw.data_ptr())
         assert not where.endswith(".gguf")
