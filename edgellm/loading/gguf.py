@@ -107,7 +107,6 @@ class GGUFTensor:
     data: np.ndarray         # uint8, memory-mapped
     offset: int = 0          # absolute byte offset of the data in the file
     path: Path | None = None  # the file, when ``data`` maps it (copies then read it directly)
-    in_place: FileMapping | None = field(default=None, repr=False, compare=False)   # see :meth:`mapped_bytes`
 
     @property
     def n_elements(self) -> int:
@@ -161,25 +160,34 @@ class GGUFTensor:
         """Drop the file pages of bytes ``start:end`` of this tensor (all of it by default) from
         the process's resident memory, after a loader has copied them: otherwise the mapped file
         stays counted in RSS next to the copy. Reading ``data`` again re-faults it."""
-        end = self.nbytes if end is None else end
         mm = getattr(self.data.base, "_mmap", None) or getattr(self.data, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise"):
+            return
         page = mmap.PAGESIZE
-        _drop_pages(mm, (self.offset + start) // page * page, -(-(self.offset + end) // page) * page)
-        if self.in_place is not None and self.in_place.mm is not None:
-            # only pages wholly inside: a neighbour used in place may share the edge pages
-            _drop_pages(self.in_place.mm, -(-(self.offset + start) // page) * page, (self.offset + end) // page * page)
+        end = self.nbytes if end is None else end
+        start = (self.offset + start) // page * page
+        end = -(-(self.offset + end) // page) * page
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(mm)) - start)
+        except (OSError, ValueError):   # an advice, not a requirement
+            pass
 
     def mapped_bytes(self) -> np.ndarray:
-        """The raw bytes (uint8, flat) in place: a view of a private, copy-on-write mapping of the
-        file, made no copy of and taking no new memory. For blocks the kernels read as stored:
-        mapped pages come straight from the page cache when first touched, while a copy writes
-        into fresh memory, whose first touch this VM serves slowly (readinto of SmolLM2's weights
-        measured 0.05 s or 0.8 s, bimodal; the mapping is faulted in within 0.01 s). Writes to
-        the view stay in this process: the file is never changed. Falls back to
-        :meth:`copy_bytes` for a tensor that knows no file mapping."""
-        if self.in_place is None:
-            return self.copy_bytes()
-        return self.in_place.view(self.offset, self.offset + self.nbytes)
+        """The raw bytes (uint8, flat) in place: a view of a private, copy-on-write mapping of
+        this tensor's pages of the file, made no copy of and taking no new memory. For blocks
+        the kernels read as stored: mapped pages come straight from the page cache when first
+        touched, while a copy writes into fresh memory, whose first touch this VM serves slowly
+        (readinto of SmolLM2's whole file: 0.05 s or 0.8 s, bimodal; mapping it and touching
+        every page: 0.01 s). A mapping of its own per tensor, so the kernel's fault-around (up
+        to 64 KiB per fault) maps no neighbour's pages; it is unmapped with its last view.
+        Writes to the view stay in this process: the file is never changed. Falls back to
+        :meth:`copy_bytes` for a tensor that knows no file, or whose file cannot be mapped."""
+        if self.path is not None:
+            try:
+                return np.memmap(self.path, dtype=np.uint8, mode="c", offset=self.offset, shape=(self.nbytes,))
+            except (OSError, ValueError):   # gone or shorter now: copy_bytes reports it
+                pass
+        return self.copy_bytes()
 
     def dequantize(self) -> torch.Tensor:
         """The tensor as float32, shape ``self.shape``."""
@@ -188,35 +196,6 @@ class GGUFTensor:
                 f"tensor '{self.name}' has type {self.ggml_type}, which edgellm cannot decode",
                 f"use a model quantised to one of: {', '.join(gguf_blocks.DEQUANTIZE_TYPES)}")
         return gguf_blocks.dequantize(self.data, self.ggml_type, self.shape)
-
-
-def _drop_pages(mm, start: int, end: int) -> None:
-    """madvise(MADV_DONTNEED) on bytes ``start:end`` (page-aligned) of the mapping ``mm``."""
-    if mm is None or not hasattr(mm, "madvise") or end <= start:
-        return
-    try:
-        mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(mm)) - start)
-    except (OSError, ValueError):   # an advice, not a requirement
-        pass
-
-
-class FileMapping:
-    """One private, copy-on-write mapping of a whole file (``mmap.ACCESS_COPY``), made at first use
-    and shared by the file's tensors (:meth:`GGUFTensor.mapped_bytes`); it lives as long as some
-    view of it does. The mapping is private: a write to a view copies that page for this process."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.array: np.ndarray | None = None
-
-    @property
-    def mm(self) -> mmap.mmap | None:
-        return None if self.array is None else self.array._mmap
-
-    def view(self, start: int, end: int) -> np.ndarray:
-        if self.array is None:
-            self.array = np.memmap(self.path, dtype=np.uint8, mode="c")
-        return self.array[start:end]
 
 
 @dataclass
@@ -554,7 +533,6 @@ def _tensors(path: Path, header: _Header, size: int, allow_unsupported: bool) ->
     version, metadata, types, infos = header.version, header.metadata, header.types, header.infos
     alignment, data_offset = header.alignment, header.data_offset
     whole = np.memmap(path, dtype=np.uint8, mode="r") if infos else None
-    in_place = FileMapping(path)
     tensors: dict[str, GGUFTensor] = {}
     spans = []
     for name, ne, type_id, offset in infos:
@@ -593,7 +571,7 @@ def _tensors(path: Path, header: _Header, size: int, allow_unsupported: bool) ->
                                  f"has {size}): the file is truncated or the tensor's shape is wrong")
         spans.append((start, end, name))
         tensors[name] = GGUFTensor(name=name, shape=tuple(reversed(ne)), ggml_type=tname,
-                                   data=whole[start:end], offset=start, path=path, in_place=in_place)
+                                   data=whole[start:end], offset=start, path=path)
 
     spans.sort()
     for (s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):

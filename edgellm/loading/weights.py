@@ -95,13 +95,12 @@ class GGUFSource:
         raws = [torch.from_numpy(t.mapped_bytes()).view(expect[0], -1) for t, (_, expect, _) in zip(tensors, parts)]
         fused = torch.empty((sum(r.shape[0] for r in raws), raws[0].shape[1]), dtype=torch.uint8)
         row = 0
-        for t, raw, (_, expect, heads) in zip(tensors, raws, parts):
+        for raw, (_, expect, heads) in zip(raws, parts):
             rows = fused[row:row + expect[0]]
             if heads and self.unpermute:
                 torch.index_select(raw, 0, _rope_unpermute_rows(expect[0], heads), out=rows)
             else:
                 rows.copy_(raw)
-            t.release()   # the mapping's pages of a copied part need not stay resident
             row += expect[0]
         return GGUFBlockWeight(fused, tensors[0].ggml_type, parts[0][1][1])
 
