@@ -54,6 +54,27 @@ def gc_paused_while_loading():
         resume_gc_after_startup()
 
 
+# ---- the end of a one-shot command ----------------------------------------------------------------
+def exit_now(code: int) -> None:
+    """End the process with ``code`` at once, as a one-shot command that has printed everything:
+    the exit handlers run and the standard streams are flushed, then ``os._exit`` skips the
+    interpreter's teardown -- freeing the model, the vocabulary and torch's modules object by
+    object, 0.3-0.6 s after `generate` printed its last token (measured, see docs/kernels.md).
+    Returns without exiting while another non-daemon thread runs (a normal exit waits for it)."""
+    import atexit
+    import threading
+
+    if any(t is not threading.main_thread() and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        return
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a closed pipe or stream: nothing more can be written anyway
+            pass
+    os._exit(code)
+
+
 def cache_dir() -> Path:
     """``$XDG_CACHE_HOME/edgellm`` (``~/.cache/edgellm`` when the variable is unset or empty)."""
     base = os.environ.get("XDG_CACHE_HOME") or ""

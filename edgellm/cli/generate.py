@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--stats", action="store_true", help="after the text, print speed figures to stderr")
     p.add_argument("--list-models", action="store_true", help="list the registry's model names and exit")
+    p.set_defaults(exit_when_done=True)   # no interpreter teardown after the text (edgellm.util.exit_now)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -49,10 +49,16 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    whole_process = argv is None   # the `edgellm` command itself, not a caller inside Python
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        if whole_process and getattr(args, "exit_when_done", False):   # a one-shot command (generate)
+            from edgellm.util import exit_now
+
+            exit_now(code)
+        return code
     except EdgeLLMError as err:
         print(f"edgellm {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -66,12 +66,48 @@ class GGUFSource:
         t.release()
         return out
 
-    def matrix(self, name: str, expect: tuple[int, int], rope_heads: int | None = None) -> Weight:
+    def matrix(self, name: str, expect: tuple[int, int], rope_heads: int | None = None,
+               kept: bool = False) -> Weight:
+        """``kept``: the caller keeps the matrix as it is (fuses it with no other), so blocks the
+        kernels read as stored are used in place in the file's mapping rather than copied."""
         t = self._tensor(name)
+        in_place = kept and self._reads_as_stored(t, rope_heads)
         try:
-            return self._matrix(t, expect, rope_heads)
+            return self._matrix(t, expect, rope_heads, in_place)
         finally:
-            t.release()   # copied: its file pages need not stay resident
+            if not in_place:
+                t.release()   # copied: its file pages need not stay resident
+
+    def _reads_as_stored(self, t, rope_heads: int | None) -> bool:
+        return self.native and t.ggml_type in NATIVE_FORMATS and not (rope_heads and self.unpermute)
+
+    def fused(self, parts: list[tuple[str, tuple[int, int], int | None]]) -> Weight:
+        """The matrices ``parts`` ((name, expected shape, rope heads) each) stacked by rows: fused
+        q/k/v or gate/up. Blocks the kernels read as stored, all of one type, are copied (or
+        permuted) once, from the file's mapping straight into the fused matrix: no copy of each
+        part to concatenate, so half the fresh memory is touched (start-up, docs/kernels.md)."""
+        tensors = [self._tensor(name) for name, _, _ in parts]
+        if not (self.native and tensors[0].ggml_type in NATIVE_FORMATS
+                and all(t.ggml_type == tensors[0].ggml_type for t in tensors)):
+            return _fused([self.matrix(*part) for part in parts])
+        for t, (_, expect, _) in zip(tensors, parts):
+            self._check_shape(t, expect)
+        raws = [torch.from_numpy(t.mapped_bytes()).view(expect[0], -1) for t, (_, expect, _) in zip(tensors, parts)]
+        fused = torch.empty((sum(r.shape[0] for r in raws), raws[0].shape[1]), dtype=torch.uint8)
+        row = 0
+        for raw, (_, expect, heads) in zip(raws, parts):
+            rows = fused[row:row + expect[0]]
+            if heads and self.unpermute:
+                torch.index_select(raw, 0, _rope_unpermute_rows(expect[0], heads), out=rows)
+            else:
+                rows.copy_(raw)
+            row += expect[0]
+        return GGUFBlockWeight(fused, tensors[0].ggml_type, parts[0][1][1])
+
+    def _check_shape(self, t, expect: tuple[int, int]) -> None:
+        if tuple(t.shape) != expect:
+            raise ModelFormatError(f"{self.gf.path}: tensor '{t.name}' has shape {tuple(t.shape)}, expected {expect}",
+                                   "the tensor shapes contradict the file's own metadata; re-export the model")
 
     def expert_matrices(self, name: str, n_experts: int, expect: tuple[int, int]) -> list[Weight]:
         """The experts of a stacked [n_experts, rows, cols] tensor (llama.cpp's ``*_exps``), one
@@ -87,19 +123,18 @@ class GGUFSource:
                  for e in range(n_experts)]
         return [self._matrix(part, expect, None) for part in parts]
 
-    def _matrix(self, t, expect: tuple[int, int], rope_heads: int | None) -> Weight:
-        name = t.name
-        if tuple(t.shape) != expect:
-            raise ModelFormatError(f"{self.gf.path}: tensor '{name}' has shape {tuple(t.shape)}, expected {expect}",
-                                   "the tensor shapes contradict the file's own metadata; re-export the model")
+    def _matrix(self, t, expect: tuple[int, int], rope_heads: int | None, in_place: bool = False) -> Weight:
+        self._check_shape(t, expect)
         order = _rope_unpermute_rows(expect[0], rope_heads) if rope_heads and self.unpermute else None
         if self.native and t.ggml_type in NATIVE_FORMATS:
-            raw = torch.from_numpy(t.copy_bytes()).view(expect[0], -1)
+            # in place, or permuted straight out of the mapping (one copy): see GGUFTensor.mapped_bytes
+            stored = t.mapped_bytes() if in_place or order is not None else t.copy_bytes()
+            raw = torch.from_numpy(stored).view(expect[0], -1)
             if order is not None:
                 raw = raw.index_select(0, order)
             return GGUFBlockWeight(raw, t.ggml_type, expect[1])
         if self.native and t.ggml_type in repack.REPACKED:   # K-quants: per-32 constants multiplied out, exactly
-            raw = repack.repack(torch.from_numpy(t.copy_bytes()), t.ggml_type, *expect)
+            raw = repack.repack(torch.from_numpy(t.mapped_bytes()), t.ggml_type, *expect)
             if order is not None:
                 raw = raw.index_select(0, order)
             return GGUFBlockWeight(raw, repack.REPACKED[t.ggml_type], expect[1])
@@ -225,12 +260,18 @@ class _HFSource:
         v = self._get(name).float().reshape(-1)
         return v + self.norm_offset if name.endswith("norm.weight") and self.norm_offset else v
 
-    def matrix(self, name: str, expect: tuple[int, int], rope_heads: int | None = None) -> Weight:
+    def matrix(self, name: str, expect: tuple[int, int], rope_heads: int | None = None,
+               kept: bool = False) -> Weight:
+        """``kept`` is GGUFSource's: here every matrix is converted to the compute dtype anyway."""
         t = self._get(name)
         if tuple(t.shape) != expect:
             raise ModelFormatError(f"tensor '{self._hf(name)}' has shape {tuple(t.shape)}, expected {expect}",
                                    "config.json does not describe these weights")
         return DenseWeight(t.to(self.dtype))
+
+    def fused(self, parts: list[tuple[str, tuple[int, int], int | None]]) -> Weight:
+        """The matrices ``parts`` ((name, expected shape, rope heads) each) stacked by rows."""
+        return _fused([self.matrix(*part) for part in parts])
 
     def expert_matrices(self, name: str, n_experts: int, expect: tuple[int, int]) -> list[Weight]:
         """The experts of GGUF's stacked tensor ``name``: the checkpoint's one matrix per expert,
@@ -290,9 +331,6 @@ def _build(src, cfg: ModelConfig, label: str, layers: range | None = None, ends:
     blocks = []
     for i in tqdm(range(cfg.n_layers) if layers is None else layers, desc=f"loading {label}", unit="block", delay=1.0, leave=False):
         p = f"blk.{i}."
-        q = src.matrix(p + "attn_q.weight", (Q, H), rope_heads=cfg.n_heads)
-        k = src.matrix(p + "attn_k.weight", (KV, H), rope_heads=cfg.n_kv_heads)
-        v = src.matrix(p + "attn_v.weight", (KV, H))
         bias = None
         if cfg.qkv_bias:
             bias = torch.cat([src.vector(p + "attn_q.bias"), src.vector(p + "attn_k.bias"),
@@ -300,13 +338,14 @@ def _build(src, cfg: ModelConfig, label: str, layers: range | None = None, ends:
         sparse = cfg.experts is not None and cfg.experts.sparse(i)
         common = dict(
             attn_norm=src.vector(p + "attn_norm.weight"),
-            qkv=_fused([q, k, v]),
+            qkv=src.fused([(p + "attn_q.weight", (Q, H), cfg.n_heads), (p + "attn_k.weight", (KV, H), cfg.n_kv_heads),
+                           (p + "attn_v.weight", (KV, H), None)]),
             qkv_bias=bias,
-            o=src.matrix(p + "attn_output.weight", (H, Q)),
+            o=src.matrix(p + "attn_output.weight", (H, Q), kept=True),
             ffn_norm=src.vector(p + "ffn_norm.weight"),
-            gate_up=None if sparse else _fused([src.matrix(p + "ffn_gate.weight", (F, H)),
-                                                src.matrix(p + "ffn_up.weight", (F, H))]),
-            down=None if sparse else src.matrix(p + "ffn_down.weight", (H, F)),
+            gate_up=None if sparse else src.fused([(p + "ffn_gate.weight", (F, H), None),
+                                                   (p + "ffn_up.weight", (F, H), None)]),
+            down=None if sparse else src.matrix(p + "ffn_down.weight", (H, F), kept=True),
         )
         if cfg.experts is not None:
             blocks.append(MoEBlockWeights(
@@ -322,9 +361,9 @@ def _build(src, cfg: ModelConfig, label: str, layers: range | None = None, ends:
             blocks.append(BlockWeights(**common))
     if not ends:
         return ModelWeights(embed=None, blocks=blocks, final_norm=None, lm_head=None)
-    embed = src.matrix("token_embd.weight", (cfg.vocab_size, H))
+    embed = src.matrix("token_embd.weight", (cfg.vocab_size, H), kept=True)
     lm_head = embed if cfg.tie_embeddings or not src.has("output.weight") else \
-        src.matrix("output.weight", (cfg.vocab_size, H))
+        src.matrix("output.weight", (cfg.vocab_size, H), kept=True)
     return ModelWeights(embed=embed, blocks=blocks, final_norm=src.vector("output_norm.weight"), lm_head=lm_head)
 
 
