@@ -98,6 +98,7 @@ def engine_parts(llm, rows: list[int], tokens: int, rounds: int) -> dict:
 
     params = SamplingParams.greedy(max_tokens=tokens + 1, ignore_eos=True)
     got = {m: [] for m in rows}
+    threads = {m: {} for m in rows}
     for _ in range(rounds):
         for m in rows:
             eng = Engine(llm, kv_memory="512MB")
@@ -111,12 +112,14 @@ def engine_parts(llm, rows: list[int], tokens: int, rounds: int) -> dict:
                 total = time.perf_counter() - t0
                 if st.by_kind["decode"]["steps"] > before[0]:
                     got[m].append((total, st.schedule_s - before[1], st.forward_s - before[2], st.sample_s - before[3]))
+            for n, steps in eng.runner.thread_chooser.steps_by_threads.items():
+                threads[m][n] = threads[m].get(n, 0) + steps
             eng.close()
     out = {}
     for m in rows:
         med = [1e3 * statistics.median(x[i] for x in got[m]) for i in range(4)]
         out[m] = {"step_ms": med[0], "schedule_ms": med[1], "forward_ms": med[2], "sample_ms": med[3],
-                  "steps": len(got[m])}
+                  "steps": len(got[m]), "steps_by_threads": threads[m]}
     return out
 
 
@@ -154,10 +157,10 @@ def main() -> None:
     torch.set_num_threads(2)
     e = engine_parts(llm, rows, a.tokens, max(1, a.rounds // 2))
     print("engine decode steps, 2 threads (chooser), medians (ms)")
-    print(f"{'rows':>5} {'step':>8} {'schedule':>9} {'forward':>8} {'sample+emit':>12} {'steps':>6}")
+    print(f"{'rows':>5} {'step':>8} {'schedule':>9} {'forward':>8} {'sample+emit':>12} {'steps':>6}  fused steps by threads")
     for m, r in e.items():
         print(f"{m:>5} {r['step_ms']:8.2f} {r['schedule_ms']:9.2f} {r['forward_ms']:8.2f} {r['sample_ms']:12.2f} "
-              f"{r['steps']:6d}")
+              f"{r['steps']:6d}  {r['steps_by_threads']}")
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
