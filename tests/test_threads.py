@@ -13,8 +13,18 @@ def run(chooser: ThreadChooser, seconds_for, steps: int, batch: int = 1) -> list
 
 
 def test_keeps_all_threads_on_an_idle_machine():
+    """One thread is tried once, on the first steps (there is no quiet time to compare with yet)."""
     c = ThreadChooser(2)
-    assert set(run(c, lambda n: 0.010 if n == 2 else 0.016, 500)) == {2}
+    used = run(c, lambda n: 0.010 if n == 2 else 0.016, 500)
+    assert used.count(1) == WINDOW // 2 and used[:WINDOW] == [2] * WINDOW and c.current == 2
+
+
+def test_a_machine_busy_from_the_first_step_moves_to_one_thread():
+    """Two threads stall from the start, so no step ever looks slower than an earlier one: the
+    probe of the first steps finds one thread faster."""
+    c = ThreadChooser(2)
+    used = run(c, lambda n: 0.500 if n == 2 else 0.020, 40)
+    assert c.current == 1 and used[-1] == 1 and used.count(2) == WINDOW
 
 
 def test_falls_back_to_one_thread_under_contention_and_returns_after():
@@ -54,3 +64,12 @@ def test_batch_sizes_are_compared_separately():
 def test_one_thread_configured_means_one_thread():
     c = ThreadChooser(1)
     assert set(run(c, lambda n: 0.5, 3 * WINDOW)) == {1}
+
+
+def test_the_first_probe_is_tried_again_when_the_batch_changes_under_it():
+    c = ThreadChooser(2)
+    busy = lambda n: 0.500 if n == 2 else 0.020   # noqa: E731
+    run(c, busy, WINDOW + 1, batch=4)             # the probe of the first steps has begun...
+    run(c, busy, 1, batch=3)                      # ...and a sequence finished under it
+    used = run(c, busy, 2 * WINDOW, batch=3)
+    assert c.current == 1 and used[-1] == 1

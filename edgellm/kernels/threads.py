@@ -6,8 +6,9 @@ beat one. When other processes compete for the cores, a thread that reaches a ba
 a partner the OS has descheduled, and each of those waits costs a time slice: measured here at a
 load average of 9 on 2 cores, the default model decoded at 0.7 tok/s on 2 threads and 5.9 tok/s
 on 1. This chooser keeps the configured thread count while steps run at their usual speed; when
-they slow down markedly it times a few steps with one thread and keeps whichever is faster, and
-from one thread it probes the full count again now and then, so it returns once the load is gone.
+they slow down markedly -- or on the first steps, which have no quiet time to compare with -- it
+times a few steps with one thread and keeps whichever is faster, and from one thread it probes the
+full count again now and then, so it returns once the load is gone.
 
 Step times are compared only between steps of the same batch size (more sequences, more work).
 The ModelRunner applies the chooser to each fused step it runs (``runner.thread_chooser``).
@@ -38,6 +39,7 @@ class ThreadChooser:
         self._best: dict[int, float] = {}          # batch -> fastest median seen with max_threads
         self._probe: tuple[int, int, list] | None = None   # (threads, batch, times)
         self._since_probe = PROBE_EVERY     # the first slow-down may be probed at once
+        self._first_probe = False           # the probe running is the one of the first steps
         self.steps_by_threads: dict[int, int] = defaultdict(int)   # what ran, for reports
 
     def threads(self, batch: int) -> int:
@@ -61,9 +63,16 @@ class ThreadChooser:
             return
         median = statistics.median(recent)
         if threads == self.max_threads:
+            first = not self._best
             best = self._best.get(batch)
             self._best[batch] = median if best is None else min(best, median)
-            if median > SLOW * self._best[batch] and self._since_probe >= PROBE_EVERY:
+            if first:
+                # The first window has no quiet time to compare with (on a machine busy from the
+                # start, steps never look "slower than before"), so it is checked against one
+                # thread once; if one thread loses, the next slow-down is still probed at once.
+                self._start_probe(1, batch)
+                self._first_probe = True
+            elif median > SLOW * self._best[batch] and self._since_probe >= PROBE_EVERY:
                 self._start_probe(1, batch)
         elif self._since_probe >= PROBE_EVERY:
             self._start_probe(self.max_threads, batch)
@@ -76,6 +85,10 @@ class ThreadChooser:
         probe_threads, probe_batch, times = self._probe
         if (batch, threads) != (probe_batch, probe_threads):
             self._probe = None          # the batch changed under the probe: abandon it
+            if self._first_probe:       # and try again on the next full window
+                self._first_probe = False
+                self._best.clear()
+                self._since_probe = PROBE_EVERY
             return
         times.append(seconds)
         if len(times) < WINDOW // 2:
@@ -87,6 +100,9 @@ class ThreadChooser:
             self.current = probe_threads
             self._recent[(probe_threads, batch)].clear()
             self._recent[(probe_threads, batch)].extend(times)
+        elif self._first_probe:
+            self._since_probe = PROBE_EVERY
+        self._first_probe = False
 
 
 def machine_busy() -> bool:

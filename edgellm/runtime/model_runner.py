@@ -10,6 +10,8 @@ set, the model marks its ops in it (``edgellm.models.trace``).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -47,6 +49,9 @@ class ModelRunner:
         self.thread_chooser = thread_chooser or ThreadChooser(torch.get_num_threads())
         self.trace = trace
         self.fused_decode = fused_decode
+        # the fused blocks' thread count in the step being run (None: not a fused step); the
+        # vocabulary projection after them runs on as many (``torch_threads``)
+        self.step_threads: int | None = None
 
     @torch.inference_mode()
     def run(self, chunks: list[SeqChunk], layers: list[int] | None = None) -> torch.Tensor:
@@ -62,8 +67,10 @@ class ModelRunner:
             trace.begin_step(tokens.shape[0])
         h = model.embed(tokens, trace)
         rope = model.rope_tables(positions, trace)
+        self.step_threads = None
         h = self.run_blocks(h, rope, batch, layers)
-        logits = model.logits(h, logit_rows, trace)
+        with torch_threads(self.step_threads):
+            logits = model.logits(h, logit_rows, trace)
         if trace is not None:
             trace.end_step()
         return logits
@@ -89,11 +96,33 @@ class ModelRunner:
             self.thread_chooser = ThreadChooser(torch.get_num_threads())
         rows = h.shape[0]
         threads = self.thread_chooser.threads(rows)
+        self.step_threads = threads
         start = time.perf_counter()
         self.model.decode_blocks_fused(h, rope, batch, self.cache, threads, self.trace if layers is None else None,
                                        layers)
         if layers is None:      # the chooser learns from whole steps only
             self.thread_chooser.record(rows, threads, time.perf_counter() - start)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """PyTorch's (and so the native matmuls') thread count set to ``threads`` inside the block
+    (None: left as it is), restored after.
+
+    For the vocabulary projection after a fused decode step: when the thread chooser has moved the
+    blocks to one thread because other processes keep the cores busy, a 2-thread ``parallel_for``
+    over the 49k-row head stalls the same way (measured at a load average of ~10 on 2 vCPUs: the
+    head of SmolLM2 took 10.3 ms on 2 threads and 2.1 ms on 1 at one row, 56 and 40 ms at 16
+    rows). Each output row is computed alone, so the logits are the same bits on any count."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def sequence_slots(cache, kv, length: int):
