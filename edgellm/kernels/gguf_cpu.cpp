@@ -217,29 +217,36 @@ inline void tile_dot(const uint8_t* row, const float* X, const float* xsum, floa
   }
 }
 
-// One activation row against NR adjacent weight rows (rows row_bytes apart, results to O[0..NR)):
-// the decode case. The same operations per pair as tile_dot with MT = 1, so the same bits; NR
-// independent chains whose loads of x are shared. Measured on this source's Q4_1 loop alone (one
-// thread, 66 MB of weights, decode-sized rows): 2.15-2.19 ns a block against 2.63-2.68 for one
-// row at a time (and 2.51-2.54 for one row with the paired d, m loads alone).
-template <int FMT, bool ACC, int NR>
-inline void rows_dot(const uint8_t* row, int64_t row_bytes, const float* x, const float* xsum, float* O, int64_t K) {
+// MT activation rows against NR adjacent weight rows (rows row_bytes apart; results to
+// O[i * N + r]): decode at batch 1 and 2. The same operations per pair as tile_dot, so the same
+// bits; NR x MT independent chains, the loads of x shared by the NR weight rows. Measured on
+// this source's Q4_1 loop alone (one thread, 66 MB of weights, K = 576, one activation row):
+// 2.15-2.19 ns a block with NR = 4 against 2.63-2.68 for one weight row at a time before this
+// round (2.51-2.54 with the paired d, m loads alone).
+template <int FMT, bool ACC, int NR, int MT>
+inline void rows_dot(const uint8_t* row, int64_t row_bytes, const float* X, const float* xsum, float* O, int64_t K,
+                     int64_t N) {
   const int64_t nb = K / 32;
   const int bb = block_bytes(FMT);
-  __m256 acc[NR];
-  __m128 off[NR];
-  for (int r = 0; r < NR; r++) { acc[r] = _mm256_setzero_ps(); off[r] = _mm_setzero_ps(); }
+  __m256 acc[NR][MT];
+  __m128 off[NR][MT];
+  for (int r = 0; r < NR; r++)
+    for (int i = 0; i < MT; i++) { acc[r][i] = _mm256_setzero_ps(); off[r][i] = _mm_setzero_ps(); }
   Block blk;
   for (int64_t b = 0; b < nb; b++)
     for (int r = 0; r < NR; r++) {
       load_block<FMT>(row + r * row_bytes + b * bb, blk);
-      pair_block<FMT>(blk, _mm256_broadcastss_ps(blk.dm), x + b * 32, acc[r]);
-      if (has_offset(FMT)) pair_offset(blk, xsum[b], off[r]);
+      const __m256 d = _mm256_broadcastss_ps(blk.dm);
+      for (int i = 0; i < MT; i++) {
+        pair_block<FMT>(blk, d, X + i * K + b * 32, acc[r][i]);
+        if (has_offset(FMT)) pair_offset(blk, xsum[i * nb + b], off[r][i]);
+      }
     }
-  for (int r = 0; r < NR; r++) {
-    const float v = hsum(acc[r]) + offset_of(off[r]);
-    if (ACC) O[r] += v; else O[r] = v;
-  }
+  for (int r = 0; r < NR; r++)
+    for (int i = 0; i < MT; i++) {
+      const float v = hsum(acc[r][i]) + offset_of(off[r][i]);
+      if (ACC) O[i * N + r] += v; else O[i * N + r] = v;
+    }
 }
 
 constexpr int64_t PREFETCH_ROWS = 4;
@@ -366,23 +373,24 @@ void matmul_many(const float* X, const float* xsum, const uint8_t* W, float* O, 
   }
 }
 
-// One activation row (decode at batch 1): ONE_ROW_GROUP weight rows at a time (rows_dot), the
-// group PREFETCH_ROWS rows ahead asked for while this one computes, as in matmul_range.
-constexpr int ONE_ROW_GROUP = 4;
-template <int FMT, bool ACC>
-void matmul_one(const float* x, const float* xsum, const uint8_t* W, float* O, int64_t K, int64_t n0, int64_t n1) {
+// One or two activation rows (decode of that many sequences): groups of NR weight rows at a time
+// (rows_dot; NR = 4 for one row, 2 for two). At three rows two weight rows at a time measured the
+// same as tile_dot (0.99-1.03x), and more chains would not fit the 16 vector registers. The next
+// group is asked for while this one computes, as in matmul_range.
+template <int FMT, bool ACC, int NR, int MT>
+void matmul_few(const float* X, const float* xsum, const uint8_t* W, float* O, int64_t N, int64_t K, int64_t n0,
+                int64_t n1) {
   const int64_t row_bytes = K / 32 * block_bytes(FMT);
-  for (int64_t n = n0; n < n1; n += ONE_ROW_GROUP) {
+  for (int64_t n = n0; n < n1; n += NR) {
     const uint8_t* row = W + n * row_bytes;
-    const int64_t nr = std::min<int64_t>(ONE_ROW_GROUP, n1 - n);
-    const int64_t ahead = std::min<int64_t>(ONE_ROW_GROUP, n1 - n - PREFETCH_ROWS);
+    const int64_t ahead = std::min<int64_t>(NR, n1 - n - PREFETCH_ROWS);
     for (int64_t o = 0; o < ahead * row_bytes; o += 64)
       _mm_prefetch(reinterpret_cast<const char*>(row + PREFETCH_ROWS * row_bytes + o), _MM_HINT_T0);
-    switch (nr) {
-      case 4: rows_dot<FMT, ACC, 4>(row, row_bytes, x, xsum, O + n, K); break;
-      case 3: rows_dot<FMT, ACC, 3>(row, row_bytes, x, xsum, O + n, K); break;
-      case 2: rows_dot<FMT, ACC, 2>(row, row_bytes, x, xsum, O + n, K); break;
-      default: rows_dot<FMT, ACC, 1>(row, row_bytes, x, xsum, O + n, K); break;
+    if (n + NR <= n1) {
+      rows_dot<FMT, ACC, NR, MT>(row, row_bytes, X, xsum, O + n, K, N);
+    } else {
+      for (int64_t r = n; r < n1; r++)
+        rows_dot<FMT, ACC, 1, MT>(W + r * row_bytes, row_bytes, X, xsum, O + r, K, N);
     }
   }
 }
@@ -395,7 +403,8 @@ void matmul_range(const float* X, const float* xsum, const uint8_t* W, float* O,
   constexpr int TILE = 4;  // rows of x sharing each unpacked block
   const int64_t row_bytes = nb * bb;
   if (M >= MANY_ROWS) return matmul_many<FMT, ACC>(X, xsum, W, O, M, N, K, n0, n1);
-  if (M == 1) return matmul_one<FMT, ACC>(X, xsum, W, O, K, n0, n1);
+  if (M == 1) return matmul_few<FMT, ACC, 4, 1>(X, xsum, W, O, N, K, n0, n1);
+  if (M == 2) return matmul_few<FMT, ACC, 2, 2>(X, xsum, W, O, N, K, n0, n1);
   for (int64_t n = n0; n < n1; n++) {
     const uint8_t* row = W + n * row_bytes;
     // Ask for the row PREFETCH_ROWS ahead while this one computes: a decode step streams every
