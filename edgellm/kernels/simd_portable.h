@@ -102,6 +102,13 @@ inline m128 hadd_ps128(m128 a, m128 b) {
   return m128{{a.f[0] + a.f[1], a.f[2] + a.f[3], b.f[0] + b.f[1], b.f[2] + b.f[3]}};
 }
 inline float cvtss_f32(m128 a) { return a.f[0]; }
+inline m128 setzero_ps128() { return m128{{0.0f, 0.0f, 0.0f, 0.0f}}; }
+inline m128 set1_ps128(float x) { return m128{{x, x, x, x}}; }
+inline m128 setr_ps128(float a, float b, float c, float d) { return m128{{a, b, c, d}}; }
+inline m128 mul_ps128(m128 a, m128 b) { m128 r; for (int i = 0; i < 4; i++) r.f[i] = a.f[i] * b.f[i]; return r; }
+inline m128 fmadd_ps128(m128 a, m128 b, m128 c) { m128 r; for (int i = 0; i < 4; i++) r.f[i] = a.f[i] * b.f[i] + c.f[i]; return r; }
+inline m128 movehdup_ps(m128 a) { return m128{{a.f[1], a.f[1], a.f[3], a.f[3]}}; }
+inline m256 broadcastss_ps(m128 a) { return set1_ps(a.f[0]); }
 
 // ---- integers -------------------------------------------------------------------------------
 inline m256i set1_epi8(int8_t x) { m256i r; std::memset(r.b, static_cast<uint8_t>(x), 32); return r; }
@@ -155,6 +162,8 @@ inline m128i loadl_epi64(const m128i* p) { m128i r; std::memset(r.b, 0, 16); std
 inline m128i loadu_si128(const m128i* p) { m128i r; std::memcpy(r.b, p, 16); return r; }
 inline void storeu_si128(m128i* p, m128i v) { std::memcpy(p, v.b, 16); }
 // the whole register shifted right by n bytes, zeros coming in
+inline m128i cvtsi32_si128(int32_t x) { m128i r; std::memset(r.b, 0, 16); std::memcpy(r.b, &x, 4); return r; }
+inline m128 castsi128_ps(m128i a) { m128 r; std::memcpy(r.f, a.b, 16); return r; }
 inline m128i srli_si128(m128i a, int n) { m128i r; for (int i = 0; i < 16; i++) r.b[i] = i + n < 16 ? a.b[i + n] : 0; return r; }
 inline m128i srli_epi16(m128i a, int n) {
   uint16_t v[8];
@@ -170,6 +179,13 @@ inline m256 cvtph_ps(m128i a) {
   get_lanes(a, v);
   m256 r;
   for (int i = 0; i < 8; i++) r.f[i] = c10::detail::fp16_ieee_to_fp32_value(v[i]);
+  return r;
+}
+inline m128 cvtph_ps128(m128i a) {
+  uint16_t v[8];
+  get_lanes(a, v);
+  m128 r;
+  for (int i = 0; i < 4; i++) r.f[i] = c10::detail::fp16_ieee_to_fp32_value(v[i]);
   return r;
 }
 // round to nearest even, as _MM_FROUND_TO_NEAREST_INT asks (the only mode used)
@@ -211,6 +227,16 @@ inline void prefetch(const char* p, int) { __builtin_prefetch(p); }
 #define _mm_add_ps edgellm_simd::add_ps128
 #define _mm_hadd_ps edgellm_simd::hadd_ps128
 #define _mm_cvtss_f32 edgellm_simd::cvtss_f32
+#define _mm_setzero_ps edgellm_simd::setzero_ps128
+#define _mm_set1_ps edgellm_simd::set1_ps128
+#define _mm_setr_ps edgellm_simd::setr_ps128
+#define _mm_mul_ps edgellm_simd::mul_ps128
+#define _mm_fmadd_ps edgellm_simd::fmadd_ps128
+#define _mm_movehdup_ps edgellm_simd::movehdup_ps
+#define _mm256_broadcastss_ps edgellm_simd::broadcastss_ps
+#define _mm_cvtsi32_si128 edgellm_simd::cvtsi32_si128
+#define _mm_castsi128_ps edgellm_simd::castsi128_ps
+#define _mm_cvtph_ps edgellm_simd::cvtph_ps128
 #define _mm256_set1_epi8 edgellm_simd::set1_epi8
 #define _mm256_set1_epi32 edgellm_simd::set1_epi32
 #define _mm256_set1_epi64x edgellm_simd::set1_epi64x

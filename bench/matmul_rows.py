@@ -1,0 +1,83 @@
+"""One block-quantised matmul against the number of activation rows, A/B between built kernel modules.
+
+    PYTHONPATH=. python bench/matmul_rows.py --other main=PATH.so [--rows 1,2,3,4,8] [--threads 1]
+
+For SmolLM2's matrix shapes (gate|up, down, the Q8_0 lm_head) and a few other formats, with random
+weights quantised by the ``gguf`` package, calls ``block_matmul`` of this tree's module ("new") and
+of each other module in alternating order, and prints the medians, the ratio other / new, and
+whether the two give the same bits. Kernel changes that keep the arithmetic must print "same";
+a module built from main sits in the kernel cache (``~/.cache/edgellm/kernels/*/``; its file name
+must stay as built, the module's name is taken from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, quants
+
+SHAPES = [("Q4_1", 3072, 576, "gate|up"), ("Q4_1", 576, 1536, "down"), ("Q8_0", 49152, 576, "lm_head"),
+          ("Q4_0", 1024, 576, ""), ("Q5_0", 1024, 576, "")]
+
+
+def load_module(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[path.stem] = module
+    return module
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--other", action="append", default=[], metavar="NAME=PATH", required=True,
+                   help="another built kernel module (.so) to compare with")
+    p.add_argument("--rows", default="1,2,3,4,8")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+
+    from edgellm.kernels import NATIVE_FORMATS, native
+
+    torch.set_num_threads(args.threads)
+    mods = {"new": native()}
+    for spec in args.other:
+        name, path = spec.split("=", 1)
+        mods[name] = load_module(Path(path))
+    rng = np.random.default_rng(0)
+    print(f"block_matmul, {args.threads} thread(s), medians of {args.rounds} alternating calls")
+    print(f"{'matrix':>24} {'rows':>5} {'new ms':>9}" + "".join(f"{n + ' ms':>10}{n + '/new':>9} bits" for n in mods
+                                                            if n != "new"))
+    for fmt, n, k, what in SHAPES:
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        raw = torch.from_numpy(quants.quantize(w, getattr(GGMLQuantizationType, fmt)).view(np.uint8).reshape(n, -1))
+        code = NATIVE_FORMATS[fmt]
+        for rows in (int(r) for r in args.rows.split(",")):
+            x = torch.randn(rows, k)
+            ref = mods["new"].block_matmul(x, raw, code, n)
+            same = {name: torch.equal(mod.block_matmul(x, raw, code, n), ref) for name, mod in mods.items()}
+            times = {name: [] for name in mods}
+            order = list(mods.items())
+            for r in range(args.rounds):
+                for name, mod in order if r % 2 == 0 else order[::-1]:
+                    t0 = time.perf_counter()
+                    mod.block_matmul(x, raw, code, n)
+                    times[name].append(time.perf_counter() - t0)
+            med = {name: statistics.median(t) for name, t in times.items()}
+            line = f"{f'{fmt} {n}x{k} {what}':>24} {rows:>5} {1e3 * med['new']:>9.3f}"
+            for name in mods:
+                if name != "new":
+                    line += (f"{1e3 * med[name]:>10.3f}{med[name] / med['new']:>9.2f} "
+                             f"{'same' if same[name] else 'DIFFER'}")
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
