@@ -134,7 +134,8 @@ def test_prefill_logits_are_no_worse_than_transformers_in_bf16(tmp_path, smollm2
         hf_bf16 = hf.to(torch.bfloat16)(torch.tensor([ids])).logits[0].double()
     ours_bf16 = _prefill_logits(load_model(str(path), "bfloat16").model, ids).double()
     ours_exact = _prefill_logits(load_model(str(path), "float32").model, ids).double()
-    err = {name: float((got - ref).abs().max()) for name, got in
+    # mean over 40 x 49152 logits: stable (measured: ours 0.0023, transformers bf16 0.0027, exact 1e-7)
+    err = {name: float((got - ref).abs().mean()) for name, got in
            (("ours bf16", ours_bf16), ("transformers bf16", hf_bf16), ("ours exact", ours_exact))}
     assert err["ours bf16"] < err["transformers bf16"], err
     assert err["ours exact"] < 0.1 * err["ours bf16"], err
@@ -179,9 +180,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           env=os.environ)
 
 
-def test_the_cli_flag_end_to_end(smollm2_path):
+def test_the_cli_flag_end_to_end(smollm2_path, capsys):
     """`generate --dtype bfloat16` runs and names the emulation where the CPU has no bf16
     arithmetic; the combinations that make no sense are refused before loading."""
+    from edgellm.cli.main import main
     from edgellm.quant.bf16 import cpu_multiplies_bf16
 
     args = ("generate", "--model", str(smollm2_path), "--prompt", "The capital of France is", "--max-tokens", "4",
@@ -190,10 +192,12 @@ def test_the_cli_flag_end_to_end(smollm2_path):
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout.strip().splitlines()[-1])["token_ids"]) == 4
     assert ("emulated" in proc.stderr) == (not cpu_multiplies_bf16())
-    both = _cli(*args, "--dtype", "bfloat16", "--activations", "int8")
-    assert both.returncode == 2 and "two different fast modes" in both.stderr and "Traceback" not in both.stderr
-    weights = _cli(*args, "--dtype", "bfloat16", "--weights", "int8")
-    assert weights.returncode == 2 and "--weights bfloat16 without --dtype" in weights.stderr
+    assert main([*args, "--dtype", "bfloat16", "--activations", "int8"]) == 2       # in process: no load needed
+    assert "two different fast modes" in capsys.readouterr().err
+    assert main([*args, "--dtype", "bfloat16", "--weights", "int8"]) == 2
+    assert "--weights bfloat16 without --dtype" in capsys.readouterr().err
+    assert main(["eval", "perplexity", "--dtype", "bfloat16", "--activations", "int8"]) == 2
+    assert "two different fast modes" in capsys.readouterr().err
 
 
 def test_bench_measures_bf16_as_a_peer():
