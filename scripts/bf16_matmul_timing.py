@@ -1,7 +1,8 @@
-"""Time one Q4_1 matmul of prefill size three ways, interleaved, medians: the exact path (dequantise
-to float32 + sgemm), --dtype bfloat16 as this CPU runs it (edgellm.quant.bf16: oneDNN's bf16 GEMM
-where the CPU has AVX512_BF16/AMX, else float32 emulation), and both bf16 ways forced. For the
-figures of docs/fast-modes.md. Usage: python scripts/bf16_matmul_timing.py [rows] [threads]"""
+"""Time one Q4_1 matmul of prefill size, interleaved, medians: the exact path (dequantise to float32
++ sgemm), --dtype bfloat16 as this CPU runs it (edgellm.quant.bf16: oneDNN's bf16 GEMM where the
+CPU has AVX512_BF16/AMX, else float32 emulation), and both bf16 ways forced; then the whole prefill
+of a ``rows``-token prompt of the default model, exact and bf16 taking turns. For the figures of
+docs/fast-modes.md. Usage: python scripts/bf16_matmul_timing.py [rows] [threads]"""
 
 import statistics
 import sys
@@ -40,12 +41,32 @@ def time_matrix(n: int, k: int, rows: int, label: str) -> None:
         print(f"  {name:36s} {s * 1e3:8.2f} ms  {2 * rows * n * k / s / 1e9:6.1f} GFLOP/s")
 
 
+def time_prefill(rows: int, threads: int, rounds: int = 9) -> None:
+    from edgellm.llm import LLM
+    from edgellm.quality import read_corpus
+    from edgellm.sampling import SamplingParams
+
+    models = {"exact": LLM(None, threads=threads), "--dtype bfloat16": LLM(None, dtype="bfloat16", threads=threads)}
+    ids = models["exact"].tokenizer.encode(read_corpus())[:rows]
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    times = {name: [] for name in models}
+    for llm in models.values():
+        llm.generate(ids, params)
+    for _ in range(rounds):
+        for name, llm in models.items():
+            times[name].append(llm.generate(ids, params).prefill_s)
+    print(f"prefill of {rows} tokens, default model, medians of {rounds} interleaved:")
+    for name, v in times.items():
+        print(f"  {name:18s} {statistics.median(v) * 1e3:8.1f} ms  {rows / statistics.median(v):7.1f} tok/s")
+
+
 def main() -> None:
     rows = int(sys.argv[1]) if len(sys.argv) > 1 else 512
     torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
     print(f"CPU multiplies bf16 natively: {cpu_multiplies_bf16()}; {rows} rows, {torch.get_num_threads()} threads")
     for n, k, label in ((3072, 576, "gate|up"), (576, 1536, "down")):     # SmolLM2's MLP matrices
         time_matrix(n, k, rows, label)
+    time_prefill(rows, torch.get_num_threads())
 
 
 if __name__ == "__main__":
