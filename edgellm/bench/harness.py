@@ -41,10 +41,13 @@ PEERS = {
     "llama.cpp": ("llama_cpp", "pip install llama-cpp-python  (compiles llama.cpp: takes minutes)"),
     # ours again with int8 activations (--activations int8), the exact path's opt-in fast mode
     "ours-int8": ("edgellm", "nothing to install: it is edgellm"),
+    # ours again with bf16 prefill (--dtype bfloat16), the other opt-in fast mode
+    "ours-bf16": ("edgellm", "nothing to install: it is edgellm"),
 }
 PEER_ALIASES = {"transformers": "transformers", "hf": "transformers", "huggingface": "transformers",
                 "llama.cpp": "llama.cpp", "llamacpp": "llama.cpp", "llama_cpp": "llama.cpp",
-                "llama-cpp": "llama.cpp", "llama-cpp-python": "llama.cpp", "ours-int8": "ours-int8", "int8": "ours-int8"}
+                "llama-cpp": "llama.cpp", "llama-cpp-python": "llama.cpp", "ours-int8": "ours-int8", "int8": "ours-int8",
+                "ours-bf16": "ours-bf16", "bf16": "ours-bf16"}
 # Figures of one generation that get medians (and ratios: tok/s higher is better, the rest lower).
 METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb", "run_peak_rss_mb", "prefill_s", "decode_s", "rss_mb", "cpu_share", "others_cores")
 HIGHER_IS_BETTER = ("prefill_tok_s", "decode_tok_s")

@@ -227,6 +227,18 @@ class OursInt8Engine(OursEngine):
         super().__init__(args)
 
 
+class OursBf16Engine(OursEngine):
+    """``--peers ours-bf16``: our engine again, with bf16 prefill (``--dtype bfloat16``), on the model
+    file the harness resolved; measured in the same rounds as the exact path and the peers."""
+
+    name = "ours-bf16"
+
+    def __init__(self, args):
+        args.model = args.model or args.model_path
+        args.dtype = "bfloat16"
+        super().__init__(args)
+
+
 class OursSpeculativeEngine:
     """``edgellm bench --speculative``: one loaded model, two LLMs over it -- one with speculative
     decoding, one without -- answering ``{"cmd": "run", "variant": "spec" | "plain"}`` on the same
@@ -578,7 +590,7 @@ class MemoryBandwidthEngine:
         return {"event": "result", "bandwidth_gb_s": 2 * MEMBW_BYTES / t / 1e9, "copy_s": times}
 
 
-ENGINES = {e.name: e for e in (OursEngine, OursInt8Engine, OursSpeculativeEngine, TransformersEngine, LlamaCppEngine,
+ENGINES = {e.name: e for e in (OursEngine, OursInt8Engine, OursBf16Engine, OursSpeculativeEngine, TransformersEngine, LlamaCppEngine,
                                 MemoryBandwidthEngine)}
 
 

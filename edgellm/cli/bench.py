@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_activations_argument(p)
     p.add_argument("--peers", default="",
                    help="comma-separated peer engines measured in the same run: transformers, llama.cpp, "
-                        "ours-int8 (ours with --activations int8)")
+                        "ours-int8 (ours with --activations int8), ours-bf16 (ours with --dtype bfloat16)")
     p.add_argument("--profile-decode", nargs="?", type=int, const=-1, default=None, metavar="STEPS",
                    help="also time STEPS decode steps of our engine (default: --gen-tokens) and report the share "
                         "of matrix-multiply kernels, attention and the rest")

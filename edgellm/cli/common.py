@@ -11,7 +11,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: smollm2-135m; see `edgellm generate --list-models`)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute precision: auto keeps GGUF Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K weights quantised and computes "
-                        "in float32; bfloat16 holds every matrix as bf16 (default: auto)")
+                        "in float32 (exact); bfloat16 (opt-in, approximate) multiplies prefill in bf16 and keeps "
+                        "decode on the exact block kernels, and holds other matrices (HF folders) as bf16; fast only "
+                        "where the CPU has AVX512_BF16 or AMX, elsewhere emulated at float32 speed (README, "
+                        "'Fast modes') (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     add_activations_argument(p)
 
@@ -63,6 +66,7 @@ def check_precision(args: argparse.Namespace):
     from edgellm.errors import InvalidParameterError
 
     kv_storage_dtype(kv_dtype_name(args.kv_dtype))   # unknown name, or fp8 on a torch without float8
+    check_fast_mode(args)
     if args.keep and not args.weights:
         raise InvalidParameterError("--keep needs --weights", "add --weights FORMAT (e.g. --weights int4)")
     if args.weights:
@@ -72,6 +76,22 @@ def check_precision(args: argparse.Namespace):
         prepare(cfg, args.weights, args.keep)
         return cfg
     return None
+
+
+def check_fast_mode(args: argparse.Namespace) -> None:
+    """Refuse --dtype bfloat16 beside a setting that would decide the arithmetic instead (before loading)."""
+    from edgellm.errors import InvalidParameterError
+
+    if getattr(args, "dtype", "auto") != "bfloat16":
+        return
+    if getattr(args, "activations", "fp32") == "int8":
+        raise InvalidParameterError("--dtype bfloat16 and --activations int8 are two different fast modes; they "
+                                    "cannot be combined", "choose one: drop --dtype bfloat16 or --activations int8")
+    if getattr(args, "weights", None):
+        raise InvalidParameterError(
+            f"--dtype bfloat16 cannot be combined with --weights {args.weights}: --weights converts the matrices "
+            "to a storage format, whose own kernels then decide the arithmetic",
+            "for matrices stored as bf16 use --weights bfloat16 without --dtype; else drop one of the two")
 
 
 def add_speculative_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,9 +1,10 @@
 """`edgellm eval`: what a precision format costs in quality (and, with `report`, in speed).
 
-    edgellm eval perplexity --model M [--weights F] [--keep L] [--kv-dtype D] [--activations int8]
+    edgellm eval perplexity --model M [--weights F] [--keep L] [--kv-dtype D] [--activations int8 | --dtype bfloat16]
                             [--corpus FILE] [--context 512] [--stride N] [--max-tokens N] [--json]
     edgellm eval agreement  --model M --weights F [--kv-dtype D] [--prompts FILE] [--tokens 32] [--json]
     edgellm eval agreement  --model M --activations int8 ...   (against the same weights, exact activations)
+    edgellm eval agreement  --model M --dtype bfloat16 ...     (against the same weights, computed exactly)
     edgellm eval report     [--weights F1,F2,...] [--kv-dtypes D1,...] [--out-md FILE] ...
 
 ``report`` runs each configuration in a fresh process (so resident memory is its own) and prints
@@ -38,6 +39,9 @@ def _common(p: argparse.ArgumentParser, weights_required: bool = False) -> None:
                    help="with --weights: matrices left at 16 bits (token_embd, lm_head, blk.0, 'blk.*.ffn_down', "
                         "comma-separated, repeatable)")
     p.add_argument("--kv-dtype", default="fp32", help="KV cache precision: fp32, fp16, bf16, fp8, int8 (default fp32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute precision, as for generate: bfloat16 is the opt-in bf16 prefill of GGUF block weights "
+                        "(agreement then compares with the same weights computed exactly; default auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_activations_argument(p)   # agreement with int8: against the same weights with exact activations
@@ -102,7 +106,7 @@ def _finish_load(args):
     from edgellm.util import set_threads
 
     set_threads(args.threads)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, args.dtype)
     if args.weights:
         from edgellm.loading.convert import convert_weights
         loaded = convert_weights(loaded, args.weights, args.keep, progress=not args.json)
@@ -137,7 +141,7 @@ def _run_perplexity(args) -> int:
     out = {"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "windows": r.windows,
            "context": r.context, "stride": r.stride, "seconds": r.seconds, "tokens_per_s": r.tokens_per_s,
            "weights": args.weights or loaded.dtype, "keep": args.keep, "kv_dtype": kv, "activations": args.activations,
-           "model": loaded.source.name, "corpus": str(args.corpus or "/usr/share/common-licenses/GPL-3"),
+           "dtype": args.dtype, "model": loaded.source.name, "corpus": str(args.corpus or "/usr/share/common-licenses/GPL-3"),
            "corpus_tokens": corpus_tokens, "weight_bytes": loaded.weight_bytes}
     if args.json:
         print(json.dumps(out))
@@ -176,9 +180,10 @@ def _run_agreement(args) -> int:
     ids = [loaded.tokenizer.encode(p) for p in prompts]
     from edgellm.loading.convert import convert_weights
     from edgellm.loading.load import load_model
-    # the reference: float32 weights; for a fast mode (--activations int8), its own weights run exactly
-    reference_model = load_model(args.model) if args.activations != "fp32" and not args.weights else \
-        convert_weights(load_model(args.model), "float32")
+    # the reference: float32 weights; for a fast mode (--activations int8, --dtype bfloat16), its own
+    # weights run exactly
+    fast_mode = (args.activations != "fp32" or args.dtype == "bfloat16") and not args.weights
+    reference_model = load_model(args.model) if fast_mode else convert_weights(load_model(args.model), "float32")
     refs = greedy_continuations(reference_model, ids, args.tokens)
     del reference_model
     r = agreement(loaded, ids, refs, kv)
@@ -186,8 +191,8 @@ def _run_agreement(args) -> int:
     r["first_divergence"] = [next((i for i, (a, b) in enumerate(zip(c, ref)) if a != b), len(ref))
                              for c, ref in zip(r.pop("continuations"), refs)]
     out = {**r, "weights": args.weights or loaded.dtype, "keep": args.keep, "kv_dtype": kv,
-           "activations": args.activations, "reference": "exact activations" if args.activations != "fp32" and
-           not args.weights else "float32 weights", "model": loaded.source.name}
+           "activations": args.activations, "dtype": args.dtype,
+           "reference": "the same weights, exact" if fast_mode else "float32 weights", "model": loaded.source.name}
     if args.json:
         print(json.dumps(out))
     else:

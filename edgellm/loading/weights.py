@@ -2,8 +2,11 @@
 
 ``dtype="float32"`` (the default) keeps GGUF matrices of a type the native kernels read
 (:data:`edgellm.kernels.NATIVE_FORMATS`: Q4_0, Q4_1, Q5_0, Q8_0 as they are; Q4_K and Q6_K repacked
-exactly as Q4_KR / Q6_KR) as their raw blocks, and dequantises other block types to float32;
-``"bfloat16"`` holds every matrix as bf16. Norm weights and biases are always float32.
+exactly as Q4_KR / Q6_KR) as their raw blocks, and dequantises other block types to float32.
+``"bfloat16"`` (the opt-in fast mode) keeps the same blocks, marked to multiply prefill in bf16
+(:mod:`edgellm.quant.bf16`; decode stays on the exact block kernels), and holds every other matrix
+(other block types, float tensors, an HF folder's, all of them without the native kernels) as a
+bf16 matrix, which computes in bf16. Norm weights and biases are always float32.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from edgellm.models.llama import BlockWeights, ModelWeights
 from edgellm.models.moe import ExpertWeights, MoEBlockWeights
 from edgellm.quant import gguf_blocks, repack
 from edgellm.quant.base import CONVERT_ROWS, Weight, concat_rows
+from edgellm.quant.bf16 import warn_if_emulated
 from edgellm.quant.dense import DenseWeight
 from edgellm.quant.gguf_weights import GGUFBlockWeight
 
@@ -47,7 +51,8 @@ class GGUFSource:
 
     def __init__(self, gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, use_native: bool):
         self.gf, self.cfg, self.dtype = gf, cfg, dtype
-        self.native = use_native and dtype == torch.float32 and native() is not None
+        self.native = use_native and dtype in (torch.float32, torch.bfloat16) and native() is not None
+        self.bf16_prefill = dtype == torch.bfloat16   # native blocks: bf16 prefill, exact decode
         self.unpermute = cfg.architecture in ("llama", "mistral")
 
     def has(self, name: str) -> bool:
@@ -132,16 +137,22 @@ class GGUFSource:
             raw = torch.from_numpy(stored).view(expect[0], -1)
             if order is not None:
                 raw = raw.index_select(0, order)
-            return GGUFBlockWeight(raw, t.ggml_type, expect[1])
+            return self._blocks(raw, t.ggml_type, expect[1])
         if self.native and t.ggml_type in repack.REPACKED:   # K-quants: per-32 constants multiplied out, exactly
             raw = repack.repack(torch.from_numpy(t.mapped_bytes()), t.ggml_type, *expect)
             if order is not None:
                 raw = raw.index_select(0, order)
-            return GGUFBlockWeight(raw, repack.REPACKED[t.ggml_type], expect[1])
+            return self._blocks(raw, repack.REPACKED[t.ggml_type], expect[1])
         dense = t.dequantize().reshape(expect)
         if order is not None:
             dense = dense.index_select(0, order)
         return DenseWeight(dense.to(self.dtype))
+
+
+    def _blocks(self, raw: torch.Tensor, ggml_type: str, n_cols: int) -> GGUFBlockWeight:
+        w = GGUFBlockWeight(raw, ggml_type, n_cols)
+        w.bf16_prefill = self.bf16_prefill
+        return w
 
 
 def _q5_0_as_q8_0(data, n_rows: int, n_cols: int) -> torch.Tensor:
@@ -317,11 +328,17 @@ def _fused(parts: list[Weight]) -> Weight:
     if fused is None and {p.format for p in parts} == {"Q5_0", "Q8_0"}:
         # Q4_K_M files mix them within q/k/v (attn_v is Q8_0 in half the layers): Q5_0 rows are
         # exactly Q8_0 rows, so the fused matrix stays in one native format
-        fused = concat_rows([GGUFBlockWeight(_q5_0_as_q8_0(p.raw.numpy(), *p.shape), "Q8_0", p.shape[1])
-                             if p.format == "Q5_0" else p for p in parts])
+        fused = concat_rows([_as_q8_0(p) if p.format == "Q5_0" else p for p in parts])
     if fused is None:  # other mixed formats: fall back to dense float32 so one call still does all
         fused = DenseWeight(torch.cat([p.dequantize() for p in parts]))
     return fused
+
+
+def _as_q8_0(w: GGUFBlockWeight) -> GGUFBlockWeight:
+    """A Q5_0 matrix as the same values in Q8_0 blocks (its prefill precision kept)."""
+    out = GGUFBlockWeight(_q5_0_as_q8_0(w.raw.numpy(), *w.shape), "Q8_0", w.shape[1])
+    out.bf16_prefill = w.bf16_prefill
+    return out
 
 
 def _build(src, cfg: ModelConfig, label: str, layers: range | None = None, ends: bool = True) -> ModelWeights:
@@ -389,7 +406,10 @@ def load_gguf_weights(gf: GGUFFile, cfg: ModelConfig, dtype: str = "float32", us
                       layers: range | None = None, ends: bool = True) -> ModelWeights:
     """``use_native=False`` dequantises every matrix (the path taken where the kernels can't build);
     ``layers``/``ends``: a part of the model (see ``_build``)."""
-    return _build(GGUFSource(gf, cfg, compute_dtype(dtype), use_native), cfg, gf.path.name, layers, ends)
+    src = GGUFSource(gf, cfg, compute_dtype(dtype), use_native)
+    if src.native and src.bf16_prefill:
+        warn_if_emulated()
+    return _build(src, cfg, gf.path.name, layers, ends)
 
 
 def load_hf_weights(folder: Path, cfg: ModelConfig, dtype: str = "float32", layers: range | None = None,

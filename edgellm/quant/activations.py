@@ -70,6 +70,10 @@ def set_activations(model, mode: str) -> None:
             f"{type(model).__name__} is not one", "drop --activations")
     for i, block in enumerate(blocks):
         for w in block.matrices():
+            if getattr(w, "bf16_prefill", False):   # two fast modes for one matmul: which ran would be unclear
+                raise InvalidParameterError("--activations int8 and --dtype bfloat16 are two different fast modes; "
+                                            "they cannot be combined",
+                                            "choose one: drop --dtype bfloat16 or --activations int8")
             if not hasattr(w, "int8_activations"):
                 raise InvalidParameterError(
                     f"--activations int8 needs every block matrix in GGUF blocks that the native kernels read "

@@ -19,6 +19,7 @@ from edgellm.quant.base import (
     slab_matmul,
     slab_rows,
 )
+from edgellm.quant.bf16 import bf16_slab_matmul
 from edgellm.quant.registry import register
 
 
@@ -29,9 +30,12 @@ class GGUFBlockWeight(Weight):
     permuted, sliced and concatenated (fusing q/k/v) without touching the bits.
     ``int8_activations`` (set by :func:`edgellm.quant.activations.set_activations`): multiply
     activations rounded to int8 blocks, with integer dot products in decode.
+    ``bf16_prefill`` (set by the loader for ``--dtype bfloat16``): prefill (more than
+    NATIVE_BLOCK_MAX_ROWS rows) multiplies in bf16 (edgellm.quant.bf16); decode stays exact.
     """
 
     int8_activations = False
+    bf16_prefill = False
 
     def __init__(self, raw: torch.Tensor, ggml_type: str, n_cols: int):
         if ggml_type not in NATIVE_FORMATS:
@@ -47,7 +51,7 @@ class GGUFBlockWeight(Weight):
         self._step = slab_rows(n_cols, 4, align=1, budget=BLOCK_SLAB_BYTES, minimum=BLOCK_SLAB_MIN_ROWS)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        n, k = self.shape
+        n = self.shape[0]
         x = x.float()
         if self.int8_activations:
             if x.shape[0] <= NATIVE_BLOCK_MAX_ROWS:
@@ -55,7 +59,13 @@ class GGUFBlockWeight(Weight):
             x = dequantized_q8(x)    # prefill: the same rounding, then the BLAS
         elif x.shape[0] <= NATIVE_BLOCK_MAX_ROWS:
             return self._ext.block_matmul(x, self.raw, self.code, n)
-        return slab_matmul(x, n, self._step, lambda r0, r1: self._ext.block_dequant(self.raw, self.code, n, k, r0, r1))
+        elif self.bf16_prefill:
+            return bf16_slab_matmul(x, n, self._step, self._dequant_slab)
+        return slab_matmul(x, n, self._step, self._dequant_slab)
+
+    def _dequant_slab(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0..r1 as float32."""
+        return self._ext.block_dequant(self.raw, self.code, self.shape[0], self.shape[1], r0, r1)
 
     def matmul_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= NATIVE_BLOCK_MAX_ROWS and x.dtype == torch.float32 and not self.int8_activations:
@@ -82,7 +92,9 @@ class GGUFBlockWeight(Weight):
         first = weights[0]
         if any(w.ggml_type != first.ggml_type for w in weights):
             return None
-        return GGUFBlockWeight(torch.cat([w.raw for w in weights]), first.ggml_type, first.shape[1])
+        fused = GGUFBlockWeight(torch.cat([w.raw for w in weights]), first.ggml_type, first.shape[1])
+        fused.bf16_prefill = first.bf16_prefill
+        return fused
 
 
 class GGUFSlabWeight(QuantizedWeight):

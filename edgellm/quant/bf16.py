@@ -1,0 +1,54 @@
+"""bf16 products for prefill (``--dtype bfloat16`` on GGUF block weights): the opt-in fast mode.
+
+A prefill matmul of the mode rounds its activations and its dequantised weight slab to bfloat16,
+multiplies them with float32 accumulation, and rounds the product to bfloat16 -- what a bf16 GEMM
+(oneDNN through ``F.linear`` on bf16 tensors) computes. Where the CPU multiplies bf16 natively
+(AVX512_BF16 or AMX, :func:`cpu_multiplies_bf16`) that GEMM runs; elsewhere its bf16 path is
+emulated by PyTorch and ~3x slower than the float32 sgemm (measured on this project's AVX2 EPYC:
+docs/fast-modes.md), so the same numbers are made by rounding both operands to bf16 and
+multiplying them as float32 (the product of two bf16 values is exact in float32, and the
+accumulation is float32 either way). The two differ only in summation order: same quality,
+float32 speed.
+
+Decode (at most ``NATIVE_BLOCK_MAX_ROWS`` rows) is left to the native block kernels: one row
+reads each weight once, so it is bound by the bytes of the quantised blocks, which bf16 does not
+shrink. Norms, attention and the KV cache stay float32 (``--kv-dtype`` sets the cache).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+
+from edgellm.quant.base import prefill_dtype, slab_matmul
+
+
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU reports AVX512_BF16 or AMX-BF16 (/proc/cpuinfo), where oneDNN's bf16 GEMM
+    runs at up to twice the float32 rate (AMX: far more)."""
+    return prefill_dtype() == torch.bfloat16
+
+
+def round_bf16(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to the nearest bfloat16 (ties to even), returned as float32."""
+    return t.to(torch.bfloat16).float()
+
+
+def bf16_slab_matmul(x: torch.Tensor, n: int, step: int, slab: Callable[[int, int], torch.Tensor],
+                     native_bf16: bool | None = None) -> torch.Tensor:
+    """``x @ W.T`` with bf16 operands and a bf16-rounded product, as float32 [M, n]; ``W``'s rows
+    r0..r1 come as float32 from ``slab(r0, r1)``, ``step`` rows at a time. ``native_bf16``: run
+    the bf16 GEMM (True) or its float32 emulation (False); default: what this CPU is fast at."""
+    if cpu_multiplies_bf16() if native_bf16 is None else native_bf16:
+        return slab_matmul(x.to(torch.bfloat16), n, step, lambda r0, r1: slab(r0, r1).to(torch.bfloat16))
+    y = slab_matmul(round_bf16(x), n, step, lambda r0, r1: round_bf16(slab(r0, r1)))
+    return round_bf16(y)
+
+
+def warn_if_emulated() -> None:
+    """One notice where the mode cannot be faster than float32 (no bf16 arithmetic in the CPU)."""
+    if not cpu_multiplies_bf16():
+        warnings.warn("--dtype bfloat16: this CPU has no AVX512_BF16 or AMX, so its bf16 products are emulated "
+                      "with float32 arithmetic (same results, no faster than the exact default)", stacklevel=3)

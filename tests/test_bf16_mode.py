@@ -1,0 +1,209 @@
+"""``--dtype bfloat16`` on GGUF block weights: bf16 prefill, exact decode (edgellm/quant/bf16.py).
+
+References written here: the weights dequantised by the gguf package, both operands rounded to
+bf16 by bit arithmetic (nearest, ties to even), the product in float64, then rounded to bf16. A
+bf16 GEMM with float32 accumulation lands within a bound worked out from that (below). At the
+model level the reference is Hugging Face transformers running the same GGUF file in
+``torch.bfloat16`` (everything in bf16): our mode, which keeps norms, attention and the residual
+stream in float32, must be no further from transformers' float32 logits than that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from edgellm.errors import InvalidParameterError
+from edgellm.kernels import NATIVE_FORMATS, native
+
+ext = native()
+pytestmark = pytest.mark.skipif(ext is None, reason="native kernels unavailable on this machine")
+
+U32 = 2.0 ** -24    # float32 unit roundoff
+U16 = 2.0 ** -8     # bfloat16 unit roundoff (8 bits of significand)
+
+
+def np_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 rounded to the nearest bfloat16 (ties to even), as float32: the top 16 bits after
+    adding half of the dropped part (plus one where the kept part is odd)."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.astype(np.uint32).view(np.float32)
+
+
+def raw_matrix(fmt: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Raw blocks of a random [n, k] matrix and the gguf package's dequantisation (float32)."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 2.0, (n, 1))).astype(np.float32)
+    raw = np.ascontiguousarray(quants.quantize(w, GGMLQuantizationType[fmt])).view(np.uint8).reshape(n, -1)
+    return torch.from_numpy(raw), quants.dequantize(raw, GGMLQuantizationType[fmt]).reshape(n, k)
+
+
+def reference(x: torch.Tensor, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the exact product of the bf16-rounded operands, float64; the bound on a bf16 GEMM's distance
+    from it). The GEMM's float32 sum of K exact products is off by at most gamma_K * S (S: the sum
+    of |products|, gamma_K = K u / (1 - K u)); rounding that sum a to bf16 moves it by at most
+    u16 |a| <= u16 (|ref| + gamma_K S)."""
+    xb = np_bf16(x.numpy()).astype(np.float64)
+    wb = np_bf16(w).astype(np.float64)
+    ref = xb @ wb.T
+    k = x.shape[1]
+    gamma = k * U32 / (1 - k * U32)
+    s = np.abs(xb) @ np.abs(wb).T
+    return ref, U16 * np.abs(ref) + (1 + U16) * gamma * s
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "Q5_0"])
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16-gemm", "emulated"])
+def test_prefill_matmul_is_a_bf16_gemm_of_the_weights(fmt, native_bf16):
+    """Both ways (oneDNN's bf16 GEMM, which this CPU may only emulate, and our float32 emulation)
+    give the bf16 product within the worked bound; the exact float32 path does not (the test can
+    tell them apart)."""
+    from edgellm.quant.bf16 import bf16_slab_matmul
+    from edgellm.quant.gguf_weights import GGUFBlockWeight
+
+    n, k, rows = 96, 256, 40
+    raw, w = raw_matrix(fmt, n, k, seed=3)
+    weight = GGUFBlockWeight(raw, fmt, k)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(5))
+    want, bound = reference(x, w)
+    # two slabs of 64 and 32 rows: the slab loop writes each part where it belongs
+    got = bf16_slab_matmul(x, n, 64, weight._dequant_slab, native_bf16=native_bf16).double().numpy()
+    assert (np.abs(got - want) <= bound).all()
+    assert (np_bf16(got.astype(np.float32)) == got).all()          # the product is rounded to bf16
+    exact = weight.matmul(x).double().numpy()
+    assert (np.abs(exact - want) > bound).mean() > 0.3
+
+
+def test_the_mode_switches_prefill_only():
+    """A bf16 block matrix multiplies more than NATIVE_BLOCK_MAX_ROWS rows in bf16 and fewer
+    (decode, a speculative verify pass) with the exact native kernel, bit for bit."""
+    from edgellm.quant.base import NATIVE_BLOCK_MAX_ROWS
+    from edgellm.quant.bf16 import bf16_slab_matmul
+    from edgellm.quant.gguf_weights import GGUFBlockWeight
+
+    n, k = 64, 128
+    raw, _ = raw_matrix("Q4_1", n, k, seed=7)
+    weight = GGUFBlockWeight(raw, "Q4_1", k)
+    weight.bf16_prefill = True
+    x = torch.randn(NATIVE_BLOCK_MAX_ROWS + 8, k, generator=torch.Generator().manual_seed(1))
+    decode = x[:NATIVE_BLOCK_MAX_ROWS]
+    assert torch.equal(weight.matmul(decode), ext.block_matmul(decode, raw, NATIVE_FORMATS["Q4_1"], n))
+    assert torch.equal(weight.matmul(x), bf16_slab_matmul(x, n, weight._step, weight._dequant_slab))
+    fused = GGUFBlockWeight.concat([weight, weight])            # fusing q/k/v keeps the mode
+    assert fused.bf16_prefill
+
+
+def _tiny(tmp_path, smollm2_path):
+    from tiny_model import write_tiny_llama
+
+    return write_tiny_llama(tmp_path / "tiny.gguf", smollm2_path, matrix_type="Q4_1", seed=2)
+
+
+def _prefill_logits(model, ids: list[int]) -> torch.Tensor:
+    """Logits at every position of one prefill pass of ``ids``."""
+    from edgellm.kv.cache import KVCache
+    from edgellm.layers.attention import AttentionBatch
+
+    n = len(ids)
+    cache = KVCache(model.cfg, -(-n // 16), 16, torch.float32)
+    batch = AttentionBatch.build([(n, n, slice(0, n))])
+    with torch.inference_mode():
+        return model(torch.tensor(ids), torch.arange(n), batch, cache, torch.arange(n))
+
+
+def test_prefill_logits_are_no_worse_than_transformers_in_bf16(tmp_path, smollm2_path):
+    """On a tiny random Q4_1 model: our bf16 prefill is closer to transformers' float32 logits
+    than transformers' own bf16 run of the same file, and further than our exact path."""
+    transformers = pytest.importorskip("transformers")
+    from edgellm.loading.load import load_model
+
+    path = _tiny(tmp_path, smollm2_path)
+    ids = list(range(100, 140))        # 40 tokens: a prefill, past the decode kernels' 16 rows
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           torch_dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ref = hf(torch.tensor([ids])).logits[0].double()
+        hf_bf16 = hf.to(torch.bfloat16)(torch.tensor([ids])).logits[0].double()
+    ours_bf16 = _prefill_logits(load_model(str(path), "bfloat16").model, ids).double()
+    ours_exact = _prefill_logits(load_model(str(path), "float32").model, ids).double()
+    # mean over 40 x 49152 logits: stable (measured: ours 0.0023, transformers bf16 0.0027, exact 1e-7)
+    err = {name: float((got - ref).abs().mean()) for name, got in
+           (("ours bf16", ours_bf16), ("transformers bf16", hf_bf16), ("ours exact", ours_exact))}
+    assert err["ours bf16"] < err["transformers bf16"], err
+    assert err["ours exact"] < 0.1 * err["ours bf16"], err
+
+
+def test_refused_combinations_and_the_fallbacks(tmp_path, smollm2_path):
+    """bf16 with int8 activations is refused (two fast modes); without the native kernels the
+    mode holds the matrices as bf16 and still runs."""
+    from edgellm.llm import LLM
+    from edgellm.sampling import SamplingParams
+
+    path = _tiny(tmp_path, smollm2_path)
+    with pytest.raises(InvalidParameterError, match="two different fast modes"):
+        LLM(str(path), dtype="bfloat16", activations="int8")
+    dense = LLM(str(path), dtype="bfloat16", use_native=False)
+    assert dense.loaded.model.weights.blocks[0].qkv.format == "bfloat16"
+    c = dense.generate(list(range(100, 130)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert len(c.token_ids) == 3
+
+
+def test_greedy_tokens_of_the_real_model(llm, smollm2_path):
+    """SmolLM2 Q4_1: the bf16 prefill changes the prompt's logits, yet (measured, not assumed) the
+    first 16 greedy tokens of this chat prompt are the exact path's; decode steps of the same
+    history are bit-identical (they run the same kernels)."""
+    from edgellm.llm import LLM
+    from edgellm.sampling import SamplingParams
+
+    bf16 = LLM(str(smollm2_path), dtype="bfloat16", threads=2)
+    assert bf16.loaded.model.weights.blocks[0].qkv.format == "Q4_1"      # the blocks, not a bf16 copy
+    assert bf16.loaded.weight_bytes == llm.loaded.weight_bytes
+    ids = llm.encode_prompt("Write a haiku about the sea.", chat=True)
+    assert len(ids) > 16
+    exact_logits = _prefill_logits(llm.loaded.model, ids)
+    bf16_logits = _prefill_logits(bf16.loaded.model, ids)
+    assert not torch.equal(exact_logits, bf16_logits)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    assert bf16.generate(ids, params).token_ids == llm.generate(ids, params).token_ids
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgellm", *args], capture_output=True, text=True, timeout=600,
+                          env=os.environ)
+
+
+def test_the_cli_flag_end_to_end(smollm2_path, capsys):
+    """`generate --dtype bfloat16` runs and names the emulation where the CPU has no bf16
+    arithmetic; the combinations that make no sense are refused before loading."""
+    from edgellm.cli.main import main
+    from edgellm.quant.bf16 import cpu_multiplies_bf16
+
+    args = ("generate", "--model", str(smollm2_path), "--prompt", "The capital of France is", "--max-tokens", "4",
+            "--threads", "1", "--json")
+    proc = _cli(*args, "--dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout.strip().splitlines()[-1])["token_ids"]) == 4
+    assert ("emulated" in proc.stderr) == (not cpu_multiplies_bf16())
+    assert main([*args, "--dtype", "bfloat16", "--activations", "int8"]) == 2       # in process: no load needed
+    assert "two different fast modes" in capsys.readouterr().err
+    assert main([*args, "--dtype", "bfloat16", "--weights", "int8"]) == 2
+    assert "--weights bfloat16 without --dtype" in capsys.readouterr().err
+    assert main(["eval", "perplexity", "--dtype", "bfloat16", "--activations", "int8"]) == 2
+    assert "two different fast modes" in capsys.readouterr().err
+
+
+def test_bench_measures_bf16_as_a_peer():
+    from edgellm.bench import harness
+    from edgellm.bench.worker import ENGINES
+
+    assert harness.parse_peers("ours-bf16, ours-int8") == ["ours-bf16", "ours-int8"]
+    assert harness.parse_peers("bf16") == ["ours-bf16"]
+    assert "ours-bf16" in ENGINES
