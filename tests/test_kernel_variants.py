@@ -93,18 +93,22 @@ def test_variant_on_the_default_models_real_weights(variant, smollm2_path):
 
 @pytest.mark.parametrize("variant", [v for v in kbuild.PREFERENCE if v != "avx2"])
 def test_variant_against_avx2_bits(variant):
-    """AVX-512 runs AVX2's intrinsics with more registers: the same bits. The portable build rounds
-    unfused multiply-adds differently: within float32 rounding of AVX2's results."""
+    """AVX-512 runs AVX2's lane operations, two activation rows a 16-float vector past a few rows
+    (tile_pairs): the same bits at every row count, odd and even, with one slice of the row or
+    several. The portable build rounds unfused multiply-adds differently: within float32 rounding
+    of AVX2's results."""
     ext, avx2 = _module(variant), _module("avx2")
     for fmt in ALL_FORMATS:
-        n, k = 40, 768
-        raw, _ = _random(fmt, n, k, seed=11)
-        x = torch.randn(6, k, generator=torch.Generator().manual_seed(6))
-        got, want = ext.block_matmul(x, raw, NATIVE_FORMATS[fmt], n), avx2.block_matmul(x, raw, NATIVE_FORMATS[fmt], n)
-        if variant == "avx512":
-            assert torch.equal(got, want), fmt
-        else:
-            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), fmt
+        for n, k in ((40, 768), (24, 1536)):
+            raw, _ = _random(fmt, n, k, seed=11)
+            for rows in (1, 2, 5, 6, 9, 16, 17, 33):
+                x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+                code = NATIVE_FORMATS[fmt]
+                got, want = ext.block_matmul(x, raw, code, n), avx2.block_matmul(x, raw, code, n)
+                if variant == "avx512":
+                    assert torch.equal(got, want), (fmt, k, rows)
+                else:
+                    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (fmt, k, rows)
 
 
 def _generate(env_extra: dict[str, str], model: Path) -> dict:

@@ -293,6 +293,97 @@ inline void tile_wide(const uint8_t* row, const float* X, int64_t xstride, int64
   }
 }
 
+// ---- two activation rows per vector (AVX-512) ----------------------------------------------------
+// With 16-float vectors, tile_wide's arithmetic for rows i and i + 1 runs in one instruction: the
+// low 8 lanes do row i's 8-lane operation and the high 8 lanes row i + 1's, on the same unpacked
+// block (copied into both halves) and on the two rows' activations side by side (a pair-interleaved
+// copy of the slice). Every lane does exactly what tile_wide's lane does, in the same order, so the
+// bits are those of the AVX2 build at every row count; the multiplies per (weight row, activation
+// row) block are halved, which is what bounds a many-row step (docs/kernels.md, "Rows").
+// EDGELLM_EMULATE_512 builds the same code on AVX2 with each 16-float vector as two 8-float halves:
+// the way to test this path's indexing on a machine without AVX-512 (bench/paired_rows_check.py).
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(EDGELLM_EMULATE_512)
+#define EDGELLM_PAIRED_ROWS 1
+using V16 = __m512;
+inline V16 v16_zero() { return _mm512_setzero_ps(); }
+inline V16 v16_load(const float* p) { return _mm512_loadu_ps(p); }
+inline void v16_store(float* p, V16 v) { _mm512_storeu_ps(p, v); }
+inline V16 v16_mul(V16 a, V16 b) { return _mm512_mul_ps(a, b); }
+inline V16 v16_fmadd(V16 a, V16 b, V16 c) { return _mm512_fmadd_ps(a, b, c); }
+inline V16 v16_dup(__m256 v) { return _mm512_broadcast_f32x8(v); }
+inline V16 v16_set1(float x) { return _mm512_set1_ps(x); }
+inline __m256 v16_lo(V16 v) { return _mm512_castps512_ps256(v); }
+inline __m256 v16_hi(V16 v) { return _mm512_extractf32x8_ps(v, 1); }
+#elif defined(EDGELLM_EMULATE_512) && defined(__AVX2__)
+#define EDGELLM_PAIRED_ROWS 1
+struct V16 { __m256 lo, hi; };
+inline V16 v16_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline V16 v16_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline void v16_store(float* p, V16 v) { _mm256_storeu_ps(p, v.lo); _mm256_storeu_ps(p + 8, v.hi); }
+inline V16 v16_mul(V16 a, V16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline V16 v16_fmadd(V16 a, V16 b, V16 c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+inline V16 v16_dup(__m256 v) { return {v, v}; }
+inline V16 v16_set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+inline __m256 v16_lo(V16 v) { return v.lo; }
+inline __m256 v16_hi(V16 v) { return v.hi; }
+#else
+#define EDGELLM_PAIRED_ROWS 0
+#endif
+
+#if EDGELLM_PAIRED_ROWS
+constexpr int PAIR_TILE = 8;   // row pairs sharing an unpacked block: 8 accumulators of 32 registers
+
+// One weight row against MP row pairs over blocks [b0, b1): tile_wide for rows 2i and 2i + 1 at
+// once. X: the pair-interleaved slice (pair i at X + i * pstride; block b's 8-float group j of the
+// pair's first row at (b - b0) * 64 + 16 j, of its second row 8 floats after). accp, off, O as in
+// tile_wide, for the pair's first row (the second: 16 floats, 1 CHUNK, 1 N further).
+template <int FMT, bool ACC, int MP>
+inline void tile_pairs(const uint8_t* row, const float* X, int64_t pstride, int64_t nb, int64_t b0, int64_t b1,
+                       float* accp, const float* off, float* O, int64_t N) {
+  const int bb = block_bytes(FMT);
+  V16 acc[MP];
+  for (int i = 0; i < MP; i++) acc[i] = b0 == 0 ? v16_zero() : v16_load(accp + 16 * i);
+  Block blk;
+  for (int64_t b = b0; b < b1; b++) {
+    load_block<FMT>(row + b * bb, blk);
+    const V16 w0 = v16_dup(blk.v[0]), w1 = v16_dup(blk.v[1]), w2 = v16_dup(blk.v[2]), w3 = v16_dup(blk.v[3]);
+    const V16 d = v16_set1(blk.d);
+    for (int i = 0; i < MP; i++) {   // pair_block's operations, two rows a vector
+      const float* xp = X + i * pstride + (b - b0) * 64;
+      V16 t = v16_mul(w0, v16_load(xp));
+      t = v16_fmadd(w1, v16_load(xp + 16), t);
+      if (FMT == Q6_KR) {
+        V16 u = v16_mul(w2, v16_load(xp + 32));
+        u = v16_fmadd(w3, v16_load(xp + 48), u);
+        acc[i] = v16_fmadd(v16_set1(blk.d1), u, v16_fmadd(d, t, acc[i]));
+        continue;
+      }
+      t = v16_fmadd(w2, v16_load(xp + 32), t);
+      t = v16_fmadd(w3, v16_load(xp + 48), t);
+      acc[i] = v16_fmadd(d, t, acc[i]);
+    }
+  }
+  if (b1 < nb) {
+    for (int i = 0; i < MP; i++) v16_store(accp + 16 * i, acc[i]);
+    return;
+  }
+  for (int i = 0; i < MP; i++) {
+    const float lo = hsum(v16_lo(acc[i])) + off[2 * i * CHUNK], hi = hsum(v16_hi(acc[i])) + off[(2 * i + 1) * CHUNK];
+    if (ACC) { O[2 * i * N] += lo; O[(2 * i + 1) * N] += hi; } else { O[2 * i * N] = lo; O[(2 * i + 1) * N] = hi; }
+  }
+}
+
+// The pair-interleaved copy of columns [32 b0, 32 b1) of rows 0 .. 2 P - 1 of X (rows K floats apart).
+inline void interleave_pairs(const float* X, int64_t K, int64_t P, int64_t b0, int64_t b1, float* out) {
+  const int64_t w = (b1 - b0) * 32;
+  for (int64_t i = 0; i < P; i++)
+    for (int64_t g = 0; g < w; g += 8) {
+      std::memcpy(out + i * 2 * w + 2 * g, X + 2 * i * K + 32 * b0 + g, 32);
+      std::memcpy(out + i * 2 * w + 2 * g + 8, X + (2 * i + 1) * K + 32 * b0 + g, 32);
+    }
+}
+#endif
+
 // off[i * CHUNK + r] = the offset sum of weight row n + r and activation row i, for the nc <= CHUNK
 // rows from n (lanes past nc get m = 0). m[b * CHUNK + r]: scratch for the blocks' offsets.
 template <int FMT>
@@ -339,6 +430,13 @@ void matmul_many(const float* X, const float* xsum, const uint8_t* W, float* O, 
   if (static_cast<int64_t>(offv.size()) < M * CHUNK) offv.resize(M * CHUNK);
   if (static_cast<int64_t>(accv.size()) < CHUNK * M * 8) accv.resize(CHUNK * M * 8);
   float *off = offv.data(), *accs = accv.data();
+#if EDGELLM_PAIRED_ROWS   // rows 0 .. 2P - 1 in pairs (tile_pairs), an odd last row alone (tile_wide)
+  const int64_t P = M / 2;
+  thread_local std::vector<float> pv, pacc;
+  if (static_cast<int64_t>(pv.size()) < 2 * P * K) pv.resize(2 * P * K);
+  if (static_cast<int64_t>(pacc.size()) < CHUNK * P * 16) pacc.resize(CHUNK * P * 16);
+  for (int64_t b0 = 0; b0 < nb; b0 += sb) interleave_pairs(X, K, P, b0, std::min(nb, b0 + sb), pv.data() + P * 64 * b0);
+#endif
   if (!has_offset(FMT)) std::fill(off, off + M * CHUNK, 0.0f);
   for (int64_t c = n0; c < n1; c += CHUNK) {
     const int nc = static_cast<int>(std::min<int64_t>(CHUNK, n1 - c));
@@ -352,7 +450,28 @@ void matmul_many(const float* X, const float* xsum, const uint8_t* W, float* O, 
       const int64_t xstride = sb < nb ? (b1 - b0) * 32 : K;
       for (int r = 0; r < nc; r++) {
         const uint8_t* row = W + (c + r) * row_bytes;
-        for (int64_t m0 = 0; m0 < M; m0 += WIDE_TILE) {
+        int64_t first = 0;   // the first row tile_wide takes
+#if EDGELLM_PAIRED_ROWS
+        const int64_t pstride = 2 * (b1 - b0) * 32;
+        for (int64_t p0 = 0; p0 < P; p0 += PAIR_TILE) {
+          const float* x = pv.data() + P * 64 * b0 + p0 * pstride;
+          float* acc = pacc.data() + (r * P + p0) * 16;
+          const float* of = off + 2 * p0 * CHUNK + r;
+          float* o = O + 2 * p0 * N + c + r;
+          switch (std::min<int64_t>(PAIR_TILE, P - p0)) {
+            case 8: tile_pairs<FMT, ACC, 8>(row, x, pstride, nb, b0, b1, acc, of, o, N); break;
+            case 7: tile_pairs<FMT, ACC, 7>(row, x, pstride, nb, b0, b1, acc, of, o, N); break;
+            case 6: tile_pairs<FMT, ACC, 6>(row, x, pstride, nb, b0, b1, acc, of, o, N); break;
+            case 5: tile_pairs<FMT, ACC, 5>(row, x, pstride, nb, b0, b1, acc, of, o, N); break;
+            case 4: tile_pairs<FMT, ACC, 4>(row, x, pstride, nb, b0, b1, acc, of, o, N); break;
+            case 3: tile_pairs<FMT, ACC, 3>(row, x, pstride, nb, b0, b1, acc, of, o, N); break;
+            case 2: tile_pairs<FMT, ACC, 2>(row, x, pstride, nb, b0, b1, acc, of, o, N); break;
+            default: tile_pairs<FMT, ACC, 1>(row, x, pstride, nb, b0, b1, acc, of, o, N); break;
+          }
+        }
+        first = 2 * P;
+#endif
+        for (int64_t m0 = first; m0 < M; m0 += WIDE_TILE) {
           const float* x = xs + m0 * xstride;
           float* acc = accs + (r * M + m0) * 8;
           const float* of = off + m0 * CHUNK + r;
