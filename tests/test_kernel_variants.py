@@ -111,6 +111,47 @@ def test_variant_against_avx2_bits(variant):
                     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (fmt, k, rows)
 
 
+def test_paired_rows_switch_keeps_the_bits():
+    """The avx512 build's two-rows-a-vector path on and off: the same results (it is a speed choice
+    per CPU); builds without it report it off."""
+    from edgellm.kernels import paired_rows_wanted
+
+    for variant in kbuild.PREFERENCE:
+        if kbuild.missing_for(variant) is not None:
+            continue
+        ext = _module(variant)
+        raw, _ = _random("Q4_1", 24, 1536, seed=3)
+        x = torch.randn(7, 1536, generator=torch.Generator().manual_seed(7))
+        try:
+            on = ext.set_paired_rows(True)
+            assert on == (variant == "avx512"), variant
+            with_pairs = ext.block_matmul(x, raw, NATIVE_FORMATS["Q4_1"], 24)
+            assert ext.set_paired_rows(False) is False
+            assert torch.equal(ext.block_matmul(x, raw, NATIVE_FORMATS["Q4_1"], 24), with_pairs), variant
+        finally:   # as native() leaves it (the module is shared with the engine's)
+            ext.set_paired_rows(paired_rows_wanted())
+
+
+@pytest.mark.parametrize("env, vendor, want", [
+    ("", "GenuineIntel", True), ("", "AuthenticAMD", False), ("", "", False),
+    ("1", "AuthenticAMD", True), ("0", "GenuineIntel", False)])
+def test_paired_rows_choice(monkeypatch, env, vendor, want):
+    from edgellm.kernels import paired_rows_wanted
+
+    monkeypatch.setenv("EDGELLM_PAIRED_ROWS", env)
+    monkeypatch.setattr(kbuild, "cpu_vendor", lambda: vendor)
+    assert paired_rows_wanted() is want
+
+
+def test_paired_rows_bad_value_says_what_to_set(monkeypatch):
+    from edgellm.errors import InvalidParameterError
+    from edgellm.kernels import paired_rows_wanted
+
+    monkeypatch.setenv("EDGELLM_PAIRED_ROWS", "yes")
+    with pytest.raises(InvalidParameterError, match="not 0 or 1"):
+        paired_rows_wanted()
+
+
 def _generate(env_extra: dict[str, str], model: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env_extra}
     out = subprocess.run([sys.executable, "-m", "edgellm", "generate", "--model", str(model), "--prompt",

@@ -124,6 +124,23 @@ def load_variant(variant: str):
     return module
 
 
+def paired_rows_wanted() -> bool:
+    """Whether the avx512 build's many-row matmuls put two activation rows in each 16-float vector
+    (gguf_cpu.cpp, tile_pairs; the same bits either way). ``EDGELLM_PAIRED_ROWS=1|0`` decides;
+    by default on for Intel CPUs, whose cores have two full-width 512-bit FMA units, and off
+    elsewhere: AMD's Zen 4 splits each 512-bit FMA in two halves, and there the path measured no
+    faster than one row per 8-float vector (docs/kernels.md, "Two rows a vector")."""
+    from edgellm.kernels.build import cpu_vendor
+
+    asked = os.environ.get("EDGELLM_PAIRED_ROWS", "").strip()
+    if asked in ("0", "1"):
+        return asked == "1"
+    if asked:
+        raise InvalidParameterError(f"EDGELLM_PAIRED_ROWS={asked!r} is not 0 or 1",
+                                    "unset it (the CPU decides) or set 0 or 1")
+    return cpu_vendor() == "GenuineIntel"
+
+
 @lru_cache(maxsize=1)
 def native():
     """The compiled kernel module, or None (with a warning saying why) if it cannot be had.
@@ -147,9 +164,10 @@ def native():
     except (KernelBuildError, ImportError, OSError) as err:  # a broken toolchain must not stop the engine
         warnings.warn(f"native kernels unavailable ({err}); using the slower PyTorch path", stacklevel=2)
         return None
+    module.set_paired_rows(paired_rows_wanted())
     _how, _variant = module.edgellm_how, variant
     return module
 
 
 __all__ = ["NATIVE_FORMATS", "KernelVariantError", "cpu_supports_avx2", "how_loaded", "load_variant", "native",
-           "selected_variant", "unavailable_reason", "variant_in_use"]
+           "paired_rows_wanted", "selected_variant", "unavailable_reason", "variant_in_use"]

@@ -101,6 +101,16 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.split(":", 1)[1].split()) if ":" in line else frozenset()
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor string as Linux reports it ("GenuineIntel", "AuthenticAMD"); "" where unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    line = next((ln for ln in text.splitlines() if ln.startswith("vendor_id")), "")
+    return line.split(":", 1)[1].strip() if ":" in line else ""
+
+
 def missing_for(variant: str) -> str | None:
     """Why this CPU cannot run ``variant``, or None if it can."""
     v = VARIANTS[variant]

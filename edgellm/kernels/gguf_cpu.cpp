@@ -330,16 +330,21 @@ inline __m256 v16_hi(V16 v) { return v.hi; }
 #define EDGELLM_PAIRED_ROWS 0
 #endif
 
+// Whether matmul_many takes the paired path (set_paired_rows; the bits are the same either way, so
+// this is a speed choice per CPU: edgellm.kernels.native() makes it).
+bool paired_rows_on = EDGELLM_PAIRED_ROWS;
+
 #if EDGELLM_PAIRED_ROWS
 constexpr int PAIR_TILE = 8;   // row pairs sharing an unpacked block: 8 accumulators of 32 registers
 
 // One weight row against MP row pairs over blocks [b0, b1): tile_wide for rows 2i and 2i + 1 at
 // once. X: the pair-interleaved slice (pair i at X + i * pstride; block b's 8-float group j of the
 // pair's first row at (b - b0) * 64 + 16 j, of its second row 8 floats after). accp, off, O as in
-// tile_wide, for the pair's first row (the second: 16 floats, 1 CHUNK, 1 N further).
+// tile_wide, for the pair's first row (the second: 16 floats, 1 CHUNK, 1 N further). Only the
+// first `rows` rows are written: an odd row count's last pair has a row of zeros for its second.
 template <int FMT, bool ACC, int MP>
 inline void tile_pairs(const uint8_t* row, const float* X, int64_t pstride, int64_t nb, int64_t b0, int64_t b1,
-                       float* accp, const float* off, float* O, int64_t N) {
+                       float* accp, const float* off, float* O, int64_t N, int64_t rows) {
   const int bb = block_bytes(FMT);
   V16 acc[MP];
   for (int i = 0; i < MP; i++) acc[i] = b0 == 0 ? v16_zero() : v16_load(accp + 16 * i);
@@ -368,18 +373,24 @@ inline void tile_pairs(const uint8_t* row, const float* X, int64_t pstride, int6
     return;
   }
   for (int i = 0; i < MP; i++) {
-    const float lo = hsum(v16_lo(acc[i])) + off[2 * i * CHUNK], hi = hsum(v16_hi(acc[i])) + off[(2 * i + 1) * CHUNK];
-    if (ACC) { O[2 * i * N] += lo; O[(2 * i + 1) * N] += hi; } else { O[2 * i * N] = lo; O[(2 * i + 1) * N] = hi; }
+    const float lo = hsum(v16_lo(acc[i])) + off[2 * i * CHUNK];
+    if (ACC) O[2 * i * N] += lo; else O[2 * i * N] = lo;
+    if (2 * i + 1 >= rows) break;
+    const float hi = hsum(v16_hi(acc[i])) + off[(2 * i + 1) * CHUNK];
+    if (ACC) O[(2 * i + 1) * N] += hi; else O[(2 * i + 1) * N] = hi;
   }
 }
 
-// The pair-interleaved copy of columns [32 b0, 32 b1) of rows 0 .. 2 P - 1 of X (rows K floats apart).
-inline void interleave_pairs(const float* X, int64_t K, int64_t P, int64_t b0, int64_t b1, float* out) {
+// The pair-interleaved copy of columns [32 b0, 32 b1) of the M rows of X (rows K floats apart), in
+// (M + 1) / 2 pairs; an odd M's last pair gets zeros for its second row (unpacking a block again
+// for one row alone cost more than the products of a row of zeros).
+inline void interleave_pairs(const float* X, int64_t K, int64_t M, int64_t b0, int64_t b1, float* out) {
   const int64_t w = (b1 - b0) * 32;
-  for (int64_t i = 0; i < P; i++)
+  for (int64_t i = 0; i < (M + 1) / 2; i++)
     for (int64_t g = 0; g < w; g += 8) {
       std::memcpy(out + i * 2 * w + 2 * g, X + 2 * i * K + 32 * b0 + g, 32);
-      std::memcpy(out + i * 2 * w + 2 * g + 8, X + (2 * i + 1) * K + 32 * b0 + g, 32);
+      if (2 * i + 1 < M) std::memcpy(out + i * 2 * w + 2 * g + 8, X + (2 * i + 1) * K + 32 * b0 + g, 32);
+      else std::memset(out + i * 2 * w + 2 * g + 8, 0, 32);
     }
 }
 #endif
@@ -420,7 +431,9 @@ void matmul_many(const float* X, const float* xsum, const uint8_t* W, float* O, 
   const int64_t row_bytes = nb * block_bytes(FMT);
   thread_local std::vector<float> mv, offv, accv, xv;
   if (static_cast<int64_t>(mv.size()) < nb * CHUNK) mv.resize(nb * CHUNK);
-  if (sb < nb) {   // slice-major copy of X: slice [b0, b1) at xv[M * 32 * b0], rows (b1 - b0) * 32 apart
+  const bool paired = EDGELLM_PAIRED_ROWS && paired_rows_on;
+  const bool copy_x = sb < nb && !paired;   // (the paired path reads its own copy)
+  if (copy_x) {   // slice-major copy of X: slice [b0, b1) at xv[M * 32 * b0], rows (b1 - b0) * 32 apart
     if (static_cast<int64_t>(xv.size()) < M * K) xv.resize(M * K);
     for (int64_t b0 = 0; b0 < nb; b0 += sb) {
       const int64_t w = (std::min(nb, b0 + sb) - b0) * 32;
@@ -430,12 +443,12 @@ void matmul_many(const float* X, const float* xsum, const uint8_t* W, float* O, 
   if (static_cast<int64_t>(offv.size()) < M * CHUNK) offv.resize(M * CHUNK);
   if (static_cast<int64_t>(accv.size()) < CHUNK * M * 8) accv.resize(CHUNK * M * 8);
   float *off = offv.data(), *accs = accv.data();
-#if EDGELLM_PAIRED_ROWS   // rows 0 .. 2P - 1 in pairs (tile_pairs), an odd last row alone (tile_wide)
-  const int64_t P = M / 2;
+#if EDGELLM_PAIRED_ROWS   // all rows in pairs (tile_pairs); tile_wide takes none
+  const int64_t P = paired ? (M + 1) / 2 : 0;
   thread_local std::vector<float> pv, pacc;
   if (static_cast<int64_t>(pv.size()) < 2 * P * K) pv.resize(2 * P * K);
   if (static_cast<int64_t>(pacc.size()) < CHUNK * P * 16) pacc.resize(CHUNK * P * 16);
-  for (int64_t b0 = 0; b0 < nb; b0 += sb) interleave_pairs(X, K, P, b0, std::min(nb, b0 + sb), pv.data() + P * 64 * b0);
+  for (int64_t b0 = 0; P && b0 < nb; b0 += sb) interleave_pairs(X, K, M, b0, std::min(nb, b0 + sb), pv.data() + P * 64 * b0);
 #endif
   if (!has_offset(FMT)) std::fill(off, off + M * CHUNK, 0.0f);
   for (int64_t c = n0; c < n1; c += CHUNK) {
@@ -446,8 +459,8 @@ void matmul_many(const float* X, const float* xsum, const uint8_t* W, float* O, 
       _mm_prefetch(reinterpret_cast<const char*>(W + (c + nc) * row_bytes + o), _MM_HINT_T0);
     for (int64_t b0 = 0; b0 < nb; b0 += sb) {
       const int64_t b1 = std::min(nb, b0 + sb);
-      const float* xs = sb < nb ? xv.data() + M * 32 * b0 : X;
-      const int64_t xstride = sb < nb ? (b1 - b0) * 32 : K;
+      const float* xs = copy_x ? xv.data() + M * 32 * b0 : X;
+      const int64_t xstride = copy_x ? (b1 - b0) * 32 : K;
       for (int r = 0; r < nc; r++) {
         const uint8_t* row = W + (c + r) * row_bytes;
         int64_t first = 0;   // the first row tile_wide takes
@@ -458,18 +471,19 @@ void matmul_many(const float* X, const float* xsum, const uint8_t* W, float* O, 
           float* acc = pacc.data() + (r * P + p0) * 16;
           const float* of = off + 2 * p0 * CHUNK + r;
           float* o = O + 2 * p0 * N + c + r;
+          const int64_t left = M - 2 * p0;
           switch (std::min<int64_t>(PAIR_TILE, P - p0)) {
-            case 8: tile_pairs<FMT, ACC, 8>(row, x, pstride, nb, b0, b1, acc, of, o, N); break;
-            case 7: tile_pairs<FMT, ACC, 7>(row, x, pstride, nb, b0, b1, acc, of, o, N); break;
-            case 6: tile_pairs<FMT, ACC, 6>(row, x, pstride, nb, b0, b1, acc, of, o, N); break;
-            case 5: tile_pairs<FMT, ACC, 5>(row, x, pstride, nb, b0, b1, acc, of, o, N); break;
-            case 4: tile_pairs<FMT, ACC, 4>(row, x, pstride, nb, b0, b1, acc, of, o, N); break;
-            case 3: tile_pairs<FMT, ACC, 3>(row, x, pstride, nb, b0, b1, acc, of, o, N); break;
-            case 2: tile_pairs<FMT, ACC, 2>(row, x, pstride, nb, b0, b1, acc, of, o, N); break;
-            default: tile_pairs<FMT, ACC, 1>(row, x, pstride, nb, b0, b1, acc, of, o, N); break;
+            case 8: tile_pairs<FMT, ACC, 8>(row, x, pstride, nb, b0, b1, acc, of, o, N, left); break;
+            case 7: tile_pairs<FMT, ACC, 7>(row, x, pstride, nb, b0, b1, acc, of, o, N, left); break;
+            case 6: tile_pairs<FMT, ACC, 6>(row, x, pstride, nb, b0, b1, acc, of, o, N, left); break;
+            case 5: tile_pairs<FMT, ACC, 5>(row, x, pstride, nb, b0, b1, acc, of, o, N, left); break;
+            case 4: tile_pairs<FMT, ACC, 4>(row, x, pstride, nb, b0, b1, acc, of, o, N, left); break;
+            case 3: tile_pairs<FMT, ACC, 3>(row, x, pstride, nb, b0, b1, acc, of, o, N, left); break;
+            case 2: tile_pairs<FMT, ACC, 2>(row, x, pstride, nb, b0, b1, acc, of, o, N, left); break;
+            default: tile_pairs<FMT, ACC, 1>(row, x, pstride, nb, b0, b1, acc, of, o, N, left); break;
           }
         }
-        first = 2 * P;
+        if (paired) first = M;
 #endif
         for (int64_t m0 = first; m0 < M; m0 += WIDE_TILE) {
           const float* x = xs + m0 * xstride;
@@ -1095,7 +1109,15 @@ void moe_decode_blocks(torch::Tensor, std::vector<torch::Tensor>, std::vector<in
                        torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t,
                        int64_t, int64_t, int64_t, int64_t, bool, double, int64_t, std::vector<int64_t>);  // MoE section, below
 
+// Turns the paired path on or off where this build has it; returns whether it is on now.
+bool set_paired_rows(bool on) {
+  paired_rows_on = EDGELLM_PAIRED_ROWS && on;
+  return paired_rows_on;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_paired_rows", &set_paired_rows,
+        "two activation rows per 16-float vector in many-row matmuls (avx512 build only; same bits): on/off");
   m.def("block_matmul", &block_matmul, "x @ W.T for a block-quantised W (Q4_0, Q4_1, Q8_0, repacked Q4_K and Q6_K)");
   m.def("block_dequant", &block_dequant, "rows of a GGUF block-quantised matrix as float32");
   m.def("block_matmul_add", &block_matmul_add, "residual + x @ W.T for a block-quantised W");
