@@ -1,6 +1,7 @@
 """One block-quantised matmul against the number of activation rows, A/B between built kernel modules.
 
     PYTHONPATH=. python bench/matmul_rows.py --other main=PATH.so [--rows 1,2,3,4,8] [--threads 1]
+    PYTHONPATH=. python bench/matmul_rows.py --paired-ab --rows 5,8,16   # avx512: two rows a vector on/off
 
 For SmolLM2's matrix shapes (gate|up, down, the Q8_0 lm_head) and a few other formats, with random
 weights quantised by the ``gguf`` package, calls ``block_matmul`` of this tree's module ("new") and
@@ -35,10 +36,23 @@ def load_module(path: Path):
     return module
 
 
+class PairedRows:
+    """The module with its paired-rows path set on or off before each call."""
+
+    def __init__(self, module, on: bool):
+        self.module, self.on = module, on
+
+    def block_matmul(self, *args):
+        self.module.set_paired_rows(self.on)
+        return self.module.block_matmul(*args)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--other", action="append", default=[], metavar="NAME=PATH", required=True,
+    p.add_argument("--other", action="append", default=[], metavar="NAME=PATH",
                    help="another built kernel module (.so) to compare with")
+    p.add_argument("--paired-ab", action="store_true",
+                   help="compare this module with its two-rows-a-vector path on ('new') and off ('unpaired')")
     p.add_argument("--rows", default="1,2,3,4,8")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
@@ -48,6 +62,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     mods = {"new": native()}
+    if args.paired_ab:
+        if not native().set_paired_rows(True):
+            p.error("this build has no paired-rows path (only the avx512 build has)")
+        mods = {"new": PairedRows(native(), True), "unpaired": PairedRows(native(), False)}
+    if len(mods) + len(args.other) < 2:
+        p.error("give --other NAME=PATH or --paired-ab")
     for spec in args.other:
         name, path = spec.split("=", 1)
         mods[name] = load_module(Path(path))
