@@ -333,6 +333,9 @@ inline __m256 v16_hi(V16 v) { return v.hi; }
 // Whether matmul_many takes the paired path (set_paired_rows; the bits are the same either way, so
 // this is a speed choice per CPU: edgellm.kernels.native() makes it).
 bool paired_rows_on = EDGELLM_PAIRED_ROWS;
+// From this many rows on: at 5 rows (three pairs, one half empty) the Xeon measured 0.85-0.98x the
+// unpaired time, at 8 rows 1.11-1.25x (docs/kernels.md).
+constexpr int64_t PAIRED_MIN_ROWS = 8;
 
 #if EDGELLM_PAIRED_ROWS
 constexpr int PAIR_TILE = 8;   // row pairs sharing an unpacked block: 8 accumulators of 32 registers
@@ -431,7 +434,7 @@ void matmul_many(const float* X, const float* xsum, const uint8_t* W, float* O, 
   const int64_t row_bytes = nb * block_bytes(FMT);
   thread_local std::vector<float> mv, offv, accv, xv;
   if (static_cast<int64_t>(mv.size()) < nb * CHUNK) mv.resize(nb * CHUNK);
-  const bool paired = EDGELLM_PAIRED_ROWS && paired_rows_on;
+  const bool paired = EDGELLM_PAIRED_ROWS && paired_rows_on && M >= PAIRED_MIN_ROWS;
   const bool copy_x = sb < nb && !paired;   // (the paired path reads its own copy)
   if (copy_x) {   // slice-major copy of X: slice [b0, b1) at xv[M * 32 * b0], rows (b1 - b0) * 32 apart
     if (static_cast<int64_t>(xv.size()) < M * K) xv.resize(M * K);
