@@ -24,7 +24,18 @@ def test_a_machine_busy_from_the_first_step_moves_to_one_thread():
     probe of the first steps finds one thread faster."""
     c = ThreadChooser(2)
     used = run(c, lambda n: 0.500 if n == 2 else 0.020, 40)
-    assert c.current == 1 and used[-1] == 1 and used.count(2) == WINDOW
+    # the full count: the first window, then once more to confirm the first probe's verdict
+    assert c.current == 1 and used[-1] == 1 and used.count(2) == WINDOW + WINDOW // 2
+
+
+def test_slow_first_steps_on_an_idle_machine_do_not_keep_one_thread():
+    """The first window is slow (warm-up after a prefill), so one thread wins the first probe; the
+    full count is tried again one window later, wins, and stays."""
+    c = ThreadChooser(2)
+    step = iter(range(10**6))
+    used = run(c, lambda n: 0.040 if next(step) < WINDOW else (0.010 if n == 2 else 0.016), 200)
+    assert used[WINDOW:WINDOW + WINDOW // 2] == [1] * (WINDOW // 2)    # the first probe won...
+    assert used.count(1) <= 2 * WINDOW and c.current == 2 and used[-1] == 2   # ...but not for long
 
 
 def test_falls_back_to_one_thread_under_contention_and_returns_after():

@@ -100,6 +100,12 @@ class ThreadChooser:
             self.current = probe_threads
             self._recent[(probe_threads, batch)].clear()
             self._recent[(probe_threads, batch)].extend(times)
+            if self._first_probe:
+                # The first steps of an engine can be slow for reasons of their own (caches and
+                # pages cold after a prefill, threads waking): seen in the bench, where one thread
+                # then won the first probe on an idle machine and kept half of the 127 steps. So a
+                # first win is checked against the full count again after one window, not 64 steps.
+                self._since_probe = PROBE_EVERY - WINDOW
         elif self._first_probe:
             self._since_probe = PROBE_EVERY
         self._first_probe = False
