@@ -14,26 +14,17 @@ must stay as built, the module's name is taken from it).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants
+from kernel_rows import load_module  # bench/kernel_rows.py: this folder is on sys.path when run as a script
 
 SHAPES = [("Q4_1", 3072, 576, "gate|up"), ("Q4_1", 576, 1536, "down"), ("Q8_0", 49152, 576, "lm_head"),
           ("Q4_0", 1024, 576, ""), ("Q5_0", 1024, 576, "")]
-
-
-def load_module(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules[path.stem] = module
-    return module
 
 
 class PairedRows:

@@ -6,11 +6,11 @@ docs/fast-modes.md. Usage: python scripts/bf16_matmul_timing.py [rows] [threads]
 
 import statistics
 import sys
-import time
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants
+from int8_matmul_timing import interleaved_medians  # scripts/: on sys.path when run as a script
 
 from edgellm.quant.bf16 import bf16_slab_matmul, cpu_multiplies_bf16
 from edgellm.quant.gguf_weights import GGUFBlockWeight
@@ -27,17 +27,9 @@ def time_matrix(n: int, k: int, rows: int, label: str) -> None:
             "--dtype bfloat16 (as chosen here)": lambda: bf16.matmul(x),
             "bf16 GEMM (torch/oneDNN) forced": lambda: bf16_slab_matmul(x, n, bf16._step, bf16._dequant_slab, True),
             "float32 emulation forced": lambda: bf16_slab_matmul(x, n, bf16._step, bf16._dequant_slab, False)}
-    times = {name: [] for name in ways}
-    for f in ways.values():
-        f()
-    for _ in range(15):
-        for name, f in ways.items():
-            t = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - t)
+    medians = interleaved_medians(ways)
     print(f"{label} {n} x {k}:")
-    for name, v in times.items():
-        s = statistics.median(v)
+    for name, s in medians.items():
         print(f"  {name:36s} {s * 1e3:8.2f} ms  {2 * rows * n * k / s / 1e9:6.1f} GFLOP/s")
 
 

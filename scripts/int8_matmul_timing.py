@@ -15,6 +15,19 @@ from edgellm.kernels import NATIVE_FORMATS, native
 from edgellm.quant.gguf_weights import GGUFBlockWeight
 
 
+def interleaved_medians(ways: dict, rounds: int = 15) -> dict[str, float]:
+    """Median seconds of each callable, after one warm-up call each, the calls taking turns."""
+    times = {name: [] for name in ways}
+    for f in ways.values():
+        f()
+    for _ in range(rounds):
+        for name, f in ways.items():
+            t = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def main() -> None:
     rows = int(sys.argv[1]) if len(sys.argv) > 1 else 128
     torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
@@ -31,16 +44,7 @@ def main() -> None:
             "int8 prefill: rounding + BLAS": lambda: rounded.matmul(x),
             "int8 integer kernel": lambda: ext.block_matmul_q8(x, raw, code, n),
             "exact decode kernel": lambda: ext.block_matmul(x, raw, code, n)}
-    times = {name: [] for name in ways}
-    for f in ways.values():
-        f()
-    for _ in range(15):
-        for name, f in ways.items():
-            t = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - t)
-    for name, v in times.items():
-        s = statistics.median(v)
+    for name, s in interleaved_medians(ways).items():
         print(f"{name:32s} {s * 1e3:8.2f} ms  {2 * rows * n * k / s / 1e9:6.1f} GFLOP/s")
 
 
