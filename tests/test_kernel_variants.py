@@ -152,13 +152,27 @@ def test_paired_rows_bad_value_says_what_to_set(monkeypatch):
         paired_rows_wanted()
 
 
-def _generate(env_extra: dict[str, str], model: Path) -> dict:
+def _generate(env_extra: dict[str, str], model: Path, prompt: str = "The capital of France is") -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env_extra}
     out = subprocess.run([sys.executable, "-m", "edgellm", "generate", "--model", str(model), "--prompt",
-                          "The capital of France is", "--max-tokens", "8", "--temperature", "0", "--json",
+                          prompt, "--max-tokens", "8", "--temperature", "0", "--json",
                           "--logprobs", "0"], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)
+
+
+def test_avx512_decode_steps_equal_avx2_bits(smollm2_path):
+    """The whole fused decode step on the avx512 build (its attention reads each key and value row
+    once for the three query heads of a KV head) gives the avx2 build's logits bit for bit, over a
+    prompt long enough for two position ranges."""
+    _module("avx512")
+    _module("avx2")
+    prompt = Path("/usr/share/common-licenses/GPL-3").read_text()[:1400]
+    got = _generate({"EDGELLM_KERNEL": "avx512"}, smollm2_path, prompt)
+    want = _generate({"EDGELLM_KERNEL": "avx2"}, smollm2_path, prompt)
+    assert got["prompt_tokens"] > 256
+    assert got["token_ids"] == want["token_ids"]
+    assert [t["logprob"] for t in got["logprobs"]] == [t["logprob"] for t in want["logprobs"]]
 
 
 @pytest.mark.slow   # two model loads in subprocesses, one of them on the slow PyTorch path: ~40 s

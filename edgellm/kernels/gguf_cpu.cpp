@@ -830,17 +830,78 @@ inline __m256 dot_row(const float* q, const KV* k, int64_t D) {
 // (merge_partials), which lets two threads share one long sequence when there are fewer
 // (sequence, KV head) pairs than threads -- the batch-1 case. Scores are made eight positions
 // at a time (one shared horizontal add) and exponentiated eight at a time.
+#if defined(__AVX512F__)
+// The G query heads of a KV head (G known at compile time, D = 64) read each key and value row
+// once instead of once per head: G x 8 accumulators, which only the 32 registers of an AVX-512
+// build hold. Every head's sums run in the same order as in attend_range's loops below, so the
+// scores and outputs are the same bits. Scores for positions [0, n8) of the range; the output
+// rows o_j = sum over the range of sc_j[p] * v[p] to out + j * head_stride + 2.
+template <typename KV, int G>
+inline void attend_heads_shared(const float* qr, const KV* KC, const KV* VC, const int64_t* slots, int64_t p0,
+                                int64_t n, int64_t n8, int64_t KVH, int64_t g, __m256 vscale, float* scores,
+                                float* part, int64_t head_stride, bool values) {
+  constexpr int64_t D = 64;
+  if (!values) {
+    for (int64_t p = 0; p < n8; p += 8) {
+      __m256 acc[G][8];
+      for (int u = 0; u < 8; u++) {
+        const KV* k = KC + (slots[p0 + p + u] * KVH + g) * D;
+        const __m256 k0 = load8(k);
+        for (int j = 0; j < G; j++) acc[j][u] = _mm256_mul_ps(_mm256_loadu_ps(qr + j * D), k0);
+        for (int64_t i = 8; i < D; i += 8) {
+          const __m256 ki = load8(k + i);
+          for (int j = 0; j < G; j++) acc[j][u] = _mm256_fmadd_ps(_mm256_loadu_ps(qr + j * D + i), ki, acc[j][u]);
+        }
+      }
+      for (int j = 0; j < G; j++) _mm256_storeu_ps(scores + j * n + p, _mm256_mul_ps(hsum8x8(acc[j]), vscale));
+    }
+    return;
+  }
+  __m256 r[G][8];
+  for (int j = 0; j < G; j++)
+    for (int i = 0; i < 8; i++) r[j][i] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < n; p++) {
+    const KV* v = VC + (slots[p0 + p] * KVH + g) * D;
+    __m256 w[G];
+    for (int j = 0; j < G; j++) w[j] = _mm256_set1_ps(scores[j * n + p]);
+    for (int i = 0; i < 8; i++) {
+      const __m256 vi = load8(v + 8 * i);
+      for (int j = 0; j < G; j++) r[j][i] = _mm256_fmadd_ps(w[j], vi, r[j][i]);
+    }
+  }
+  for (int j = 0; j < G; j++)
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(part + j * head_stride + 2 + 8 * i, r[j][i]);
+}
+
+// Calls attend_heads_shared for the head counts it is built for; false where it is not.
+template <typename KV>
+inline bool heads_shared(int64_t G, int64_t D, const float* qr, const KV* KC, const KV* VC, const int64_t* slots,
+                         int64_t p0, int64_t n, int64_t n8, int64_t KVH, int64_t g, __m256 vscale, float* scores,
+                         float* part, int64_t head_stride, bool values) {
+  if (D != 64) return false;
+  switch (G) {
+    case 2: attend_heads_shared<KV, 2>(qr, KC, VC, slots, p0, n, n8, KVH, g, vscale, scores, part, head_stride, values); return true;
+    case 3: attend_heads_shared<KV, 3>(qr, KC, VC, slots, p0, n, n8, KVH, g, vscale, scores, part, head_stride, values); return true;
+    default: return false;
+  }
+}
+#endif
+
 template <typename KV>
 void attend_range(const float* qr, const KV* KC, const KV* VC, const int64_t* slots, int64_t p0, int64_t p1,
                   int64_t KVH, int64_t g, int64_t G, int64_t D, float scale, float* scores, float* part,
                   int64_t head_stride) {
   const int64_t n = p1 - p0, n8 = n / 8 * 8;
   const __m256 vscale = _mm256_set1_ps(scale);
+  bool shared = false;   // the scores of [0, n8) made for all heads at once (avx512 build)
+#if defined(__AVX512F__)
+  shared = heads_shared<KV>(G, D, qr, KC, VC, slots, p0, n, n8, KVH, g, vscale, scores, part, head_stride, false);
+#endif
   for (int64_t j = 0; j < G; j++) {
     const float* q = qr + j * D;
     float* sc = scores + j * n;
     __m256 acc[8];
-    for (int64_t p = 0; p < n8; p += 8) {
+    for (int64_t p = shared ? n8 : 0; p < n8; p += 8) {
       for (int u = 0; u < 8; u++) acc[u] = dot_row(q, KC + (slots[p0 + p + u] * KVH + g) * D, D);
       _mm256_storeu_ps(sc + p, _mm256_mul_ps(hsum8x8(acc), vscale));
     }
@@ -860,6 +921,9 @@ void attend_range(const float* qr, const KV* KC, const KV* VC, const int64_t* sl
     }
     float sum = hsum(vsum);
     for (int64_t p = n8; p < n; p++) { sc[p] = std::exp(sc[p] - mx); sum += sc[p]; }
+    out[0] = mx;
+    out[1] = sum;
+    if (shared) continue;   // the outputs of all heads at once, below
     float* o = out + 2;
     if (D == 64) {   // the usual head size: the output row stays in registers
       __m256 r[8];
@@ -879,9 +943,10 @@ void attend_range(const float* qr, const KV* KC, const KV* VC, const int64_t* sl
           _mm256_storeu_ps(o + i, _mm256_fmadd_ps(w, load8(v + i), _mm256_loadu_ps(o + i)));
       }
     }
-    out[0] = mx;
-    out[1] = sum;
   }
+#if defined(__AVX512F__)
+  if (shared) heads_shared<KV>(G, D, qr, KC, VC, slots, p0, n, n8, KVH, g, vscale, scores, part, head_stride, true);
+#endif
 }
 
 // out[D] = the softmax-weighted output from S partials ([m, l, o[D]] each) of one query head.
