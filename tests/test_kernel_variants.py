@@ -162,9 +162,9 @@ def _generate(env_extra: dict[str, str], model: Path, prompt: str = "The capital
 
 
 def test_avx512_decode_steps_equal_avx2_bits(smollm2_path):
-    """The whole fused decode step on the avx512 build (its attention reads each key and value row
-    once for the three query heads of a KV head) gives the avx2 build's logits bit for bit, over a
-    prompt long enough for two position ranges."""
+    """The whole fused decode step on the avx512 build gives the avx2 build's logits bit for bit,
+    over a prompt long enough for two position ranges (their attention reads each key and value
+    row once for the three query heads of a KV head, each build with its own register budget)."""
     _module("avx512")
     _module("avx2")
     prompt = Path("/usr/share/common-licenses/GPL-3").read_text()[:1400]

@@ -830,12 +830,18 @@ inline __m256 dot_row(const float* q, const KV* k, int64_t D) {
 // (merge_partials), which lets two threads share one long sequence when there are fewer
 // (sequence, KV head) pairs than threads -- the batch-1 case. Scores are made eight positions
 // at a time (one shared horizontal add) and exponentiated eight at a time.
-#if defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__)
 // The G query heads of a KV head (G known at compile time, D = 64) read each key and value row
-// once instead of once per head: G x 8 accumulators, which only the 32 registers of an AVX-512
-// build hold. Every head's sums run in the same order as in attend_range's loops below, so the
-// scores and outputs are the same bits. Scores for positions [0, n8) of the range; the output
-// rows o_j = sum over the range of sc_j[p] * v[p] to out + j * head_stride + 2.
+// once instead of once per head. Every head's sums run in the same order as in attend_range's
+// loops below, so the scores and outputs are the same bits. Scores for positions [0, n8) of the
+// range; the output rows o_j = sum over the range of sc_j[p] * v[p] to out + j * head_stride + 2.
+// The value pass keeps G x 8 accumulators in registers where there are 32 (AVX-512); with AVX2's
+// 16 it runs twice, over each half of the row (G x 4), which reads the same cache lines.
+#if defined(__AVX512F__)
+constexpr int V_PASSES = 1;
+#else
+constexpr int V_PASSES = 2;
+#endif
 template <typename KV, int G>
 inline void attend_heads_shared(const float* qr, const KV* KC, const KV* VC, const int64_t* slots, int64_t p0,
                                 int64_t n, int64_t n8, int64_t KVH, int64_t g, __m256 vscale, float* scores,
@@ -857,20 +863,21 @@ inline void attend_heads_shared(const float* qr, const KV* KC, const KV* VC, con
     }
     return;
   }
-  __m256 r[G][8];
-  for (int j = 0; j < G; j++)
-    for (int i = 0; i < 8; i++) r[j][i] = _mm256_setzero_ps();
-  for (int64_t p = 0; p < n; p++) {
-    const KV* v = VC + (slots[p0 + p] * KVH + g) * D;
-    __m256 w[G];
-    for (int j = 0; j < G; j++) w[j] = _mm256_set1_ps(scores[j * n + p]);
-    for (int i = 0; i < 8; i++) {
-      const __m256 vi = load8(v + 8 * i);
-      for (int j = 0; j < G; j++) r[j][i] = _mm256_fmadd_ps(w[j], vi, r[j][i]);
+  constexpr int W = 8 / V_PASSES;   // 8-float vectors of the row a pass covers
+  for (int pass = 0; pass < V_PASSES; pass++) {
+    __m256 r[G][W];
+    for (int j = 0; j < G; j++)
+      for (int i = 0; i < W; i++) r[j][i] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < n; p++) {
+      const KV* v = VC + (slots[p0 + p] * KVH + g) * D + pass * 8 * W;
+      for (int i = 0; i < W; i++) {
+        const __m256 vi = load8(v + 8 * i);
+        for (int j = 0; j < G; j++) r[j][i] = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + j * n + p), vi, r[j][i]);
+      }
     }
+    for (int j = 0; j < G; j++)
+      for (int i = 0; i < W; i++) _mm256_storeu_ps(part + j * head_stride + 2 + pass * 8 * W + 8 * i, r[j][i]);
   }
-  for (int j = 0; j < G; j++)
-    for (int i = 0; i < 8; i++) _mm256_storeu_ps(part + j * head_stride + 2 + 8 * i, r[j][i]);
 }
 
 // Calls attend_heads_shared for the head counts it is built for; false where it is not.
@@ -893,8 +900,8 @@ void attend_range(const float* qr, const KV* KC, const KV* VC, const int64_t* sl
                   int64_t head_stride) {
   const int64_t n = p1 - p0, n8 = n / 8 * 8;
   const __m256 vscale = _mm256_set1_ps(scale);
-  bool shared = false;   // the scores of [0, n8) made for all heads at once (avx512 build)
-#if defined(__AVX512F__)
+  bool shared = false;   // the scores of [0, n8) made for all heads at once (avx512 and avx2 builds)
+#if defined(__AVX2__) && defined(__FMA__)
   shared = heads_shared<KV>(G, D, qr, KC, VC, slots, p0, n, n8, KVH, g, vscale, scores, part, head_stride, false);
 #endif
   for (int64_t j = 0; j < G; j++) {
@@ -944,7 +951,7 @@ void attend_range(const float* qr, const KV* KC, const KV* VC, const int64_t* sl
       }
     }
   }
-#if defined(__AVX512F__)
+#if defined(__AVX2__) && defined(__FMA__)
   if (shared) heads_shared<KV>(G, D, qr, KC, VC, slots, p0, n, n8, KVH, g, vscale, scores, part, head_stride, true);
 #endif
 }
