@@ -85,8 +85,9 @@ def check_fast_mode(args: argparse.Namespace) -> None:
     if getattr(args, "dtype", "auto") != "bfloat16":
         return
     if getattr(args, "activations", "fp32") == "int8":
-        raise InvalidParameterError("--dtype bfloat16 and --activations int8 are two different fast modes; they "
-                                    "cannot be combined", "choose one: drop --dtype bfloat16 or --activations int8")
+        from edgellm.quant.activations import fast_modes_conflict
+
+        raise fast_modes_conflict()
     if getattr(args, "weights", None):
         raise InvalidParameterError(
             f"--dtype bfloat16 cannot be combined with --weights {args.weights}: --weights converts the matrices "

@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #include <omp.h>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -158,21 +159,75 @@ inline void load_block(const uint8_t* blk, Block& b) {
   b.d1 = FMT == Q6_KR ? lane1 : b.d;
 }
 
-// acc += d * dot(block, x[0..32)): the vector part of a (weight row, activation row) pair's block.
-// The products run in one fixed order (elements 0-7, 8-15, 16-23, 24-31), whichever function calls it.
-template <int FMT>
-inline void pair_block(const Block& blk, const __m256 d, const float* xp, __m256& acc) {
-  __m256 t = _mm256_mul_ps(blk.v[0], _mm256_loadu_ps(xp));
-  t = _mm256_fmadd_ps(blk.v[1], _mm256_loadu_ps(xp + 8), t);
+// Vector operations named alike for 8 floats (__m256) and 16 (V16, below), so that a pair's
+// arithmetic (pair_products) is written once for both.
+inline __m256 vmul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+inline __m256 vfmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+template <typename V> V vload(const float* p);
+template <> inline __m256 vload<__m256>(const float* p) { return _mm256_loadu_ps(p); }
+template <typename V> V vset1(float x);
+template <> inline __m256 vset1<__m256>(float x) { return _mm256_set1_ps(x); }
+
+// ---- two activation rows per vector (AVX-512) ----------------------------------------------------
+// With 16-float vectors, tile_wide's arithmetic for rows i and i + 1 runs in one instruction: the
+// low 8 lanes do row i's 8-lane operation and the high 8 lanes row i + 1's, on the same unpacked
+// block (copied into both halves) and on the two rows' activations side by side (a pair-interleaved
+// copy of the slice). Every lane does exactly what tile_wide's lane does, in the same order, so the
+// bits are those of the AVX2 build at every row count; the multiplies per (weight row, activation
+// row) block are halved, which is what bounds a many-row step (docs/kernels.md, "Rows").
+// EDGELLM_EMULATE_512 builds the same code on AVX2 with each 16-float vector as two 8-float halves:
+// the way to test this path's indexing on a machine without AVX-512 (bench/paired_rows_check.py).
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(EDGELLM_EMULATE_512)
+#define EDGELLM_PAIRED_ROWS 1
+using V16 = __m512;
+inline V16 v16_zero() { return _mm512_setzero_ps(); }
+template <> inline V16 vload<V16>(const float* p) { return _mm512_loadu_ps(p); }
+inline void v16_store(float* p, V16 v) { _mm512_storeu_ps(p, v); }
+inline V16 vmul(V16 a, V16 b) { return _mm512_mul_ps(a, b); }
+inline V16 vfmadd(V16 a, V16 b, V16 c) { return _mm512_fmadd_ps(a, b, c); }
+inline V16 v16_dup(__m256 v) { return _mm512_broadcast_f32x8(v); }
+template <> inline V16 vset1<V16>(float x) { return _mm512_set1_ps(x); }
+inline __m256 v16_lo(V16 v) { return _mm512_castps512_ps256(v); }
+inline __m256 v16_hi(V16 v) { return _mm512_extractf32x8_ps(v, 1); }
+#elif defined(EDGELLM_EMULATE_512) && defined(__AVX2__)
+#define EDGELLM_PAIRED_ROWS 1
+struct V16 { __m256 lo, hi; };
+inline V16 v16_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+template <> inline V16 vload<V16>(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline void v16_store(float* p, V16 v) { _mm256_storeu_ps(p, v.lo); _mm256_storeu_ps(p + 8, v.hi); }
+inline V16 vmul(V16 a, V16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline V16 vfmadd(V16 a, V16 b, V16 c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+inline V16 v16_dup(__m256 v) { return {v, v}; }
+template <> inline V16 vset1<V16>(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+inline __m256 v16_lo(V16 v) { return v.lo; }
+inline __m256 v16_hi(V16 v) { return v.hi; }
+#else
+#define EDGELLM_PAIRED_ROWS 0
+#endif
+
+// acc += d * dot(w, x[0..32)): the vector part of a (weight row, activation row) pair's block, w
+// the block's values as 4 vectors. The products run in one fixed order (elements 0-7, 8-15, 16-23,
+// 24-31), whichever function calls it. With V16 every lane does the same for two activation rows
+// at once (tile_pairs): xp then holds each 8-float group of the two rows side by side.
+template <int FMT, typename V>
+inline void pair_products(const V* w, const V d, float d1, const float* xp, V& acc) {
+  constexpr int L = sizeof(V) / sizeof(float);   // floats a vector
+  V t = vmul(w[0], vload<V>(xp));
+  t = vfmadd(w[1], vload<V>(xp + L), t);
   if (FMT == Q6_KR) {   // two half-blocks, two scales
-    __m256 u = _mm256_mul_ps(blk.v[2], _mm256_loadu_ps(xp + 16));
-    u = _mm256_fmadd_ps(blk.v[3], _mm256_loadu_ps(xp + 24), u);
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(blk.d1), u, _mm256_fmadd_ps(d, t, acc));
+    V u = vmul(w[2], vload<V>(xp + 2 * L));
+    u = vfmadd(w[3], vload<V>(xp + 3 * L), u);
+    acc = vfmadd(vset1<V>(d1), u, vfmadd(d, t, acc));
     return;
   }
-  t = _mm256_fmadd_ps(blk.v[2], _mm256_loadu_ps(xp + 16), t);
-  t = _mm256_fmadd_ps(blk.v[3], _mm256_loadu_ps(xp + 24), t);
-  acc = _mm256_fmadd_ps(d, t, acc);
+  t = vfmadd(w[2], vload<V>(xp + 2 * L), t);
+  t = vfmadd(w[3], vload<V>(xp + 3 * L), t);
+  acc = vfmadd(d, t, acc);
+}
+
+template <int FMT>
+inline void pair_block(const Block& blk, const __m256 d, const float* xp, __m256& acc) {
+  pair_products<FMT>(blk.v, d, blk.d1, xp, acc);
 }
 
 // The offset sum off = fma(m, sum(x_blk), off) of a pair, kept in lane 1 of off (lane 0 does
@@ -293,43 +348,6 @@ inline void tile_wide(const uint8_t* row, const float* X, int64_t xstride, int64
   }
 }
 
-// ---- two activation rows per vector (AVX-512) ----------------------------------------------------
-// With 16-float vectors, tile_wide's arithmetic for rows i and i + 1 runs in one instruction: the
-// low 8 lanes do row i's 8-lane operation and the high 8 lanes row i + 1's, on the same unpacked
-// block (copied into both halves) and on the two rows' activations side by side (a pair-interleaved
-// copy of the slice). Every lane does exactly what tile_wide's lane does, in the same order, so the
-// bits are those of the AVX2 build at every row count; the multiplies per (weight row, activation
-// row) block are halved, which is what bounds a many-row step (docs/kernels.md, "Rows").
-// EDGELLM_EMULATE_512 builds the same code on AVX2 with each 16-float vector as two 8-float halves:
-// the way to test this path's indexing on a machine without AVX-512 (bench/paired_rows_check.py).
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(EDGELLM_EMULATE_512)
-#define EDGELLM_PAIRED_ROWS 1
-using V16 = __m512;
-inline V16 v16_zero() { return _mm512_setzero_ps(); }
-inline V16 v16_load(const float* p) { return _mm512_loadu_ps(p); }
-inline void v16_store(float* p, V16 v) { _mm512_storeu_ps(p, v); }
-inline V16 v16_mul(V16 a, V16 b) { return _mm512_mul_ps(a, b); }
-inline V16 v16_fmadd(V16 a, V16 b, V16 c) { return _mm512_fmadd_ps(a, b, c); }
-inline V16 v16_dup(__m256 v) { return _mm512_broadcast_f32x8(v); }
-inline V16 v16_set1(float x) { return _mm512_set1_ps(x); }
-inline __m256 v16_lo(V16 v) { return _mm512_castps512_ps256(v); }
-inline __m256 v16_hi(V16 v) { return _mm512_extractf32x8_ps(v, 1); }
-#elif defined(EDGELLM_EMULATE_512) && defined(__AVX2__)
-#define EDGELLM_PAIRED_ROWS 1
-struct V16 { __m256 lo, hi; };
-inline V16 v16_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
-inline V16 v16_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-inline void v16_store(float* p, V16 v) { _mm256_storeu_ps(p, v.lo); _mm256_storeu_ps(p + 8, v.hi); }
-inline V16 v16_mul(V16 a, V16 b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
-inline V16 v16_fmadd(V16 a, V16 b, V16 c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
-inline V16 v16_dup(__m256 v) { return {v, v}; }
-inline V16 v16_set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
-inline __m256 v16_lo(V16 v) { return v.lo; }
-inline __m256 v16_hi(V16 v) { return v.hi; }
-#else
-#define EDGELLM_PAIRED_ROWS 0
-#endif
-
 // Whether matmul_many takes the paired path (set_paired_rows; the bits are the same either way, so
 // this is a speed choice per CPU: edgellm.kernels.native() makes it).
 bool paired_rows_on = EDGELLM_PAIRED_ROWS;
@@ -350,26 +368,13 @@ inline void tile_pairs(const uint8_t* row, const float* X, int64_t pstride, int6
                        float* accp, const float* off, float* O, int64_t N, int64_t rows) {
   const int bb = block_bytes(FMT);
   V16 acc[MP];
-  for (int i = 0; i < MP; i++) acc[i] = b0 == 0 ? v16_zero() : v16_load(accp + 16 * i);
+  for (int i = 0; i < MP; i++) acc[i] = b0 == 0 ? v16_zero() : vload<V16>(accp + 16 * i);
   Block blk;
   for (int64_t b = b0; b < b1; b++) {
     load_block<FMT>(row + b * bb, blk);
-    const V16 w0 = v16_dup(blk.v[0]), w1 = v16_dup(blk.v[1]), w2 = v16_dup(blk.v[2]), w3 = v16_dup(blk.v[3]);
-    const V16 d = v16_set1(blk.d);
-    for (int i = 0; i < MP; i++) {   // pair_block's operations, two rows a vector
-      const float* xp = X + i * pstride + (b - b0) * 64;
-      V16 t = v16_mul(w0, v16_load(xp));
-      t = v16_fmadd(w1, v16_load(xp + 16), t);
-      if (FMT == Q6_KR) {
-        V16 u = v16_mul(w2, v16_load(xp + 32));
-        u = v16_fmadd(w3, v16_load(xp + 48), u);
-        acc[i] = v16_fmadd(v16_set1(blk.d1), u, v16_fmadd(d, t, acc[i]));
-        continue;
-      }
-      t = v16_fmadd(w2, v16_load(xp + 32), t);
-      t = v16_fmadd(w3, v16_load(xp + 48), t);
-      acc[i] = v16_fmadd(d, t, acc[i]);
-    }
+    const V16 w[4] = {v16_dup(blk.v[0]), v16_dup(blk.v[1]), v16_dup(blk.v[2]), v16_dup(blk.v[3])};
+    const V16 d = vset1<V16>(blk.d);
+    for (int i = 0; i < MP; i++) pair_products<FMT>(w, d, blk.d1, X + i * pstride + (b - b0) * 64, acc[i]);
   }
   if (b1 < nb) {
     for (int i = 0; i < MP; i++) v16_store(accp + 16 * i, acc[i]);
@@ -466,7 +471,6 @@ void matmul_many(const float* X, const float* xsum, const uint8_t* W, float* O, 
       const int64_t xstride = copy_x ? (b1 - b0) * 32 : K;
       for (int r = 0; r < nc; r++) {
         const uint8_t* row = W + (c + r) * row_bytes;
-        int64_t first = 0;   // the first row tile_wide takes
 #if EDGELLM_PAIRED_ROWS
         const int64_t pstride = 2 * (b1 - b0) * 32;
         for (int64_t p0 = 0; p0 < P; p0 += PAIR_TILE) {
@@ -486,9 +490,8 @@ void matmul_many(const float* X, const float* xsum, const uint8_t* W, float* O, 
             default: tile_pairs<FMT, ACC, 1>(row, x, pstride, nb, b0, b1, acc, of, o, N, left); break;
           }
         }
-        if (paired) first = M;
 #endif
-        for (int64_t m0 = first; m0 < M; m0 += WIDE_TILE) {
+        for (int64_t m0 = paired ? M : 0; m0 < M; m0 += WIDE_TILE) {   // the rows not taken in pairs
           const float* x = xs + m0 * xstride;
           float* acc = accs + (r * M + m0) * 8;
           const float* of = off + m0 * CHUNK + r;
@@ -833,8 +836,8 @@ inline __m256 dot_row(const float* q, const KV* k, int64_t D) {
 #if defined(__AVX2__) && defined(__FMA__)
 // The G query heads of a KV head (G known at compile time, D = 64) read each key and value row
 // once instead of once per head. Every head's sums run in the same order as in attend_range's
-// loops below, so the scores and outputs are the same bits. Scores for positions [0, n8) of the
-// range; the output rows o_j = sum over the range of sc_j[p] * v[p] to out + j * head_stride + 2.
+// loops below, so the scores and outputs are the same bits. shared_scores: positions [0, n8) of the
+// range; shared_outputs: o_j = sum over the range of sc_j[p] * v[p] to part + j * head_stride + 2.
 // The value pass keeps G x 8 accumulators in registers where there are 32 (AVX-512); with AVX2's
 // 16 it runs twice, over each half of the row (G x 4), which reads the same cache lines.
 #if defined(__AVX512F__)
@@ -843,26 +846,28 @@ constexpr int V_PASSES = 1;
 constexpr int V_PASSES = 2;
 #endif
 template <typename KV, int G>
-inline void attend_heads_shared(const float* qr, const KV* KC, const KV* VC, const int64_t* slots, int64_t p0,
-                                int64_t n, int64_t n8, int64_t KVH, int64_t g, __m256 vscale, float* scores,
-                                float* part, int64_t head_stride, bool values) {
+inline void shared_scores(const float* qr, const KV* KC, const int64_t* slots, int64_t p0, int64_t n, int64_t n8,
+                          int64_t KVH, int64_t g, __m256 vscale, float* scores) {
   constexpr int64_t D = 64;
-  if (!values) {
-    for (int64_t p = 0; p < n8; p += 8) {
-      __m256 acc[G][8];
-      for (int u = 0; u < 8; u++) {
-        const KV* k = KC + (slots[p0 + p + u] * KVH + g) * D;
-        const __m256 k0 = load8(k);
-        for (int j = 0; j < G; j++) acc[j][u] = _mm256_mul_ps(_mm256_loadu_ps(qr + j * D), k0);
-        for (int64_t i = 8; i < D; i += 8) {
-          const __m256 ki = load8(k + i);
-          for (int j = 0; j < G; j++) acc[j][u] = _mm256_fmadd_ps(_mm256_loadu_ps(qr + j * D + i), ki, acc[j][u]);
-        }
+  for (int64_t p = 0; p < n8; p += 8) {
+    __m256 acc[G][8];
+    for (int u = 0; u < 8; u++) {
+      const KV* k = KC + (slots[p0 + p + u] * KVH + g) * D;
+      const __m256 k0 = load8(k);
+      for (int j = 0; j < G; j++) acc[j][u] = _mm256_mul_ps(_mm256_loadu_ps(qr + j * D), k0);
+      for (int64_t i = 8; i < D; i += 8) {
+        const __m256 ki = load8(k + i);
+        for (int j = 0; j < G; j++) acc[j][u] = _mm256_fmadd_ps(_mm256_loadu_ps(qr + j * D + i), ki, acc[j][u]);
       }
-      for (int j = 0; j < G; j++) _mm256_storeu_ps(scores + j * n + p, _mm256_mul_ps(hsum8x8(acc[j]), vscale));
     }
-    return;
+    for (int j = 0; j < G; j++) _mm256_storeu_ps(scores + j * n + p, _mm256_mul_ps(hsum8x8(acc[j]), vscale));
   }
+}
+
+template <typename KV, int G>
+inline void shared_outputs(const KV* VC, const int64_t* slots, int64_t p0, int64_t n, int64_t KVH, int64_t g,
+                           const float* scores, float* part, int64_t head_stride) {
+  constexpr int64_t D = 64;
   constexpr int W = 8 / V_PASSES;   // 8-float vectors of the row a pass covers
   for (int pass = 0; pass < V_PASSES; pass++) {
     __m256 r[G][W];
@@ -880,15 +885,14 @@ inline void attend_heads_shared(const float* qr, const KV* KC, const KV* VC, con
   }
 }
 
-// Calls attend_heads_shared for the head counts it is built for; false where it is not.
-template <typename KV>
-inline bool heads_shared(int64_t G, int64_t D, const float* qr, const KV* KC, const KV* VC, const int64_t* slots,
-                         int64_t p0, int64_t n, int64_t n8, int64_t KVH, int64_t g, __m256 vscale, float* scores,
-                         float* part, int64_t head_stride, bool values) {
+// Runs f(std::integral_constant<int, G>{}) where the shared path is built for G query heads of
+// size D, and says whether it did.
+template <typename F>
+inline bool with_shared_heads(int64_t G, int64_t D, F f) {
   if (D != 64) return false;
   switch (G) {
-    case 2: attend_heads_shared<KV, 2>(qr, KC, VC, slots, p0, n, n8, KVH, g, vscale, scores, part, head_stride, values); return true;
-    case 3: attend_heads_shared<KV, 3>(qr, KC, VC, slots, p0, n, n8, KVH, g, vscale, scores, part, head_stride, values); return true;
+    case 2: f(std::integral_constant<int, 2>{}); return true;
+    case 3: f(std::integral_constant<int, 3>{}); return true;
     default: return false;
   }
 }
@@ -902,7 +906,9 @@ void attend_range(const float* qr, const KV* KC, const KV* VC, const int64_t* sl
   const __m256 vscale = _mm256_set1_ps(scale);
   bool shared = false;   // the scores of [0, n8) made for all heads at once (avx512 and avx2 builds)
 #if defined(__AVX2__) && defined(__FMA__)
-  shared = heads_shared<KV>(G, D, qr, KC, VC, slots, p0, n, n8, KVH, g, vscale, scores, part, head_stride, false);
+  shared = with_shared_heads(G, D, [&](auto heads) {
+    shared_scores<KV, decltype(heads)::value>(qr, KC, slots, p0, n, n8, KVH, g, vscale, scores);
+  });
 #endif
   for (int64_t j = 0; j < G; j++) {
     const float* q = qr + j * D;
@@ -952,7 +958,10 @@ void attend_range(const float* qr, const KV* KC, const KV* VC, const int64_t* sl
     }
   }
 #if defined(__AVX2__) && defined(__FMA__)
-  if (shared) heads_shared<KV>(G, D, qr, KC, VC, slots, p0, n, n8, KVH, g, vscale, scores, part, head_stride, true);
+  if (shared)
+    with_shared_heads(G, D, [&](auto heads) {
+      shared_outputs<KV, decltype(heads)::value>(VC, slots, p0, n, KVH, g, scores, part, head_stride);
+    });
 #endif
 }
 

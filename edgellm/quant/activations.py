@@ -49,6 +49,13 @@ def dequantized_q8(x: torch.Tensor) -> torch.Tensor:
     return (q.view(m, k // 32, 32).float() * d.unsqueeze(-1)).view(m, k)
 
 
+def fast_modes_conflict() -> InvalidParameterError:
+    """The error for --activations int8 beside --dtype bfloat16 (raised by the CLI before loading,
+    and here for a model loaded in bf16)."""
+    return InvalidParameterError("--dtype bfloat16 and --activations int8 are two different fast modes; they "
+                                 "cannot be combined", "choose one: drop --dtype bfloat16 or --activations int8")
+
+
 def set_activations(model, mode: str) -> None:
     """Make every block matrix of ``model`` (and its vocabulary projection, where that is GGUF
     blocks too) take ``mode`` activations. Refuses, before changing anything, a model whose block
@@ -71,9 +78,7 @@ def set_activations(model, mode: str) -> None:
     for i, block in enumerate(blocks):
         for w in block.matrices():
             if getattr(w, "bf16_prefill", False):   # two fast modes for one matmul: which ran would be unclear
-                raise InvalidParameterError("--activations int8 and --dtype bfloat16 are two different fast modes; "
-                                            "they cannot be combined",
-                                            "choose one: drop --dtype bfloat16 or --activations int8")
+                raise fast_modes_conflict()
             if not hasattr(w, "int8_activations"):
                 raise InvalidParameterError(
                     f"--activations int8 needs every block matrix in GGUF blocks that the native kernels read "
