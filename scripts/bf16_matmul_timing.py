@@ -25,8 +25,12 @@ def time_matrix(n: int, k: int, rows: int, label: str) -> None:
     x = torch.randn(rows, k)
     ways = {"exact: dequantise + sgemm": lambda: exact.matmul(x),
             "--dtype bfloat16 (as chosen here)": lambda: bf16.matmul(x),
-            "bf16 GEMM (torch/oneDNN) forced": lambda: bf16_slab_matmul(x, n, bf16._step, bf16._dequant_slab, True),
-            "float32 emulation forced": lambda: bf16_slab_matmul(x, n, bf16._step, bf16._dequant_slab, False)}
+            "bf16 GEMM, float32 slab rounded": lambda: bf16_slab_matmul(x, n, bf16._step, bf16._dequant_slab,
+                                                                         native_bf16=True),
+            "bf16 GEMM, blocks straight to bf16": lambda: bf16_slab_matmul(x, n, bf16._step, bf16._dequant_slab,
+                                                                            bf16._dequant_slab_bf16, native_bf16=True),
+            "float32 emulation forced": lambda: bf16_slab_matmul(x, n, bf16._step, bf16._dequant_slab,
+                                                                 native_bf16=False)}
     medians = interleaved_medians(ways)
     print(f"{label} {n} x {k}:")
     for name, s in medians.items():

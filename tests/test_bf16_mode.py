@@ -82,6 +82,33 @@ def test_prefill_matmul_is_a_bf16_gemm_of_the_weights(fmt, native_bf16):
     assert (np.abs(exact - want) > bound).mean() > 0.3
 
 
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "Q5_0"])
+def test_blocks_dequantised_straight_to_bf16(fmt):
+    """The native bf16 slab (no float32 slab in between) is the gguf package's dequantisation
+    rounded to nearest bf16, ties to even, over any row range (equal as numbers: a zero weight of
+    Q4_0/Q5_0 may come out +0 where the gguf package gives -0, as the float32 slab does)."""
+    n, k = 40, 192
+    raw, w = raw_matrix(fmt, n, k, seed=11)
+    got = ext.block_dequant_bf16(raw, NATIVE_FORMATS[fmt], n, k, 5, 37)
+    assert got.dtype == torch.bfloat16 and got.shape == (32, k)
+    want = np_bf16(w[5:37])
+    assert np.array_equal(got.float().numpy(), want)
+    assert torch.equal(got, ext.block_dequant(raw, NATIVE_FORMATS[fmt], n, k, 5, 37).to(torch.bfloat16))
+    assert torch.equal(ext.block_dequant_bf16(raw, NATIVE_FORMATS[fmt], n, k, 0, n).float(),
+                       torch.from_numpy(np_bf16(w)))
+
+
+def test_bf16_rounding_ties_go_to_even():
+    """Q8_0 blocks whose weights lie exactly halfway between two bf16 values: d = 1 + 2^-8 (q = 1
+    gives a tie that rounds down to the even 1.0) and d = 1 + 3 * 2^-8 (rounds up to 1 + 2^-6)."""
+    d = np.array([1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8], dtype=np.float16)
+    q = np.zeros((2, 32), dtype=np.int8)
+    q[:, 0], q[:, 1] = 1, -1
+    raw = np.concatenate([np.concatenate([d[i:i + 1].view(np.uint8), q[i].view(np.uint8)]) for i in range(2)])
+    got = ext.block_dequant_bf16(torch.from_numpy(raw.reshape(1, -1)), NATIVE_FORMATS["Q8_0"], 1, 64, 0, 1).float()
+    assert got[0, [0, 1, 32, 33]].tolist() == [1.0, -1.0, 1 + 2.0 ** -6, -(1 + 2.0 ** -6)]
+
+
 def test_the_mode_switches_prefill_only():
     """A bf16 block matrix multiplies more than NATIVE_BLOCK_MAX_ROWS rows in bf16 and fewer
     (decode, a speculative verify pass) with the exact native kernel, bit for bit."""
@@ -119,11 +146,15 @@ def _prefill_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor(ids), torch.arange(n), batch, cache, torch.arange(n))
 
 
-def test_prefill_logits_are_no_worse_than_transformers_in_bf16(tmp_path, smollm2_path):
+@pytest.mark.parametrize("bf16_attention", ["0", "1"], ids=["fp32-attention", "bf16-attention"])
+def test_prefill_logits_are_no_worse_than_transformers_in_bf16(tmp_path, smollm2_path, monkeypatch, bf16_attention):
     """On a tiny random Q4_1 model: our bf16 prefill is closer to transformers' float32 logits
-    than transformers' own bf16 run of the same file, and further than our exact path."""
+    than transformers' own bf16 run of the same file, and further than our exact path; with the
+    prefill attention in float32 (the default without AMX) and in bf16 (the default with AMX)."""
     transformers = pytest.importorskip("transformers")
     from edgellm.loading.load import load_model
+
+    monkeypatch.setenv("EDGELLM_BF16_ATTENTION", bf16_attention)
 
     path = _tiny(tmp_path, smollm2_path)
     ids = list(range(100, 140))        # 40 tokens: a prefill, past the decode kernels' 16 rows
@@ -132,13 +163,32 @@ def test_prefill_logits_are_no_worse_than_transformers_in_bf16(tmp_path, smollm2
     with torch.inference_mode():
         ref = hf(torch.tensor([ids])).logits[0].double()
         hf_bf16 = hf.to(torch.bfloat16)(torch.tensor([ids])).logits[0].double()
-    ours_bf16 = _prefill_logits(load_model(str(path), "bfloat16").model, ids).double()
+    model = load_model(str(path), "bfloat16").model
+    assert model.prefill_attention_dtype == (torch.bfloat16 if bf16_attention == "1" else torch.float32)
+    ours_bf16 = _prefill_logits(model, ids).double()
     ours_exact = _prefill_logits(load_model(str(path), "float32").model, ids).double()
-    # mean over 40 x 49152 logits: stable (measured: ours 0.0023, transformers bf16 0.0027, exact 1e-7)
+    # mean over 40 x 49152 logits: stable (measured: ours 0.0023 (bf16 attention: 0.0024),
+    # transformers bf16 0.0027, exact 1e-7)
     err = {name: float((got - ref).abs().mean()) for name, got in
            (("ours bf16", ours_bf16), ("transformers bf16", hf_bf16), ("ours exact", ours_exact))}
     assert err["ours bf16"] < err["transformers bf16"], err
     assert err["ours exact"] < 0.1 * err["ours bf16"], err
+
+
+def test_bf16_attention_changes_the_prefill_only(tmp_path, smollm2_path, monkeypatch):
+    """Forced on, the bf16 prefill attention gives other logits than the float32 one (it runs),
+    and the exact default never takes it."""
+    from edgellm.loading.load import load_model
+
+    path = _tiny(tmp_path, smollm2_path)
+    ids = list(range(100, 140))
+    logits = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("EDGELLM_BF16_ATTENTION", flag)
+        logits[flag] = _prefill_logits(load_model(str(path), "bfloat16").model, ids)
+        assert load_model(str(path), "float32").model.prefill_attention_dtype == torch.float32
+    assert not torch.equal(logits["0"], logits["1"])
+    assert float((logits["0"] - logits["1"]).abs().max()) < 0.1 * float(logits["0"].abs().max())
 
 
 def test_refused_combinations_and_the_fallbacks(tmp_path, smollm2_path):

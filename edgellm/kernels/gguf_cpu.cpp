@@ -610,6 +610,49 @@ void dequant_rows(const uint8_t* W, float* O, int64_t N, int64_t K) {
   });
 }
 
+// float32 -> bfloat16 bits, rounded to nearest, ties to even: torch's .to(torch.bfloat16) for
+// every finite value (dequantised weights are finite).
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Eight floats rounded to bf16 (bf16_bits, lane by lane) and stored.
+inline void store_bf16x8(uint16_t* o, __m256 v) {
+#if defined(__AVX2__)
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  // lanes hold 0..0xFFFF, so the signed-to-unsigned saturating pack keeps them as they are
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(o),
+                   _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+#else
+  float f[8];
+  _mm256_storeu_ps(f, v);
+  for (int j = 0; j < 8; j++) o[j] = bf16_bits(f[j]);
+#endif
+}
+
+// dequant_rows rounded to bf16 as it goes (--dtype bfloat16 prefill): no float32 slab written and
+// read back, half the bytes stored.
+template <int FMT>
+void dequant_rows_bf16(const uint8_t* W, uint16_t* O, int64_t N, int64_t K) {
+  const int64_t nb = K / 32;
+  const int bb = block_bytes(FMT);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    Block blk;
+    for (int64_t n = n0; n < n1; n++)
+      for (int64_t b = 0; b < nb; b++) {
+        load_block<FMT>(W + (n * nb + b) * bb, blk);
+        const __m256 d = _mm256_set1_ps(blk.d), m = _mm256_set1_ps(blk.m);
+        const __m256 d1 = FMT == Q6_KR ? _mm256_set1_ps(blk.d1) : d;
+        uint16_t* o = O + n * K + b * 32;
+        for (int j = 0; j < 4; j++) store_bf16x8(o + 8 * j, _mm256_fmadd_ps(j < 2 ? d : d1, blk.v[j], m));
+      }
+  });
+}
+
 void check(const torch::Tensor& w, int64_t fmt, int64_t N, int64_t K) {
   TORCH_CHECK(fmt >= 0 && fmt < N_FORMATS, "unknown block format ", fmt);
   TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32");
@@ -641,6 +684,17 @@ torch::Tensor block_dequant(torch::Tensor w, int64_t fmt, int64_t N, int64_t K, 
   const uint8_t* W = w.data_ptr<uint8_t>() + r0 * (K / 32) * block_bytes(fmt);
   float* O = out.data_ptr<float>();
   WITH_FORMAT(fmt, (dequant_rows<FMT>(W, O, r1 - r0, K)));
+  return out;
+}
+
+// The same rows rounded to bfloat16 (ties to even), for the bf16 GEMM of --dtype bfloat16.
+torch::Tensor block_dequant_bf16(torch::Tensor w, int64_t fmt, int64_t N, int64_t K, int64_t r0, int64_t r1) {
+  check(w, fmt, N, K);
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= N, "row range out of bounds");
+  auto out = torch::empty({r1 - r0, K}, torch::kBFloat16);
+  const uint8_t* W = w.data_ptr<uint8_t>() + r0 * (K / 32) * block_bytes(fmt);
+  uint16_t* O = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  WITH_FORMAT(fmt, (dequant_rows_bf16<FMT>(W, O, r1 - r0, K)));
   return out;
 }
 
@@ -1204,6 +1258,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "two activation rows per 16-float vector in many-row matmuls (avx512 build only; same bits): on/off");
   m.def("block_matmul", &block_matmul, "x @ W.T for a block-quantised W (Q4_0, Q4_1, Q8_0, repacked Q4_K and Q6_K)");
   m.def("block_dequant", &block_dequant, "rows of a GGUF block-quantised matrix as float32");
+  m.def("block_dequant_bf16", &block_dequant_bf16, "rows of a GGUF block-quantised matrix rounded to bfloat16");
   m.def("block_matmul_add", &block_matmul_add, "residual + x @ W.T for a block-quantised W");
   m.def("rope_qkv_write", &rope_qkv_write, "RoPE on q and k, k and v written to the KV cache");
   m.def("decode_attention", &decode_attention, "one-token attention over slot-addressed history");

@@ -140,10 +140,12 @@ def write_kv(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: 
 
 
 def attend(q: torch.Tensor, cache: KVCache, layer: int, batch: AttentionBatch,
-           window: int | None = None) -> torch.Tensor:
+           window: int | None = None, prefill_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The second half of attention: q [T, H, D] over the cached keys and values of each token's
     sequence (written by :func:`write_kv`, this step's included), or over the last ``window``
-    positions of it (sliding-window layers). Returns [T, H * D]."""
+    positions of it (sliding-window layers). Returns [T, H * D]. ``prefill_dtype``: what the
+    prefill rows' flash kernel multiplies in (``--dtype bfloat16`` on AMX: bfloat16); decode rows
+    and the result are float32 either way."""
     T, H, D = q.shape
     batch = batch.for_layer(cache, layer).windowed(window)
     # The native kernels read a float32 cache only; other cache formats dequantise in cache.read.
@@ -166,6 +168,8 @@ def attend(q: torch.Tensor, cache: KVCache, layer: int, batch: AttentionBatch,
         group = H // keys.shape[1]
         ks = keys.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)   # [1, H, L, D]
         vs = vals.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
+        if prefill_dtype != q.dtype:
+            qs, ks, vs = qs.to(prefill_dtype), ks.to(prefill_dtype), vs.to(prefill_dtype)
         if s.new_tokens == s.context and (window is None or s.context <= window):
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
         else:  # a chunk after cached history, or a window: query i sits at position first + i

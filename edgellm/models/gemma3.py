@@ -53,6 +53,8 @@ class Gemma3Model:
     """The forward pass as the same public parts as :class:`~edgellm.models.llama.LlamaModel`
     (embed, rope_tables, forward_layers, logits; no fused decode), so the runner composes it alike."""
 
+    prefill_attention_dtype = torch.float32   # as LlamaModel's
+
     def __init__(self, cfg: ModelConfig, weights: ModelWeights):
         self.cfg = cfg
         self.weights = weights
@@ -152,7 +154,7 @@ class Gemma3Model:
         q = write_kv(qkv, rope[1] if window is not None else rope[0], cache, layer, batch, H, KVH)
         if trace is not None:
             trace.end("rope", layer)
-        attn = attend(q, cache, layer, batch, window)
+        attn = attend(q, cache, layer, batch, window, self.prefill_attention_dtype)
         if trace is not None:
             trace.end("attention", layer)
         h = h + F.rms_norm(w.o.matmul(attn), (cfg.hidden_size,), w.post_attn_norm, eps)

@@ -68,6 +68,9 @@ class LlamaModel:
     :class:`~edgellm.models.trace.Trace` and marks its ops in it."""
 
     activations = "fp32"   # or "int8": edgellm.quant.activations.set_activations
+    # what prefill attention multiplies in: bfloat16 under --dtype bfloat16 where the CPU has AMX
+    # (set by the loader, edgellm.quant.bf16.prefill_attention_dtype)
+    prefill_attention_dtype = torch.float32
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights):
         self.cfg = cfg
@@ -200,7 +203,7 @@ class LlamaModel:
         q = write_kv(qkv, rope, cache, layer, batch, cfg.n_heads, cfg.n_kv_heads)
         if trace is not None:
             trace.end("rope", layer)
-        attn = attend(q, cache, layer, batch, self._windows[layer])
+        attn = attend(q, cache, layer, batch, self._windows[layer], self.prefill_attention_dtype)
         if trace is not None:
             trace.end("attention", layer)
         h = self.project_add(w.o, attn, h)

@@ -12,16 +12,19 @@ float32 speed.
 
 Decode (at most ``NATIVE_BLOCK_MAX_ROWS`` rows) is left to the native block kernels: one row
 reads each weight once, so it is bound by the bytes of the quantised blocks, which bf16 does not
-shrink. Norms, attention and the KV cache stay float32 (``--kv-dtype`` sets the cache).
+shrink. Norms and the KV cache stay float32 (``--kv-dtype`` sets the cache); prefill attention
+runs in bf16 where the CPU has AMX (:func:`prefill_attention_dtype`), else float32.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Callable
 
 import torch
 
+from edgellm.kernels.build import cpu_flags
 from edgellm.quant.base import prefill_dtype, slab_matmul
 
 
@@ -31,18 +34,35 @@ def cpu_multiplies_bf16() -> bool:
     return prefill_dtype() == torch.bfloat16
 
 
+def prefill_attention_dtype() -> torch.dtype:
+    """The dtype of the mode's prefill attention: bfloat16 where the CPU has AMX tiles (PyTorch's
+    flash kernel then multiplies bf16 tiles; on Zen 4's AVX512_BF16 it was no faster: 153 against
+    155 ms for SmolLM2's 30 layers at 512 tokens, 2 threads), else float32. EDGELLM_BF16_ATTENTION=1
+    or 0 decides instead (to measure either way on any CPU)."""
+    forced = os.environ.get("EDGELLM_BF16_ATTENTION", "")
+    if forced in ("0", "1"):
+        return torch.bfloat16 if forced == "1" else torch.float32
+    return torch.bfloat16 if "amx_bf16" in cpu_flags() else torch.float32
+
+
 def round_bf16(t: torch.Tensor) -> torch.Tensor:
     """t rounded to the nearest bfloat16 (ties to even), returned as float32."""
     return t.to(torch.bfloat16).float()
 
 
 def bf16_slab_matmul(x: torch.Tensor, n: int, step: int, slab: Callable[[int, int], torch.Tensor],
+                     slab_bf16: Callable[[int, int], torch.Tensor] | None = None,
                      native_bf16: bool | None = None) -> torch.Tensor:
     """``x @ W.T`` with bf16 operands and a bf16-rounded product, as float32 [M, n]; ``W``'s rows
-    r0..r1 come as float32 from ``slab(r0, r1)``, ``step`` rows at a time. ``native_bf16``: run
-    the bf16 GEMM (True) or its float32 emulation (False); default: what this CPU is fast at."""
+    r0..r1 come as float32 from ``slab(r0, r1)``, ``step`` rows at a time, or already rounded to
+    bfloat16 from ``slab_bf16`` where the weight can (the native kernels: one pass over the
+    blocks instead of a float32 slab and a rounding pass, which took a third of the bf16 GEMM's
+    gain on a Xeon, docs/fast-modes.md). ``native_bf16``: run the bf16 GEMM (True) or its
+    float32 emulation (False); default: what this CPU is fast at."""
     if cpu_multiplies_bf16() if native_bf16 is None else native_bf16:
-        return slab_matmul(x.to(torch.bfloat16), n, step, lambda r0, r1: slab(r0, r1).to(torch.bfloat16))
+        if slab_bf16 is None:
+            slab_bf16 = lambda r0, r1: slab(r0, r1).to(torch.bfloat16)  # noqa: E731
+        return slab_matmul(x.to(torch.bfloat16), n, 2 * step, slab_bf16)
     y = slab_matmul(round_bf16(x), n, step, lambda r0, r1: round_bf16(slab(r0, r1)))
     return round_bf16(y)
 

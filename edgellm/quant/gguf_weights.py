@@ -60,12 +60,16 @@ class GGUFBlockWeight(Weight):
         elif x.shape[0] <= NATIVE_BLOCK_MAX_ROWS:
             return self._ext.block_matmul(x, self.raw, self.code, n)
         elif self.bf16_prefill:
-            return bf16_slab_matmul(x, n, self._step, self._dequant_slab)
+            return bf16_slab_matmul(x, n, self._step, self._dequant_slab, self._dequant_slab_bf16)
         return slab_matmul(x, n, self._step, self._dequant_slab)
 
     def _dequant_slab(self, r0: int, r1: int) -> torch.Tensor:
         """Rows r0..r1 as float32."""
         return self._ext.block_dequant(self.raw, self.code, self.shape[0], self.shape[1], r0, r1)
+
+    def _dequant_slab_bf16(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0..r1 rounded to bfloat16 as they are dequantised (no float32 slab)."""
+        return self._ext.block_dequant_bf16(self.raw, self.code, self.shape[0], self.shape[1], r0, r1)
 
     def matmul_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= NATIVE_BLOCK_MAX_ROWS and x.dtype == torch.float32 and not self.int8_activations:
