@@ -215,6 +215,10 @@ def test_greedy_tokens_of_the_real_model(llm, smollm2_path):
 
     bf16 = LLM(str(smollm2_path), dtype="bfloat16", threads=2)
     assert bf16.loaded.model.weights.blocks[0].qkv.format == "Q4_1"      # the blocks, not a bf16 copy
+    # every block matrix takes the mode, the fused q/k/v and gate/up included (they once lost it
+    # when the loader began fusing straight from the file's mapping)
+    blocks = bf16.loaded.model.weights.blocks
+    assert all(getattr(b, name).bf16_prefill for b in blocks for name in ("qkv", "o", "gate_up", "down"))
     assert bf16.loaded.weight_bytes == llm.loaded.weight_bytes
     ids = llm.encode_prompt("Write a haiku about the sea.", chat=True)
     assert len(ids) > 16

@@ -107,7 +107,7 @@ class GGUFSource:
             else:
                 rows.copy_(raw)
             row += expect[0]
-        return GGUFBlockWeight(fused, tensors[0].ggml_type, parts[0][1][1])
+        return self._blocks(fused, tensors[0].ggml_type, parts[0][1][1])
 
     def _check_shape(self, t, expect: tuple[int, int]) -> None:
         if tuple(t.shape) != expect:
