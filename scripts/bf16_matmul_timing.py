@@ -1,9 +1,11 @@
 """Time one Q4_1 matmul of prefill size, interleaved, medians: the exact path (dequantise to float32
 + sgemm), --dtype bfloat16 as this CPU runs it (edgellm.quant.bf16: oneDNN's bf16 GEMM where the
 CPU has AVX512_BF16/AMX, else float32 emulation), and both bf16 ways forced; then the whole prefill
-of a ``rows``-token prompt of the default model, exact and bf16 taking turns. For the figures of
+of a ``rows``-token prompt of the default model, exact and bf16 (prefill attention in float32 and
+in bf16, EDGELLM_BF16_ATTENTION) taking turns. For the figures of
 docs/fast-modes.md. Usage: python scripts/bf16_matmul_timing.py [rows] [threads]"""
 
+import os
 import statistics
 import sys
 
@@ -42,7 +44,11 @@ def time_prefill(rows: int, threads: int, rounds: int = 9) -> None:
     from edgellm.quality import read_corpus
     from edgellm.sampling import SamplingParams
 
-    models = {"exact": LLM(None, threads=threads), "--dtype bfloat16": LLM(None, dtype="bfloat16", threads=threads)}
+    models = {"exact": LLM(None, threads=threads)}
+    for attention in ("0", "1"):   # the mode's prefill attention in float32, then in bf16 (read at load)
+        os.environ["EDGELLM_BF16_ATTENTION"] = attention
+        models[f"bf16, {'bf16' if attention == '1' else 'fp32'} attention"] = LLM(None, dtype="bfloat16", threads=threads)
+    del os.environ["EDGELLM_BF16_ATTENTION"]
     ids = models["exact"].tokenizer.encode(read_corpus())[:rows]
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     times = {name: [] for name in models}
@@ -53,7 +59,7 @@ def time_prefill(rows: int, threads: int, rounds: int = 9) -> None:
             times[name].append(llm.generate(ids, params).prefill_s)
     print(f"prefill of {rows} tokens, default model, medians of {rounds} interleaved:")
     for name, v in times.items():
-        print(f"  {name:18s} {statistics.median(v) * 1e3:8.1f} ms  {rows / statistics.median(v):7.1f} tok/s")
+        print(f"  {name:22s} {statistics.median(v) * 1e3:8.1f} ms  {rows / statistics.median(v):7.1f} tok/s")
 
 
 def main() -> None:
