@@ -23,7 +23,7 @@ def time_matrix(n: int, k: int, rows: int, label: str) -> None:
     raw = torch.from_numpy(quants.quantize(w, GGMLQuantizationType.Q4_1).view(np.uint8).reshape(n, -1))
     exact = GGUFBlockWeight(raw, "Q4_1", k)
     bf16 = GGUFBlockWeight(raw, "Q4_1", k)
-    bf16.bf16_prefill = True
+    bf16.bf16_mode = True
     x = torch.randn(rows, k)
     ways = {"exact: dequantise + sgemm": lambda: exact.matmul(x),
             "--dtype bfloat16 (as chosen here)": lambda: bf16.matmul(x),

@@ -82,6 +82,42 @@ def test_prefill_matmul_is_a_bf16_gemm_of_the_weights(fmt, native_bf16):
     assert (np.abs(exact - want) > bound).mean() > 0.3
 
 
+bf16_dot = pytest.mark.skipif(ext is None or not ext.bf16_dot_available(),
+                              reason="bf16 dot products need the avx512 kernels on a CPU with AVX512_BF16")
+
+
+@bf16_dot
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "Q5_0"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 11, 16])
+def test_decode_matmul_with_bf16_dot_products(fmt, rows):
+    """block_matmul_bf16 is the bf16-rounded weights times the bf16-rounded activations summed in
+    float32: within gamma_K * sum|products| of the float64 product of the rounded operands (no
+    final rounding: the sum stays float32). The exact kernel falls outside that bound, so the
+    test tells the two apart; 1 to 16 rows cover every tile shape, and 66 output rows a ragged end."""
+    n, k = 66, 320
+    raw, w = raw_matrix(fmt, n, k, seed=rows)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    xb = np_bf16(x.numpy()).astype(np.float64)
+    wb = np_bf16(w).astype(np.float64)
+    want = xb @ wb.T
+    gamma = k * U32 / (1 - k * U32)
+    bound = gamma * (np.abs(xb) @ np.abs(wb).T) + 1e-30
+    got = ext.block_matmul_bf16(x, raw, NATIVE_FORMATS[fmt], n).double().numpy()
+    assert (np.abs(got - want) <= bound).all()
+    exact = ext.block_matmul(x, raw, NATIVE_FORMATS[fmt], n).double().numpy()
+    assert (np.abs(exact - want) > bound).mean() > 0.3
+    # each row's result does not depend on the rows beside it (a verify pass = single steps)
+    assert torch.equal(ext.block_matmul_bf16(x[-1:], raw, NATIVE_FORMATS[fmt], n)[0],
+                       torch.from_numpy(got[-1]).float())
+
+
+@pytest.mark.skipif(ext is None or ext.bf16_dot_available(), reason="checks the refusal where it does not run")
+def test_bf16_dot_products_refused_where_the_cpu_lacks_them():
+    raw, _ = raw_matrix("Q4_1", 8, 64, seed=1)
+    with pytest.raises(RuntimeError, match="AVX512_BF16"):
+        ext.block_matmul_bf16(torch.randn(1, 64), raw, NATIVE_FORMATS["Q4_1"], 8)
+
+
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "Q5_0"])
 def test_blocks_dequantised_straight_to_bf16(fmt):
     """The native bf16 slab (no float32 slab in between) is the gguf package's dequantisation
@@ -109,23 +145,26 @@ def test_bf16_rounding_ties_go_to_even():
     assert got[0, [0, 1, 32, 33]].tolist() == [1.0, -1.0, 1 + 2.0 ** -6, -(1 + 2.0 ** -6)]
 
 
-def test_the_mode_switches_prefill_only():
-    """A bf16 block matrix multiplies more than NATIVE_BLOCK_MAX_ROWS rows in bf16 and fewer
-    (decode, a speculative verify pass) with the exact native kernel, bit for bit."""
+def test_the_mode_takes_bf16_dot_products_in_decode_where_the_cpu_has_them():
+    """A bf16 block matrix multiplies more than NATIVE_BLOCK_MAX_ROWS rows with the bf16 GEMM and
+    fewer (decode, a speculative verify pass) with the bf16 dot-product kernel where the CPU has
+    AVX512_BF16, else with the exact native kernel, bit for bit."""
     from edgellm.quant.base import NATIVE_BLOCK_MAX_ROWS
-    from edgellm.quant.bf16 import bf16_slab_matmul
+    from edgellm.quant.bf16 import bf16_slab_matmul, decode_in_bf16
     from edgellm.quant.gguf_weights import GGUFBlockWeight
 
     n, k = 64, 128
     raw, _ = raw_matrix("Q4_1", n, k, seed=7)
     weight = GGUFBlockWeight(raw, "Q4_1", k)
-    weight.bf16_prefill = True
+    weight.bf16_mode = True
     x = torch.randn(NATIVE_BLOCK_MAX_ROWS + 8, k, generator=torch.Generator().manual_seed(1))
     decode = x[:NATIVE_BLOCK_MAX_ROWS]
-    assert torch.equal(weight.matmul(decode), ext.block_matmul(decode, raw, NATIVE_FORMATS["Q4_1"], n))
+    kernel = ext.block_matmul_bf16 if decode_in_bf16() else ext.block_matmul
+    assert torch.equal(weight.matmul(decode), kernel(decode, raw, NATIVE_FORMATS["Q4_1"], n))
+    assert torch.equal(weight.matmul_add(decode, decode[:, :n]), decode[:, :n] + kernel(decode, raw, NATIVE_FORMATS["Q4_1"], n))
     assert torch.equal(weight.matmul(x), bf16_slab_matmul(x, n, weight._step, weight._dequant_slab))
     fused = GGUFBlockWeight.concat([weight, weight])            # fusing q/k/v keeps the mode
-    assert fused.bf16_prefill
+    assert fused.bf16_mode
 
 
 def _tiny(tmp_path, smollm2_path):
@@ -191,6 +230,37 @@ def test_bf16_attention_changes_the_prefill_only(tmp_path, smollm2_path, monkeyp
     assert float((logits["0"] - logits["1"]).abs().max()) < 0.1 * float(logits["0"].abs().max())
 
 
+@bf16_dot
+def test_the_fused_decode_step_takes_bf16_dot_products(tmp_path, smollm2_path, monkeypatch):
+    """Where the CPU has AVX512_BF16, the mode's all-blocks decode step multiplies with bf16 dot
+    products: equal to the per-op path, whose matrices run the kernel tested above (the same
+    arithmetic per matmul; measured equal to float32 rounding), and apart from the exact step.
+    EDGELLM_BF16_DECODE=0 brings the exact kernels back."""
+    from edgellm.loading.load import load_model
+    from tiny_model import decode_step_logits
+
+    path = _tiny(tmp_path, smollm2_path)
+    model = load_model(str(path), "bfloat16").model
+    assert model.bf16_decode and model.has_fused_decode
+    fused = decode_step_logits(model, fused=True)
+    per_op = decode_step_logits(model, fused=False)
+    exact = decode_step_logits(load_model(str(path), "float32").model, fused=True)
+    assert (fused - per_op).abs().max() < 0.02 * (fused - exact).abs().max()
+    monkeypatch.setenv("EDGELLM_BF16_DECODE", "0")
+    from edgellm.quant import bf16
+
+    bf16.decode_in_bf16.cache_clear()
+    try:
+        model = load_model(str(path), "bfloat16").model
+        assert not model.bf16_decode and model.decode_arithmetic() == 0
+        qkv = model.weights.blocks[0].qkv
+        x = torch.randn(3, qkv.shape[1])
+        assert torch.equal(qkv.matmul(x), ext.block_matmul(x, qkv.raw, qkv.code, qkv.shape[0]))
+    finally:
+        monkeypatch.delenv("EDGELLM_BF16_DECODE")
+        bf16.decode_in_bf16.cache_clear()
+
+
 def test_refused_combinations_and_the_fallbacks(tmp_path, smollm2_path):
     """bf16 with int8 activations is refused (two fast modes); without the native kernels the
     mode holds the matrices as bf16 and still runs."""
@@ -218,7 +288,7 @@ def test_greedy_tokens_of_the_real_model(llm, smollm2_path):
     # every block matrix takes the mode, the fused q/k/v and gate/up included (they once lost it
     # when the loader began fusing straight from the file's mapping)
     blocks = bf16.loaded.model.weights.blocks
-    assert all(getattr(b, name).bf16_prefill for b in blocks for name in ("qkv", "o", "gate_up", "down"))
+    assert all(getattr(b, name).bf16_mode for b in blocks for name in ("qkv", "o", "gate_up", "down"))
     assert bf16.loaded.weight_bytes == llm.loaded.weight_bytes
     ids = llm.encode_prompt("Write a haiku about the sea.", chat=True)
     assert len(ids) > 16

@@ -163,21 +163,13 @@ def test_the_dot_product_in_use_is_named():
     assert ext.int8_dot_product() in ("avx2", "vnni", "portable")
 
 
-def _decode_step(model, activations: str, fused: bool, n_seq: int = 4):
-    """Logits of one decode step after a short prefill, through a ModelRunner (fused or per-op)."""
-    from edgellm.kv.cache import KVCache
+def _decode_step(model, activations: str, fused: bool):
+    """One decode step's logits (tiny_model.decode_step_logits) with ``activations``."""
     from edgellm.quant.activations import set_activations
-    from edgellm.runtime.model_runner import ModelRunner, SeqChunk
+    from tiny_model import decode_step_logits
 
     set_activations(model, activations)
-    span = 32
-    cache = KVCache(model.cfg, n_seq * span // 16, 16, torch.float32)
-    slots = [torch.arange(i * span, (i + 1) * span) for i in range(n_seq)]
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 40000, (3 + 5 * i,), generator=gen).tolist() for i in range(n_seq)]
-    runner = ModelRunner(model, cache, fused_decode=fused)
-    runner.run([SeqChunk(p, 0, s) for p, s in zip(prompts, slots)])
-    return runner.run([SeqChunk([1234 + i], len(p), s) for i, (p, s) in enumerate(zip(prompts, slots))])
+    return decode_step_logits(model, fused)
 
 
 def test_the_fused_decode_step_takes_int8_activations(tmp_path, smollm2_path):

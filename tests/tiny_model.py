@@ -90,3 +90,21 @@ def run_chunks(model, cfg, ids: list[int], prompt_len: int, chunk: int, fused: b
         for pos in range(prompt_len, len(ids) - 1):
             got.append(runner.run([SeqChunk([ids[pos]], pos, slots)])[0])
     return got
+
+
+def decode_step_logits(model, fused: bool, n_seq: int = 4):
+    """Logits of one decode step of ``n_seq`` sequences after a short prefill of each, through a
+    ModelRunner with the all-blocks native step (``fused``) or the per-op path."""
+    import torch
+
+    from edgellm.kv.cache import KVCache
+    from edgellm.runtime.model_runner import ModelRunner, SeqChunk
+
+    span = 32
+    cache = KVCache(model.cfg, n_seq * span // 16, 16, torch.float32)
+    slots = [torch.arange(i * span, (i + 1) * span) for i in range(n_seq)]
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 40000, (3 + 5 * i,), generator=gen).tolist() for i in range(n_seq)]
+    runner = ModelRunner(model, cache, fused_decode=fused)
+    runner.run([SeqChunk(p, 0, s) for p, s in zip(prompts, slots)])
+    return runner.run([SeqChunk([1234 + i], len(p), s) for i, (p, s) in enumerate(zip(prompts, slots))])

@@ -292,8 +292,10 @@ def run_sessions_bench(model: str | None = None, concurrency=(1, 4, 16, 64), dec
                        duration_s: float = 60.0, think_s: float = 3.0, user_max_tokens: int = 48,
                        kv_memory="1GB", users_kv_memory="64MB", users_host_memory="32MB",
                        threads: int | None = 2, repeat: int = 3, seed: int = 0, profile: bool = True,
-                       log: Callable[[str], None] | None = None, llm=None) -> dict:
-    """Run the four measurements; returns one dict (see the module docstring)."""
+                       log: Callable[[str], None] | None = None, llm=None, dtype: str = "auto",
+                       activations: str = "fp32") -> dict:
+    """Run the four measurements; returns one dict (see the module docstring). ``dtype`` and
+    ``activations``: the engine's arithmetic (the fast modes, docs/fast-modes.md)."""
     import torch
 
     from edgellm.kv.cache import BLOCK_SIZE, KVCache
@@ -302,7 +304,7 @@ def run_sessions_bench(model: str | None = None, concurrency=(1, 4, 16, 64), dec
 
     log = log or (lambda line: None)
     if llm is None:
-        llm = LLM(model, threads=threads)
+        llm = LLM(model, threads=threads, dtype=dtype, activations=activations)
     elif threads:
         torch.set_num_threads(threads)
     llm.generate("warm up", SamplingParams.greedy(max_tokens=4))
@@ -310,6 +312,7 @@ def run_sessions_bench(model: str | None = None, concurrency=(1, 4, 16, 64), dec
     t0 = time.perf_counter()
     result = {
         "model": llm.cfg.name or str(model), "threads": torch.get_num_threads(), "repeat": repeat,
+        "dtype": dtype, "activations": activations,
         "loadavg_start": os.getloadavg(), "cpus": os.cpu_count(),
         "kv_bytes_per_token": bpt,
         "decode": bench_decode(llm, list(concurrency), decode_tokens, repeat, kv_memory, log),
@@ -393,12 +396,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a short run: fewer sessions, repeats and seconds")
     p.add_argument("--profile", action="store_true",
                    help="only profile a decode step's parts (fused blocks, per-layer blocks, lm_head) per batch size")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="the engine's compute dtype (bfloat16: the fast mode)")
+    p.add_argument("--activations", default="fp32", choices=("fp32", "int8"), help="int8: the fast mode")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if a.profile:
         from edgellm.llm import LLM
 
-        llm = LLM(a.model, threads=a.threads)
+        llm = LLM(a.model, threads=a.threads, dtype=a.dtype, activations=a.activations)
         rows = profile_decode_batch(llm, [int(x) for x in a.concurrency.split(",")], repeat=max(a.repeat, 3))
         if a.json:
             print(json.dumps(rows, indent=2))
@@ -414,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         model=a.model, concurrency=[int(x) for x in a.concurrency.split(",")], decode_tokens=a.decode_tokens,
         histories=[int(x) for x in a.histories.split(",") if x], users=a.users, duration_s=a.duration, think_s=a.think,
         kv_memory=a.kv_memory, users_kv_memory=a.users_kv_memory, users_host_memory=a.users_host_memory,
-        threads=a.threads, repeat=a.repeat, log=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
+        threads=a.threads, repeat=a.repeat, log=lambda line: print(f"bench: {line}", file=sys.stderr, flush=True),
+        dtype=a.dtype, activations=a.activations)
     if a.json:
         print(json.dumps(res, indent=2, default=str))
     else:

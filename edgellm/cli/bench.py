@@ -132,7 +132,7 @@ def _run_sessions(args: argparse.Namespace) -> int:
         raise InvalidParameterError("--think-time and --duration must not be negative",
                                     "pass a number of seconds, e.g. --think-time 3 --duration 60")
     res = run_sessions_bench(model=args.model, users=args.users, duration_s=args.duration, think_s=args.think_time,
-                             threads=args.threads, repeat=args.repeat,
+                             threads=args.threads, repeat=args.repeat, dtype=args.dtype, activations=args.activations,
                              log=None if args.quiet else lambda line: print(f"bench: {line}", file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(_clean(res), indent=2, default=str))

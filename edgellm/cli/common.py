@@ -11,8 +11,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: smollm2-135m; see `edgellm generate --list-models`)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute precision: auto keeps GGUF Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K weights quantised and computes "
-                        "in float32 (exact); bfloat16 (opt-in, approximate) multiplies prefill in bf16 and keeps "
-                        "decode on the exact block kernels, and holds other matrices (HF folders) as bf16; fast only "
+                        "in float32 (exact); bfloat16 (opt-in, approximate) multiplies prefill in bf16 and decode with "
+                        "bf16 dot products where the CPU has AVX512_BF16 (else exact), and holds other matrices "
+                        "(HF folders) as bf16; fast only "
                         "where the CPU has AVX512_BF16 or AMX, elsewhere emulated at float32 speed (README, "
                         "'Fast modes') (default: auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")

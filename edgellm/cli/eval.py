@@ -40,7 +40,7 @@ def _common(p: argparse.ArgumentParser, weights_required: bool = False) -> None:
                         "comma-separated, repeatable)")
     p.add_argument("--kv-dtype", default="fp32", help="KV cache precision: fp32, fp16, bf16, fp8, int8 (default fp32)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute precision, as for generate: bfloat16 is the opt-in bf16 prefill of GGUF block weights "
+                   help="compute precision, as for generate: bfloat16 is the opt-in bf16 arithmetic of GGUF block weights "
                         "(agreement then compares with the same weights computed exactly; default auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

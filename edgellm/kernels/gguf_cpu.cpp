@@ -827,6 +827,8 @@ torch::Tensor block_matmul_add(torch::Tensor x, torch::Tensor w, int64_t fmt, in
 
 // int8 activations (opt-in), in their own files: quantised blocks, integer dot products
 #include "int8_activations.h"
+// bf16 dot products for the decode of --dtype bfloat16, in their own file too
+#include "bf16_decode.h"
 
 // ---- every transformer block of a decode step, in one parallel region ------------------------
 // Launching a parallel region per matmul costs more than the matmul at SmolLM2's widths when two
@@ -1036,7 +1038,11 @@ inline void merge_partials(const float* part, int64_t S, int64_t part_stride, in
   for (int64_t i = 0; i < D; i++) out[i] *= inv;
 }
 
-template <typename KV, bool INT8>   // INT8: the matmuls take int8 activation blocks (int8_activations.h)
+// How the fused decode step's matmuls multiply: exactly (float32), with int8 activation blocks
+// (--activations int8, int8_activations.h) or with bf16 dot products (--dtype bfloat16, bf16_decode.h).
+enum Arith { ARITH_FP32 = 0, ARITH_INT8 = 1, ARITH_BF16 = 2 };
+
+template <typename KV, int ARITH>
 void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& fmts,
                         const std::vector<torch::Tensor>& qkv_bias, torch::Tensor cos, torch::Tensor sin,
                         torch::Tensor kv, torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
@@ -1075,7 +1081,8 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
     std::vector<float> xn(B * std::max(C, F)), xs(B * std::max(std::max(C, F), Q) / 32);
     std::vector<float> scores(G * Lmax), qr(G * D), krow(D), attn(B * Q);
-    int8act::Q8Scratch q8(INT8 ? B : 0, std::max(std::max(C, F), Q));
+    int8act::Q8Scratch q8(ARITH == ARITH_INT8 ? B : 0, std::max(std::max(C, F), Q));
+    bf16dot::BF16Scratch b16(ARITH == ARITH_BF16 ? B * std::max(std::max(C, F), Q) : 0);
     for (int64_t l = 0; l < L; l++) {
       const float* attn_norm = weights[6 * l + 0].data_ptr<float>();
       const float* ffn_norm = weights[6 * l + 3].data_ptr<float>();
@@ -1086,8 +1093,11 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
       // 1. x = norm(h); qkv = x @ Wqkv.T (my rows)
       for (int64_t b = 0; b < B; b++) rms_norm(Hp + b * C, attn_norm, xn.data() + b * C, C, eps);
       Share s = share(QKV, t, T);
-      if (INT8) {
+      if (ARITH == ARITH_INT8) {
         int8act::step_matmul<false>(q8, fmts[4 * l], xn.data(), B, C, weights[6 * l + 1].data_ptr<uint8_t>(),
+                                    qkv.data(), QKV, s.n0, s.n1);
+      } else if (ARITH == ARITH_BF16) {
+        bf16dot::step_matmul<false>(b16, fmts[4 * l], xn.data(), B, C, weights[6 * l + 1].data_ptr<uint8_t>(),
                                     qkv.data(), QKV, s.n0, s.n1);
       } else {
         block_sums(xn.data(), B, C, xs.data());
@@ -1130,8 +1140,11 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
                          attn.data() + b * Q + (g * G + j) * D);
       }
       s = share(C, t, T);
-      if (INT8) {
+      if (ARITH == ARITH_INT8) {
         int8act::step_matmul<true>(q8, fmts[4 * l + 1], attn.data(), B, Q, weights[6 * l + 2].data_ptr<uint8_t>(),
+                                   Hp, C, s.n0, s.n1);
+      } else if (ARITH == ARITH_BF16) {
+        bf16dot::step_matmul<true>(b16, fmts[4 * l + 1], attn.data(), B, Q, weights[6 * l + 2].data_ptr<uint8_t>(),
                                    Hp, C, s.n0, s.n1);
       } else {
         block_sums(attn.data(), B, Q, xs.data());
@@ -1142,8 +1155,11 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
       // 4. gate|up = norm(h) @ Wgu.T (my rows)
       for (int64_t b = 0; b < B; b++) rms_norm(Hp + b * C, ffn_norm, xn.data() + b * C, C, eps);
       s = share(2 * F, t, T);
-      if (INT8) {
+      if (ARITH == ARITH_INT8) {
         int8act::step_matmul<false>(q8, fmts[4 * l + 2], xn.data(), B, C, weights[6 * l + 4].data_ptr<uint8_t>(),
+                                    gu.data(), 2 * F, s.n0, s.n1);
+      } else if (ARITH == ARITH_BF16) {
+        bf16dot::step_matmul<false>(b16, fmts[4 * l + 2], xn.data(), B, C, weights[6 * l + 4].data_ptr<uint8_t>(),
                                     gu.data(), 2 * F, s.n0, s.n1);
       } else {
         block_sums(xn.data(), B, C, xs.data());
@@ -1160,8 +1176,11 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
                            _mm256_mul_ps(_mm256_div_ps(gt, den), _mm256_loadu_ps(gu.data() + b * 2 * F + F + i)));
         }
       s = share(C, t, T);
-      if (INT8) {
+      if (ARITH == ARITH_INT8) {
         int8act::step_matmul<true>(q8, fmts[4 * l + 3], xn.data(), B, F, weights[6 * l + 5].data_ptr<uint8_t>(),
+                                   Hp, C, s.n0, s.n1);
+      } else if (ARITH == ARITH_BF16) {
+        bf16dot::step_matmul<true>(b16, fmts[4 * l + 3], xn.data(), B, F, weights[6 * l + 5].data_ptr<uint8_t>(),
                                    Hp, C, s.n0, s.n1);
       } else {
         block_sums(xn.data(), B, F, xs.data());
@@ -1180,8 +1199,11 @@ void decode_blocks_run(torch::Tensor h, std::vector<torch::Tensor> weights, std:
                        std::vector<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, torch::Tensor kv,
                        torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
                        int64_t H, int64_t KVH, int64_t F, double eps_d, int64_t num_threads,
-                       std::vector<int64_t> kv_layers, bool int8) {
+                       std::vector<int64_t> kv_layers, int64_t arith) {
   TORCH_CHECK(h.is_contiguous() && h.scalar_type() == torch::kFloat32, "h must be contiguous float32");
+  TORCH_CHECK(arith >= ARITH_FP32 && arith <= ARITH_BF16, "arith: 0 (float32), 1 (int8) or 2 (bf16)");
+  TORCH_CHECK(arith != ARITH_BF16 || bf16dot::available(),
+              "bf16 dot products need the avx512 kernels and a CPU with AVX512_BF16");
   const int nt = num_threads > 0 ? static_cast<int>(num_threads) : at::get_num_threads();
   TORCH_CHECK(kv.is_contiguous() && (kv.scalar_type() == torch::kFloat32 || kv.scalar_type() == torch::kHalf),
               "KV cache must be contiguous float32 or float16");
@@ -1212,26 +1234,29 @@ void decode_blocks_run(torch::Tensor h, std::vector<torch::Tensor> weights, std:
     TORCH_CHECK(CL[b] >= 1 && CL[b] <= Lmax && WI[b] >= 0 && WI[b] < n_slots, "bad slot or length");
     for (int64_t i = 0; i < CL[b]; i++) TORCH_CHECK(CI[b * Lmax + i] >= 0 && CI[b * Lmax + i] < n_slots, "bad slot");
   }
-  // the four combinations of cache type and activation type
-  auto run = [&](auto kv_tag, auto int8_tag) {
-    decode_blocks_impl<decltype(kv_tag), decltype(int8_tag)::value>(h, weights, fmts, qkv_bias, cos, sin, kv,
-        write_index, ctx_index, ctx_lens, H, KVH, F, eps_d, nt, kv_layers);
+  // the six combinations of cache type and arithmetic
+  auto run = [&](auto kv_tag) {
+    using KV = decltype(kv_tag);
+    auto go = [&](auto arith_tag) {
+      decode_blocks_impl<KV, decltype(arith_tag)::value>(h, weights, fmts, qkv_bias, cos, sin, kv, write_index,
+                                                         ctx_index, ctx_lens, H, KVH, F, eps_d, nt, kv_layers);
+    };
+    if (arith == ARITH_INT8) go(std::integral_constant<int, ARITH_INT8>());
+    else if (arith == ARITH_BF16) go(std::integral_constant<int, ARITH_BF16>());
+    else go(std::integral_constant<int, ARITH_FP32>());
   };
-  if (kv.scalar_type() == torch::kHalf) {
-    if (int8) run(at::Half(), std::true_type()); else run(at::Half(), std::false_type());
-  } else {
-    if (int8) run(0.0f, std::true_type()); else run(0.0f, std::false_type());
-  }
+  if (kv.scalar_type() == torch::kHalf) run(at::Half()); else run(0.0f);
 }
 
-// int8: activations quantised to int8 blocks for every matmul (--activations int8, int8_activations.h)
+// arith: how the matmuls multiply (Arith): 0 float32 (exact), 1 int8 activation blocks
+// (--activations int8, int8_activations.h), 2 bf16 dot products (--dtype bfloat16, bf16_decode.h)
 void decode_blocks_on(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
                       std::vector<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, torch::Tensor kv,
                       torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
                       int64_t H, int64_t KVH, int64_t F, double eps_d, int64_t num_threads,
-                      std::vector<int64_t> kv_layers, bool int8) {
+                      std::vector<int64_t> kv_layers, int64_t arith) {
   decode_blocks_run(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F, eps_d,
-                    num_threads, kv_layers, int8);
+                    num_threads, kv_layers, arith);
 }
 
 void decode_blocks(torch::Tensor h, std::vector<torch::Tensor> weights, std::vector<int64_t> fmts,
@@ -1239,7 +1264,7 @@ void decode_blocks(torch::Tensor h, std::vector<torch::Tensor> weights, std::vec
                    torch::Tensor write_index, torch::Tensor ctx_index, torch::Tensor ctx_lens,
                    int64_t H, int64_t KVH, int64_t F, double eps_d, int64_t num_threads) {
   decode_blocks_on(h, weights, fmts, qkv_bias, cos, sin, kv, write_index, ctx_index, ctx_lens, H, KVH, F, eps_d,
-                   num_threads, {}, false);
+                   num_threads, {}, ARITH_FP32);
 }
 
 void moe_decode_blocks(torch::Tensor, std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<torch::Tensor>,
@@ -1264,11 +1289,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one-token attention over slot-addressed history");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("decode_blocks", &decode_blocks, "every transformer block of a decode step, in one parallel region");
-  m.def("decode_blocks_on", &decode_blocks_on, "chosen blocks of a decode step on chosen KV layers (a draft), fp32 or int8 activations");
+  m.def("decode_blocks_on", &decode_blocks_on, "chosen blocks of a decode step on chosen KV layers (a draft); arith 0 float32, 1 int8 activations, 2 bf16 dot products");
   // int8 activations (int8_activations.h)
   m.def("quantize_q8", &quantize_q8, "activation rows as int8 blocks of 32: (q, scale d, d * sum q)");
   m.def("block_matmul_q8", &block_matmul_q8, "x @ W.T with x quantised to int8 blocks, integer dot products");
   m.def("int8_dot_product", &int8_dot_product, "the integer dot product the int8 matmul uses here");
+  // bf16 dot products (bf16_decode.h)
+  m.def("bf16_dot_available", &bf16_dot_available, "whether block_matmul_bf16 runs here (avx512 build, AVX512_BF16)");
+  m.def("block_matmul_bf16", &block_matmul_bf16, "x @ W.T with x and the weights rounded to bf16, vdpbf16ps");
   m.def("moe_decode_blocks", &moe_decode_blocks, "every mixture-of-experts block of a decode step, in one parallel region");
 }
 

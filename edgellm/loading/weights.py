@@ -3,8 +3,9 @@
 ``dtype="float32"`` (the default) keeps GGUF matrices of a type the native kernels read
 (:data:`edgellm.kernels.NATIVE_FORMATS`: Q4_0, Q4_1, Q5_0, Q8_0 as they are; Q4_K and Q6_K repacked
 exactly as Q4_KR / Q6_KR) as their raw blocks, and dequantises other block types to float32.
-``"bfloat16"`` (the opt-in fast mode) keeps the same blocks, marked to multiply prefill in bf16
-(:mod:`edgellm.quant.bf16`; decode stays on the exact block kernels), and holds every other matrix
+``"bfloat16"`` (the opt-in fast mode) keeps the same blocks, marked to multiply in bf16
+(:mod:`edgellm.quant.bf16`: prefill's GEMM; decode's dot products where the CPU has AVX512_BF16,
+else the exact block kernels), and holds every other matrix
 (other block types, float tensors, an HF folder's, all of them without the native kernels) as a
 bf16 matrix, which computes in bf16. Norm weights and biases are always float32.
 """
@@ -52,7 +53,7 @@ class GGUFSource:
     def __init__(self, gf: GGUFFile, cfg: ModelConfig, dtype: torch.dtype, use_native: bool):
         self.gf, self.cfg, self.dtype = gf, cfg, dtype
         self.native = use_native and dtype in (torch.float32, torch.bfloat16) and native() is not None
-        self.bf16_prefill = dtype == torch.bfloat16   # native blocks: bf16 prefill, exact decode
+        self.bf16_mode = dtype == torch.bfloat16   # native blocks: --dtype bfloat16's arithmetic (quant/bf16.py)
         self.unpermute = cfg.architecture in ("llama", "mistral")
 
     def has(self, name: str) -> bool:
@@ -151,7 +152,7 @@ class GGUFSource:
 
     def _blocks(self, raw: torch.Tensor, ggml_type: str, n_cols: int) -> GGUFBlockWeight:
         w = GGUFBlockWeight(raw, ggml_type, n_cols)
-        w.bf16_prefill = self.bf16_prefill
+        w.bf16_mode = self.bf16_mode
         return w
 
 
@@ -337,7 +338,7 @@ def _fused(parts: list[Weight]) -> Weight:
 def _as_q8_0(w: GGUFBlockWeight) -> GGUFBlockWeight:
     """A Q5_0 matrix as the same values in Q8_0 blocks (its prefill precision kept)."""
     out = GGUFBlockWeight(_q5_0_as_q8_0(w.raw.numpy(), *w.shape), "Q8_0", w.shape[1])
-    out.bf16_prefill = w.bf16_prefill
+    out.bf16_mode = w.bf16_mode
     return out
 
 
@@ -407,7 +408,7 @@ def load_gguf_weights(gf: GGUFFile, cfg: ModelConfig, dtype: str = "float32", us
     """``use_native=False`` dequantises every matrix (the path taken where the kernels can't build);
     ``layers``/``ends``: a part of the model (see ``_build``)."""
     src = GGUFSource(gf, cfg, compute_dtype(dtype), use_native)
-    if src.native and src.bf16_prefill:
+    if src.native and src.bf16_mode:
         warn_if_emulated()
     return _build(src, cfg, gf.path.name, layers, ends)
 

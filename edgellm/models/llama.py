@@ -71,6 +71,9 @@ class LlamaModel:
     # what prefill attention multiplies in: bfloat16 under --dtype bfloat16 where the CPU has AMX
     # (set by the loader, edgellm.quant.bf16.prefill_attention_dtype)
     prefill_attention_dtype = torch.float32
+    # --dtype bfloat16 where the CPU has AVX512_BF16: the fused decode step multiplies with bf16
+    # dot products (set by the loader, edgellm.quant.bf16.decode_in_bf16)
+    bf16_decode = False
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights):
         self.cfg = cfg
@@ -175,11 +178,15 @@ class LlamaModel:
             tensors = [t for i in layers for t in tensors[6 * i:6 * i + 6]]
             formats = [f for i in layers for f in formats[4 * i:4 * i + 4]]
             biases = [biases[i] for i in layers] if biases else []
-        # int8: activation blocks quantised for every matmul (edgellm.quant.activations)
         native().decode_blocks_on(h, tensors, formats, biases, *args, [] if layers is None else list(layers),
-                                  self.activations == "int8")
+                                  self.decode_arithmetic())
         if trace is not None:
             trace.end("decode_blocks", None)
+
+    def decode_arithmetic(self) -> int:
+        """How the fused decode step multiplies (decode_blocks_on's ``arith``): 0 exactly, 1 with
+        int8 activation blocks (edgellm.quant.activations), 2 with bf16 dot products (bf16_decode)."""
+        return 1 if self.activations == "int8" else 2 if self.bf16_decode else 0
 
     def block(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], w: BlockWeights,
               batch: AttentionBatch, cache: KVCache, layer: int, trace: Trace | None = None) -> torch.Tensor:

@@ -132,10 +132,10 @@ class MoEModel(LlamaModel):
         self._native_blocks = None if self._native_layers is None else _flatten(self._native_layers)
 
     def fused_decode_supported(self, batch: AttentionBatch, cache: KVCache) -> bool:
-        """As Llama's, except with int8 activations: moe_decode_blocks multiplies float32
-        activations only, so such a model (a GGUF whose routers are quantised too) decodes on the
-        per-layer path, whose matrices take the int8 kernels."""
-        return self.activations != "int8" and super().fused_decode_supported(batch, cache)
+        """As Llama's, except with int8 activations or bf16 dot products: moe_decode_blocks
+        multiplies exactly only, so such a model (a GGUF whose routers are quantised too) decodes
+        on the per-layer path, whose matrices take the int8 or bf16 kernels."""
+        return self.decode_arithmetic() == 0 and super().fused_decode_supported(batch, cache)
 
     def decode_blocks_fused(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch,
                             cache: KVCache, threads: int, trace: Trace | None = None,

@@ -77,7 +77,7 @@ def set_activations(model, mode: str) -> None:
             f"{type(model).__name__} is not one", "drop --activations")
     for i, block in enumerate(blocks):
         for w in block.matrices():
-            if getattr(w, "bf16_prefill", False):   # two fast modes for one matmul: which ran would be unclear
+            if getattr(w, "bf16_mode", False):   # two fast modes for one matmul: which ran would be unclear
                 raise fast_modes_conflict()
             if not hasattr(w, "int8_activations"):
                 raise InvalidParameterError(

@@ -10,9 +10,10 @@ multiplying them as float32 (the product of two bf16 values is exact in float32,
 accumulation is float32 either way). The two differ only in summation order: same quality,
 float32 speed.
 
-Decode (at most ``NATIVE_BLOCK_MAX_ROWS`` rows) is left to the native block kernels: one row
-reads each weight once, so it is bound by the bytes of the quantised blocks, which bf16 does not
-shrink. Norms and the KV cache stay float32 (``--kv-dtype`` sets the cache); prefill attention
+Decode (at most ``NATIVE_BLOCK_MAX_ROWS`` rows) stays on the native block kernels, with bf16 dot
+products where the CPU has AVX512_BF16 (:func:`decode_in_bf16`): each weight dequantised and
+rounded to bf16 in registers, the activations rounded to bf16, float32 sums; elsewhere the exact
+kernels. Norms and the KV cache stay float32 (``--kv-dtype`` sets the cache); prefill attention
 runs in bf16 where the CPU has AMX (:func:`prefill_attention_dtype`), else float32.
 """
 
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import os
 import warnings
+from functools import lru_cache
 from typing import Callable
 
 import torch
 
+from edgellm.kernels import native
 from edgellm.kernels.build import cpu_flags
 from edgellm.quant.base import prefill_dtype, slab_matmul
 
@@ -32,6 +35,19 @@ def cpu_multiplies_bf16() -> bool:
     """Whether this CPU reports AVX512_BF16 or AMX-BF16 (/proc/cpuinfo), where oneDNN's bf16 GEMM
     runs at up to twice the float32 rate (AMX: far more)."""
     return prefill_dtype() == torch.bfloat16
+
+
+@lru_cache(maxsize=1)
+def decode_in_bf16() -> bool:
+    """Whether the mode's decode (at most NATIVE_BLOCK_MAX_ROWS rows: a decode step, a speculative
+    verify pass) multiplies with bf16 dot products: where the avx512 kernels run on a CPU with
+    AVX512_BF16 (vdpbf16ps, edgellm/kernels/bf16_decode.h). Elsewhere decode runs the exact
+    kernels (bf16 would have to be emulated there, slower than exact). EDGELLM_BF16_DECODE=0 keeps
+    the exact kernels anywhere (to measure the difference)."""
+    ext = native()
+    if os.environ.get("EDGELLM_BF16_DECODE", "") == "0" or ext is None:
+        return False
+    return bool(ext.bf16_dot_available())
 
 
 def prefill_attention_dtype() -> torch.dtype:

@@ -19,7 +19,7 @@ from edgellm.quant.base import (
     slab_matmul,
     slab_rows,
 )
-from edgellm.quant.bf16 import bf16_slab_matmul
+from edgellm.quant.bf16 import bf16_slab_matmul, decode_in_bf16
 from edgellm.quant.registry import register
 
 
@@ -30,12 +30,13 @@ class GGUFBlockWeight(Weight):
     permuted, sliced and concatenated (fusing q/k/v) without touching the bits.
     ``int8_activations`` (set by :func:`edgellm.quant.activations.set_activations`): multiply
     activations rounded to int8 blocks, with integer dot products in decode.
-    ``bf16_prefill`` (set by the loader for ``--dtype bfloat16``): prefill (more than
-    NATIVE_BLOCK_MAX_ROWS rows) multiplies in bf16 (edgellm.quant.bf16); decode stays exact.
+    ``bf16_mode`` (set by the loader for ``--dtype bfloat16``): prefill (more than
+    NATIVE_BLOCK_MAX_ROWS rows) multiplies in bf16 (edgellm.quant.bf16), decode with bf16 dot
+    products where the CPU has them (``decode_in_bf16``), else exactly.
     """
 
     int8_activations = False
-    bf16_prefill = False
+    bf16_mode = False
 
     def __init__(self, raw: torch.Tensor, ggml_type: str, n_cols: int):
         if ggml_type not in NATIVE_FORMATS:
@@ -58,8 +59,10 @@ class GGUFBlockWeight(Weight):
                 return self._ext.block_matmul_q8(x, self.raw, self.code, n)
             x = dequantized_q8(x)    # prefill: the same rounding, then the BLAS
         elif x.shape[0] <= NATIVE_BLOCK_MAX_ROWS:
+            if self.bf16_mode and decode_in_bf16():
+                return self._ext.block_matmul_bf16(x, self.raw, self.code, n)
             return self._ext.block_matmul(x, self.raw, self.code, n)
-        elif self.bf16_prefill:
+        elif self.bf16_mode:
             return bf16_slab_matmul(x, n, self._step, self._dequant_slab, self._dequant_slab_bf16)
         return slab_matmul(x, n, self._step, self._dequant_slab)
 
@@ -72,7 +75,8 @@ class GGUFBlockWeight(Weight):
         return self._ext.block_dequant_bf16(self.raw, self.code, self.shape[0], self.shape[1], r0, r1)
 
     def matmul_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= NATIVE_BLOCK_MAX_ROWS and x.dtype == torch.float32 and not self.int8_activations:
+        exact = not self.int8_activations and not (self.bf16_mode and decode_in_bf16())
+        if x.shape[0] <= NATIVE_BLOCK_MAX_ROWS and x.dtype == torch.float32 and exact:
             return self._ext.block_matmul_add(x, self.raw, self.code, self.shape[0], residual)
         return residual + self.matmul(x)
 
@@ -97,7 +101,7 @@ class GGUFBlockWeight(Weight):
         if any(w.ggml_type != first.ggml_type for w in weights):
             return None
         fused = GGUFBlockWeight(torch.cat([w.raw for w in weights]), first.ggml_type, first.shape[1])
-        fused.bf16_prefill = first.bf16_prefill
+        fused.bf16_mode = first.bf16_mode
         return fused
 
 
