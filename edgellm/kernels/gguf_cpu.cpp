@@ -593,23 +593,6 @@ void matmul_rows(const float* X, const uint8_t* W, float* O, int64_t M, int64_t 
   });
 }
 
-template <int FMT>
-void dequant_rows(const uint8_t* W, float* O, int64_t N, int64_t K) {
-  const int64_t nb = K / 32;
-  const int bb = block_bytes(FMT);
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    Block blk;
-    for (int64_t n = n0; n < n1; n++)
-      for (int64_t b = 0; b < nb; b++) {
-        load_block<FMT>(W + (n * nb + b) * bb, blk);
-        const __m256 d = _mm256_set1_ps(blk.d), m = _mm256_set1_ps(blk.m);
-        const __m256 d1 = FMT == Q6_KR ? _mm256_set1_ps(blk.d1) : d;
-        float* o = O + n * K + b * 32;
-        for (int j = 0; j < 4; j++) _mm256_storeu_ps(o + 8 * j, _mm256_fmadd_ps(j < 2 ? d : d1, blk.v[j], m));
-      }
-  });
-}
-
 // float32 -> bfloat16 bits, rounded to nearest, ties to even: torch's .to(torch.bfloat16) for
 // every finite value (dequantised weights are finite).
 inline uint16_t bf16_bits(float f) {
@@ -634,10 +617,13 @@ inline void store_bf16x8(uint16_t* o, __m256 v) {
 #endif
 }
 
-// dequant_rows rounded to bf16 as it goes (--dtype bfloat16 prefill): no float32 slab written and
-// read back, half the bytes stored.
-template <int FMT>
-void dequant_rows_bf16(const uint8_t* W, uint16_t* O, int64_t N, int64_t K) {
+inline void store8(float* o, __m256 v) { _mm256_storeu_ps(o, v); }
+inline void store8(uint16_t* o, __m256 v) { store_bf16x8(o, v); }
+
+// Rows of blocks as float32 (T = float: prefill's slab for the sgemm) or rounded to bf16 as they
+// go (T = uint16_t, --dtype bfloat16's prefill: no float32 slab written and read back).
+template <int FMT, typename T>
+void dequant_rows(const uint8_t* W, T* O, int64_t N, int64_t K) {
   const int64_t nb = K / 32;
   const int bb = block_bytes(FMT);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
@@ -647,8 +633,8 @@ void dequant_rows_bf16(const uint8_t* W, uint16_t* O, int64_t N, int64_t K) {
         load_block<FMT>(W + (n * nb + b) * bb, blk);
         const __m256 d = _mm256_set1_ps(blk.d), m = _mm256_set1_ps(blk.m);
         const __m256 d1 = FMT == Q6_KR ? _mm256_set1_ps(blk.d1) : d;
-        uint16_t* o = O + n * K + b * 32;
-        for (int j = 0; j < 4; j++) store_bf16x8(o + 8 * j, _mm256_fmadd_ps(j < 2 ? d : d1, blk.v[j], m));
+        T* o = O + n * K + b * 32;
+        for (int j = 0; j < 4; j++) store8(o + 8 * j, _mm256_fmadd_ps(j < 2 ? d : d1, blk.v[j], m));
       }
   });
 }
@@ -694,7 +680,7 @@ torch::Tensor block_dequant_bf16(torch::Tensor w, int64_t fmt, int64_t N, int64_
   auto out = torch::empty({r1 - r0, K}, torch::kBFloat16);
   const uint8_t* W = w.data_ptr<uint8_t>() + r0 * (K / 32) * block_bytes(fmt);
   uint16_t* O = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  WITH_FORMAT(fmt, (dequant_rows_bf16<FMT>(W, O, r1 - r0, K)));
+  WITH_FORMAT(fmt, (dequant_rows<FMT>(W, O, r1 - r0, K)));
   return out;
 }
 
