@@ -99,9 +99,63 @@ inline void tile_range(const uint8_t* W, int64_t row_bytes, const uint16_t* X, f
   for (; n < n1; n++) rows_dot<FMT, ACC, 1, MT>(W + n * row_bytes, row_bytes, X, O + n, K, N);
 }
 
+// One weight row, already in bf16 (K values), against MT activation rows: rows_dot's arithmetic
+// with the weights loaded instead of dequantised, so the same bits.
+template <bool ACC, int MT>
+inline void bf16_row_dot(const uint16_t* wrow, const uint16_t* X, float* O, int64_t K, int64_t N) {
+  __m256 acc_lo[MT], acc_hi[MT];
+  for (int i = 0; i < MT; i++) acc_lo[i] = acc_hi[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __m256bh lo = load_bh(wrow + k), hi = load_bh(wrow + k + 16);
+    for (int i = 0; i < MT; i++) {
+      acc_lo[i] = _mm256_dpbf16_ps(acc_lo[i], lo, load_bh(X + i * K + k));
+      acc_hi[i] = _mm256_dpbf16_ps(acc_hi[i], hi, load_bh(X + i * K + k + 16));
+    }
+  }
+  for (int i = 0; i < MT; i++) {
+    const float v = hsum(_mm256_add_ps(acc_lo[i], acc_hi[i]));
+    if (ACC) O[i * N] += v; else O[i * N] = v;
+  }
+}
+
+// More than 8 activation rows: each weight row is dequantised once into a bf16 row (in L1) that
+// every tile of 8 rows then reads, instead of once per tile.
+template <int FMT, bool ACC>
+void matmul_many(const uint16_t* X, const uint8_t* W, float* O, int64_t M, int64_t N, int64_t K, int64_t n0,
+                 int64_t n1) {
+  const int64_t nb = K / 32, row_bytes = nb * block_bytes(FMT);
+  std::vector<uint16_t> wrow(K);
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* row = W + n * row_bytes;
+    if (n + 1 < n1)
+      for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(row + row_bytes + o), _MM_HINT_T0);
+    for (int64_t b = 0; b < nb; b++) {
+      __m256bh lo, hi;
+      weights_bf16<FMT>(row + b * block_bytes(FMT), lo, hi);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(wrow.data() + b * 32), (__m256i)lo);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(wrow.data() + b * 32 + 16), (__m256i)hi);
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const uint16_t* x = X + m0 * K;
+      float* o = O + m0 * N + n;
+      switch (std::min<int64_t>(8, M - m0)) {
+        case 1: bf16_row_dot<ACC, 1>(wrow.data(), x, o, K, N); break;
+        case 2: bf16_row_dot<ACC, 2>(wrow.data(), x, o, K, N); break;
+        case 3: bf16_row_dot<ACC, 3>(wrow.data(), x, o, K, N); break;
+        case 4: bf16_row_dot<ACC, 4>(wrow.data(), x, o, K, N); break;
+        case 5: bf16_row_dot<ACC, 5>(wrow.data(), x, o, K, N); break;
+        case 6: bf16_row_dot<ACC, 6>(wrow.data(), x, o, K, N); break;
+        case 7: bf16_row_dot<ACC, 7>(wrow.data(), x, o, K, N); break;
+        default: bf16_row_dot<ACC, 8>(wrow.data(), x, o, K, N); break;
+      }
+    }
+  }
+}
+
 template <int FMT, bool ACC>
 void matmul_range(const uint16_t* X, const uint8_t* W, float* O, int64_t M, int64_t N, int64_t K, int64_t n0,
                   int64_t n1) {
+  if (M > 8) return matmul_many<FMT, ACC>(X, W, O, M, N, K, n0, n1);
   const int64_t row_bytes = K / 32 * block_bytes(FMT);
   for (int64_t m0 = 0; m0 < M; m0 += 8) {
     const uint16_t* x = X + m0 * K;
