@@ -336,7 +336,7 @@ def _fused(parts: list[Weight]) -> Weight:
 
 
 def _as_q8_0(w: GGUFBlockWeight) -> GGUFBlockWeight:
-    """A Q5_0 matrix as the same values in Q8_0 blocks (its prefill precision kept)."""
+    """A Q5_0 matrix as the same values in Q8_0 blocks (its --dtype bfloat16 mode kept)."""
     out = GGUFBlockWeight(_q5_0_as_q8_0(w.raw.numpy(), *w.shape), "Q8_0", w.shape[1])
     out.bf16_mode = w.bf16_mode
     return out
