@@ -9,18 +9,15 @@ import os
 import statistics
 import sys
 
-import numpy as np
 import torch
-from gguf import GGMLQuantizationType, quants
-from int8_matmul_timing import interleaved_medians  # scripts/: on sys.path when run as a script
+from int8_matmul_timing import interleaved_medians, random_q4_1  # scripts/: on sys.path when run as a script
 
 from edgellm.quant.bf16 import bf16_slab_matmul, cpu_multiplies_bf16
 from edgellm.quant.gguf_weights import GGUFBlockWeight
 
 
 def time_matrix(n: int, k: int, rows: int, label: str) -> None:
-    w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
-    raw = torch.from_numpy(quants.quantize(w, GGMLQuantizationType.Q4_1).view(np.uint8).reshape(n, -1))
+    raw = random_q4_1(n, k)
     exact = GGUFBlockWeight(raw, "Q4_1", k)
     bf16 = GGUFBlockWeight(raw, "Q4_1", k)
     bf16.bf16_mode = True

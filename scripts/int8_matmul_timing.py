@@ -28,13 +28,18 @@ def interleaved_medians(ways: dict, rounds: int = 15) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def random_q4_1(n: int, k: int) -> torch.Tensor:
+    """The raw Q4_1 blocks (gguf package) of a seeded random [n, k] matrix, as [n, bytes a row]."""
+    w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
+    return torch.from_numpy(quants.quantize(w, GGMLQuantizationType.Q4_1).view(np.uint8).reshape(n, -1))
+
+
 def main() -> None:
     rows = int(sys.argv[1]) if len(sys.argv) > 1 else 128
     torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
     ext = native()
     n, k = 3072, 576    # SmolLM2's gate|up matrix
-    w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
-    raw = torch.from_numpy(quants.quantize(w, GGMLQuantizationType.Q4_1).view(np.uint8).reshape(n, -1))
+    raw = random_q4_1(n, k)
     exact = GGUFBlockWeight(raw, "Q4_1", k)
     rounded = GGUFBlockWeight(raw, "Q4_1", k)
     rounded.int8_activations = True

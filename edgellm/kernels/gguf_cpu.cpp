@@ -1028,6 +1028,21 @@ inline void merge_partials(const float* part, int64_t S, int64_t part_stride, in
 // (--activations int8, int8_activations.h) or with bf16 dot products (--dtype bfloat16, bf16_decode.h).
 enum Arith { ARITH_FP32 = 0, ARITH_INT8 = 1, ARITH_BF16 = 2 };
 
+// One matmul of the fused step in the step's arithmetic: this thread's share s of O [M, N] (+)= X [M, K]
+// @ W.T. Each arithmetic prepares X its own way (block sums in xs, int8 blocks in q8, bf16 in b16).
+template <int ARITH, bool ACC>
+inline void step_matmul(int8act::Q8Scratch& q8, bf16dot::BF16Scratch& b16, float* xs, int64_t fmt, const float* X,
+                        int64_t M, int64_t K, const uint8_t* W, float* O, int64_t N, Share s) {
+  if (ARITH == ARITH_INT8) {
+    int8act::step_matmul<ACC>(q8, fmt, X, M, K, W, O, N, s.n0, s.n1);
+  } else if (ARITH == ARITH_BF16) {
+    bf16dot::step_matmul<ACC>(b16, fmt, X, M, K, W, O, N, s.n0, s.n1);
+  } else {
+    block_sums(X, M, K, xs);
+    matmul_range_fmt<ACC>(fmt, X, xs, W, O, M, N, K, s.n0, s.n1);
+  }
+}
+
 template <typename KV, int ARITH>
 void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& fmts,
                         const std::vector<torch::Tensor>& qkv_bias, torch::Tensor cos, torch::Tensor sin,
@@ -1079,17 +1094,8 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
       // 1. x = norm(h); qkv = x @ Wqkv.T (my rows)
       for (int64_t b = 0; b < B; b++) rms_norm(Hp + b * C, attn_norm, xn.data() + b * C, C, eps);
       Share s = share(QKV, t, T);
-      if (ARITH == ARITH_INT8) {
-        int8act::step_matmul<false>(q8, fmts[4 * l], xn.data(), B, C, weights[6 * l + 1].data_ptr<uint8_t>(),
-                                    qkv.data(), QKV, s.n0, s.n1);
-      } else if (ARITH == ARITH_BF16) {
-        bf16dot::step_matmul<false>(b16, fmts[4 * l], xn.data(), B, C, weights[6 * l + 1].data_ptr<uint8_t>(),
-                                    qkv.data(), QKV, s.n0, s.n1);
-      } else {
-        block_sums(xn.data(), B, C, xs.data());
-        matmul_range_fmt<false>(fmts[4 * l], xn.data(), xs.data(), weights[6 * l + 1].data_ptr<uint8_t>(),
-                                qkv.data(), B, QKV, C, s.n0, s.n1);
-      }
+      step_matmul<ARITH, false>(q8, b16, xs.data(), fmts[4 * l], xn.data(), B, C,
+                                weights[6 * l + 1].data_ptr<uint8_t>(), qkv.data(), QKV, s);
 #pragma omp barrier
       // 2a. per (row, KV head): RoPE on the new token's K, its K and V written to the cache. All
       //     writes land before any row attends: the rows of one sequence's verify pass (positions
@@ -1126,32 +1132,14 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
                          attn.data() + b * Q + (g * G + j) * D);
       }
       s = share(C, t, T);
-      if (ARITH == ARITH_INT8) {
-        int8act::step_matmul<true>(q8, fmts[4 * l + 1], attn.data(), B, Q, weights[6 * l + 2].data_ptr<uint8_t>(),
-                                   Hp, C, s.n0, s.n1);
-      } else if (ARITH == ARITH_BF16) {
-        bf16dot::step_matmul<true>(b16, fmts[4 * l + 1], attn.data(), B, Q, weights[6 * l + 2].data_ptr<uint8_t>(),
-                                   Hp, C, s.n0, s.n1);
-      } else {
-        block_sums(attn.data(), B, Q, xs.data());
-        matmul_range_fmt<true>(fmts[4 * l + 1], attn.data(), xs.data(), weights[6 * l + 2].data_ptr<uint8_t>(),
-                               Hp, B, C, Q, s.n0, s.n1);
-      }
+      step_matmul<ARITH, true>(q8, b16, xs.data(), fmts[4 * l + 1], attn.data(), B, Q,
+                               weights[6 * l + 2].data_ptr<uint8_t>(), Hp, C, s);
 #pragma omp barrier
       // 4. gate|up = norm(h) @ Wgu.T (my rows)
       for (int64_t b = 0; b < B; b++) rms_norm(Hp + b * C, ffn_norm, xn.data() + b * C, C, eps);
       s = share(2 * F, t, T);
-      if (ARITH == ARITH_INT8) {
-        int8act::step_matmul<false>(q8, fmts[4 * l + 2], xn.data(), B, C, weights[6 * l + 4].data_ptr<uint8_t>(),
-                                    gu.data(), 2 * F, s.n0, s.n1);
-      } else if (ARITH == ARITH_BF16) {
-        bf16dot::step_matmul<false>(b16, fmts[4 * l + 2], xn.data(), B, C, weights[6 * l + 4].data_ptr<uint8_t>(),
-                                    gu.data(), 2 * F, s.n0, s.n1);
-      } else {
-        block_sums(xn.data(), B, C, xs.data());
-        matmul_range_fmt<false>(fmts[4 * l + 2], xn.data(), xs.data(), weights[6 * l + 4].data_ptr<uint8_t>(),
-                                gu.data(), B, 2 * F, C, s.n0, s.n1);
-      }
+      step_matmul<ARITH, false>(q8, b16, xs.data(), fmts[4 * l + 2], xn.data(), B, C,
+                                weights[6 * l + 4].data_ptr<uint8_t>(), gu.data(), 2 * F, s);
 #pragma omp barrier
       // 5. h += (silu(gate) * up) @ Wdown.T (my rows); the activation is rebuilt privately
       for (int64_t b = 0; b < B; b++)   // F is a multiple of 32 (checked)
@@ -1162,17 +1150,8 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
                            _mm256_mul_ps(_mm256_div_ps(gt, den), _mm256_loadu_ps(gu.data() + b * 2 * F + F + i)));
         }
       s = share(C, t, T);
-      if (ARITH == ARITH_INT8) {
-        int8act::step_matmul<true>(q8, fmts[4 * l + 3], xn.data(), B, F, weights[6 * l + 5].data_ptr<uint8_t>(),
-                                   Hp, C, s.n0, s.n1);
-      } else if (ARITH == ARITH_BF16) {
-        bf16dot::step_matmul<true>(b16, fmts[4 * l + 3], xn.data(), B, F, weights[6 * l + 5].data_ptr<uint8_t>(),
-                                   Hp, C, s.n0, s.n1);
-      } else {
-        block_sums(xn.data(), B, F, xs.data());
-        matmul_range_fmt<true>(fmts[4 * l + 3], xn.data(), xs.data(), weights[6 * l + 5].data_ptr<uint8_t>(),
-                               Hp, B, C, F, s.n0, s.n1);
-      }
+      step_matmul<ARITH, true>(q8, b16, xs.data(), fmts[4 * l + 3], xn.data(), B, F,
+                               weights[6 * l + 5].data_ptr<uint8_t>(), Hp, C, s);
 #pragma omp barrier
     }
   }

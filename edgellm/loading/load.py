@@ -100,10 +100,9 @@ def _load(spec: str | None, dtype: str, use_native: bool, layers: range | None, 
             return LoadedModel(src, cfg, recurrent, tokenizer, dtype, size, time.perf_counter() - t0)
     model = build_model(cfg, weights)
     if src.kind == "gguf" and use_native and dtype == "bfloat16":   # the fast mode (docs/fast-modes.md)
-        from edgellm.quant.bf16 import decode_in_bf16, prefill_attention_dtype
+        from edgellm.quant.bf16 import prefill_attention_dtype
 
         model.prefill_attention_dtype = prefill_attention_dtype()
-        model.bf16_decode = decode_in_bf16()
     heap.release_free_heap()
     startup_mark("model")
     return LoadedModel(src, cfg, model, tokenizer, dtype, size, time.perf_counter() - t0)

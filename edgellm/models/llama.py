@@ -21,6 +21,7 @@ from edgellm.layers.attention import AttentionBatch, attend, write_kv
 from edgellm.layers.rope import RotaryEmbedding
 from edgellm.models.trace import Trace
 from edgellm.quant.base import Weight
+from edgellm.quant.bf16 import decode_in_bf16
 
 
 @dataclass
@@ -71,9 +72,6 @@ class LlamaModel:
     # what prefill attention multiplies in: bfloat16 under --dtype bfloat16 where the CPU has AMX
     # (set by the loader, edgellm.quant.bf16.prefill_attention_dtype)
     prefill_attention_dtype = torch.float32
-    # --dtype bfloat16 where the CPU has AVX512_BF16: the fused decode step multiplies with bf16
-    # dot products (set by the loader, edgellm.quant.bf16.decode_in_bf16)
-    bf16_decode = False
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights):
         self.cfg = cfg
@@ -81,6 +79,8 @@ class LlamaModel:
         self.rope = RotaryEmbedding(cfg)
         self._native_blocks = _native_block_args(weights)
         self._windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
+        # --dtype bfloat16's block matrices (the loader marks them: edgellm.quant.bf16)
+        self._bf16_blocks = bool(weights.blocks) and getattr(weights.blocks[0].qkv, "bf16_mode", False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 cache: KVCache, logit_rows: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
@@ -182,6 +182,13 @@ class LlamaModel:
                                   self.decode_arithmetic())
         if trace is not None:
             trace.end("decode_blocks", None)
+
+    @property
+    def bf16_decode(self) -> bool:
+        """Whether the fused decode step multiplies with bf16 dot products: --dtype bfloat16's
+        blocks where the CPU has them, the same test the block matrices make for their own
+        decode matmuls (edgellm.quant.bf16.decode_in_bf16)."""
+        return self._bf16_blocks and decode_in_bf16()
 
     def decode_arithmetic(self) -> int:
         """How the fused decode step multiplies (decode_blocks_on's ``arith``): 0 exactly, 1 with
