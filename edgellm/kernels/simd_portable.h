@@ -181,11 +181,10 @@ inline m256 cvtph_ps(m128i a) {
   for (int i = 0; i < 8; i++) r.f[i] = c10::detail::fp16_ieee_to_fp32_value(v[i]);
   return r;
 }
-inline m128 cvtph_ps128(m128i a) {
-  uint16_t v[8];
-  get_lanes(a, v);
+inline m128 cvtph_ps128(m128i a) {   // the low four lanes of cvtph_ps
+  const m256 all = cvtph_ps(a);
   m128 r;
-  for (int i = 0; i < 4; i++) r.f[i] = c10::detail::fp16_ieee_to_fp32_value(v[i]);
+  std::memcpy(r.f, all.f, sizeof(r.f));
   return r;
 }
 // round to nearest even, as _MM_FROUND_TO_NEAREST_INT asks (the only mode used)
