@@ -56,50 +56,44 @@ inline void weights_bf16(const uint8_t* blk, __m256bh& lo, __m256bh& hi) {
 
 inline __m256bh load_bh(const uint16_t* p) { return (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-// NR adjacent weight rows against MT activation rows (bf16, K values each). Each pair sums the
-// block halves 0-15 and 16-31 in two accumulators (one vdpbf16ps a block on each chain, whose
-// latency would otherwise bound one activation row), added at the end: the same order for every
-// tile shape, so a row's result does not depend on the rows computed beside it.
-template <int FMT, bool ACC, int NR, int MT>
-inline void rows_dot(const uint8_t* row, int64_t row_bytes, const uint16_t* X, float* O, int64_t K, int64_t N) {
+// One weight row against MT activation rows (bf16, K values each). Each pair sums the block
+// halves 0-15 and 16-31 in two accumulators (one vdpbf16ps a block on each chain, whose latency
+// would otherwise bound one activation row), added at the end: the same order for every tile
+// shape, so a row's result does not depend on the rows computed beside it.
+template <int FMT, bool ACC, int MT>
+inline void row_dot(const uint8_t* row, const uint16_t* X, float* O, int64_t K, int64_t N) {
   const int64_t nb = K / 32;
   const int bb = block_bytes(FMT);
-  __m256 acc_lo[NR][MT], acc_hi[NR][MT];
-  for (int r = 0; r < NR; r++)
-    for (int i = 0; i < MT; i++) acc_lo[r][i] = acc_hi[r][i] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; b++)
-    for (int r = 0; r < NR; r++) {
-      __m256bh lo, hi;
-      weights_bf16<FMT>(row + r * row_bytes + b * bb, lo, hi);
-      for (int i = 0; i < MT; i++) {
-        const uint16_t* x = X + i * K + b * 32;
-        acc_lo[r][i] = _mm256_dpbf16_ps(acc_lo[r][i], lo, load_bh(x));
-        acc_hi[r][i] = _mm256_dpbf16_ps(acc_hi[r][i], hi, load_bh(x + 16));
-      }
-    }
-  for (int r = 0; r < NR; r++)
+  __m256 acc_lo[MT], acc_hi[MT];
+  for (int i = 0; i < MT; i++) acc_lo[i] = acc_hi[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    __m256bh lo, hi;
+    weights_bf16<FMT>(row + b * bb, lo, hi);
     for (int i = 0; i < MT; i++) {
-      const float v = hsum(_mm256_add_ps(acc_lo[r][i], acc_hi[r][i]));
-      if (ACC) O[i * N + r] += v; else O[i * N + r] = v;
+      const uint16_t* x = X + i * K + b * 32;
+      acc_lo[i] = _mm256_dpbf16_ps(acc_lo[i], lo, load_bh(x));
+      acc_hi[i] = _mm256_dpbf16_ps(acc_hi[i], hi, load_bh(x + 16));
     }
+  }
+  for (int i = 0; i < MT; i++) {
+    const float v = hsum(_mm256_add_ps(acc_lo[i], acc_hi[i]));
+    if (ACC) O[i * N] += v; else O[i * N] = v;
+  }
 }
 
-// Output rows [n0, n1) for M activation rows: four weight rows a step for one or two activation
-// rows (chains enough to hide vdpbf16ps's latency), one weight row against tiles of up to 8 rows
-// for more (16 accumulators either way).
-template <int FMT, bool ACC, int NR, int MT>
+// Output rows [n0, n1) for up to 8 activation rows: one weight row at a time, in address order
+// (as the exact kernel, see prefetch_rows: four rows interleaved had been read from DRAM at half
+// the speed).
+template <int FMT, bool ACC, int MT>
 inline void tile_range(const uint8_t* W, int64_t row_bytes, const uint16_t* X, float* O, int64_t K, int64_t N,
                        int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) {
-    for (int64_t o = 0; o < NR * row_bytes; o += 64)   // the next group, as the exact kernel does
-      _mm_prefetch(reinterpret_cast<const char*>(W + (n + NR) * row_bytes + o), _MM_HINT_T0);
-    rows_dot<FMT, ACC, NR, MT>(W + n * row_bytes, row_bytes, X, O + n, K, N);
+  for (int64_t n = n0; n < n1; n++) {
+    prefetch_rows(W, row_bytes, n, 1, n1);
+    row_dot<FMT, ACC, MT>(W + n * row_bytes, X, O + n, K, N);
   }
-  for (; n < n1; n++) rows_dot<FMT, ACC, 1, MT>(W + n * row_bytes, row_bytes, X, O + n, K, N);
 }
 
-// One weight row, already in bf16 (K values), against MT activation rows: rows_dot's arithmetic
+// One weight row, already in bf16 (K values), against MT activation rows: row_dot's arithmetic
 // with the weights loaded instead of dequantised, so the same bits.
 template <bool ACC, int MT>
 inline void bf16_row_dot(const uint16_t* wrow, const uint16_t* X, float* O, int64_t K, int64_t N) {
@@ -127,8 +121,7 @@ void matmul_many(const uint16_t* X, const uint8_t* W, float* O, int64_t M, int64
   std::vector<uint16_t> wrow(K);
   for (int64_t n = n0; n < n1; n++) {
     const uint8_t* row = W + n * row_bytes;
-    if (n + 1 < n1)
-      for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(row + row_bytes + o), _MM_HINT_T0);
+    prefetch_rows(W, row_bytes, n, 1, n1);
     for (int64_t b = 0; b < nb; b++) {
       __m256bh lo, hi;
       weights_bf16<FMT>(row + b * block_bytes(FMT), lo, hi);
@@ -161,14 +154,14 @@ void matmul_range(const uint16_t* X, const uint8_t* W, float* O, int64_t M, int6
     const uint16_t* x = X + m0 * K;
     float* o = O + m0 * N;
     switch (std::min<int64_t>(8, M - m0)) {
-      case 1: tile_range<FMT, ACC, 4, 1>(W, row_bytes, x, o, K, N, n0, n1); break;
-      case 2: tile_range<FMT, ACC, 4, 2>(W, row_bytes, x, o, K, N, n0, n1); break;
-      case 3: tile_range<FMT, ACC, 1, 3>(W, row_bytes, x, o, K, N, n0, n1); break;
-      case 4: tile_range<FMT, ACC, 1, 4>(W, row_bytes, x, o, K, N, n0, n1); break;
-      case 5: tile_range<FMT, ACC, 1, 5>(W, row_bytes, x, o, K, N, n0, n1); break;
-      case 6: tile_range<FMT, ACC, 1, 6>(W, row_bytes, x, o, K, N, n0, n1); break;
-      case 7: tile_range<FMT, ACC, 1, 7>(W, row_bytes, x, o, K, N, n0, n1); break;
-      default: tile_range<FMT, ACC, 1, 8>(W, row_bytes, x, o, K, N, n0, n1); break;
+      case 1: tile_range<FMT, ACC, 1>(W, row_bytes, x, o, K, N, n0, n1); break;
+      case 2: tile_range<FMT, ACC, 2>(W, row_bytes, x, o, K, N, n0, n1); break;
+      case 3: tile_range<FMT, ACC, 3>(W, row_bytes, x, o, K, N, n0, n1); break;
+      case 4: tile_range<FMT, ACC, 4>(W, row_bytes, x, o, K, N, n0, n1); break;
+      case 5: tile_range<FMT, ACC, 5>(W, row_bytes, x, o, K, N, n0, n1); break;
+      case 6: tile_range<FMT, ACC, 6>(W, row_bytes, x, o, K, N, n0, n1); break;
+      case 7: tile_range<FMT, ACC, 7>(W, row_bytes, x, o, K, N, n0, n1); break;
+      default: tile_range<FMT, ACC, 8>(W, row_bytes, x, o, K, N, n0, n1); break;
     }
   }
 }

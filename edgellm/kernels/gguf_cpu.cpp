@@ -272,39 +272,26 @@ inline void tile_dot(const uint8_t* row, const float* X, const float* xsum, floa
   }
 }
 
-// MT activation rows against NR adjacent weight rows (rows row_bytes apart; results to
-// O[i * N + r]): decode at batch 1 and 2. The same operations per pair as tile_dot, so the same
-// bits; NR x MT independent chains, the loads of x shared by the NR weight rows. Measured on
-// this source's Q4_1 loop alone (one thread, 66 MB of weights, K = 576, one activation row):
-// 2.15-2.19 ns a block with NR = 4 against 2.63-2.68 for one weight row at a time before this
-// round (2.51-2.54 with the paired d, m loads alone).
-template <int FMT, bool ACC, int NR, int MT>
-inline void rows_dot(const uint8_t* row, int64_t row_bytes, const float* X, const float* xsum, float* O, int64_t K,
-                     int64_t N) {
-  const int64_t nb = K / 32;
-  const int bb = block_bytes(FMT);
-  __m256 acc[NR][MT];
-  __m128 off[NR][MT];
-  for (int r = 0; r < NR; r++)
-    for (int i = 0; i < MT; i++) { acc[r][i] = _mm256_setzero_ps(); off[r][i] = _mm_setzero_ps(); }
-  Block blk;
-  for (int64_t b = 0; b < nb; b++)
-    for (int r = 0; r < NR; r++) {
-      load_block<FMT>(row + r * row_bytes + b * bb, blk);
-      const __m256 d = _mm256_broadcastss_ps(blk.dm);
-      for (int i = 0; i < MT; i++) {
-        pair_block<FMT>(blk, d, X + i * K + b * 32, acc[r][i]);
-        if (has_offset(FMT)) pair_offset(blk, xsum[i * nb + b], off[r][i]);
-      }
-    }
-  for (int r = 0; r < NR; r++)
-    for (int i = 0; i < MT; i++) {
-      const float v = hsum(acc[r][i]) + offset_of(off[r][i]);
-      if (ACC) O[i * N + r] += v; else O[i * N + r] = v;
-    }
+// ---- streaming the weights ----------------------------------------------------------------------
+// A decode step reads every weight once, from DRAM, so the order of the reads matters as much as
+// the arithmetic. Every matmul loop walks the weights in address order, one weight row after the
+// next (the hardware prefetchers follow one forward stream), and asks for the rows PREFETCH_BYTES
+// ahead into L2, for the prefetchers that stop at 4 KiB page boundaries. Interleaving four rows
+// (row r's block b, then row r + 1's, ...) had been 22% faster per block in cache, but from DRAM
+// it read Q8_0's 612-byte rows at 8.5 GB/s against 31 GB/s in order (two Zen 4 threads; the
+// SmolLM2 decode step 10.1 -> 5.5 ms). With the rows in order, the distance and hint of the
+// software prefetch measured alike on Zen 4 (none, 1.5 KB into L1, 8 or 16 KB into L2).
+constexpr int64_t PREFETCH_BYTES = 8192;
+
+// Asks for weight rows [n + ahead, n + ahead + count) of W (rows row_bytes long, the range ending
+// at row n1), ahead being the rows PREFETCH_BYTES cover.
+inline void prefetch_rows(const uint8_t* W, int64_t row_bytes, int64_t n, int64_t count, int64_t n1) {
+  const int64_t first = n + std::max<int64_t>(1, (PREFETCH_BYTES + row_bytes - 1) / row_bytes);
+  const int64_t bytes = (std::min(n1, first + count) - first) * row_bytes;
+  const char* p = reinterpret_cast<const char*>(W + first * row_bytes);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
 }
 
-constexpr int64_t PREFETCH_ROWS = 4;
 // From this many activation rows on, matmul_many; at 4, tile_dot's one tile of 4 was as fast
 // (block_matmul alone, SmolLM2's gate/up and down: 1.42 and 1.61 ns per pair-block against 1.48, 1.59).
 constexpr int64_t MANY_ROWS = 5;
@@ -462,9 +449,7 @@ void matmul_many(const float* X, const float* xsum, const uint8_t* W, float* O, 
   for (int64_t c = n0; c < n1; c += CHUNK) {
     const int nc = static_cast<int>(std::min<int64_t>(CHUNK, n1 - c));
     if (has_offset(FMT)) offset_sums<FMT>(W + c * row_bytes, row_bytes, nc, xsum, M, nb, mv.data(), off);
-    // the next chunk's rows, while this one computes (as in matmul_range)
-    for (int64_t o = 0; o < std::min<int64_t>(CHUNK, n1 - c - nc) * row_bytes; o += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(W + (c + nc) * row_bytes + o), _MM_HINT_T0);
+    prefetch_rows(W, row_bytes, c, nc, n1);
     for (int64_t b0 = 0; b0 < nb; b0 += sb) {
       const int64_t b1 = std::min(nb, b0 + sb);
       const float* xs = copy_x ? xv.data() + M * 32 * b0 : X;
@@ -512,28 +497,6 @@ void matmul_many(const float* X, const float* xsum, const uint8_t* W, float* O, 
   }
 }
 
-// One or two activation rows (decode of that many sequences): groups of NR weight rows at a time
-// (rows_dot; NR = 4 for one row, 2 for two). At three rows two weight rows at a time measured the
-// same as tile_dot (0.99-1.03x), and more chains would not fit the 16 vector registers. The next
-// group is asked for while this one computes, as in matmul_range.
-template <int FMT, bool ACC, int NR, int MT>
-void matmul_few(const float* X, const float* xsum, const uint8_t* W, float* O, int64_t N, int64_t K, int64_t n0,
-                int64_t n1) {
-  const int64_t row_bytes = K / 32 * block_bytes(FMT);
-  for (int64_t n = n0; n < n1; n += NR) {
-    const uint8_t* row = W + n * row_bytes;
-    const int64_t ahead = std::min<int64_t>(NR, n1 - n - PREFETCH_ROWS);
-    for (int64_t o = 0; o < ahead * row_bytes; o += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(row + PREFETCH_ROWS * row_bytes + o), _MM_HINT_T0);
-    if (n + NR <= n1) {
-      rows_dot<FMT, ACC, NR, MT>(row, row_bytes, X, xsum, O + n, K, N);
-    } else {
-      for (int64_t r = n; r < n1; r++)
-        rows_dot<FMT, ACC, 1, MT>(W + r * row_bytes, row_bytes, X, xsum, O + r, K, N);
-    }
-  }
-}
-
 template <int FMT, bool ACC>
 void matmul_range(const float* X, const float* xsum, const uint8_t* W, float* O, int64_t M, int64_t N,
                   int64_t K, int64_t n0, int64_t n1) {
@@ -542,17 +505,9 @@ void matmul_range(const float* X, const float* xsum, const uint8_t* W, float* O,
   constexpr int TILE = 4;  // rows of x sharing each unpacked block
   const int64_t row_bytes = nb * bb;
   if (M >= MANY_ROWS) return matmul_many<FMT, ACC>(X, xsum, W, O, M, N, K, n0, n1);
-  if (M == 1) return matmul_few<FMT, ACC, 4, 1>(X, xsum, W, O, N, K, n0, n1);
-  if (M == 2) return matmul_few<FMT, ACC, 2, 2>(X, xsum, W, O, N, K, n0, n1);
-  for (int64_t n = n0; n < n1; n++) {
+  for (int64_t n = n0; n < n1; n++) {   // one weight row at a time, in address order (see prefetch_rows)
     const uint8_t* row = W + n * row_bytes;
-    // Ask for the row PREFETCH_ROWS ahead while this one computes: a decode step streams every
-    // weight once, and the hardware prefetcher stops at page boundaries. Measured on the fused
-    // decode step of SmolLM2: 11.2 ms against 11.8 (medians of 10 alternating rounds); it costs
-    // a little where the matrix already sits in cache (small standalone matmuls).
-    if (n + PREFETCH_ROWS < n1)
-      for (int64_t o = 0; o < row_bytes; o += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(row + PREFETCH_ROWS * row_bytes + o), _MM_HINT_T0);
+    prefetch_rows(W, row_bytes, n, 1, n1);
     for (int64_t m0 = 0; m0 < M; m0 += TILE) {
       const float* x = X + m0 * K;
       const float* xs = xsum + m0 * nb;
