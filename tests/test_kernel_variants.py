@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,19 @@ def test_variant_on_the_default_models_real_weights(variant, smollm2_path):
         x = torch.randn(3, k, generator=torch.Generator().manual_seed(5))
         got = ext.block_matmul(x, raw, NATIVE_FORMATS[t.ggml_type], n)
         assert torch.allclose(got.double(), x.double() @ ref.double().T, atol=2e-4, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("variant", kbuild.PREFERENCE)
+def test_built_module_keeps_its_prefetches(variant):
+    """The matmul and attention loops ask for weights and KV rows ahead of use. GCC 12 once deleted
+    every such request without a word (a helper whose only effect is a prefetch counted as having no
+    side effects), so the compiled module itself is checked for the instructions."""
+    if not kbuild.is_x86() or shutil.which("objdump") is None:
+        pytest.skip("needs an x86 build and objdump")
+    _module(variant)
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(kbuild.module_path(variant))],
+                             capture_output=True, text=True, check=True).stdout
+    assert listing.count("prefetcht0") >= 4, f"the {variant} build has no prefetches left"
 
 
 @pytest.mark.parametrize("variant", [v for v in kbuild.PREFERENCE if v != "avx2"])

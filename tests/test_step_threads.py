@@ -67,10 +67,10 @@ def test_runner_runs_the_head_on_the_fused_steps_thread_count(model):
 
     def decode(threads: int) -> tuple[torch.Tensor, int | None]:
         cache = KVCache(model.cfg, 4, 16, torch.float32)
-        runner = ModelRunner(model, cache)
-        runner.thread_chooser.current = threads
         slots = torch.arange(0, 64)
-        with torch_threads(2):
+        with torch_threads(2):   # the runner made under the count it runs with (else it makes a new chooser)
+            runner = ModelRunner(model, cache)
+            runner.thread_chooser.current = threads
             runner.run([SeqChunk(prompt, 0, slots)])             # prefill: the per-layer path
             assert runner.step_threads is None
             out = runner.run([SeqChunk(nxt, len(prompt), slots)])

@@ -275,21 +275,25 @@ inline void tile_dot(const uint8_t* row, const float* X, const float* xsum, floa
 // ---- streaming the weights ----------------------------------------------------------------------
 // A decode step reads every weight once, from DRAM, so the order of the reads matters as much as
 // the arithmetic. Every matmul loop walks the weights in address order, one weight row after the
-// next (the hardware prefetchers follow one forward stream), and asks for the rows PREFETCH_BYTES
-// ahead into L2, for the prefetchers that stop at 4 KiB page boundaries. Interleaving four rows
-// (row r's block b, then row r + 1's, ...) had been 22% faster per block in cache, but from DRAM
-// it read Q8_0's 612-byte rows at 8.5 GB/s against 31 GB/s in order (two Zen 4 threads; the
-// SmolLM2 decode step 10.1 -> 5.5 ms). With the rows in order, the distance and hint of the
-// software prefetch measured alike on Zen 4 (none, 1.5 KB into L1, 8 or 16 KB into L2).
-constexpr int64_t PREFETCH_BYTES = 8192;
+// next, with the activation rows tiled against each row. The batch-1 and batch-2 loops had
+// interleaved four (two) weight rows block by block, 22% faster per block in cache; from DRAM,
+// with the software prefetch they had (four rows ahead, into L1), they read Q8_0's 612-byte rows
+// at 9.6 GB/s, and the SmolLM2 decode ran at 123 tok/s against 168 in address order (two Zen 4
+// threads, one process, alternating; docs/kernels.md, "Weights in address order").
+// The prefetch asks for the rows PREFETCH_BYTES ahead into L1. In address order it measured the
+// same as none on Zen 4 (156.4 against 156.7 tok/s; 2 KB and 8 KB into L2 were slower: 145.5,
+// 146.3), and stays for prefetchers that stop at each 4 KiB page.
+constexpr int64_t PREFETCH_BYTES = 1536;
 
 // Asks for weight rows [n + ahead, n + ahead + count) of W (rows row_bytes long, the range ending
-// at row n1), ahead being the rows PREFETCH_BYTES cover.
-inline void prefetch_rows(const uint8_t* W, int64_t row_bytes, int64_t n, int64_t count, int64_t n1) {
+// at row n1), ahead being the rows PREFETCH_BYTES cover. always_inline: GCC 12 judged a function
+// whose only effect is a prefetch to have no side effects and deleted every call of it.
+__attribute__((always_inline)) inline void prefetch_rows(const uint8_t* W, int64_t row_bytes, int64_t n,
+                                                         int64_t count, int64_t n1) {
   const int64_t first = n + std::max<int64_t>(1, (PREFETCH_BYTES + row_bytes - 1) / row_bytes);
   const int64_t bytes = (std::min(n1, first + count) - first) * row_bytes;
   const char* p = reinterpret_cast<const char*>(W + first * row_bytes);
-  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
 }
 
 // From this many activation rows on, matmul_many; at 4, tile_dot's one tile of 4 was as fast
@@ -817,6 +821,33 @@ inline __m256 hsum8x8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
+// Decode attention takes one KV head at a time, and the cache holds each position's row of all
+// KV heads together ([slot][KV head][D]): a head's pass reads a third of every row (SmolLM2: 256
+// of 768 bytes), too little in a row for the hardware prefetchers (a torch sum of one head of
+// three: 4.0 GB/s against 20.8 for the whole rows). So the first KV head a thread takes of a
+// position range asks for whole rows: the keys KV_AHEAD positions ahead into L1, the values of the
+// positions it scores into L2 for the value passes; the range's other heads, which the same thread
+// takes next, find their rows in cache. SmolLM2's fused decode step at context 1024: 6.68 ms
+// against 7.80 (two Zen 4 threads, alternating; 8 and 32 positions ahead: 6.83, 6.89).
+constexpr int64_t KV_AHEAD = 16;
+
+template <typename KV>
+__attribute__((always_inline)) inline void prefetch_rows_of(const KV* C, int64_t slot, int64_t row, int hint) {
+  const char* r = reinterpret_cast<const char*>(C + slot * row);
+  for (int64_t o = 0; o < row * static_cast<int64_t>(sizeof(KV)); o += 64) {
+    if (hint == 0) _mm_prefetch(r + o, _MM_HINT_T0); else _mm_prefetch(r + o, _MM_HINT_T1);
+  }
+}
+
+// Whole rows (all KV heads, row = KVH * D values) of position p of a range of n: its values into
+// L2, the keys of position p + KV_AHEAD into L1.
+template <typename KV>
+__attribute__((always_inline)) inline void prefetch_position(const KV* KC, const KV* VC, const int64_t* slots,
+                                                             int64_t p, int64_t n, int64_t row) {
+  prefetch_rows_of(VC, slots[p], row, 1);
+  if (p + KV_AHEAD < n) prefetch_rows_of(KC, slots[p + KV_AHEAD], row, 0);
+}
+
 template <typename KV>
 inline __m256 dot_row(const float* q, const KV* k, int64_t D) {
   __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), load8(k));
@@ -843,10 +874,12 @@ constexpr int V_PASSES = 1;
 constexpr int V_PASSES = 2;
 #endif
 template <typename KV, int G>
-inline void shared_scores(const float* qr, const KV* KC, const int64_t* slots, int64_t p0, int64_t n, int64_t n8,
-                          int64_t KVH, int64_t g, __m256 vscale, float* scores) {
+inline void shared_scores(const float* qr, const KV* KC, const KV* VC, const int64_t* slots, int64_t p0, int64_t n,
+                          int64_t n8, int64_t KVH, int64_t g, bool whole_rows, __m256 vscale, float* scores) {
   constexpr int64_t D = 64;
   for (int64_t p = 0; p < n8; p += 8) {
+    if (whole_rows)
+      for (int u = 0; u < 8; u++) prefetch_position(KC, VC, slots + p0, p + u, n, KVH * D);
     __m256 acc[G][8];
     for (int u = 0; u < 8; u++) {
       const KV* k = KC + (slots[p0 + p + u] * KVH + g) * D;
@@ -898,13 +931,13 @@ inline bool with_shared_heads(int64_t G, int64_t D, F f) {
 template <typename KV>
 void attend_range(const float* qr, const KV* KC, const KV* VC, const int64_t* slots, int64_t p0, int64_t p1,
                   int64_t KVH, int64_t g, int64_t G, int64_t D, float scale, float* scores, float* part,
-                  int64_t head_stride) {
+                  int64_t head_stride, bool whole_rows) {
   const int64_t n = p1 - p0, n8 = n / 8 * 8;
   const __m256 vscale = _mm256_set1_ps(scale);
   bool shared = false;   // the scores of [0, n8) made for all heads at once (avx512 and avx2 builds)
 #if defined(__AVX2__) && defined(__FMA__)
   shared = with_shared_heads(G, D, [&](auto heads) {
-    shared_scores<KV, decltype(heads)::value>(qr, KC, slots, p0, n, n8, KVH, g, vscale, scores);
+    shared_scores<KV, decltype(heads)::value>(qr, KC, VC, slots, p0, n, n8, KVH, g, whole_rows, vscale, scores);
   });
 #endif
   for (int64_t j = 0; j < G; j++) {
@@ -912,6 +945,8 @@ void attend_range(const float* qr, const KV* KC, const KV* VC, const int64_t* sl
     float* sc = scores + j * n;
     __m256 acc[8];
     for (int64_t p = shared ? n8 : 0; p < n8; p += 8) {
+      if (whole_rows && j == 0)
+        for (int u = 0; u < 8; u++) prefetch_position(KC, VC, slots + p0, p + u, n, KVH * D);
       for (int u = 0; u < 8; u++) acc[u] = dot_row(q, KC + (slots[p0 + p + u] * KVH + g) * D, D);
       _mm256_storeu_ps(sc + p, _mm256_mul_ps(hsum8x8(acc), vscale));
     }
@@ -998,6 +1033,22 @@ inline void step_matmul(int8act::Q8Scratch& q8, bf16dot::BF16Scratch& b16, float
   }
 }
 
+// Attention work item `item` of a decode step (items: row by row, range by range, a range's KV
+// heads adjacent): its row b, KV head g and position range r. Each thread takes a contiguous run of
+// items (share), so it takes a range's heads one after another, and the first of them a thread
+// takes asks for the range's whole KV rows (prefetch_position). first = the thread's first item.
+struct KVItem {
+  int64_t b, g, r;
+  bool whole_rows;
+};
+inline KVItem kv_item(const std::vector<int64_t>& first_item, const std::vector<int64_t>& ranges, int64_t KVH,
+                      int64_t item, int64_t first) {
+  int64_t b = 0;
+  while (first_item[b + 1] <= item) b++;
+  const int64_t local = item - first_item[b], g = local % KVH;
+  return {b, g, local / KVH, g == 0 || item == first};
+}
+
 template <typename KV, int ARITH>
 void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& fmts,
                         const std::vector<torch::Tensor>& qkv_bias, torch::Tensor cos, torch::Tensor sin,
@@ -1066,16 +1117,16 @@ void decode_blocks_impl(torch::Tensor h, const std::vector<torch::Tensor>& weigh
 #pragma omp barrier
       // 2b. per (row, KV head, position range): attention of the G query heads as a partial result,
       //     laid out [row][KV head][head j][range r] so that one head's ranges are adjacent
-      for (int64_t item = t; item < n_items; item += T) {
-        int64_t b = 0;
-        while (first_item[b + 1] <= item) b++;
-        const int64_t S = ranges[b], local = item - first_item[b], g = local / S, r = local % S, len = CL[b];
+      const Share mine = share(n_items, t, T);
+      for (int64_t item = mine.n0; item < mine.n1; item++) {
+        const KVItem it = kv_item(first_item, ranges, KVH, item, mine.n0);
+        const int64_t b = it.b, g = it.g, r = it.r, S = ranges[b], len = CL[b];
         const int64_t p0 = len * r / S, p1 = len * (r + 1) / S;
         const float *x = qkv.data() + b * QKV, *c = COS + b * D, *sn = SIN + b * D;
         for (int64_t j = 0; j < G; j++)
           rope_head(x + (g * G + j) * D, bias ? bias + (g * G + j) * D : nullptr, c, sn, qr.data() + j * D, D);
         attend_range<KV>(qr.data(), KC, VC, CI + b * Lmax, p0, p1, KVH, g, G, D, scale, scores.data(),
-                         part.data() + ((first_item[b] + g * S) * G + r) * part_stride, S * part_stride);
+                         part.data() + ((first_item[b] + g * S) * G + r) * part_stride, S * part_stride, it.whole_rows);
       }
 #pragma omp barrier
       // 3. every thread merges the partials into its own copy of the attention output (cheaper
@@ -1363,10 +1414,10 @@ void decode_impl(torch::Tensor h, const std::vector<torch::Tensor>& attn, const 
       }
 #pragma omp barrier
       // 2b. attention partials per (row, KV head, position range), queries normed and rotated here
-      for (int64_t item = t; item < n_items; item += T) {
-        int64_t b = 0;
-        while (first_item[b + 1] <= item) b++;
-        const int64_t R = ranges[b], local = item - first_item[b], g = local / R, r = local % R, len = CL[b];
+      const Share mine = share(n_items, t, T);
+      for (int64_t item = mine.n0; item < mine.n1; item++) {
+        const KVItem it = kv_item(first_item, ranges, KVH, item, mine.n0);
+        const int64_t b = it.b, g = it.g, r = it.r, R = ranges[b], len = CL[b];
         const int64_t p0 = len * r / R, p1 = len * (r + 1) / R;
         const float *x = qkv.data() + b * QKV, *c = COS + b * D, *sn = SIN + b * D;
         for (int64_t j = 0; j < G; j++) {
@@ -1376,7 +1427,7 @@ void decode_impl(torch::Tensor h, const std::vector<torch::Tensor>& attn, const 
           rope_head(kn.data(), nullptr, c, sn, qr.data() + j * D, D);
         }
         attend_range<KV>(qr.data(), KC, VC, CI + b * Lmax, p0, p1, KVH, g, G, D, scale, scores.data(),
-                         part.data() + ((first_item[b] + g * R) * G + r) * part_stride, R * part_stride);
+                         part.data() + ((first_item[b] + g * R) * G + r) * part_stride, R * part_stride, it.whole_rows);
       }
 #pragma omp barrier
       // 3. merge the partials (every thread, privately), h += attn @ Wo.T (my rows)
