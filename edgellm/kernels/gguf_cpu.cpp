@@ -116,12 +116,28 @@ inline void unpack_q5(const uint8_t* qh_bytes, const uint8_t* qs, __m256* v) {
   v[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
 }
 
+// LOOKUP (AVX-512 builds, for the few-row tiles): the low nibbles as floats by one two-table
+// permute of the 16 values 0..15 (it reads only an index's low 4 bits), instead of a mask and a
+// conversion; the same values. A one-row Q4_1 matmul, 2 Zen 4 threads, both builds in one process
+// in either order: 19.4-20.1 against 18.7-19.1 GB/s in cache, 20.6-20.7 against 19.6-20.2 from
+// DRAM. The many-row tiles keep the mask: they use every vector register, the tables would take
+// two, and there the A/B moved with the order the two builds ran in (no figure to go by).
+template <bool LOOKUP = false>
 inline void unpack_nibbles(const uint8_t* qs, __m256* v) {
-  const __m256i mask = _mm256_set1_epi32(0x0F);
   const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs)));      // bytes 0..7
   const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8)));  // bytes 8..15
-  v[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));   // elements 0..7: low nibbles
-  v[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));   // 8..15
+#if defined(__AVX512VL__)
+  if (LOOKUP) {
+    const __m256 lo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), hi = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
+    v[0] = _mm256_permutex2var_ps(lo, a, hi);   // elements 0..7: low nibbles
+    v[1] = _mm256_permutex2var_ps(lo, b, hi);   // 8..15
+  } else
+#endif
+  {
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    v[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));   // elements 0..7: low nibbles
+    v[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));   // 8..15
+  }
   v[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));     // 16..23: high nibbles
   v[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));     // 24..31
 }
@@ -133,14 +149,14 @@ inline void widen_int8(const uint8_t* q, __m256* v) {
 
 inline __m128i load32(const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm_cvtsi32_si128(v); }
 
-template <int FMT>
+template <int FMT, bool LOOKUP = false>
 inline void load_block(const uint8_t* blk, Block& b) {
   if (FMT == Q4_KR || FMT == Q6_KR) {   // two fp32 numbers: [d, m] or [d0, d1]
     b.dm = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk)));
-    if (FMT == Q4_KR) unpack_nibbles(blk + 8, b.v); else widen_int8(blk + 8, b.v);
+    if (FMT == Q4_KR) unpack_nibbles<LOOKUP>(blk + 8, b.v); else widen_int8(blk + 8, b.v);
   } else if (FMT == Q4_1) {             // two fp16 numbers [d, m], converted together
     b.dm = _mm_cvtph_ps(load32(blk));
-    unpack_nibbles(blk + 4, b.v);
+    unpack_nibbles<LOOKUP>(blk + 4, b.v);
   } else if (FMT == Q8_0) {             // lane 1: m = 0
     uint16_t d16;
     std::memcpy(&d16, blk, 2);
@@ -151,7 +167,7 @@ inline void load_block(const uint8_t* blk, Block& b) {
     std::memcpy(&d16, blk, 2);
     const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(d16 * 0x10001u)));
     b.dm = _mm_mul_ps(dd, _mm_setr_ps(1.0f, FMT == Q4_0 ? -8.0f : -16.0f, 0.0f, 0.0f));
-    if (FMT == Q4_0) unpack_nibbles(blk + 2, b.v); else unpack_q5(blk + 2, blk + 6, b.v);
+    if (FMT == Q4_0) unpack_nibbles<LOOKUP>(blk + 2, b.v); else unpack_q5(blk + 2, blk + 6, b.v);
   }
   b.d = _mm_cvtss_f32(b.dm);
   const float lane1 = _mm_cvtss_f32(_mm_movehdup_ps(b.dm));
@@ -259,7 +275,7 @@ inline void tile_dot(const uint8_t* row, const float* X, const float* xsum, floa
   for (int i = 0; i < MT; i++) { acc[i] = _mm256_setzero_ps(); off[i] = _mm_setzero_ps(); }
   Block blk;
   for (int64_t b = 0; b < nb; b++) {
-    load_block<FMT>(row + b * bb, blk);
+    load_block<FMT, true>(row + b * bb, blk);
     const __m256 d = _mm256_broadcastss_ps(blk.dm);
     for (int i = 0; i < MT; i++) {
       pair_block<FMT>(blk, d, X + i * K + b * 32, acc[i]);
