@@ -302,11 +302,12 @@ inline void tile_dot(const uint8_t* row, const float* X, const float* xsum, floa
 constexpr int64_t PREFETCH_BYTES = 1536;
 
 // Asks for weight rows [n + ahead, n + ahead + count) of W (rows row_bytes long, the range ending
-// at row n1), ahead being the rows PREFETCH_BYTES cover. always_inline: GCC 12 judged a function
-// whose only effect is a prefetch to have no side effects and deleted every call of it.
+// at row n1); by default ahead is the rows PREFETCH_BYTES cover. always_inline: GCC 12 judged a
+// function whose only effect is a prefetch to have no side effects and deleted every call of it.
 __attribute__((always_inline)) inline void prefetch_rows(const uint8_t* W, int64_t row_bytes, int64_t n,
-                                                         int64_t count, int64_t n1) {
-  const int64_t first = n + std::max<int64_t>(1, (PREFETCH_BYTES + row_bytes - 1) / row_bytes);
+                                                         int64_t count, int64_t n1, int64_t ahead = 0) {
+  if (ahead <= 0) ahead = std::max<int64_t>(1, (PREFETCH_BYTES + row_bytes - 1) / row_bytes);
+  const int64_t first = n + ahead;
   const int64_t bytes = (std::min(n1, first + count) - first) * row_bytes;
   const char* p = reinterpret_cast<const char*>(W + first * row_bytes);
   for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
@@ -469,7 +470,7 @@ void matmul_many(const float* X, const float* xsum, const uint8_t* W, float* O, 
   for (int64_t c = n0; c < n1; c += CHUNK) {
     const int nc = static_cast<int>(std::min<int64_t>(CHUNK, n1 - c));
     if (has_offset(FMT)) offset_sums<FMT>(W + c * row_bytes, row_bytes, nc, xsum, M, nb, mv.data(), off);
-    prefetch_rows(W, row_bytes, c, nc, n1);
+    prefetch_rows(W, row_bytes, c, CHUNK, n1, nc);   // the next chunk, while this one computes
     for (int64_t b0 = 0; b0 < nb; b0 += sb) {
       const int64_t b1 = std::min(nb, b0 + sb);
       const float* xs = copy_x ? xv.data() + M * 32 * b0 : X;
