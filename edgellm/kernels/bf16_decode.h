@@ -118,7 +118,8 @@ template <int FMT, bool ACC>
 void matmul_many(const uint16_t* X, const uint8_t* W, float* O, int64_t M, int64_t N, int64_t K, int64_t n0,
                  int64_t n1) {
   const int64_t nb = K / 32, row_bytes = nb * block_bytes(FMT);
-  std::vector<uint16_t> wrow(K);
+  thread_local std::vector<uint16_t> wrow;   // (as the exact kernel's buffers: no allocation a call)
+  if (static_cast<int64_t>(wrow.size()) < K) wrow.resize(K);
   for (int64_t n = n0; n < n1; n++) {
     const uint8_t* row = W + n * row_bytes;
     prefetch_rows(W, row_bytes, n, 1, n1);
@@ -150,19 +151,15 @@ void matmul_range(const uint16_t* X, const uint8_t* W, float* O, int64_t M, int6
                   int64_t n1) {
   if (M > 8) return matmul_many<FMT, ACC>(X, W, O, M, N, K, n0, n1);
   const int64_t row_bytes = K / 32 * block_bytes(FMT);
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const uint16_t* x = X + m0 * K;
-    float* o = O + m0 * N;
-    switch (std::min<int64_t>(8, M - m0)) {
-      case 1: tile_range<FMT, ACC, 1>(W, row_bytes, x, o, K, N, n0, n1); break;
-      case 2: tile_range<FMT, ACC, 2>(W, row_bytes, x, o, K, N, n0, n1); break;
-      case 3: tile_range<FMT, ACC, 3>(W, row_bytes, x, o, K, N, n0, n1); break;
-      case 4: tile_range<FMT, ACC, 4>(W, row_bytes, x, o, K, N, n0, n1); break;
-      case 5: tile_range<FMT, ACC, 5>(W, row_bytes, x, o, K, N, n0, n1); break;
-      case 6: tile_range<FMT, ACC, 6>(W, row_bytes, x, o, K, N, n0, n1); break;
-      case 7: tile_range<FMT, ACC, 7>(W, row_bytes, x, o, K, N, n0, n1); break;
-      default: tile_range<FMT, ACC, 8>(W, row_bytes, x, o, K, N, n0, n1); break;
-    }
+  switch (M) {   // up to 8 rows: one tile
+    case 1: tile_range<FMT, ACC, 1>(W, row_bytes, X, O, K, N, n0, n1); break;
+    case 2: tile_range<FMT, ACC, 2>(W, row_bytes, X, O, K, N, n0, n1); break;
+    case 3: tile_range<FMT, ACC, 3>(W, row_bytes, X, O, K, N, n0, n1); break;
+    case 4: tile_range<FMT, ACC, 4>(W, row_bytes, X, O, K, N, n0, n1); break;
+    case 5: tile_range<FMT, ACC, 5>(W, row_bytes, X, O, K, N, n0, n1); break;
+    case 6: tile_range<FMT, ACC, 6>(W, row_bytes, X, O, K, N, n0, n1); break;
+    case 7: tile_range<FMT, ACC, 7>(W, row_bytes, X, O, K, N, n0, n1); break;
+    default: tile_range<FMT, ACC, 8>(W, row_bytes, X, O, K, N, n0, n1); break;
   }
 }
 

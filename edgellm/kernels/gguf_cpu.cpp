@@ -301,16 +301,23 @@ inline void tile_dot(const uint8_t* row, const float* X, const float* xsum, floa
 // 146.3), and stays for prefetchers that stop at each 4 KiB page.
 constexpr int64_t PREFETCH_BYTES = 1536;
 
+// Asks for the cache lines of [p, p + bytes): into L1, or with L2 into L2 only. Every prefetch of
+// the kernels goes through here. always_inline, here and in its callers: GCC 12 judged a function
+// whose only effect is a prefetch to have no side effects and deleted every call of it
+// (tests/test_kernel_variants.py checks the builds for the instructions).
+template <bool L2 = false>
+__attribute__((always_inline)) inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, L2 ? _MM_HINT_T1 : _MM_HINT_T0);
+}
+
 // Asks for weight rows [n + ahead, n + ahead + count) of W (rows row_bytes long, the range ending
-// at row n1); by default ahead is the rows PREFETCH_BYTES cover. always_inline: GCC 12 judged a
-// function whose only effect is a prefetch to have no side effects and deleted every call of it.
+// at row n1); by default ahead is the rows PREFETCH_BYTES cover.
 __attribute__((always_inline)) inline void prefetch_rows(const uint8_t* W, int64_t row_bytes, int64_t n,
                                                          int64_t count, int64_t n1, int64_t ahead = 0) {
   if (ahead <= 0) ahead = std::max<int64_t>(1, (PREFETCH_BYTES + row_bytes - 1) / row_bytes);
   const int64_t first = n + ahead;
-  const int64_t bytes = (std::min(n1, first + count) - first) * row_bytes;
-  const char* p = reinterpret_cast<const char*>(W + first * row_bytes);
-  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+  prefetch_bytes(W + first * row_bytes, (std::min(n1, first + count) - first) * row_bytes);
 }
 
 // From this many activation rows on, matmul_many; at 4, tile_dot's one tile of 4 was as fast
@@ -848,21 +855,14 @@ inline __m256 hsum8x8(const __m256* a) {
 // against 7.80 (two Zen 4 threads, alternating; 8 and 32 positions ahead: 6.83, 6.89).
 constexpr int64_t KV_AHEAD = 16;
 
-template <typename KV>
-__attribute__((always_inline)) inline void prefetch_rows_of(const KV* C, int64_t slot, int64_t row, int hint) {
-  const char* r = reinterpret_cast<const char*>(C + slot * row);
-  for (int64_t o = 0; o < row * static_cast<int64_t>(sizeof(KV)); o += 64) {
-    if (hint == 0) _mm_prefetch(r + o, _MM_HINT_T0); else _mm_prefetch(r + o, _MM_HINT_T1);
-  }
-}
-
 // Whole rows (all KV heads, row = KVH * D values) of position p of a range of n: its values into
 // L2, the keys of position p + KV_AHEAD into L1.
 template <typename KV>
 __attribute__((always_inline)) inline void prefetch_position(const KV* KC, const KV* VC, const int64_t* slots,
                                                              int64_t p, int64_t n, int64_t row) {
-  prefetch_rows_of(VC, slots[p], row, 1);
-  if (p + KV_AHEAD < n) prefetch_rows_of(KC, slots[p + KV_AHEAD], row, 0);
+  const int64_t bytes = row * static_cast<int64_t>(sizeof(KV));
+  prefetch_bytes<true>(VC + slots[p] * row, bytes);
+  if (p + KV_AHEAD < n) prefetch_bytes(KC + slots[p + KV_AHEAD] * row, bytes);
 }
 
 template <typename KV>

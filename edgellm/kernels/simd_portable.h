@@ -268,3 +268,6 @@ inline void prefetch(const char* p, int) { __builtin_prefetch(p); }
 #ifndef _MM_HINT_T0
 #define _MM_HINT_T0 3
 #endif
+#ifndef _MM_HINT_T1
+#define _MM_HINT_T1 2
+#endif
