@@ -443,3 +443,20 @@ def test_unsampleable_logits_raise():
         Sampler().sample(logits, [SamplingParams(), SamplingParams()])
     with pytest.raises(ValueError, match="NaN or all -inf"):
         Sampler().sample(torch.tensor([[math.nan, 1.0]]), [SamplingParams(top_p=0.9)])
+
+
+@pytest.mark.parametrize("bad", [[math.nan, 1.0, 2.0], [1.0, math.inf, 2.0], [-math.inf, -math.inf, -math.inf],
+                                 [3.0, math.nan, 9.0], [-math.inf, math.inf, math.nan]])
+def test_plain_greedy_rows_that_cannot_be_sampled_fail_alone(bad):
+    """An all-greedy batch takes one argmax pass (plain_greedy_picks); a row holding a NaN or +inf,
+    or only -inf, must still fail by itself (errors="row") and the other rows get torch's argmax
+    (the first maximum on ties), as the general path gives them."""
+    good = [[0.5, 2.0, 2.0], [-math.inf, -1.0, -math.inf]]
+    logits = torch.tensor([good[0], bad, good[1]])
+    greedy = [SamplingParams(temperature=0.0)] * 3
+    out = Sampler().sample(logits, greedy, errors="row")
+    assert out.token_ids[0] == 1 and out.token_ids[2] == 1     # torch.argmax: the first of the tied 2.0
+    assert out.token_ids[1] == -1 and list(out.failed) == [1]
+    assert "NaN" in out.failed[1]
+    clean = Sampler().sample(torch.tensor(good), greedy[:2])
+    assert clean.token_ids == torch.tensor(good).argmax(dim=-1).tolist()

@@ -74,9 +74,12 @@ class AttentionBatch:
         batch.write_index = _as_index(batch.write_slots)
         if decodes:
             lmax = max(d.context for d in decodes)
-            index = torch.zeros(len(decodes), lmax, dtype=torch.int64)
-            for i, d in enumerate(decodes):
-                index[i, : d.context] = _as_index(d.slots)
+            if len(decodes) == 1:   # one row: its slots are the whole index (no padding to fill)
+                index = _as_index(decodes[0].slots).view(1, lmax)
+            else:
+                index = torch.zeros(len(decodes), lmax, dtype=torch.int64)
+                for i, d in enumerate(decodes):
+                    index[i, : d.context] = _as_index(d.slots)
             batch.decode_rows = torch.tensor([d.start for d in decodes])
             batch.decode_index = index
             batch.decode_lens = torch.tensor([d.context for d in decodes])

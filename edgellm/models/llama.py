@@ -114,8 +114,9 @@ class LlamaModel:
         """The final norm and vocabulary projection of the rows ``logit_rows`` of h."""
         if trace is not None:
             trace.begin()
-        h = F.rms_norm(h.index_select(0, logit_rows), (self.cfg.hidden_size,), self.weights.final_norm,
-                       self.cfg.rms_norm_eps)
+        if not (h.shape[0] == 1 and logit_rows.shape[0] == 1):   # (one row wanted of one: row 0, no gather)
+            h = h.index_select(0, logit_rows)
+        h = F.rms_norm(h, (self.cfg.hidden_size,), self.weights.final_norm, self.cfg.rms_norm_eps)
         if trace is not None:
             trace.end("final_norm", None)
         out = self.weights.lm_head.matmul(h)
