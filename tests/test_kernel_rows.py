@@ -59,12 +59,13 @@ def test_block_matmul_rows_are_bit_identical_for_every_batch_size(fmt):
     perm = torch.randperm(MAX_ROWS, generator=torch.Generator().manual_seed(2))
     assert torch.equal(ext.block_matmul(x[perm], raw, code, n), alone[perm])
     # and the thread count (which changes how output rows are shared out, so where the chunks of
-    # weight rows start) changes nothing, on the few-row and the many-row path
+    # weight rows start, and at one row which weight rows are taken two at a time and which alone:
+    # 3 threads get 33 / 33 / 34 of the 100) changes nothing, on the few-row and the many-row path
     threads = torch.get_num_threads()
     try:
         for t in (1, 3):
             torch.set_num_threads(t)
-            for m in (3, 5, 16, MAX_ROWS):
+            for m in (1, 3, 5, 16, MAX_ROWS):
                 assert torch.equal(ext.block_matmul(x[:m], raw, code, n), alone[:m]), (t, m)
     finally:
         torch.set_num_threads(threads)
