@@ -111,6 +111,17 @@ def test_decode_matmul_with_bf16_dot_products(fmt, rows):
                        torch.from_numpy(got[-1]).float())
 
 
+@bf16_dot
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+def test_bf16_dot_products_of_no_rows(fmt):
+    """Zero activation rows (the vocabulary projection of a prefill chunk whose logits nobody wants)
+    give an empty result; the tile switch once ran eight rows of nothing there and wrote past the
+    output (a crash of every --dtype bfloat16 prompt longer than one prefill chunk)."""
+    raw, _ = raw_matrix(fmt, 66, 320, seed=3)
+    out = ext.block_matmul_bf16(torch.empty(0, 320), raw, NATIVE_FORMATS[fmt], 66)
+    assert out.shape == (0, 66)
+
+
 @pytest.mark.skipif(ext is None or ext.bf16_dot_available(), reason="checks the refusal where it does not run")
 def test_bf16_dot_products_refused_where_the_cpu_lacks_them():
     raw, _ = raw_matrix("Q4_1", 8, 64, seed=1)
@@ -297,6 +308,23 @@ def test_greedy_tokens_of_the_real_model(llm, smollm2_path):
     assert not torch.equal(exact_logits, bf16_logits)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     assert bf16.generate(ids, params).token_ids == llm.generate(ids, params).token_ids
+
+
+def test_a_prompt_longer_than_one_prefill_chunk(llm, smollm2_path):
+    """A prompt of PREFILL_CHUNK + 1 tokens runs as two forward passes, the first wanting no logits;
+    in the mode it used to crash the process (the vocabulary projection of zero rows). Its greedy
+    tokens are checked against the exact path's for the first 4 (measured equal on Zen 4)."""
+    from edgellm.llm import LLM, PREFILL_CHUNK
+    from edgellm.quality import read_corpus
+    from edgellm.sampling import SamplingParams
+
+    bf16 = LLM(str(smollm2_path), dtype="bfloat16", threads=2)
+    ids = llm.tokenizer.encode(read_corpus())[:PREFILL_CHUNK + 1]
+    assert len(ids) == PREFILL_CHUNK + 1
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    got = bf16.generate(ids, params)
+    assert got.prompt_tokens == PREFILL_CHUNK + 1
+    assert got.token_ids == llm.generate(ids, params).token_ids
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
