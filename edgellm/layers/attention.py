@@ -142,6 +142,36 @@ def write_kv(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: 
     return q
 
 
+#: Prefill queries go to the flash kernel this many at a time, each part with only the keys up to
+#: its last query: the parts skip most of the masked triangle above the diagonal, and were faster
+#: than one call over all the queries (docs/kernels.md, "Prefill attention in parts").
+PREFILL_QUERY_PART = 64
+
+
+def causal_attention(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, first: int, lo: int,
+                     window: int | None, out: torch.Tensor) -> None:
+    """Causal attention of queries qs [1, H, Tq, D] at positions first .. first + Tq - 1 over keys
+    and values ks, vs [1, H, L, D] at positions lo .. lo + L - 1 (the last one is the last query's),
+    within ``window`` positions if given; writes out [Tq, H, D] (float32)."""
+    n_queries = qs.shape[2]
+    for a in range(0, n_queries, PREFILL_QUERY_PART):
+        b = min(n_queries, a + PREFILL_QUERY_PART)
+        q_lo, q_hi = first + a, first + b                     # positions of this part's queries
+        k_lo = lo if window is None else max(lo, q_lo - window + 1)
+        part = slice(k_lo - lo, q_hi - lo)                    # the keys some query of the part sees
+        q, k, v = qs[:, :, a:b], ks[:, :, part], vs[:, :, part]
+        if k_lo == q_lo and (window is None or q_hi - q_lo <= window):   # square: the kernel's own mask
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # query i of the part sits at position q_lo + i
+            qpos = torch.arange(q_lo, q_hi)[:, None]
+            kpos = torch.arange(k_lo, q_hi)[None, :]
+            mask = kpos <= qpos
+            if window is not None:
+                mask &= kpos > qpos - window
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out[a:b] = o[0].transpose(0, 1)
+
+
 def attend(q: torch.Tensor, cache: KVCache, layer: int, batch: AttentionBatch,
            window: int | None = None, prefill_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The second half of attention: q [T, H, D] over the cached keys and values of each token's
@@ -173,16 +203,7 @@ def attend(q: torch.Tensor, cache: KVCache, layer: int, batch: AttentionBatch,
         vs = vals.repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
         if prefill_dtype != q.dtype:
             qs, ks, vs = qs.to(prefill_dtype), ks.to(prefill_dtype), vs.to(prefill_dtype)
-        if s.new_tokens == s.context and (window is None or s.context <= window):
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-        else:  # a chunk after cached history, or a window: query i sits at position first + i
-            qpos = torch.arange(first, s.context)[:, None]
-            kpos = torch.arange(lo, s.context)[None, :]
-            mask = kpos <= qpos
-            if window is not None:
-                mask &= kpos > qpos - window
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
-        out[rows] = o[0].transpose(0, 1)
+        causal_attention(qs, ks, vs, first, lo, window, out[rows])
     if batch.decode_rows is not None:
         qd = q.index_select(0, batch.decode_rows)                     # [B, H, D]
         if ext is not None:
