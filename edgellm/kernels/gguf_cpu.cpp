@@ -870,6 +870,8 @@ torch::Tensor block_matmul_add(torch::Tensor x, torch::Tensor w, int64_t fmt, in
 #include "int8_activations.h"
 // bf16 dot products for the decode of --dtype bfloat16, in their own file too
 #include "bf16_decode.h"
+// and bf16 dot products for its prefill attention
+#include "bf16_attention.h"
 
 // ---- every transformer block of a decode step, in one parallel region ------------------------
 // Launching a parallel region per matmul costs more than the matmul at SmolLM2's widths when two
@@ -1389,6 +1391,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // bf16 dot products (bf16_decode.h)
   m.def("bf16_dot_available", &bf16_dot_available, "whether block_matmul_bf16 runs here (avx512 build, AVX512_BF16)");
   m.def("block_matmul_bf16", &block_matmul_bf16, "x @ W.T with x and the weights rounded to bf16, vdpbf16ps");
+  m.def("prefill_attention_bf16", &prefill_attention_bf16, "causal attention of a prefill chunk with bf16 dot products (bf16_attention.h)");
   m.def("moe_decode_blocks", &moe_decode_blocks, "every mixture-of-experts block of a decode step, in one parallel region");
 }
 

@@ -19,11 +19,13 @@ own) the step has one batch per group (``AttentionBatch.groups``); each layer us
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 from edgellm.kernels import native
+from edgellm.kernels.build import cpu_flags
 from edgellm.kv.cache import KVCache
 from edgellm.layers.rope import apply_rope
 
@@ -142,6 +144,19 @@ def write_kv(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: 
     return q
 
 
+def native_bf16_attention(ext, head_dim: int) -> bool:
+    """Whether a bf16 prefill attention runs on our kernel (``prefill_attention_bf16``: vdpbf16ps,
+    edgellm/kernels/bf16_attention.h) instead of PyTorch's flash kernel on bf16 inputs: where the
+    avx512 kernels run on a CPU with AVX512_BF16 and without AMX (whose tiles PyTorch's kernel
+    multiplies; ours has not been measured against them), for head sizes a multiple of 64."""
+    return ext is not None and head_dim % 64 == 0 and ext.bf16_dot_available() and not cpu_has_amx()
+
+
+@lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    return "amx_bf16" in cpu_flags()
+
+
 #: Prefill queries go to the flash kernel this many at a time, each part with only the keys up to
 #: its last query: the parts skip most of the masked triangle above the diagonal, and were faster
 #: than one call over all the queries (docs/kernels.md, "Prefill attention in parts").
@@ -177,8 +192,9 @@ def attend(q: torch.Tensor, cache: KVCache, layer: int, batch: AttentionBatch,
     """The second half of attention: q [T, H, D] over the cached keys and values of each token's
     sequence (written by :func:`write_kv`, this step's included), or over the last ``window``
     positions of it (sliding-window layers). Returns [T, H * D]. ``prefill_dtype``: what the
-    prefill rows' flash kernel multiplies in (``--dtype bfloat16`` on AMX: bfloat16); decode rows
-    and the result are float32 either way."""
+    prefill rows' attention multiplies in (``--dtype bfloat16`` where the CPU has AMX or
+    AVX512_BF16: bfloat16, :func:`native_bf16_attention` says whose kernel); decode rows and the
+    result are float32 either way."""
     T, H, D = q.shape
     batch = batch.for_layer(cache, layer).windowed(window)
     # The native kernels read a float32 cache only; other cache formats dequantise in cache.read.
@@ -193,6 +209,9 @@ def attend(q: torch.Tensor, cache: KVCache, layer: int, batch: AttentionBatch,
         # keys before the first query's window are seen by no query of the chunk: not read
         lo = max(0, first - window + 1) if window is not None else 0
         keys, vals = cache.read(layer, _slot_range(s.slots, lo, s.context), q.dtype)   # [L, KVH, D]
+        if prefill_dtype == torch.bfloat16 and native_bf16_attention(ext, D):
+            out[rows] = ext.prefill_attention_bf16(q[rows], keys, vals, first, lo, window or 0)
+            continue
         # [1, H, Tq, D]: PyTorch's CPU flash kernel takes 4-D inputs only; 3-D ones fall back to
         # the math path, measured 3.7x slower at 512 tokens.
         qs = q[rows].transpose(0, 1).unsqueeze(0)

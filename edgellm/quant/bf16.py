@@ -14,7 +14,7 @@ Decode (at most ``NATIVE_BLOCK_MAX_ROWS`` rows) stays on the native block kernel
 products where the CPU has AVX512_BF16 (:func:`decode_in_bf16`): each weight dequantised and
 rounded to bf16 in registers, the activations rounded to bf16, float32 sums; elsewhere the exact
 kernels. Norms and the KV cache stay float32 (``--kv-dtype`` sets the cache); prefill attention
-runs in bf16 where the CPU has AMX (:func:`prefill_attention_dtype`), else float32.
+runs in bf16 where the CPU has AMX or AVX512_BF16 (:func:`prefill_attention_dtype`), else float32.
 """
 
 from __future__ import annotations
@@ -51,14 +51,18 @@ def decode_in_bf16() -> bool:
 
 
 def prefill_attention_dtype() -> torch.dtype:
-    """The dtype of the mode's prefill attention: bfloat16 where the CPU has AMX tiles (PyTorch's
-    flash kernel then multiplies bf16 tiles; on Zen 4's AVX512_BF16 it was no faster: 153 against
-    155 ms for SmolLM2's 30 layers at 512 tokens, 2 threads), else float32. EDGELLM_BF16_ATTENTION=1
+    """The dtype of the mode's prefill attention: bfloat16 where the CPU multiplies bf16 fast,
+    else float32. With AMX, PyTorch's flash kernel multiplies bf16 tiles; with AVX512_BF16 alone
+    (Zen 4) that kernel was no faster on bf16 inputs (153 against 155 ms for SmolLM2's 30 layers
+    at 512 tokens, 2 threads), so there our own kernel runs (vdpbf16ps, edgellm/kernels/
+    bf16_attention.h; edgellm.layers.attention.native_bf16_attention). EDGELLM_BF16_ATTENTION=1
     or 0 decides instead (to measure either way on any CPU)."""
     forced = os.environ.get("EDGELLM_BF16_ATTENTION", "")
     if forced in ("0", "1"):
         return torch.bfloat16 if forced == "1" else torch.float32
-    return torch.bfloat16 if "amx_bf16" in cpu_flags() else torch.float32
+    ext = native()
+    fast = "amx_bf16" in cpu_flags() or (ext is not None and ext.bf16_dot_available())
+    return torch.bfloat16 if fast else torch.float32
 
 
 def round_bf16(t: torch.Tensor) -> torch.Tensor:
