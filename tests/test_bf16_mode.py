@@ -270,6 +270,20 @@ def test_prefill_logits_are_no_worse_than_transformers_in_bf16(tmp_path, smollm2
     assert err["ours exact"] < 0.1 * err["ours bf16"], err
 
 
+@bf16_dot
+def test_our_bf16_attention_kernel_can_be_forced(monkeypatch):
+    """EDGELLM_BF16_ATTENTION=ours puts the mode's prefill attention in bf16 on our kernel wherever
+    the kernel runs (AMX CPUs default to PyTorch's); head sizes that are not a multiple of 64 never
+    take it."""
+    from edgellm.layers.attention import native_bf16_attention
+    from edgellm.quant.bf16 import prefill_attention_dtype
+
+    monkeypatch.setenv("EDGELLM_BF16_ATTENTION", "ours")
+    assert prefill_attention_dtype() == torch.bfloat16
+    assert native_bf16_attention(ext, 64) and native_bf16_attention(ext, 128)
+    assert not native_bf16_attention(ext, 16) and not native_bf16_attention(None, 64)
+
+
 def test_bf16_attention_changes_the_prefill_only(tmp_path, smollm2_path, monkeypatch):
     """Forced on, the bf16 prefill attention gives other logits than the float32 one (it runs),
     and the exact default never takes it."""

@@ -18,6 +18,7 @@ own) the step has one batch per group (``AttentionBatch.groups``); each layer us
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -148,8 +149,11 @@ def native_bf16_attention(ext, head_dim: int) -> bool:
     """Whether a bf16 prefill attention runs on our kernel (``prefill_attention_bf16``: vdpbf16ps,
     edgellm/kernels/bf16_attention.h) instead of PyTorch's flash kernel on bf16 inputs: where the
     avx512 kernels run on a CPU with AVX512_BF16 and without AMX (whose tiles PyTorch's kernel
-    multiplies; ours has not been measured against them), for head sizes a multiple of 64."""
-    return ext is not None and head_dim % 64 == 0 and ext.bf16_dot_available() and not cpu_has_amx()
+    multiplies; ours has not been measured against them), for head sizes a multiple of 64.
+    ``EDGELLM_BF16_ATTENTION=ours`` takes ours on AMX CPUs too (to compare the two there)."""
+    if ext is None or head_dim % 64 or not ext.bf16_dot_available():
+        return False
+    return not cpu_has_amx() or os.environ.get("EDGELLM_BF16_ATTENTION", "") == "ours"
 
 
 @lru_cache(maxsize=1)

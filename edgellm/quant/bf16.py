@@ -56,10 +56,11 @@ def prefill_attention_dtype() -> torch.dtype:
     (Zen 4) that kernel was no faster on bf16 inputs (153 against 155 ms for SmolLM2's 30 layers
     at 512 tokens, 2 threads), so there our own kernel runs (vdpbf16ps, edgellm/kernels/
     bf16_attention.h; edgellm.layers.attention.native_bf16_attention). EDGELLM_BF16_ATTENTION=1
-    or 0 decides instead (to measure either way on any CPU)."""
+    or 0 decides instead (to measure either way on any CPU); ``ours``: bf16 on our kernel wherever
+    it runs, AMX CPUs included."""
     forced = os.environ.get("EDGELLM_BF16_ATTENTION", "")
-    if forced in ("0", "1"):
-        return torch.bfloat16 if forced == "1" else torch.float32
+    if forced in ("0", "1", "ours"):
+        return torch.float32 if forced == "0" else torch.bfloat16
     ext = native()
     fast = "amx_bf16" in cpu_flags() or (ext is not None and ext.bf16_dot_available())
     return torch.bfloat16 if fast else torch.float32
