@@ -291,7 +291,7 @@ inline void tile_dot(const uint8_t* row, const float* X, const float* xsum, floa
 // ---- streaming the weights ----------------------------------------------------------------------
 // A decode step reads every weight once, from DRAM, so the order of the reads matters as much as
 // the arithmetic. Every matmul loop walks the weights in address order, one weight row after the
-// next (at one activation row, two adjacent 4-bit rows at a time: two_rows_dot), with the
+// next (at one activation row, two adjacent 4-bit or Q8_0 rows at a time: two_rows_dot), with the
 // activation rows tiled against each row. The batch-1 and batch-2 loops had
 // interleaved four (two) weight rows block by block, 22% faster per block in cache; from DRAM,
 // with the software prefetch they had (four rows ahead, into L1), they read Q8_0's 612-byte rows
@@ -569,8 +569,12 @@ void matmul_many(const float* X, const float* xsum, const uint8_t* W, float* O, 
 // bytes for SmolLM2's Q4_1), unlike the four rows of the old rows_dot. SmolLM2 generate, avx512
 // build, 2 Zen 4 threads, both builds in one process alternating (7 rounds): 157.7 against 149.2
 // tok/s, the fused blocks 4.64 against 4.94 ms a step; the avx2 build on the same CPU: level
-// (134.7, 134.2). Q8_0's 612-byte rows read two at a time made the vocabulary projection slower
-// (1.34 against 1.03 ms), so other formats stay one row at a time.
+// (134.7, 134.2). Q8_0 (the vocabulary projection) first measured slower two rows at a time (1.34
+// against 1.03 ms, within a `generate` profile); measured again on 2026-12-05, both builds in one
+// process: the 49152 x 576 matrix 0.605 -> 0.552 ms (2 threads, from DRAM), `generate` after a
+// 512-token prompt 247.3 -> 254.8 tok/s (9 alternating rounds, same tokens); the avx2 build on the
+// same CPU 0.551 -> 0.513 ms. So it takes them too. Q5_0 and Q6_KR stay one row at a time (not
+// measured).
 template <int FMT, bool ACC>
 inline void two_rows_dot(const uint8_t* r0, int64_t row_bytes, const float* x, const float* xsum, float* o,
                          int64_t K) {
@@ -600,7 +604,7 @@ void matmul_range(const float* X, const float* xsum, const uint8_t* W, float* O,
   constexpr int TILE = 4;  // rows of x sharing each unpacked block
   const int64_t row_bytes = nb * bb;
   if (M >= MANY_ROWS) return matmul_many<FMT, ACC>(X, xsum, W, O, M, N, K, n0, n1);
-  if (M == 1 && (FMT == Q4_0 || FMT == Q4_1 || FMT == Q4_KR))
+  if (M == 1 && (FMT == Q4_0 || FMT == Q4_1 || FMT == Q4_KR || FMT == Q8_0))
     for (; n0 + 1 < n1; n0 += 2) {
       prefetch_rows(W, row_bytes, n0, 2, n1);
       two_rows_dot<FMT, ACC>(W + n0 * row_bytes, row_bytes, X, xsum, O + n0, K);
