@@ -1,7 +1,7 @@
 // ---- prefill attention with bf16 dot products (opt-in: --dtype bfloat16) -----------------------
 // Included by gguf_cpu.cpp after bf16_decode.h (whose EDGELLM_HAVE_BF16_DOT it uses); compiled in
-// the avx512 build only, taken where the CPU reports avx512_bf16 and has no AMX (edgellm/quant/
-// bf16.py: prefill_attention_kernel). On Zen 4 PyTorch's flash kernel runs bf16 inputs no faster
+// the avx512 build only, taken where the CPU reports avx512_bf16 and has no AMX (edgellm/layers/
+// attention.py: native_bf16_attention). On Zen 4 PyTorch's flash kernel runs bf16 inputs no faster
 // than float32 ones, while vdpbf16ps does eight pairs of products an instruction.
 //
 // Arithmetic: q, k and v rounded to bf16; scores q.k summed in float32 (vdpbf16ps) and scaled by

@@ -83,7 +83,7 @@ inline void row_dot(const uint8_t* row, const uint16_t* X, float* O, int64_t K, 
 
 // Two adjacent weight rows against one activation row: each row's operations are row_dot<.., 1>'s
 // in its order (the same bits), with four accumulator chains instead of two and one load of each
-// activation block. 4-bit formats (as the exact kernel's two_rows_dot): a one-row Q4_1 matmul,
+// activation block. 4-bit formats only: a one-row Q4_1 matmul,
 // Zen 4, medians of 21 alternating, 43 MB from DRAM: 15.3 -> 16.4 GB/s on one thread, 30.3 -> 32.6
 // on two; the Q8_0 vocabulary projection level (20.5 / 20.6), so it stays one row at a time.
 template <int FMT, bool ACC>
