@@ -54,7 +54,7 @@ from edgellm.util import cache_dir
 
 SOURCE = Path(__file__).with_name("gguf_cpu.cpp")
 HEADERS = [Path(__file__).with_name(name) for name in ("simd_portable.h", "int8_activations.h", "int8_dot.inc",
-                                                      "bf16_decode.h", "bf16_attention.h")]
+                                                      "int8_row_lanes.inc", "bf16_decode.h", "bf16_attention.h")]
 LDFLAGS = ("-fopenmp",)   # a tuple: torch's builder appends to the list it is given
 DEFAULT_WAIT_S = 900.0
 

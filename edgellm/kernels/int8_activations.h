@@ -21,6 +21,12 @@
 // larger than the centred weight d q + m. The int32 sums are exact; what differs from W . x^ in
 // exact arithmetic is the float32 scaling and accumulation of the block terms.
 
+// 1: Q4_1 in the VNNI copy takes 16 weight rows a vector (int8_dot.inc, rowlanes); 0 (a build
+// flag, for A/B measurements): tile() as every other format.
+#ifndef EDGELLM_ROW_LANES
+#define EDGELLM_ROW_LANES 1
+#endif
+
 namespace int8act {
 
 // Quantised activation rows: q [M, K] int8; d and s [M, K / 32]: per block the scale and d * sum(q).
