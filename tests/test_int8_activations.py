@@ -21,6 +21,7 @@ from gguf import GGMLQuantizationType, quants
 
 from edgellm.errors import InvalidParameterError
 from edgellm.kernels import NATIVE_FORMATS, native
+from edgellm.kernels.build import cpu_flags
 
 ext = native()
 pytestmark = pytest.mark.skipif(ext is None, reason="native kernels unavailable on this machine")
@@ -202,23 +203,29 @@ def test_the_fused_decode_step_takes_int8_activations(tmp_path, smollm2_path):
     assert torch.equal(_decode_step(model, "fp32", fused=True), exact)
 
 
-def test_prefill_rounds_activations_like_the_kernel():
-    """Prefill (more rows than a decode step) multiplies the dequantised int8 blocks with BLAS:
-    the same W . x^ as the integer kernel, within float32 summation."""
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q4_0"])
+def test_prefill_rounds_activations_like_the_kernel(fmt):
+    """Prefill (more rows than a decode step) computes the same W . x^ as the decode kernel: with
+    the integer kernel itself where it takes 16 weight rows a vector (VNNI: Q4_1, Q8_0), else by
+    multiplying the dequantised int8 blocks with BLAS (within float32 summation)."""
     from edgellm.quant.activations import dequantized_q8
     from edgellm.quant.gguf_weights import GGUFBlockWeight
 
     n, k = 64, 256
-    raw, ref = raw_matrix("Q4_1", n, k, seed=11)
-    w = GGUFBlockWeight(raw, "Q4_1", k)
+    raw, ref = raw_matrix(fmt, n, k, seed=11)
+    w = GGUFBlockWeight(raw, fmt, k)
     w.int8_activations = True
     x = torch.randn(40, k, generator=torch.Generator().manual_seed(4))
-    want, bound = reference_matmul(x, "Q4_1", raw, ref)
+    want, bound = reference_matmul(x, fmt, raw, ref)
     q, d = reference_quantize(x)
     assert torch.equal(dequantized_q8(x), (q.float().view(40, -1, 32) * d.unsqueeze(-1)).view(40, k))
-    got = w.matmul(x).double()
-    assert ((got - want).abs() <= bound + 1e-5 * want.abs()).all()
-    assert torch.equal(w.matmul(x[:3]), ext.block_matmul_q8(x[:3], raw, NATIVE_FORMATS["Q4_1"], n))
+    got = w.matmul(x)
+    assert ((got.double() - want).abs() <= bound + 1e-5 * want.abs()).all()
+    kernel = ext.block_matmul_q8(x, raw, NATIVE_FORMATS[fmt], n)
+    row_lanes = ext.int8_row_lanes(NATIVE_FORMATS[fmt])
+    assert row_lanes == (fmt == "Q4_1" and ext.int8_dot_product() == "vnni" and "avx512bw" in cpu_flags())
+    assert torch.equal(got, kernel) == row_lanes   # BLAS sums in another order: not the same bits
+    assert torch.equal(w.matmul(x[:3]), ext.block_matmul_q8(x[:3], raw, NATIVE_FORMATS[fmt], n))
 
 
 def test_models_it_cannot_run_are_refused(tmp_path, smollm2_path):

@@ -1392,6 +1392,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_q8", &quantize_q8, "activation rows as int8 blocks of 32: (q, scale d, d * sum q)");
   m.def("block_matmul_q8", &block_matmul_q8, "x @ W.T with x quantised to int8 blocks, integer dot products");
   m.def("int8_dot_product", &int8_dot_product, "the integer dot product the int8 matmul uses here");
+  m.def("int8_row_lanes", &int8_row_lanes,
+        "whether block_matmul_q8 takes 16 weight rows a vector for this format here (then it beats rounding + BLAS at any row count)");
   // bf16 dot products (bf16_decode.h)
   m.def("bf16_dot_available", &bf16_dot_available, "whether block_matmul_bf16 runs here (avx512 build, AVX512_BF16)");
   m.def("block_matmul_bf16", &block_matmul_bf16, "x @ W.T with x and the weights rounded to bf16, vdpbf16ps");

@@ -247,4 +247,13 @@ torch::Tensor block_matmul_q8(torch::Tensor x, torch::Tensor w, int64_t fmt, int
 }
 
 std::string int8_dot_product() { return int8act::dot_product_name(); }
+
+bool int8_row_lanes(int64_t fmt) {
+#if defined(EDGELLM_HAVE_VNNI_COPY) && defined(__AVX512BW__) && EDGELLM_ROW_LANES
+  return int8act::use_vnni() && (fmt == Q4_1 || fmt == Q8_0);
+#else
+  (void)fmt;
+  return false;
+#endif
+}
 // ---- end of int8 activations --------------------------------------------------------------------
