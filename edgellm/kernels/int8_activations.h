@@ -21,8 +21,8 @@
 // larger than the centred weight d q + m. The int32 sums are exact; what differs from W . x^ in
 // exact arithmetic is the float32 scaling and accumulation of the block terms.
 
-// 1: Q4_1 in the VNNI copy takes 16 weight rows a vector (int8_dot.inc, rowlanes); 0 (a build
-// flag, for A/B measurements): tile() as every other format.
+// 1: Q4_1, Q8_0, Q4_KR and Q6_KR in the VNNI copy take 16 weight rows a vector
+// (int8_row_lanes.inc); 0 (a build flag, for A/B measurements): tile() as the other formats.
 #ifndef EDGELLM_ROW_LANES
 #define EDGELLM_ROW_LANES 1
 #endif
@@ -250,7 +250,7 @@ std::string int8_dot_product() { return int8act::dot_product_name(); }
 
 bool int8_row_lanes(int64_t fmt) {
 #if defined(EDGELLM_HAVE_VNNI_COPY) && defined(__AVX512BW__) && EDGELLM_ROW_LANES
-  return int8act::use_vnni() && (fmt == Q4_1 || fmt == Q8_0);
+  return int8act::use_vnni() && int8_vnni::rowlanes::takes_row_lanes(static_cast<int>(fmt));
 #else
   (void)fmt;
   return false;
