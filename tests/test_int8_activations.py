@@ -128,10 +128,10 @@ def test_int8_matmul_equals_the_reference_for_1_to_17_rows(fmt, n, k):
 
 
 @pytest.mark.parametrize("n, k", [(100, 768), (37, 96)])
-@pytest.mark.parametrize("fmt", ["Q4_1", "Q6_KR", "Q8_0"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_int8_rows_are_bit_identical_alone_and_in_a_batch(fmt, n, k):
-    """Also where one activation row takes another route than several (VNNI's Q8_0: a
-    transpose-and-add tree for one row, turned rows for more; the same bits)."""
+    """Also where one activation row takes another route than several (VNNI's Q8_0, Q6_KR, Q4_0,
+    Q5_0: a transpose-and-add tree for one row, turned rows for more; the same bits)."""
     k = max(k, 256) if fmt.endswith("_KR") else k
     raw, _ = raw_matrix(fmt, n, k, seed=7)
     code = NATIVE_FORMATS[fmt]
@@ -203,11 +203,11 @@ def test_the_fused_decode_step_takes_int8_activations(tmp_path, smollm2_path):
     assert torch.equal(_decode_step(model, "fp32", fused=True), exact)
 
 
-@pytest.mark.parametrize("fmt", ["Q4_1", "Q4_0"])
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q5_0"])
 def test_prefill_rounds_activations_like_the_kernel(fmt):
     """Prefill (more rows than a decode step) computes the same W . x^ as the decode kernel: with
-    the integer kernel itself where it takes 16 weight rows a vector (VNNI: Q4_1, Q8_0), else by
-    multiplying the dequantised int8 blocks with BLAS (within float32 summation)."""
+    the integer kernel itself where it takes 16 weight rows a vector (VNNI, every block format),
+    else by multiplying the dequantised int8 blocks with BLAS (within float32 summation)."""
     from edgellm.quant.activations import dequantized_q8
     from edgellm.quant.gguf_weights import GGUFBlockWeight
 
@@ -223,7 +223,7 @@ def test_prefill_rounds_activations_like_the_kernel(fmt):
     assert ((got.double() - want).abs() <= bound + 1e-5 * want.abs()).all()
     kernel = ext.block_matmul_q8(x, raw, NATIVE_FORMATS[fmt], n)
     row_lanes = ext.int8_row_lanes(NATIVE_FORMATS[fmt])
-    assert row_lanes == (fmt == "Q4_1" and ext.int8_dot_product() == "vnni" and "avx512bw" in cpu_flags())
+    assert row_lanes == (ext.int8_dot_product() == "vnni" and "avx512bw" in cpu_flags())
     assert torch.equal(got, kernel) == row_lanes   # BLAS sums in another order: not the same bits
     assert torch.equal(w.matmul(x[:3]), ext.block_matmul_q8(x[:3], raw, NATIVE_FORMATS[fmt], n))
 

@@ -21,8 +21,8 @@
 // larger than the centred weight d q + m. The int32 sums are exact; what differs from W . x^ in
 // exact arithmetic is the float32 scaling and accumulation of the block terms.
 
-// 1: Q4_1, Q8_0, Q4_KR and Q6_KR in the VNNI copy take 16 weight rows a vector
-// (int8_row_lanes.inc); 0 (a build flag, for A/B measurements): tile() as the other formats.
+// 1: the VNNI copy takes 16 weight rows a vector (int8_row_lanes.inc); 0 (a build flag, for A/B
+// measurements): tile() as the maddubs copy.
 #ifndef EDGELLM_ROW_LANES
 #define EDGELLM_ROW_LANES 1
 #endif

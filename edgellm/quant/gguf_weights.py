@@ -49,7 +49,7 @@ class GGUFBlockWeight(Weight):
         if self._ext is None:
             raise RuntimeError("GGUFBlockWeight needs the native kernels")
         # int8 activations: the integer kernel for prefill too where it takes 16 weight rows a
-        # vector (VNNI; Q4_1 3072 x 576, 512 rows: 2.0 ms against 8.6 for rounding + BLAS)
+        # vector (VNNI CPUs; Q4_1 3072 x 576, 512 rows: 2.0 ms against 8.6 for rounding + BLAS)
         self._int8_any_rows = bool(self._ext.int8_row_lanes(self.code))
         # float32 rows per prefill slab
         self._step = slab_rows(n_cols, 4, align=1, budget=BLOCK_SLAB_BYTES, minimum=BLOCK_SLAB_MIN_ROWS)
